@@ -1,0 +1,307 @@
+"""The pipeline flow: Prefect runs the DVC graph, one task per stage; DVC stays the one
+definition of the stages and owns the cache.
+
+    python -m flows.pipeline                          # everything
+    python -m flows.pipeline --target tokenize        # a stage and what it needs
+    python -m flows.pipeline -S pretrain.max_steps=50 # an override, recorded as a DVC experiment
+
+Each task asks DVC in-process whether its stage is up to date (cheap) and, only if not, runs
+`dvc repro --single-item <stage>` so that the stage's own output lands in the task log. Stages
+whose upstream tasks succeeded start at once, so the corpus and task branches run side by side.
+A stage that exits with code 2 failed for a user error (bad params or data): it is not retried
+and nothing downstream runs. Any other failure is retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.futures import wait
+from prefect.tasks import exponential_backoff
+
+USER_ERROR_EXIT = 2  # tasks/_common.py:fail() exits with this code
+DEFAULT_RETRIES = {"ingest": 3}  # per stage name (the part before '@'); others use `retries`
+_EXIT_CODE = re.compile(r"exited with (\d+)")
+
+
+class StageFailed(RuntimeError):
+    """A stage failed for a reason that may pass (I/O, a killed process): retried."""
+
+
+class UserError(RuntimeError):
+    """A stage refused its params or data: retrying cannot help."""
+
+
+def dvc_executable() -> str:
+    beside = Path(sys.executable).with_name("dvc")
+    return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
+
+
+def stage_env() -> dict[str, str]:
+    """The environment for stage commands: `python` in dvc.yaml means this interpreter."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path}
+
+
+# --- reading the graph from DVC ---------------------------------------------------------------
+
+
+def stage_graph(root: Path, targets: list[str] | None = None) -> dict[str, list[str]]:
+    """Stage address -> the addresses it depends on, for the targets and all they need."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # an edge runs from a stage to each stage it depends on
+        # Stage names, not `addressing`: that one is relative to the process's cwd.
+        by_addr = {stage.name: stage for stage in graph.nodes}
+        upstream = {a: sorted(d.name for d in graph.successors(s)) for a, s in by_addr.items()}
+    if not targets:
+        return upstream
+    unknown = [t for t in targets if not any(a == t or a.startswith(t + "@") for a in upstream)]
+    if unknown:
+        raise UserError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(sorted(upstream))}")
+    wanted: set[str] = set()
+    pending = [a for a in upstream if any(a == t or a.startswith(t + "@") for t in targets)]
+    while pending:
+        addr = pending.pop()
+        if addr not in wanted:
+            wanted.add(addr)
+            pending.extend(upstream[addr])
+    return {a: upstream[a] for a in upstream if a in wanted}
+
+
+def topological(upstream: dict[str, list[str]]) -> list[str]:
+    order, done = [], set()
+    while len(order) < len(upstream):
+        ready = sorted(a for a in upstream if a not in done and all(d in done for d in upstream[a]))
+        if not ready:
+            raise UserError("the stage graph has a cycle")
+        order.extend(ready)
+        done.update(ready)
+    return order
+
+
+def stage_is_current(root: Path, addr: str) -> bool:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return not repo.status(targets=[f"{root / 'dvc.yaml'}:{addr}"])
+
+
+def stage_metrics(root: Path, addr: str) -> dict[str, object]:
+    """The flattened contents of the metrics files this stage declares in dvc.yaml."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        stage = next(s for s in repo.index.stages if s.name == addr)
+        paths = [Path(out.fs_path) for out in stage.outs if out.metric]
+    flat: dict[str, object] = {}
+    for path in paths:
+        if path.suffix == ".json" and path.exists():
+            _flatten(json.loads(path.read_text()), path.stem, flat)
+    return flat
+
+
+def uncached_outputs(root: Path, addrs: list[str]) -> list[Path]:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return [Path(out.fs_path) for s in repo.index.stages if s.name in addrs for out in s.outs if not out.use_cache]
+
+
+def _flatten(node: object, prefix: str, into: dict[str, object]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _flatten(value, f"{prefix}.{key}", into)
+    elif not isinstance(node, list):
+        into[prefix] = node
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(task_run_name="{addr}", retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+      retry_condition_fn=_retry_unless_user_error)
+def run_stage(root: Path, addr: str) -> dict:
+    logger = get_run_logger()
+    start = time.perf_counter()
+    if stage_is_current(root, addr):
+        logger.info("%s is up to date: skipped (DVC cache)", addr)
+        return {"stage": addr, "status": "skipped", "seconds": round(time.perf_counter() - start, 2)}
+    result = subprocess.run([dvc_executable(), "repro", "--single-item", addr], cwd=root,
+                            capture_output=True, text=True, env=stage_env())
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode != 0:
+        codes = _EXIT_CODE.findall(output)
+        stage_errors = [line for line in output.splitlines() if line.startswith("error: ")]
+        headline = stage_errors[0] if stage_errors else output.splitlines()[-1] if output else "no output"
+        message = f"{addr} failed: {headline}\n\n{output}"
+        if codes and int(codes[-1]) == USER_ERROR_EXIT:
+            raise UserError(message)
+        raise StageFailed(message)
+    logger.info("%s", output)
+    seconds = round(time.perf_counter() - start, 2)
+    publish_stage_artifacts(root, addr)
+    return {"stage": addr, "status": "ran", "seconds": seconds}
+
+
+def publish_stage_artifacts(root: Path, addr: str) -> None:
+    metrics = stage_metrics(root, addr)
+    if metrics:
+        rows = [{"metric": k, "value": v} for k, v in metrics.items()]
+        create_table_artifact(rows, key=_artifact_key(addr), description=f"Metrics of stage {addr}")
+    run_link = next((v for k, v in metrics.items() if k.endswith("mlflow_run_url") and isinstance(v, str)), None)
+    if run_link:
+        create_link_artifact(run_link, link_text=f"MLflow run of {addr}", key=_artifact_key(addr) + "-mlflow")
+
+
+def _artifact_key(addr: str) -> str:
+    # Artifact keys allow lowercase letters, digits and dashes only.
+    return re.sub(r"[^a-z0-9-]", "-", addr.lower())
+
+
+# --- parameter overrides as a DVC experiment ---------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {text!r} must read key.path=value")
+    return key.strip(), yaml.safe_load(value)
+
+
+def apply_overrides(params_path: Path, overrides: list[str]) -> None:
+    import yaml
+
+    params = yaml.safe_load(params_path.read_text())
+    for text in overrides:
+        dotted, value = parse_override(text)
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node, dict) or key not in node:
+                raise UserError(f"override {text!r}: params.yaml has no section {key!r}")
+            node = node[key]
+        if leaf not in node:
+            raise UserError(f"override {text!r}: params.yaml has no key {dotted!r}")
+        node[leaf] = value
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+class ExperimentWorkspace:
+    """Run with overridden params, save the result as a DVC experiment, then put the workspace
+    (params.yaml, dvc.lock and the outputs, from the cache) back as it was."""
+
+    def __init__(self, root: Path, overrides: list[str], stages: list[str]):
+        self.root, self.overrides, self.stages = root, overrides, stages
+        self.saved: dict[Path, bytes | None] = {}
+
+    def __enter__(self) -> ExperimentWorkspace:
+        # `dvc checkout` restores cached outputs; files DVC does not cache (metrics with
+        # cache: false) and the two pipeline files are put back from this copy.
+        for path in [self.root / "params.yaml", self.root / "dvc.lock", *uncached_outputs(self.root, self.stages)]:
+            self.saved[path] = path.read_bytes() if path.is_file() else None
+        apply_overrides(self.root / "params.yaml", self.overrides)
+        return self
+
+    def save_experiment(self, stages: list[str]) -> str:
+        # Only the stages this run built: the rest of the graph may have no outputs yet.
+        command = [dvc_executable(), "exp", "save", "--json", "--include-untracked", "dvc.lock", *stages]
+        result = subprocess.run(command, cwd=self.root, capture_output=True, text=True, env=stage_env())
+        if result.returncode != 0:
+            raise StageFailed(f"dvc exp save failed: {result.stderr.strip() or result.stdout.strip()}")
+        try:
+            return json.loads(result.stdout).get("ref", "saved").rsplit("/", 1)[-1]
+        except (json.JSONDecodeError, AttributeError):
+            return result.stdout.strip() or "saved"
+
+    def __exit__(self, *exc) -> None:
+        for path, content in self.saved.items():
+            if content is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(content)
+        subprocess.run([dvc_executable(), "checkout", "--force", "--quiet"], cwd=self.root, capture_output=True)
+
+
+# --- the flow ---------------------------------------------------------------------------------
+
+
+@flow(name="lmforge-pipeline", log_prints=True)
+def pipeline(
+    targets: list[str] | None = None,
+    overrides: list[str] | None = None,
+    retries: int = 1,
+    stage_retries: dict[str, int] | None = None,
+    root: str = ".",
+) -> list[dict]:
+    """Run the DVC stages (all, or `targets` and their upstream) as Prefect tasks."""
+    root_path = Path(root).resolve()
+    per_stage = {**DEFAULT_RETRIES, **(stage_retries or {})}
+    upstream = stage_graph(root_path, targets)
+    if overrides:
+        with ExperimentWorkspace(root_path, overrides, list(upstream)) as workspace:
+            results = _run_graph(root_path, upstream, retries, per_stage)
+            experiment = workspace.save_experiment(list(upstream))
+        print(f"overrides {overrides} recorded as DVC experiment {experiment}; params.yaml unchanged")
+    else:
+        results = _run_graph(root_path, upstream, retries, per_stage)
+    _publish_summary(results)
+    return results
+
+
+def _run_graph(root: Path, upstream: dict[str, list[str]], retries: int, per_stage: dict[str, int]) -> list[dict]:
+    futures = {}
+    for addr in topological(upstream):
+        name = addr.split("@")[0]
+        stage_task = run_stage.with_options(retries=per_stage.get(name, retries))
+        # wait_for: a stage starts only once all it depends on has succeeded; a failure upstream
+        # leaves it NotReady, so nothing downstream of a broken stage runs.
+        futures[addr] = stage_task.submit(root, addr, wait_for=[futures[d] for d in upstream[addr]])
+    wait(list(futures.values()))
+    return [f.result() for f in futures.values()]  # raises the first failure, failing the flow
+
+
+def _publish_summary(results: list[dict]) -> None:
+    lines = ["# lmforge pipeline run", "", "| stage | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
+    ran = sum(r["status"] == "ran" for r in results)
+    lines += ["", f"{ran} stage(s) ran, {len(results) - ran} skipped (up to date in the DVC cache)."]
+    create_markdown_artifact("\n".join(lines), key="pipeline-summary", description="Stages of this run")
+    print("\n".join(lines[2:]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the lmforge DVC pipeline as a Prefect flow.")
+    parser.add_argument("--target", "-t", action="append", dest="targets", help="a stage to build (repeatable)")
+    parser.add_argument("--set-param", "-S", action="append", dest="overrides", default=[],
+                        help="a param override key.path=value, run as a DVC experiment (repeatable)")
+    parser.add_argument("--retries", type=int, default=1, help="retries for a transient stage failure")
+    args = parser.parse_args(argv)
+    pipeline(targets=args.targets, overrides=args.overrides or None, retries=args.retries)
+
+
+if __name__ == "__main__":
+    main()

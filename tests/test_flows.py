@@ -1,0 +1,111 @@
+"""The Prefect pipeline flow over a real DVC project, on Prefect's test harness."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.deployments import build_deployments
+from flows.pipeline import pipeline
+from tests.conftest import run, write_params
+
+DATA = ["tokenize", "split@task"]
+FLAKY_STAGE = {
+    "cmd": "python flaky.py",
+    "deps": ["flaky.py"],
+    "outs": ["flaky.txt"],
+}
+FLAKY_SCRIPT = """
+from pathlib import Path
+attempts = Path("attempts.log")
+attempts.write_text(attempts.read_text() + "x" if attempts.exists() else "x")
+if len(attempts.read_text()) == 1:
+    raise SystemExit("simulated transient failure (a lost connection)")
+Path("flaky.txt").write_text("ok")
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def statuses(results: list[dict]) -> dict[str, str]:
+    return {r["stage"]: r["status"] for r in results}
+
+
+def task_runs(flow_run_id) -> dict[str, int]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.run_count for r in runs}
+
+
+def commit_all(repo: Path) -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "baseline"], repo)
+
+
+@pytest.mark.slow
+def test_flow_runs_the_graph_then_skips_it_then_reruns_only_an_override(dvc_repo):
+    first = pipeline(targets=DATA, root=str(dvc_repo))
+    assert set(statuses(first).values()) == {"ran"} and len(first) == 7
+    assert (dvc_repo / "data/tokens/meta.json").exists()
+
+    second = pipeline(targets=DATA, root=str(dvc_repo))
+    assert set(statuses(second).values()) == {"skipped"}
+
+    commit_all(dvc_repo)
+    params_before = (dvc_repo / "params.yaml").read_text()
+    third = pipeline(targets=DATA, overrides=["split.task.val=0.2"], root=str(dvc_repo))
+    assert [s for s, status in statuses(third).items() if status == "ran"] == ["split@task"]
+    assert (dvc_repo / "params.yaml").read_text() == params_before
+    experiments = run(["dvc", "exp", "show", "--json"], dvc_repo).stdout
+    assert '"val": 0.2' in experiments.replace("\n", "").replace("  ", " ") or "0.2" in experiments
+    assert run(["dvc", "status", *DATA], dvc_repo).stdout.strip().endswith("up to date.")
+
+
+@pytest.mark.slow
+def test_transient_failure_is_retried(dvc_repo):
+    (dvc_repo / "flaky.py").write_text(FLAKY_SCRIPT)
+    stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())
+    stages["stages"]["flaky"] = FLAKY_STAGE
+    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    state = pipeline(targets=["flaky"], retries=1, root=str(dvc_repo), return_state=True)
+    assert state.is_completed()
+    assert (dvc_repo / "attempts.log").read_text() == "xx"
+    assert task_runs(state.state_details.flow_run_id)["flaky"] == 2
+
+
+@pytest.mark.slow
+def test_user_error_fails_once_and_stops_downstream(dvc_repo, sources):
+    write_params(dvc_repo, sources, **{"split.corpus.mode": "contiguous", "split.corpus.max_rows": 5})
+    state = pipeline(targets=["tokenize"], retries=3, root=str(dvc_repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="max_rows has no meaning in contiguous mode"):
+        state.result()
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["split@corpus"] == 1  # a user error is not retried
+    assert runs.get("tokenize", 0) == 0  # and nothing downstream ran
+    assert not (dvc_repo / "data/tokens").exists()
+
+
+def test_deployments_declare_their_schedules():
+    deployments = {d.name: d for d in build_deployments()}
+    assert set(deployments) == {"nightly", "on-demand", "tune-worker", "promote"}
+    nightly = deployments["nightly"]
+    assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
+    assert nightly.paused is True
+    assert not deployments["on-demand"].schedules
+
+
+def test_bad_override_is_a_clear_user_error(dvc_repo):
+    state = pipeline(targets=["split@task"], overrides=["split.task.nope=1"], root=str(dvc_repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="no key 'split.task.nope'"):
+        state.result()
+    assert "nope" not in (dvc_repo / "params.yaml").read_text()
