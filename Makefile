@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 # DVC stages call `python`: make it the project's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test bench clean-venv
+.PHONY: setup run flow test bench ui ui-stop clean-venv
 
 setup: $(STAMP)
 
@@ -29,11 +29,29 @@ run: setup
 	dvc config core.analytics false
 	dvc repro
 
+# The same graph as a Prefect flow: each stage a task, shown in the Prefect UI (`make ui`).
+flow: setup
+	dvc config core.analytics false
+	$(PY) -m flows.pipeline
+
 test: setup
 	$(PY) -m pytest
 
 bench: setup
 	$(PY) bench/bench_data.py
+
+# Local servers on loopback only: the Prefect UI/API and the MLflow UI over mlflow.db.
+ui: setup
+	@mkdir -p .ui
+	setsid prefect server start --host 127.0.0.1 --port 4200 > .ui/prefect.log 2>&1 & echo $$! > .ui/prefect.pid
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid mlflow server --backend-store-uri sqlite:///mlflow.db \
+		--host 127.0.0.1 --port 5000 --workers 1 > .ui/mlflow.log 2>&1 & echo $$! > .ui/mlflow.pid
+	@for i in $$(seq 1 60); do curl -sf http://127.0.0.1:4200/api/health >/dev/null && break; sleep 1; done
+	@echo "Prefect UI: http://127.0.0.1:4200  (export PREFECT_API_URL=http://127.0.0.1:4200/api to run flows against it)"
+	@echo "MLflow UI:  http://127.0.0.1:5000  (logs in .ui/; stop both with make ui-stop)"
+
+ui-stop:
+	-kill $$(cat .ui/prefect.pid .ui/mlflow.pid 2>/dev/null) 2>/dev/null; rm -f .ui/*.pid
 
 clean-venv:
 	rm -rf $(VENV)

@@ -41,7 +41,6 @@ _HTML_TAG = re.compile(
 _ODD_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000\t\f\v]")
 _TRAILING_SPACE = re.compile(r"[ ]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
-_ANY_WHITESPACE = re.compile(r"\s+")
 _GUTENBERG_START = re.compile(r"^\*{3} ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
 _GUTENBERG_END = re.compile(r"^\*{3} ?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
 _GUTENBERG_NOTICE = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>", re.DOTALL)
@@ -120,7 +119,8 @@ def normalise_document(text: str, params: CleanDocuments, repairs: Repairs) -> s
 
 
 def normalise_example(text: str) -> str:
-    return _ANY_WHITESPACE.sub(" ", normalise_text(text)).strip()
+    # str.split() folds every Unicode whitespace run, several times faster than a regex.
+    return " ".join(normalise_text(text).split())
 
 
 def canonical_label(raw: str) -> str:
@@ -230,7 +230,7 @@ def clean_documents(raw_dir: Path, params: CleanDocuments) -> CleanResult:
     for path in sorted(p for p in Path(raw_dir).iterdir() if p.is_file() and p.name != "manifest.json"):
         raw = path.read_bytes()
         row = {"id": path.stem, "source": path.name}
-        if not raw.strip():
+        if not raw or raw.isspace():
             empty.append({**row, "text": "", "reason": "empty file"})
             continue
         row["text"] = normalise_document(decode_bytes(raw, repairs), params, repairs)
@@ -249,7 +249,7 @@ def read_table(path: Path, repairs: Repairs, quarantined: list[dict]) -> pd.Data
     if path.suffix == ".parquet":
         return pd.read_parquet(path).astype(str)
     text = decode_bytes(path.read_bytes(), repairs)
-    if not text.strip():
+    if not text or text.isspace():  # isspace() scans without copying a large text
         quarantined.append({"id": path.name, "text": "", "label": "", "reason": "empty file"})
         return pd.DataFrame()
     options = dict(dtype=str, keep_default_na=False)
