@@ -1,5 +1,8 @@
 # lmforge: `make run` builds the whole pipeline on the bundled default, `make test` runs the tests.
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# This machine's pip config names local indexes that may not exist: hide pip's notes about them.
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -21,8 +24,8 @@ setup: $(STAMP)
 # torch first and pinned: a CPU wheel of it lies on these machines, a looser pin pulls CUDA.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 | $(QUIET_PIP)
 	touch $@
 
 run: setup
@@ -55,3 +58,11 @@ ui-stop:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Serve the registered champion on loopback: POST /invocations {"inputs": ["text", ...]}.
+# MLFLOW_TRACKING_URI picks another registry; SERVE_MODEL another model (e.g. models:/lmforge-lm@champion).
+.PHONY: serve
+SERVE_MODEL ?= models:/lmforge-sentiment@champion
+serve: setup
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+	$(VENV)/bin/mlflow models serve -m $(SERVE_MODEL) --env-manager local -h 127.0.0.1 -p 5001
