@@ -269,6 +269,7 @@ def pipeline(
     else:
         results = _run_graph(root_path, upstream, retries, per_stage)
     _publish_summary(results)
+    summarize(root_path)
     return results
 
 
@@ -291,6 +292,18 @@ def _publish_summary(results: list[dict]) -> None:
     lines += ["", f"{ran} stage(s) ran, {len(results) - ran} skipped (up to date in the DVC cache)."]
     create_markdown_artifact("\n".join(lines), key="pipeline-summary", description="Stages of this run")
     print("\n".join(lines[2:]))
+
+
+@task(task_run_name="summarize")
+def summarize(root: Path) -> None:
+    """Rebuild reports/summary.md (tasks/summarize.py) and show it as this run's artifact."""
+    result = subprocess.run([sys.executable, "-m", "tasks.summarize"], cwd=root, capture_output=True,
+                            text=True, env=stage_env())
+    summary = root / "reports" / "summary.md"
+    if result.returncode != 0 or not summary.exists():
+        get_run_logger().warning("no summary: %s", (result.stderr or result.stdout).strip()[-2000:])
+        return
+    create_markdown_artifact(summary.read_text(), key="lmforge-summary", description="reports/summary.md")
 
 
 def main(argv: list[str] | None = None) -> None:

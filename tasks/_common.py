@@ -6,8 +6,10 @@ import argparse
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
+from lmforge.atomic import write_json
 from lmforge.config import ConfigError, Params, load_params
 
 
@@ -32,8 +34,17 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+TIMINGS = Path("reports/timings")
+
+
 @contextmanager
 def timed(stage: str) -> Iterator[None]:
+    """Print the stage's wall time and keep it in reports/timings/<stage>.json for the summary.
+
+    That folder is no DVC output on purpose: a timing differs on every run and must not make
+    DVC think a stage changed."""
     start = time.perf_counter()
     yield
-    print(f"[{stage}] done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    seconds = time.perf_counter() - start
+    print(f"[{stage}] done in {seconds:.1f}s", file=sys.stderr)
+    write_json(TIMINGS / f"{stage}.json", {"stage": stage, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -21,7 +21,7 @@ def main() -> None:
     raw_dir = Path("data/raw") / args.dataset
     if not raw_dir.is_dir():
         fail(f"{raw_dir} is missing: run the ingest stage first (dvc repro ingest@{args.dataset})")
-    with timed(f"clean {args.dataset}"):
+    with timed(f"clean@{args.dataset}"):
         start = time.perf_counter()
         bytes_in = sum(p.stat().st_size for p in raw_dir.iterdir() if p.name != "manifest.json")
         try:

@@ -15,7 +15,7 @@ def main() -> None:
     if args.dataset not in params.sources:
         fail(f"no source named {args.dataset!r} under sources in {args.params}")
     source = params.sources[args.dataset]
-    with timed(f"ingest {args.dataset}"):
+    with timed(f"ingest@{args.dataset}"):
         try:
             with atomic_dir(Path("data/raw") / args.dataset) as out:
                 manifest = fetch(source.uri, source.sha256, out)

@@ -19,7 +19,7 @@ def main() -> None:
     clean = Path("data/clean") / f"{args.dataset}.parquet"
     if not clean.exists():
         fail(f"{clean} is missing: run the clean stage first (dvc repro clean@{args.dataset})")
-    with timed(f"split {args.dataset}"):
+    with timed(f"split@{args.dataset}"):
         try:
             splits = split_frame(pd.read_parquet(clean), params.split[args.dataset], params.seed)
         except SplitError as err:
