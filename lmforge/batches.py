@@ -1,0 +1,165 @@
+"""Training batches drawn from the memory-mapped token arrays of data/tokens.
+
+A batch is a pure function of (seed, step, micro-step, rank): the window offsets come from a
+numpy generator seeded with those numbers. So the "data position" of a run is just its step, and
+a resumed run draws exactly the batches an uninterrupted run would have drawn.
+
+Windows are `context + 1` tokens long, taken uniformly at random from the split (documents run on
+across the end-of-text tokens, as in GPT-2). A causal batch is (inputs, next tokens); a masked
+batch is (corrupted inputs, labels with -100 where nothing is to be predicted).
+
+When the split is small enough it is copied once to the device and windows are gathered there,
+so a step moves only the offsets across the bus; otherwise windows are gathered on the host and
+copied through pinned memory. Both give the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+SAMPLER_VERSION = "uniform-windows-v1"
+_TRAIN_STREAM, _MASK_STREAM, _EVAL_STREAM = 0, 1, 2
+# Splits up to this many tokens are copied to the GPU whole (as int32: 4 bytes each).
+DEVICE_COPY_MAX_TOKENS = 512 * 1024 * 1024
+
+
+class DataError(ValueError):
+    """The token data cannot feed this run (missing, too short for the context)."""
+
+
+def read_meta(tokens_dir: Path | str) -> dict:
+    path = Path(tokens_dir) / "meta.json"
+    if not path.exists():
+        raise DataError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)")
+    return json.loads(path.read_text())
+
+
+def open_split(tokens_dir: Path | str, split: str, meta: dict | None = None) -> np.ndarray:
+    """Memory-map one split's token ids."""
+    meta = meta or read_meta(tokens_dir)
+    path = Path(tokens_dir) / f"{split}.bin"
+    if not path.exists():
+        raise DataError(f"{path} not found: the tokenize stage writes train.bin, val.bin and test.bin")
+    dtype = np.dtype(meta["dtype"])
+    expected = meta["splits"][split]["tokens"]
+    if path.stat().st_size != expected * dtype.itemsize:
+        raise DataError(f"{path} holds {path.stat().st_size} bytes, meta.json promises {expected} {dtype} tokens")
+    if expected == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def check_length(tokens: np.ndarray, context: int, split: str) -> None:
+    if len(tokens) < context + 2:
+        raise DataError(
+            f"pretrain.context ({context}) is longer than the data: the {split} split has only "
+            f"{len(tokens)} tokens; lower the context or add data"
+        )
+
+
+def _generator(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *stream])
+
+
+@dataclass
+class Masking:
+    """BERT's corruption: of the chosen positions 80% become <mask>, 10% a random token, 10% stay."""
+
+    probability: float
+    mask_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...]
+
+    def apply(self, windows: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        inputs = windows.astype(np.int64, copy=True)
+        chosen = rng.random(windows.shape) < self.probability
+        chosen &= ~np.isin(windows, self.special_ids)
+        labels = np.where(chosen, inputs, IGNORE_INDEX)
+        action = rng.random(windows.shape)
+        inputs[chosen & (action < 0.8)] = self.mask_id
+        swap = chosen & (action >= 0.8) & (action < 0.9)
+        inputs[swap] = rng.integers(max(self.special_ids) + 1, self.vocab_size, size=int(swap.sum()))
+        return inputs, labels
+
+
+class BatchSampler:
+    """Random windows of one split, reproducible from (seed, step, micro, rank)."""
+
+    def __init__(self, tokens: np.ndarray, context: int, batch_size: int, seed: int, device: torch.device,
+                 *, masking: Masking | None = None, rank: int = 0, on_device: bool = True):
+        check_length(tokens, context, "train")
+        self.tokens, self.context, self.batch_size = tokens, context, batch_size
+        self.seed, self.device, self.masking, self.rank = seed, torch.device(device), masking, rank
+        # A causal window needs one extra token for the last target.
+        self.span = context if masking else context + 1
+        self.high = len(tokens) - self.span + 1
+        self._arange = torch.arange(self.span, device=self.device)
+        self._on_device = None
+        if on_device and self.device.type == "cuda" and masking is None and len(tokens) <= DEVICE_COPY_MAX_TOKENS:
+            self._on_device = torch.from_numpy(np.asarray(tokens).astype(np.int32)).to(self.device)
+
+    def offsets(self, step: int, micro: int) -> np.ndarray:
+        rng = _generator(self.seed, _TRAIN_STREAM, step, micro, self.rank)
+        return rng.integers(0, self.high, size=self.batch_size)
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = self.offsets(step, micro)
+        if self._on_device is not None:
+            # Pinned, so the copy does not wait for the GPU to drain (no host sync per step).
+            index = torch.from_numpy(offsets).pin_memory().to(self.device, non_blocking=True)[:, None] + self._arange
+            windows = self._on_device[index].long()
+            return windows[:, :-1], windows[:, 1:]
+        windows = np.stack([self.tokens[o : o + self.span] for o in offsets])
+        if self.masking is not None:
+            rng = _generator(self.seed, _MASK_STREAM, step, micro, self.rank)
+            x, y = self.masking.apply(windows, rng)
+        else:
+            windows = windows.astype(np.int64)
+            x, y = windows[:, :-1], windows[:, 1:]
+        return _to_device(x, self.device), _to_device(y, self.device)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def eval_batches(tokens: np.ndarray, context: int, batch_size: int, seed: int, device: torch.device, n: int,
+                 *, masking: Masking | None = None, rank: int = 0, world: int = 1):
+    """The same `n` random batches at every evaluation (this rank's share of them)."""
+    span = context if masking else context + 1
+    high = len(tokens) - span + 1
+    for i in range(rank, n, world):
+        rng = _generator(seed, _EVAL_STREAM, i)
+        offsets = rng.integers(0, high, size=batch_size)
+        windows = np.stack([tokens[o : o + span] for o in offsets])
+        if masking is not None:
+            x, y = masking.apply(windows, rng)
+        else:
+            windows = windows.astype(np.int64)
+            x, y = windows[:, :-1], windows[:, 1:]
+        yield _to_device(x, torch.device(device)), _to_device(y, torch.device(device))
+
+
+def sequential_windows(tokens: np.ndarray, context: int, batch_size: int, max_tokens: int | None = None,
+                       *, masked: bool = False):
+    """Non-overlapping windows covering the split once, for exact full-split evaluation.
+
+    Causal windows overlap by one token so that every token but the first is a target once.
+    Yields int64 numpy arrays of shape (b, context + 1) (causal) or (b, context) (masked).
+    """
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
+    span = context if masked else context + 1
+    stride = context
+    starts = list(range(0, max(n - span, 0) + 1, stride))
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i : i + batch_size]
+        yield np.stack([np.asarray(tokens[s : s + span], dtype=np.int64) for s in chunk])

@@ -1,0 +1,173 @@
+"""MLflow helpers shared by the stages. mlflow is imported inside the functions only.
+
+    with tracking.stage_run("pretrain", params.model_dump()) as run:
+        run.log_metrics({"loss": 1.2}, step=10)
+        run.log_artifact("reports/pretrain/loss.png")
+
+The tracking URI is MLFLOW_TRACKING_URI when set, else `sqlite:///<repo root>/mlflow.db`; runs
+go to the experiment "lmforge" (LMFORGE_EXPERIMENT overrides) and carry the git commit, the
+dirty flag, the stage and the system facts as tags. Where mlflow is not installed (a bare GPU
+image) or LMFORGE_TRACKING=off, the same calls do nothing, and say so once.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+EXPERIMENT = "lmforge"
+
+
+def repo_root(start: Path | str | None = None) -> Path:
+    """The folder holding dvc.yaml or .git, from `start` (default: the working folder) upwards."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
+            return folder
+    return here
+
+
+def tracking_uri(root: Path | str | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(root) / 'mlflow.db'}"
+
+
+def git_facts(root: Path | str | None = None) -> dict[str, str]:
+    """The commit ("uncommitted" before the first one) and whether the tree has changes."""
+    cwd = repo_root(root)
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or "uncommitted"
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def system_facts() -> dict[str, str]:
+    facts = {"python": platform.python_version(), "platform": platform.platform(), "host_cpus": str(os.cpu_count())}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        facts["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            facts["device"] = torch.cuda.get_device_name(0)
+            facts["gpus"] = str(torch.cuda.device_count())
+            facts["cuda"] = str(torch.version.cuda)
+        else:
+            facts["device"] = "cpu"
+    return facts
+
+
+def input_hashes(paths: list[str], root: Path | str | None = None) -> dict[str, str]:
+    """{"input.<path>": md5} for each path that some stage of dvc.lock lists as an output: the
+    data a run read, as DVC versioned it (empty where there is no dvc.lock yet)."""
+    lock = repo_root(root) / "dvc.lock"
+    if not lock.exists():
+        return {}
+    import yaml
+
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError:
+        return {}
+    found: dict[str, str] = {}
+    for stage in stages.values():
+        for out in stage.get("outs", []) or []:
+            if out.get("path") in paths and out.get("md5"):
+                found[f"input.{out['path']}"] = out["md5"]
+    return found
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}; lists and None as their text; values cut to MLflow's limit."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def enabled() -> bool:
+    if os.environ.get("LMFORGE_TRACKING", "").lower() in ("0", "off", "false", "no"):
+        return False
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Run:
+    """A thin handle on the active MLflow run; every method is a no-op when tracking is off."""
+
+    def __init__(self, active: bool, run_id: str | None = None):
+        self.active, self.run_id = active, run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.active:
+            import mlflow
+
+            clean = {k: float(v) for k, v in metrics.items() if v is not None}
+            mlflow.log_metrics(clean, step=step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.active:
+            import mlflow
+
+            flat = flatten(params)
+            items = list(flat.items())
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params a call
+                mlflow.log_params(dict(items[i : i + 100]))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        if self.active and Path(path).exists():
+            import mlflow
+
+            if Path(path).is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+            else:
+                mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_dict(self, payload: dict, name: str) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_dict(payload, name)
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, Any] | None = None, *, tags: Mapping[str, Any] | None = None,
+              root: Path | str | None = None, log=print) -> Iterator[Run]:
+    """An MLflow run for one stage execution, named after the stage, ended (FAILED on error) on exit."""
+    if not enabled():
+        log(f"[{stage}] MLflow tracking off (mlflow not importable or LMFORGE_TRACKING=off)")
+        yield Run(False)
+        return
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    mlflow.set_experiment(os.environ.get("LMFORGE_EXPERIMENT", EXPERIMENT))
+    with mlflow.start_run(run_name=stage) as active:
+        run = Run(True, active.info.run_id)
+        run.set_tags({"stage": stage, **git_facts(root), **system_facts(), **(tags or {})})
+        if params:
+            run.log_params(params)
+        yield run

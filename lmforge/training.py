@@ -1,0 +1,439 @@
+"""The pretraining loop: one code path for the CPU, one GPU and N GPUs (torchrun, DDP).
+
+- AdamW (fused on CUDA), linear warmup then cosine decay to `min_lr_ratio * lr`, gradient
+  accumulation, clipping, bf16 autocast on CUDA and fp32 on the CPU, SDPA attention, optional
+  torch.compile.
+- Validation every `eval_every` steps on fixed random val batches; the best weights and the last
+  full checkpoint (model, optimizer, scheduler, step, RNG states, data position) are written
+  atomically (lmforge/checkpoint.py).
+- Resumable: a run restarted with the same configuration continues from its last checkpoint and,
+  because each batch is a function of (seed, step), ends with the same weights as an
+  uninterrupted run (bitwise on the CPU). Checkpoints live in checkpoint_root/<run key>, the key a
+  hash of everything that shapes the trajectory, so changing a knob starts a new run rather than
+  resuming one that no longer fits.
+- The step loop never waits for the GPU except at log, eval and checkpoint steps.
+- A progress bar shows loss, tokens/s, MFU (against PEAK_FLOPS) and the ETA.
+
+Imports only torch, numpy, transformers (via lmforge.model), safetensors, tokenizers and tqdm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lmforge import batches, checkpoint
+from lmforge.model import TokenInfo, build_model, count_params, flops_per_token, is_masked
+
+# Dense bf16 FLOP/s per device, matched by substring of the device name, first match wins.
+# Hopper figures are the measured ceiling of a bf16 8192^3 matmul (BENCHMARKS.md, KINDS.md), the
+# others datasheet dense figures. LMFORGE_PEAK_TFLOPS overrides the table.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 801e12),
+    ("H200", 788e12),
+    ("H100", 801e12),
+    ("H800", 801e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("T4", 65e12),
+)
+
+# Knobs that do not change the weights a run ends with: they stay out of the run key.
+OPERATIONAL_KEYS = {"eval_every", "checkpoint_every", "log_every", "compile", "device", "data_on_device", "save"}
+Metrics = Callable[[dict[str, float], int], None]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Per-device dense bf16 FLOP/s for MFU, or None where there is no meaningful figure (CPU)."""
+    override = os.environ.get("LMFORGE_PEAK_TFLOPS")
+    if override:
+        return float(override) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS:
+        if key in name:
+            return value
+    return None
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(preference: str) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("pretrain.device is cuda but no CUDA device is visible")
+    if preference in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def setup_distributed(preference: str) -> Dist:
+    """One process per GPU under torchrun (RANK/WORLD_SIZE set), else a single process."""
+    base = pick_device(preference)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        if base.type == "cuda":
+            torch.cuda.set_device(0)
+            return Dist(device=torch.device("cuda", 0))
+        return Dist(device=base)
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if base.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = base
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Dist(rank=rank, local_rank=local_rank, world=world, device=device)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps: linear warmup, then cosine to floor."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, p: Any, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or 1-d tensors)."""
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=p.lr, betas=(p.beta1, p.beta2), **extra)
+
+
+def params_dict(p: Any) -> dict[str, Any]:
+    if hasattr(p, "model_dump"):
+        return p.model_dump()
+    return dict(vars(p))
+
+
+def run_fingerprint(p: Any, seed: int, meta: dict, world: int) -> dict[str, Any]:
+    """Everything that decides the weights a run ends with."""
+    knobs = {k: v for k, v in params_dict(p).items() if k not in OPERATIONAL_KEYS}
+    return {"seed": seed, "world_size": world, "data": meta["splits"], "vocab_size": meta["vocab_size"],
+            "sampler": batches.SAMPLER_VERSION, **{f"pretrain.{k}": v for k, v in sorted(knobs.items())}}
+
+
+def run_key(fingerprint: dict[str, Any]) -> str:
+    text = json.dumps(fingerprint, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    masked: bool
+    device: str
+    run_dir: Path
+    steps: int
+    resumed_from: int
+    best_val_loss: float
+    final_val_loss: float
+    final_train_loss: float
+    tokens_per_step: int
+    tokens_per_s: float
+    mfu: float | None
+    params: int
+    flops_per_token: float
+    first_step_s: float
+    train_s: float
+    wall_s: float
+    peak_memory_gb: float | None
+    history: dict[str, list[dict[str, float]]]
+    dist: Dist
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps, "resumed_from": self.resumed_from, "best_val_loss": self.best_val_loss,
+            "final_val_loss": self.final_val_loss, "final_train_loss": self.final_train_loss,
+            "tokens_per_step": self.tokens_per_step, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+            "params": self.params, "flops_per_token": self.flops_per_token, "first_step_s": self.first_step_s,
+            "train_s": self.train_s, "wall_s": self.wall_s, "peak_memory_gb": self.peak_memory_gb,
+            "device": self.device, "world_size": self.dist.world, "masked": self.masked,
+        }
+
+
+def _loss(runner, x: torch.Tensor, y: torch.Tensor, masked: bool) -> torch.Tensor:
+    kwargs = {} if masked else {"use_cache": False}
+    logits = runner(input_ids=x, **kwargs).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                           ignore_index=batches.IGNORE_INDEX)
+
+
+def _all_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(value)  # SUM: gloo (CPU) has no AVG
+        value = value / d.world
+    return value
+
+
+@torch.no_grad()
+def validate(model, tokens, p: Any, seed: int, d: Dist, masking: batches.Masking | None, autocast) -> float:
+    """Mean loss over the fixed val batches (spread over the ranks)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=d.device, dtype=torch.float64)
+    for x, y in batches.eval_batches(tokens, p.context, p.batch_size, seed, d.device, p.eval_batches,
+                                     masking=masking, rank=d.rank, world=d.world):
+        with autocast():
+            loss = _loss(model, x, y, masking is not None)
+        count = (y != batches.IGNORE_INDEX).sum()
+        total[0] += loss.double() * count
+        total[1] += count
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(total)
+    model.train(was_training)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _gather_rng(d: Dist) -> list[dict[str, Any]]:
+    mine = checkpoint.rng_state()
+    if d.world == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * d.world
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | str,
+          on_metrics: Metrics | None = None, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    """Train (or resume) the run that `p` and `seed` describe; return the model to save.
+
+    p: the pretrain params (lmforge.config.PretrainParams or any object with those attributes).
+    on_metrics(metrics, step): called on rank 0 at every log and eval step.
+    """
+    started = time.perf_counter()
+    d = setup_distributed(p.device)
+    say = log if d.main else (lambda _msg: None)
+    tokens_dir = Path(tokens_dir)
+    meta = batches.read_meta(tokens_dir)
+    tok = TokenInfo.from_meta(meta)
+    train_tokens = batches.open_split(tokens_dir, "train", meta)
+    val_tokens = batches.open_split(tokens_dir, "val", meta)
+    batches.check_length(train_tokens, p.context, "train")
+    batches.check_length(val_tokens, p.context, "val")
+    data_vocab = None
+    if p.init_from:
+        from tokenizers import Tokenizer
+
+        data_vocab = Tokenizer.from_file(str(tokens_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    model = build_model(p, tok, seed, data_vocab=data_vocab)
+    masked = is_masked(model)
+    if masked and p.arch != "bert" and not p.init_from:
+        raise ValueError("internal: a masked model from a causal arch")
+    model.to(d.device)
+    model.train()
+    optimizer = make_optimizer(model, p, d.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio))
+
+    fingerprint = run_fingerprint(p, seed, meta, d.world)
+    run_dir = Path(checkpoint_root) / run_key(fingerprint)
+    state: dict[str, Any] = {"best_val_loss": math.inf, "history": {"train": [], "val": []}}
+    start = 0
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if latest is not None:
+        state = checkpoint.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler,
+                                           rank=d.rank, world_size=d.world, fingerprint=fingerprint)
+        start = int(state["step"])
+        say(f"resuming run {run_dir.name} from {latest.name} (step {start} of {p.steps})")
+    else:
+        torch.manual_seed(seed * 1000 + d.rank)  # dropout and other in-step randomness
+        say(f"run {run_dir.name}: no checkpoint yet, starting at step 0 of {p.steps}")
+    _barrier(d)
+
+    masking = None
+    if masked:
+        special = tuple(sorted(meta["special_ids"].values()))
+        masking = batches.Masking(p.mlm_probability, tok.mask_id, tok.vocab_size, special)
+    sampler = batches.BatchSampler(train_tokens, p.context, p.batch_size, seed, d.device, masking=masking,
+                                   rank=d.rank, on_device=p.data_on_device)
+
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        autocast = nullcontext
+
+    wrapped = model
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    runner = torch.compile(wrapped) if p.compile else wrapped
+
+    n_params = count_params(model)
+    fpt = flops_per_token(model, p.context)
+    peak = peak_flops(d.device)
+    tokens_per_step = p.batch_size * p.context * p.grad_accum * d.world
+    say(f"model {type(model).__name__}: {n_params / 1e6:.2f}M parameters, {tokens_per_step} tokens/step, "
+        f"device {d.device} x{d.world}, compile={p.compile}")
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+
+    history = state["history"]
+    best = float(state["best_val_loss"])
+    last_val = history["val"][-1]["val_loss"] if history["val"] else math.nan
+    last_train = history["train"][-1]["train_loss"] if history["train"] else math.nan
+    loss_sum = torch.zeros((), device=d.device)
+    loss_steps = 0
+    eval_sum, eval_steps = 0.0, 0
+    # Throughput totals run over every segment of a resumed run (kept in the checkpoint).
+    timing = state.get("timing", {})
+    first_step_s = float(timing.get("first_step_s", 0.0))
+    train_s, train_tokens_done = float(timing.get("train_s", 0.0)), int(timing.get("train_tokens", 0))
+    tok_s, mfu = 0.0, None
+    mark, mark_step = time.perf_counter(), start
+    bar = tqdm(total=p.steps, initial=start, disable=not (progress and d.main), unit="step",
+               dynamic_ncols=True, mininterval=1.0, desc="pretrain")
+
+    for step in range(start, p.steps):
+        for micro in range(p.grad_accum):
+            x, y = sampler.get(step, micro)
+            sync = d.world == 1 or micro == p.grad_accum - 1
+            context = nullcontext() if sync else wrapped.no_sync()
+            with context:
+                with autocast():
+                    loss = _loss(runner, x, y, masked)
+                (loss / p.grad_accum).backward()
+            loss_sum += loss.detach() / p.grad_accum
+        if p.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_steps += 1
+        done = step + 1
+        bar.update(1)
+        final = done == p.steps
+
+        if done == start + 1:
+            # The first step of a process pays for compilation and warm-up: keep it out of the throughput.
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            first_step_s = max(first_step_s, time.perf_counter() - mark)
+            mark, mark_step = time.perf_counter(), done
+
+        if done % p.log_every == 0 or final:
+            mean = _all_mean(loss_sum / loss_steps, d)
+            last_train = float(mean)  # the one host sync of a log step
+            eval_sum, eval_steps = eval_sum + last_train * loss_steps, eval_steps + loss_steps
+            loss_sum.zero_()
+            loss_steps = 0
+            now = time.perf_counter()
+            if done > mark_step:
+                span = now - mark
+                train_s += span
+                train_tokens_done += (done - mark_step) * tokens_per_step
+                tok_s = (done - mark_step) * tokens_per_step / span
+                mfu = tok_s * fpt / (peak * d.world) if peak else None
+            mark, mark_step = now, done
+            lr = scheduler.get_last_lr()[0]
+            history["train"].append({"step": done, "train_loss": last_train})
+            postfix = {"loss": f"{last_train:.3f}", "val": f"{last_val:.3f}", "tok/s": f"{tok_s:,.0f}"}
+            if mfu is not None:
+                postfix["mfu"] = f"{100 * mfu:.1f}%"
+            bar.set_postfix(postfix, refresh=False)
+            if d.main and on_metrics:
+                metrics = {"train_loss": last_train, "lr": lr, "tokens_per_s": tok_s}
+                if mfu is not None:
+                    metrics["mfu"] = mfu
+                on_metrics(metrics, done)
+
+        if done % p.eval_every == 0 or final:
+            last_val = validate(model, val_tokens, p, seed, d, masking, autocast)
+            mean_train = eval_sum / eval_steps if eval_steps else last_train
+            eval_sum, eval_steps = 0.0, 0
+            history["val"].append({"step": done, "train_loss": mean_train, "val_loss": last_val})
+            if last_val < best:
+                best = last_val
+                if d.main:
+                    checkpoint.save_best(run_dir, model, {"step": done, "val_loss": best})
+            if d.main and on_metrics:
+                on_metrics({"val_loss": last_val, "best_val_loss": best}, done)
+            mark, mark_step = time.perf_counter(), done
+
+        if done % p.checkpoint_every == 0 or final:
+            rngs = _gather_rng(d)
+            if d.main:
+                checkpoint.save_checkpoint(
+                    run_dir, step=done, model=model, optimizer=optimizer, scheduler=scheduler, rng_states=rngs,
+                    state={"fingerprint": fingerprint, "data": {"sampler": batches.SAMPLER_VERSION, "next_step": done},
+                           "best_val_loss": best, "history": history,
+                           "timing": {"first_step_s": first_step_s, "train_s": train_s, "train_tokens": train_tokens_done}})
+            _barrier(d)
+            mark, mark_step = time.perf_counter(), done
+    bar.close()
+
+    resumed = start
+    if start >= p.steps:
+        say(f"run {run_dir.name} was already complete at step {start}")
+    if p.save == "best" and (run_dir / checkpoint.BEST).exists():
+        best_dir = run_dir / checkpoint.BEST
+        checkpoint.read_state(best_dir)
+        checkpoint.load_weights(best_dir, model)
+    peak_mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
+    final_val = history["val"][-1]["val_loss"] if history["val"] else math.nan
+    return TrainResult(
+        model=model, masked=masked, device=str(d.device), run_dir=run_dir, steps=p.steps, resumed_from=resumed,
+        best_val_loss=best, final_val_loss=final_val, final_train_loss=last_train,
+        tokens_per_step=tokens_per_step, tokens_per_s=train_tokens_done / train_s if train_s else 0.0,
+        mfu=(train_tokens_done / train_s * fpt / (peak * d.world)) if (peak and train_s) else None,
+        params=n_params, flops_per_token=fpt, first_step_s=first_step_s, train_s=train_s,
+        wall_s=time.perf_counter() - started,
+        peak_memory_gb=peak_mem, history=history, dist=d,
+    )

