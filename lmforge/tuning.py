@@ -1,0 +1,353 @@
+"""Hyperparameter search for fine-tuning: an Optuna study over finetune's knobs.
+
+- The search space is declared in params.yaml (`tune.space`: a finetune key, `lora.r` for a
+  LoRA knob, mapped to a float / int / categorical dimension); config.py checks every bound
+  against finetune's own schema, so a space that cannot be sampled stops before any trial, with
+  the key path.
+- TPE sampler (seeded by the params seed and the number of trials already in the study, so a
+  rerun proposes new points), a pruner fed by each epoch's val metric.
+- Storage: LMFORGE_OPTUNA_STORAGE if set, else tune.storage, else SQLite at
+  reports/tune/study.db. Any SQLAlchemy URL works (PostgreSQL for workers on several machines);
+  the study is created with load_if_exists, so a rerun or a second worker adds trials to it. A
+  heartbeat marks trials of a killed worker as failed.
+- A trial that raises is recorded as failed (its error kept as a user attribute) and the study
+  goes on; only a trial that could not sample its space stops the study.
+- Each trial trains on a seeded subsample (tune.max_train_rows, tune.max_val_rows) and never
+  sees the test split.
+
+Optuna and matplotlib are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from lmforge.config import ConfigError, FinetuneParams, Params, TuneParams
+from lmforge.finetuning import FinetuneConfig, LabelledTexts, finetune
+
+STORAGE_ENV = "LMFORGE_OPTUNA_STORAGE"
+DEFAULT_DIR = Path("reports/tune")
+BEST_FILE = "best.yaml"
+TRIALS_FILE = "trials.csv"
+HISTORY_PLOT = "optimization_history.png"
+IMPORTANCE_PLOT = "param_importances.png"
+
+
+class SpaceError(ConfigError):
+    """A dimension of tune.space cannot be sampled: stops the study (not a failed trial)."""
+
+
+class TrialFailed(Exception):
+    """A trial raised; Optuna records it as failed and the study goes on."""
+
+
+def storage_url(tune: TuneParams, out_dir: Path | str = DEFAULT_DIR) -> str:
+    env = os.environ.get(STORAGE_ENV, "").strip()
+    if env:
+        return env
+    if tune.storage:
+        return tune.storage
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(out_dir / 'study.db').as_posix()}"
+
+
+def redacted(url: str) -> str:
+    """The URL with any password masked, for reports and logs."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse is shown as is
+        return url
+
+
+def suggest(trial, space: Mapping[str, TuneParams.Dimension]) -> dict[str, Any]:
+    """Sample every dimension; a dimension Optuna refuses raises SpaceError with its key path."""
+    values: dict[str, Any] = {}
+    for key, dim in space.items():
+        try:
+            if dim.type == "float":
+                values[key] = trial.suggest_float(key, dim.low, dim.high, log=dim.log, step=dim.step)
+            elif dim.type == "int":
+                step = int(dim.step) if dim.step is not None else 1
+                values[key] = trial.suggest_int(key, int(dim.low), int(dim.high), step=step, log=dim.log)
+            else:
+                values[key] = trial.suggest_categorical(key, list(dim.choices))
+        except (ValueError, TypeError) as err:
+            raise SpaceError(f"tune.space.{key}: cannot be sampled: {err}") from err
+    return values
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"lora.r": 8, "learning_rate": 1e-4} -> {"lora": {"r": 8}, "learning_rate": 1e-4}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            out.setdefault(head, {})[rest] = value
+        else:
+            out[head] = value
+    return out
+
+
+def apply_overrides(section: FinetuneParams, overrides: Mapping[str, Any], origin: str) -> FinetuneParams:
+    """finetune params with `overrides` (nested) merged in and validated again."""
+    from pydantic import ValidationError
+
+    merged = section.model_dump()
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    try:
+        return FinetuneParams.model_validate(merged)
+    except ValidationError as err:
+        lines = [f"  finetune.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{origin} does not fit finetune's schema:\n" + "\n".join(lines)) from None
+
+
+def _pruner(tune: TuneParams, max_epochs: int):
+    import optuna
+
+    if tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials,
+                                           n_warmup_steps=tune.pruner_warmup_epochs)
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, max_epochs))
+    if tune.pruner == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=tune.pruner_threshold,
+                                              n_warmup_steps=tune.pruner_warmup_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(params: Params, out_dir: Path | str = DEFAULT_DIR):
+    """Create or load the study named in params, with a seeded TPE sampler and the pruner."""
+    import optuna
+
+    tune = params.tune
+    url = storage_url(tune, out_dir)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                             heartbeat_interval=tune.heartbeat_interval)
+    existing = optuna.create_study(storage=storage, study_name=tune.study_name,
+                                   direction="maximize", load_if_exists=True)
+    sampler = optuna.samplers.TPESampler(seed=params.seed + len(existing.trials),
+                                         n_startup_trials=tune.startup_trials)
+    max_epochs = params.finetune.epochs
+    epoch_dim = tune.space.get("epochs")
+    if epoch_dim is not None:
+        max_epochs = int(max(epoch_dim.candidates()))
+    study = optuna.load_study(study_name=tune.study_name, storage=storage, sampler=sampler,
+                              pruner=_pruner(tune, max_epochs))
+    study.set_user_attr("metric", tune.metric)
+    return study, url
+
+
+def run_study(
+    params: Params,
+    base: Path | str,
+    data: Mapping[str, LabelledTexts],
+    out_dir: Path | str = DEFAULT_DIR,
+    *,
+    on_trial_end: Callable[[Any, Any], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run tune.n_trials new trials (or until tune.timeout) and write the reports into out_dir.
+
+    on_trial_end(study, frozen_trial) runs after each trial, whatever its state (the stage logs
+    a nested MLflow run there). Returns the summary written to best.yaml."""
+    import optuna
+
+    tune = params.tune
+    out_dir = Path(out_dir)
+    study, url = open_study(params, out_dir)
+    before = len(study.trials)
+    log(f"tune: study {tune.study_name!r} at {redacted(url)}: {before} trial(s) so far; "
+        f"running {tune.n_trials} more" + (f" or {tune.timeout:g} s" if tune.timeout else ""))
+    subset = {
+        "train": data["train"].sample(tune.max_train_rows, params.seed),
+        "val": data["val"].sample(tune.max_val_rows, params.seed),
+    }
+    # Trials are only comparable on one setup: say so when a rerun changed it.
+    setup = {"metric": tune.metric, "base_model": params.finetune.base_model,
+             "train_rows": len(subset["train"]), "val_rows": len(subset["val"]), "seed": params.seed}
+    earlier = study.user_attrs.get("setup")
+    if earlier is None:
+        study.set_user_attr("setup", setup)
+    elif earlier != setup:
+        log(f"tune: warning: study {tune.study_name!r} holds trials run on {earlier}, this run uses {setup}; "
+            "set tune.study_name to start a fresh study if they should not be compared")
+
+    def objective(trial) -> float:
+        chosen = suggest(trial, tune.space)
+        try:
+            section = apply_overrides(params.finetune, nest(chosen), f"trial {trial.number}")
+            cfg = FinetuneConfig.from_mapping(section.model_dump(), seed=params.seed,
+                                              max_train_rows=None, log_every=10**9)
+
+            def report(epoch: int, scores: dict) -> None:
+                value = float(scores[tune.metric])
+                trial.report(value, step=epoch)
+                # After the last epoch there is nothing left to save: the trial completes.
+                if epoch < cfg.epochs and trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch}: val {tune.metric} {value:.4f}")
+
+            result = finetune(base, subset, cfg, on_epoch_end=report, log=lambda _msg: None)
+            trial.set_user_attr("best_epoch", result.best_epoch)
+            trial.set_user_attr("train_seconds", result.stats["train_seconds"])
+            value = float(result.val[tune.metric])
+            log(f"tune: trial {trial.number} val {tune.metric} {value:.4f} with {chosen}")
+            return value
+        except optuna.TrialPruned:
+            log(f"tune: trial {trial.number} pruned with {chosen}")
+            raise
+        except Exception as err:  # noqa: BLE001 - recorded as a failed trial; the study goes on
+            message = f"{type(err).__name__}: {err}"
+            trial.set_user_attr("error", message[:2000])
+            log(f"tune: trial {trial.number} failed: {message}")
+            raise TrialFailed(message) from err
+
+    callbacks = [on_trial_end] if on_trial_end is not None else None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=tune.n_trials, timeout=tune.timeout, catch=(TrialFailed,),
+                   callbacks=callbacks, gc_after_trial=True)
+    summary = write_reports(study, params, url, out_dir, new_trials=len(study.trials) - before)
+    return summary
+
+
+def _state_counts(study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in study.trials:
+        name = trial.state.name.lower()
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def write_reports(study, params: Params, url: str, out_dir: Path | str, new_trials: int = 0) -> dict:
+    """best.yaml, trials.csv and the two plots, each written atomically."""
+    import optuna
+
+    from lmforge.atomic import atomic_path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        errors = [t.user_attrs.get("error") for t in study.trials if t.user_attrs.get("error")]
+        hint = f"; last error: {errors[-1]}" if errors else ""
+        raise RuntimeError(f"tune: no trial of study {study.study_name!r} completed "
+                           f"({_state_counts(study)}){hint}")
+    best = study.best_trial
+    summary = {
+        "study": study.study_name,
+        "storage": redacted(url),
+        "metric": params.tune.metric,
+        "direction": "maximize",
+        "best_trial": best.number,
+        "best_value": float(best.value),
+        "trials": _state_counts(study),
+        "new_trials": new_trials,
+        "params": nest(best.params),
+    }
+    header = ("# Written by the tune stage (tasks/tune.py) from the Optuna study below; the finetune\n"
+              "# stage merges `params` into its section when finetune.use_tuned is true.\n")
+    with atomic_path(out_dir / BEST_FILE) as tmp:
+        tmp.write_text(header + yaml.safe_dump(summary, sort_keys=False))
+    _write_trials_table(study, out_dir / TRIALS_FILE)
+    _write_plots(study, out_dir)
+    return summary
+
+
+def _write_trials_table(study, path: Path) -> None:
+    from lmforge.atomic import atomic_path
+
+    keys = sorted({k for t in study.trials for k in t.params})
+    header = ["number", "state", "value", "last_epoch", "duration_s", "datetime_start", *keys, "error"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for t in study.trials:
+            duration = t.duration.total_seconds() if t.duration is not None else None
+            last = max(t.intermediate_values) if t.intermediate_values else None
+            writer.writerow([
+                t.number, t.state.name, "" if t.value is None else t.value, "" if last is None else last,
+                "" if duration is None else round(duration, 2),
+                t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else "",
+                *[t.params.get(k, "") for k in keys], t.user_attrs.get("error", ""),
+            ])
+
+
+def _write_plots(study, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    from lmforge.atomic import atomic_path
+
+    def save(name: str, draw: Callable[[], Any] | None, fallback: str) -> None:
+        fig = None
+        if draw is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning of optuna's matplotlib plots
+                try:
+                    ax = draw()
+                    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                except (ValueError, RuntimeError, ZeroDivisionError) as err:
+                    fallback = f"{fallback}\n({err})"
+        if fig is None:  # a placeholder keeps the DVC plot output present
+            fig, axis = plt.subplots()
+            axis.axis("off")
+            axis.text(0.5, 0.5, fallback, ha="center", va="center", wrap=True)
+        fig.set_size_inches(8, 5)
+        fig.tight_layout()
+        with atomic_path(out_dir / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    save(HISTORY_PLOT, lambda: ovm.plot_optimization_history(study), "no complete trial yet")
+    varied = [k for k in {k for t in complete for k in t.params}
+              if len({repr(t.params.get(k)) for t in complete}) > 1]
+    enough = len(complete) >= 2 and varied
+    save(IMPORTANCE_PLOT, (lambda: ovm.plot_param_importances(study)) if enough else None,
+         "parameter importances need two or more complete trials with varied parameters")
+
+
+def load_best(path: Path | str) -> dict | None:
+    """best.yaml's `params` (nested finetune overrides), or None if the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    chosen = raw.get("params") if isinstance(raw, dict) else None
+    if not isinstance(chosen, dict):
+        raise ConfigError(f"{path}: no `params` mapping")
+    return chosen
+
+
+def trial_metrics(trial) -> dict[str, float]:
+    """Scalar metrics of a finished trial for a tracker (NaN-free)."""
+    out = {}
+    if trial.value is not None and math.isfinite(trial.value):
+        out["value"] = float(trial.value)
+    for key in ("train_seconds", "best_epoch"):
+        if isinstance(trial.user_attrs.get(key), (int, float)):
+            out[key] = float(trial.user_attrs[key])
+    return out

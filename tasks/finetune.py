@@ -1,0 +1,146 @@
+"""Stage `finetune`: fine-tune a base model for sequence classification on the task split.
+
+    python -m tasks.finetune            # what dvc.yaml runs; resumes a killed run
+
+Reads params.yaml (seed, finetune), data/split/task/{train,val,test}.parquet and, when
+finetune.use_tuned is true and it exists, reports/tune/best.yaml (the tune stage's best trial,
+merged over the finetune section). Writes models/finetuned/ (save_pretrained + tokenizer, labels
+in the config), models/finetune-checkpoints/ (kept between runs, for resuming),
+reports/finetune/ (metrics.json with the TF-IDF baseline beside, confusion_matrix.png,
+history.csv for a DVC plot) and one MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+STARTED = time.perf_counter()
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tasks.finetune", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/split/task")
+    parser.add_argument("--best", default="reports/tune/best.yaml")
+    parser.add_argument("--out", default="models/finetuned")
+    parser.add_argument("--checkpoints", default="models/finetune-checkpoints")
+    parser.add_argument("--reports", default="reports/finetune")
+    return parser.parse_args(argv)
+
+
+def settings(params, best_path: Path):
+    """The finetune section, with best.yaml's params merged in when use_tuned (and present)."""
+    from lmforge.tuning import apply_overrides, load_best
+
+    section = params.finetune
+    tuned = load_best(best_path) if section.use_tuned else None
+    if tuned:
+        section = apply_overrides(section, tuned, str(best_path))
+    return section, tuned
+
+
+def run(args: argparse.Namespace) -> dict:
+    from lmforge.atomic import atomic_dir, atomic_path, write_json
+    from lmforge.baseline import tfidf_baseline
+    from lmforge.classification_metrics import flat_metrics, majority_accuracy, plot_confusion_matrix
+    from lmforge.config import load_params
+    from lmforge.finetuning import FinetuneConfig, finetune, read_split, save_model
+    from lmforge.pretrained import resolve_base_model
+    from lmforge import tracking
+
+    params = load_params(args.params)
+    section, tuned = settings(params, Path(args.best))
+    base = resolve_base_model(section.base_model)
+    data = read_split(args.data)
+    cfg = FinetuneConfig.from_mapping(section.model_dump(), seed=params.seed)
+    reports = Path(args.reports)
+    reports.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    with tracking.stage_run("finetune", {"seed": params.seed, "finetune": section.model_dump()},
+                            tags={"base_model": section.base_model, "tuned": bool(tuned)}) as mlrun:
+        def on_epoch_end(epoch: int, scores: dict) -> None:
+            mlrun.log_metrics({"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}, step=epoch)
+
+        result = finetune(base, data, cfg, checkpoint_dir=args.checkpoints, on_epoch_end=on_epoch_end, log=log)
+        out = Path(args.out)
+        with atomic_dir(out) as tmp:
+            save_model(result, tmp)
+
+        log("finetune: TF-IDF + logistic regression baseline")
+        baseline = tfidf_baseline(data["train"].texts, data["train"].labels,
+                                  {"val": (data["val"].texts, data["val"].labels),
+                                   "test": (data["test"].texts, data["test"].labels)},
+                                  labels=result.labels, c=section.baseline_c, seed=params.seed)
+        metrics = {
+            "base_model": section.base_model,
+            "method": section.method,
+            "labels": result.labels,
+            "test": result.test,
+            "val": result.val,
+            "best_epoch": result.best_epoch,
+            "majority_test_accuracy": majority_accuracy(data["train"].labels, data["test"].labels),
+            "baseline_tfidf": baseline,
+            "train": result.stats,
+            "tuned_params": tuned,
+            "rows": {name: len(split) for name, split in data.items()},
+            "seconds": round(time.perf_counter() - STARTED, 1),
+        }
+        write_json(reports / "metrics.json", metrics)
+        with atomic_path(reports / "history.csv") as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["epoch", "step", "train_loss", "val_accuracy", "val_macro_f1",
+                                                    "train_seconds", "train_samples"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(result.history)
+        with atomic_path(reports / "confusion_matrix.png") as tmp:
+            plot_confusion_matrix(result.test["confusion_matrix"], result.labels, tmp,
+                                  title=f"finetune ({section.base_model}) on test")
+
+        flat = {**flat_metrics(result.test, "test"), **flat_metrics(result.val, "val"),
+                **flat_metrics(baseline["test"], "baseline_test"),
+                "train_samples_per_second": result.stats["samples_per_second"] or 0.0,
+                "train_seconds": result.stats["train_seconds"], "best_epoch": result.best_epoch}
+        mlrun.log_metrics(flat)
+        mlrun.log_artifact(reports / "metrics.json")
+        mlrun.log_artifact(reports / "confusion_matrix.png")
+        mlrun.log_artifact(reports / "history.csv")
+        if Path(args.best).exists() and tuned:
+            mlrun.log_artifact(args.best)
+
+    # A finished run leaves nothing to resume: the best weights are in models/finetuned.
+    shutil.rmtree(args.checkpoints, ignore_errors=True)
+    Path(args.checkpoints).mkdir(parents=True, exist_ok=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
+    from lmforge.config import ConfigError
+    from lmforge.finetuning import FinetuneError
+    from lmforge.pretrained import BaseModelError
+
+    try:
+        metrics = run(args)
+    except (ConfigError, FinetuneError, BaseModelError) as err:  # user errors: one clear message, no retry
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    test, base = metrics["test"], metrics["baseline_tfidf"]["test"]
+    print(f"[finetune] test accuracy {test['accuracy']:.4f} macro F1 {test['macro_f1']:.4f} "
+          f"(TF-IDF baseline {base['accuracy']:.4f} / {base['macro_f1']:.4f}, "
+          f"majority {metrics['majority_test_accuracy']:.4f}); "
+          f"{metrics['train']['samples_per_second']} samples/s; done in {time.perf_counter() - STARTED:.1f}s",
+          file=sys.stderr)
+    print(json.dumps({"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]}))
+
+
+if __name__ == "__main__":
+    from tasks._common import timed
+
+    with timed("finetune"):
+        main()

