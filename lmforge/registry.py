@@ -1,0 +1,560 @@
+"""The MLflow model registry side of lmforge: register with lineage, gated promotion, tracing.
+
+    register_model(spec, params, root)   log one model folder as a pyfunc, register it, alias @challenger
+    promote(name, gate, force=..., reason=...)   move @champion to @challenger behind the gate
+    trace("models:/lmforge-sentiment@champion")   commit, data hashes, params, metrics, rebuild commands
+
+Registration is idempotent: each version carries a fingerprint (the hash of every file of the model
+folder and of the params that made it); when the latest version of the name carries the same
+fingerprint, nothing is logged or registered. Lineage (git commit and dirty flag, the dvc.lock
+hashes of the inputs of the stages that built the model, params, metrics, gate figure) goes on
+the run and, as tags, on the version, so `models:/NAME@ALIAS` alone leads back to all of it. The
+datasets are logged with `mlflow.log_input` (digest: the md5 of the parquet file, as DVC spells it).
+
+Promotion only moves aliases; MLflow's deprecated stages are never used. mlflow is imported inside
+the functions: this module is not on the training path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import hashlib
+import json
+import os
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import yaml
+
+from lmforge import tracking
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+FINGERPRINT = "lmforge.fingerprint"
+SERVING = "lmforge.serving"
+_UNSAFE = re.compile(r"[^\w./\- :]")
+_PREFIXES = ("", "test.", "test_", "eval_", "eval.", "val.", "val_", "validation.", "validation_")
+
+
+class RegistryError(RuntimeError):
+    """A user-facing failure: a missing input, an unknown name or alias, a missing gate metric."""
+
+
+class NotServable(RegistryError):
+    """The model exists but no lmforge pyfunc serves its kind (a masked LM): skipped, not failed."""
+
+
+# --- what gets registered -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the pipeline as the register stage sees it."""
+
+    key: str  # "sentiment" | "lm": its section under register in params.yaml
+    kind: str  # "classifier" | "generator": the pyfunc that serves it
+    folder: str  # the transformers folder, relative to the repo root
+    metrics: str  # the metrics JSON of the stage that scored it
+    params_sections: tuple[str, ...]  # dotted params.yaml sections that made it
+    datasets: str  # the split folder it was trained and scored on
+    rebuild: tuple[str, ...] = field(default=())  # the dvc stages to name in rebuild commands
+
+
+SPECS = {
+    "sentiment": ModelSpec("sentiment", "classifier", "models/finetuned", "reports/finetune/metrics.json",
+                           ("seed", "clean.task", "split.task", "tune", "finetune", "register.sentiment",
+                            "register.serving"), "data/split/task", ("finetune",)),
+    "lm": ModelSpec("lm", "generator", "models/pretrained", "reports/evaluate/metrics.json",
+                    ("seed", "clean.corpus", "split.corpus", "tokenize", "pretrain", "evaluate", "register.lm",
+                     "register.serving"), "data/split/corpus", ("pretrain", "evaluate")),
+}
+
+
+def resolve_tracking_uri(params=None, root: Path | str | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else register.tracking_uri of params.yaml, else sqlite:///<repo>/mlflow.db."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    configured = getattr(getattr(params, "register_", None), "tracking_uri", None)
+    return configured or tracking.tracking_uri(root)
+
+
+@contextmanager
+def using(uri: str) -> Iterator[Any]:
+    """Point MLflow (tracking and registry, fluent API and tracking.stage_run) at `uri`; yield a client."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    # mlflow keeps the URIs as module globals: put back whatever was set (None: follow the env).
+    saved = getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+        if hasattr(tracking_utils, "_tracking_uri"):
+            tracking_utils._tracking_uri = saved[0]
+        if hasattr(registry_utils, "_registry_uri"):
+            registry_utils._registry_uri = saved[1]
+
+
+# --- lineage ------------------------------------------------------------------------------------
+
+
+def _file_hash(path: Path, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def section(params_dump: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = params_dump
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def relevant_params(params, spec: ModelSpec) -> dict[str, Any]:
+    dump = params.model_dump(mode="json", by_alias=True)
+    return {dotted: section(dump, dotted) for dotted in spec.params_sections}
+
+
+def fingerprint(folder: Path, params_payload: Mapping[str, Any]) -> str:
+    """sha256 over every file of the model folder (path and content) and the canonical params JSON."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + _file_hash(path).encode() + b"\n")
+    digest.update(json.dumps(params_payload, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def dvc_lineage(root: Path, outputs: list[str]) -> dict[str, str]:
+    """Tags from dvc.lock: the md5 of every dep of the stages that wrote `outputs`, and of those outputs.
+
+    `dvc.dep.<path>` / `dvc.out.<path>` -> md5 and `dvc.stages` -> the stage names; `dvc.lock` says
+    "present", or why there is nothing (no lock file, or no stage wrote these outputs yet).
+    """
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return {"dvc.lock": "absent: no dvc.lock (the models were not built by `dvc repro`)"}
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    except yaml.YAMLError as err:
+        return {"dvc.lock": f"unreadable: {err}"[:500]}
+    wanted = {o.rstrip("/") for o in outputs}
+    tags: dict[str, str] = {}
+    names = []
+    for name, stage in stages.items():
+        outs = {str(o.get("path", "")).rstrip("/"): o for o in stage.get("outs") or []}
+        hit = wanted & set(outs)
+        if not hit:
+            continue
+        names.append(name)
+        for dep in stage.get("deps") or []:
+            if dep.get("md5"):
+                tags[f"dvc.dep.{dep['path']}"] = str(dep["md5"])
+        for path in hit:
+            if outs[path].get("md5"):
+                tags[f"dvc.out.{path}"] = str(outs[path]["md5"])
+    if not names:
+        return {"dvc.lock": f"present, but no stage in it wrote {', '.join(sorted(wanted))}"}
+    return {"dvc.lock": "present", "dvc.stages": ",".join(sorted(names)), **tags}
+
+
+def flat_metrics(payload: Any, prefix: str = "") -> dict[str, float]:
+    """Numbers of a metrics JSON, nested keys joined with dots; booleans and text left out."""
+    out: dict[str, float] = {}
+    if isinstance(payload, Mapping):
+        for key, value in payload.items():
+            out.update(flat_metrics(value, f"{prefix}{key}."))
+    elif isinstance(payload, (int, float)) and not isinstance(payload, bool):
+        name = _UNSAFE.sub("_", prefix.rstrip("."))  # MLflow metric names: word characters, / . - : and space
+        if name and payload == payload:  # NaN is no figure to gate on
+            out[name] = float(payload)
+    return out
+
+
+def find_metric(metrics: Mapping[str, float], metric: str) -> tuple[str, float] | None:
+    """The (key, value) for a gate metric: the exact key first, then test_/test./eval_/val. forms."""
+    for prefix in _PREFIXES:
+        if f"{prefix}{metric}" in metrics:
+            return f"{prefix}{metric}", metrics[f"{prefix}{metric}"]
+    return None
+
+
+def _git_lineage(root: Path) -> dict[str, str]:
+    return tracking.git_facts(root)
+
+
+def _datasets(root: Path, folder: str, dvc_tags: Mapping[str, str]) -> list[tuple[Any, str]]:
+    """(mlflow dataset, context) for each split parquet (digest: the file's md5); when there are none,
+    a meta-only dataset for each data dependency in dvc.lock (digest: its DVC md5)."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    split_dir = root / folder
+    name = Path(folder).name
+    found = []
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
+        path = split_dir / f"{split}.parquet"
+        if path.exists():
+            frame = pd.read_parquet(path)
+            targets = "label" if "label" in frame.columns else None
+            with warnings.catch_warnings():
+                # a local path "can be interpreted in multiple ways" (two local source kinds): noise
+                warnings.filterwarnings("ignore", message="The specified dataset source", category=UserWarning)
+                dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()), name=f"{name}-{split}",
+                                                  targets=targets, digest=_file_hash(path, "md5"))
+            found.append((dataset, context))
+    if not found:
+        # No split files here (a fresh checkout, a remote cache): name the data deps by their dvc.lock hash.
+        for key, md5 in sorted(dvc_tags.items()):
+            path = key[len("dvc.dep."):] if key.startswith("dvc.dep.data/") else None
+            if path:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The specified dataset source", category=UserWarning)
+                    source = resolve_dataset_source(str((root / path).resolve()))
+                label = path.removeprefix("data/").replace("/", "-")
+                found.append((MetaDataset(source, name=label, digest=md5.removesuffix(".dir")[:36]), "training"))
+    return found
+
+
+# --- register -----------------------------------------------------------------------------------
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy"):
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def latest_version(client, name: str):
+    """The newest version of a registered model, or None when the name has none."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def _check_folder(folder: Path, spec: ModelSpec) -> None:
+    if not (folder / "config.json").exists():
+        stage = " / ".join(spec.rebuild)
+        raise RegistryError(f"{folder} holds no transformers model (no config.json): run `dvc repro {stage}` first")
+    if spec.kind == "generator":
+        config = json.loads((folder / "config.json").read_text())
+        architectures = config.get("architectures") or []
+        if not any(a.endswith("ForCausalLM") for a in architectures):
+            raise NotServable(f"{folder} is a {', '.join(architectures) or 'model of unknown architecture'}, "
+                              "not a causal LM: the generator pyfunc serves causal LMs only")
+
+
+def register_model(spec: ModelSpec, params, root: Path | str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Log `spec`'s folder as a pyfunc with lineage and register it as a new @challenger version.
+
+    Returns the report entry: name, version, aliases, run id, fingerprint and `registered` (False
+    when the latest version already holds this fingerprint: then nothing was logged).
+    Call it inside `using(uri)`.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from lmforge import serving
+
+    if not tracking.enabled():
+        raise RegistryError("MLflow tracking is off (LMFORGE_TRACKING=off or mlflow missing): nothing to register to")
+    root = Path(root).resolve()
+    folder = root / spec.folder
+    model_params = getattr(params.register_, spec.key)
+    name, gate = model_params.name, model_params.gate
+    _check_folder(folder, spec)
+
+    metrics_path = root / spec.metrics
+    if not metrics_path.exists():
+        raise RegistryError(f"{spec.metrics} is missing: the model has no evaluation to register it with")
+    metrics = flat_metrics(json.loads(metrics_path.read_text()))
+    gate_figure = find_metric(metrics, gate.metric)
+    if gate_figure is None:
+        shown = ", ".join(sorted(metrics)) or "none"
+        raise RegistryError(f"{spec.metrics} has no gate metric {gate.metric!r} (register.{spec.key}.gate.metric; "
+                            f"looked for {', '.join(p + gate.metric for p in _PREFIXES)}); its numeric keys: {shown}")
+
+    payload = relevant_params(params, spec)
+    # The gate and the name say how the model is judged and filed, not what it is: left out.
+    print_ = fingerprint(folder, {k: v for k, v in payload.items() if k != f"register.{spec.key}"})
+    client = MlflowClient()
+    latest = latest_version(client, name)
+    if latest is not None and latest.tags.get(FINGERPRINT) == print_:
+        log(f"register {spec.key}: {name} version {latest.version} already holds these inputs "
+            f"(fingerprint {print_[:12]}): nothing new registered")
+        return _entry(client, name, latest, registered=False, fingerprint_=print_)
+
+    lineage = {
+        **_git_lineage(root),
+        **dvc_lineage(root, [spec.folder, spec.metrics]),
+        FINGERPRINT: print_,
+        "lmforge.model_key": spec.key,
+        "lmforge.model_folder": spec.folder,
+        "lmforge.rebuild_stages": ",".join(spec.rebuild),
+        "gate.metric": gate.metric,
+        "gate.metric_key": gate_figure[0],
+        "gate.value": repr(gate_figure[1]),
+        "gate.direction": gate.direction,
+    }
+    serving_config = {**params.register_.serving.model_dump()}
+    if spec.kind == "classifier":
+        finetune = getattr(params, "finetune", None)
+        if finetune is not None and getattr(finetune, "max_length", None):
+            serving_config["max_length"] = int(finetune.max_length)
+    import pandas as pd
+
+    with tracking.stage_run(f"register-{spec.key}", payload, tags={**lineage, "register.model": name}, root=root,
+                            log=log) as run:
+        run.log_metrics(metrics)
+        run.log_dict({"params": payload, "lineage": lineage, "metrics": metrics}, "lineage.json")
+        for dataset, context in _datasets(root, spec.datasets, lineage):
+            mlflow.log_input(dataset, context=context)
+        if spec.kind == "classifier":
+            model, signature = serving.TextClassifier(), serving.classifier_signature()
+            example = pd.DataFrame({serving.TEXT_COLUMN: ["A wonderful film, I loved it.", "A dull, tedious film."]})
+        else:
+            model = serving.TextGenerator()
+            signature = serving.generator_signature(params.register_.serving.max_new_tokens)
+            example = pd.DataFrame({serving.TEXT_COLUMN: ["ROMEO:"]})
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=model, artifacts={"model": str(folder)}, signature=signature,
+            input_example=example, pip_requirements=_requirements(), model_config=serving_config,
+            tags={FINGERPRINT: print_})
+        version_tags = {**lineage, "params": json.dumps(payload, sort_keys=True, default=str),
+                        SERVING: json.dumps(serving_config, sort_keys=True),
+                        **{f"metric.{k}": repr(v) for k, v in sorted(metrics.items())[:200]}}
+        version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in version_tags.items()})
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        run.set_tags({"register.version": version.version})
+    log(f"register {spec.key}: {name} version {version.version} @{CHALLENGER} (run {run.run_id}, "
+        f"{gate_figure[0]} {gate_figure[1]:.6g}, fingerprint {print_[:12]})")
+    return _entry(client, name, client.get_model_version(name, version.version), registered=True, fingerprint_=print_)
+
+
+def _entry(client, name: str, version, *, registered: bool, fingerprint_: str) -> dict[str, Any]:
+    aliases = sorted(client.get_registered_model(name).aliases.items())
+    return {
+        "name": name,
+        "version": int(version.version),
+        "aliases": [alias for alias, number in aliases if str(number) == str(version.version)],
+        "run_id": version.run_id,
+        "model_uri": f"models:/{name}/{version.version}",
+        "fingerprint": fingerprint_,
+        "registered": registered,
+    }
+
+
+# --- promote ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    passed: bool  # False: the gate refused (the caller exits non-zero)
+    message: str
+    challenger: str | None = None
+    champion: str | None = None
+
+
+def by_alias(client, name: str, alias: str):
+    """The version behind `name@alias`, or None when the alias is not set."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def version_metrics(client, version) -> dict[str, float]:
+    """The metrics recorded on a version (metric.* tags), else those of its run."""
+    metrics = {}
+    for key, value in version.tags.items():
+        if key.startswith("metric."):
+            try:
+                metrics[key[len("metric."):]] = float(value)
+            except ValueError:
+                pass
+    if not metrics and version.run_id:
+        metrics = dict(client.get_run(version.run_id).data.metrics)
+    return metrics
+
+
+def _figure(client, version, metric: str) -> tuple[str, float] | None:
+    return find_metric(version_metrics(client, version), metric)
+
+
+def promote(name: str, gate, *, force: bool = False, reason: str | None = None, user: str | None = None,
+            client=None) -> Decision:
+    """Move `name@champion` to `name@challenger` when the gate passes (or when forced, with a reason)."""
+    if client is None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+    if force and not (reason and reason.strip()):
+        raise RegistryError("a forced promotion needs a reason (--reason TEXT)")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise RegistryError(f"no registered model named {name!r} in this registry") from None
+    challenger = by_alias(client, name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(f"{name} has no @{CHALLENGER}: register a model first (dvc repro register)")
+    champion = by_alias(client, name, CHAMPION)
+    ch, cp = f"version {challenger.version}", f"version {champion.version}" if champion else None
+    if champion is not None and str(champion.version) == str(challenger.version):
+        return Decision(False, True, f"{name}: {ch} is already @{CHAMPION}; nothing to do", ch, cp)
+
+    figure_ch = _figure(client, challenger, gate.metric)
+    figure_cp = _figure(client, champion, gate.metric) if champion is not None else None
+    if champion is None:
+        passed, why = True, f"no @{CHAMPION} yet: the first challenger becomes champion"
+    elif figure_ch is None or figure_cp is None:
+        missing = ch if figure_ch is None else cp
+        passed, why = False, f"gate metric {gate.metric!r} is not recorded on {missing}: cannot compare"
+    else:
+        gain = figure_ch[1] - figure_cp[1] if gate.direction == "max" else figure_cp[1] - figure_ch[1]
+        passed = gain >= gate.min_gain
+        verdict = "passes" if passed else "fails"
+        better = "higher" if gate.direction == "max" else "lower"
+        why = (f"gate {verdict}: {gate.metric} challenger ({ch}) {figure_ch[1]:.6g} vs champion ({cp}) "
+               f"{figure_cp[1]:.6g}; gain {gain:+.6g} ({better} is better), minimum gain {gate.min_gain:g}")
+    if not passed and not force:
+        return Decision(False, False, f"{name}: not promoted; {why}", ch, cp)
+
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    who = user or getpass.getuser()
+    tags = {"promoted_at": now, "promoted_by": who, "promoted_over": champion.version if champion else "none",
+            "gate.result": ("forced" if force else "passed") + f": {why}"}
+    if figure_ch is not None:
+        tags["gate.challenger_value"] = repr(figure_ch[1])
+    if figure_cp is not None:
+        tags["gate.champion_value"] = repr(figure_cp[1])
+    if force:
+        tags.update({"forced": "true", "force_reason": reason.strip(), "forced_by": who})
+    for key, value in tags.items():
+        client.set_model_version_tag(name, challenger.version, key, str(value))
+    client.set_registered_model_alias(name, CHAMPION, challenger.version)
+    if champion is not None:
+        client.set_model_version_tag(name, champion.version, "replaced_by", f"{challenger.version} at {now}")
+    how = f"forced by {who} ({reason.strip()}); {why}" if force else why
+    return Decision(True, True, f"{name}: {ch} is now @{CHAMPION}; {how}", ch, cp)
+
+
+# --- trace --------------------------------------------------------------------------------------
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> (name, alias, version)."""
+    if not uri.startswith("models:/"):
+        raise RegistryError(f"{uri!r} is not a registry URI: use models:/NAME@ALIAS or models:/NAME/VERSION")
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    raise RegistryError(f"{uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def trace(uri: str, client=None) -> str:
+    """A readable account of where a registered version came from and how to rebuild it."""
+    if client is None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+    from mlflow.exceptions import MlflowException
+
+    name, alias, number = parse_model_uri(uri)
+    try:
+        version = by_alias(client, name, alias) if alias else client.get_model_version(name, number)
+    except MlflowException as err:
+        raise RegistryError(f"{uri}: {err.message}") from None
+    if version is None:
+        raise RegistryError(f"{uri}: {name} has no alias @{alias} (or no such model)")
+    tags = dict(version.tags)
+    run = client.get_run(version.run_id) if version.run_id else None
+    aliases = sorted(a for a, v in client.get_registered_model(name).aliases.items() if str(v) == str(version.version))
+    commit, dirty = tags.get("git_commit", "unknown"), tags.get("git_dirty", "unknown")
+
+    lines = [f"{uri} -> {name} version {version.version}" + (f" (aliases: {', '.join('@' + a for a in aliases)})" if aliases else "")]
+    lines.append(f"  run:          {version.run_id}" + (f" ({run.info.run_name}, {run.info.status})" if run else ""))
+    lines.append(f"  fingerprint:  {tags.get(FINGERPRINT, 'none')}")
+    lines.append(f"  commit:       {commit}" + ("  (the working tree had uncommitted changes)" if dirty == "true" else "")
+                 + f"  dirty: {dirty}")
+    for key in ("promoted_at", "promoted_by", "forced_by", "force_reason"):
+        if key in tags:
+            lines.append(f"  {key + ':':<13} {tags[key]}")
+    lines.append("data and inputs (dvc.lock md5):")
+    lines.append(f"  dvc.lock: {tags.get('dvc.lock', 'not recorded')}")
+    for key in sorted(k for k in tags if k.startswith(("dvc.dep.", "dvc.out."))):
+        lines.append(f"  {key[4:]}: {tags[key]}")
+    if run is not None and run.inputs and run.inputs.dataset_inputs:
+        lines.append("datasets (mlflow.log_input):")
+        for item in run.inputs.dataset_inputs:
+            ctx = next((t.value for t in item.tags if t.key == "mlflow.data.context"), "")
+            ds = item.dataset
+            source = json.loads(ds.source).get("uri", ds.source) if ds.source.startswith("{") else ds.source
+            lines.append(f"  {ds.name} [{ctx}] digest {ds.digest}  {source}")
+    lines.append("params:")
+    try:
+        params = json.loads(tags.get("params", "{}"))
+    except json.JSONDecodeError:
+        params = {}
+    flat = tracking.flatten(params) if params else (dict(run.data.params) if run else {})
+    lines.extend(f"  {key} = {value}" for key, value in sorted(flat.items()))
+    lines.append("metrics:")
+    gate_key = tags.get("gate.metric_key")
+    for key, value in sorted(version_metrics(client, version).items()):
+        lines.append(f"  {key} = {value:.6g}" + ("   <- gate" if key == gate_key else ""))
+    stages = [s for s in tags.get("lmforge.rebuild_stages", "").split(",") if s]
+    lines.append("rebuild:")
+    if commit in ("unknown", "uncommitted"):
+        lines.append("  (no git commit recorded: this version cannot be rebuilt from git)")
+    else:
+        lines.append(f"  git checkout {commit}")
+        lines.append("  dvc pull            # only where a DVC remote holds the cached data and models")
+        rebuilt = f" rebuilds {', '.join(stages)} and any upstream stage that is missing or stale" if stages else ""
+        lines.append(f"  dvc repro register  #{rebuilt or ' reruns every stage whose inputs differ'}")
+        lines.append(f"  # or in one line: git checkout {commit} && dvc repro register")
+        if dirty == "true":
+            lines.append("  # warning: registered from a dirty tree; the commit alone may not reproduce it")
+        fp = tags.get(FINGERPRINT)
+        if fp:
+            lines.append(f"  # a bit-identical rebuild carries fingerprint {fp} (tag {FINGERPRINT})")
+    return "\n".join(lines)

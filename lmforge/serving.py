@@ -1,0 +1,213 @@
+"""MLflow pyfunc wrappers that serve lmforge's transformers folders.
+
+    mlflow models serve -m models:/lmforge-sentiment@champion --env-manager local
+    curl -X POST 127.0.0.1:5000/invocations -H 'Content-Type: application/json' \
+         -d '{"inputs": ["A wonderful film.", "Dreadful."]}'
+    -> {"predictions": [{"label": "positive", "probability": 0.97}, ...]}
+
+`TextClassifier` answers a label and its probability per text; `TextGenerator` answers the
+generated continuation per prompt. Both load the folder logged as the artifact "model" (a plain
+`save_pretrained` folder, so the registry holds exactly what the pipeline built) and check every
+request before touching the model: no texts, a non-text entry, too many texts or a text that is
+too long raise `MlflowException(INVALID_PARAMETER_VALUE)`, which the scoring server answers with
+a 400 and the message, never a crash. The caps come from the logged `model_config`.
+
+This module is imported by the scoring process (`--env-manager local` uses the current
+environment, where lmforge is installed); torch and transformers are imported in `load_context`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+
+DEFAULT_MAX_TEXTS = 64
+DEFAULT_MAX_CHARS = 20_000
+DEFAULT_MAX_NEW_TOKENS = 64
+TEXT_COLUMN = "text"
+
+
+def invalid(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def texts_from(model_input: Any, max_texts: int, max_chars: int) -> list[str]:
+    """The list of texts in a request, or an MlflowException saying what is wrong with it.
+
+    Accepts what the scoring server hands over for {"inputs": [...]} (a dict of one column),
+    a DataFrame with a `text` column (or a single column), a Series, a list, an array or one string.
+    """
+    import numpy as np
+    import pandas as pd
+
+    data = model_input
+    if isinstance(data, dict):
+        if TEXT_COLUMN in data:
+            data = data[TEXT_COLUMN]
+        elif "inputs" in data:
+            data = data["inputs"]
+        elif len(data) == 1:
+            data = next(iter(data.values()))
+        else:
+            raise invalid(f"expected a `{TEXT_COLUMN}` field, got fields {sorted(map(str, data))}")
+    if isinstance(data, pd.DataFrame):
+        if TEXT_COLUMN in data.columns:
+            data = data[TEXT_COLUMN]
+        elif data.shape[1] == 1:
+            data = data.iloc[:, 0]
+        else:
+            raise invalid(f"expected a `{TEXT_COLUMN}` column, got columns {[str(c) for c in data.columns]}")
+    if isinstance(data, (str, np.str_)):
+        data = [data]
+    if isinstance(data, (pd.Series, np.ndarray)):
+        data = data.tolist()
+    if not isinstance(data, (list, tuple)):
+        raise invalid(f"expected a list of texts, got {type(data).__name__}")
+    if len(data) == 1 and isinstance(data[0], (list, tuple, np.ndarray)):
+        # pyfunc turns a Python {"text": [...]} into one row holding the whole list
+        data = list(data[0])
+    if not data:
+        raise invalid("the request holds no texts")
+    if len(data) > max_texts:
+        raise invalid(f"the request holds {len(data)} texts; the limit is {max_texts} a request")
+    texts = []
+    for i, text in enumerate(data):
+        if not isinstance(text, str):
+            raise invalid(f"text {i} is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise invalid(f"text {i} is empty")
+        if len(text) > max_chars:
+            raise invalid(f"text {i} has {len(text)} characters; the limit is {max_chars}")
+        texts.append(str(text))
+    return texts
+
+
+class _Base(mlflow.pyfunc.PythonModel):
+    def _caps(self, context) -> tuple[int, int]:
+        config = getattr(context, "model_config", None) or {}
+        return int(config.get("max_texts", DEFAULT_MAX_TEXTS)), int(config.get("max_chars", DEFAULT_MAX_CHARS))
+
+    def _setup(self, context) -> None:
+        import torch
+
+        self.max_texts, self.max_chars = self._caps(context)
+        self.config = dict(getattr(context, "model_config", None) or {})
+        self.folder = context.artifacts["model"]
+        self.torch = torch
+
+
+class TextClassifier(_Base):
+    """A transformers sequence classifier: text -> label and its probability."""
+
+    def load_context(self, context) -> None:
+        import inspect
+
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self._setup(context)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.folder).eval()
+        if self.tokenizer.pad_token is None and self.tokenizer.eos_token is not None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token  # decoder classifiers (Llama) ship without one
+        if getattr(self.model.config, "pad_token_id", None) is None and self.tokenizer.pad_token_id is not None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id  # they find each row's last token by it
+        labels = self.model.config.id2label or {}
+        self.labels = {int(k): str(v) for k, v in labels.items()}
+        limit = self.config.get("max_length") or getattr(self.tokenizer, "model_max_length", 512)
+        positions = getattr(self.model.config, "max_position_embeddings", None) or limit
+        self.max_length = int(min(limit, positions, 1_000_000))
+        self.batch_size = int(self.config.get("batch_size", 16))
+        forward = inspect.signature(self.model.forward).parameters.values()
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in forward)
+        self.forward_args = None if open_ended else {p.name for p in forward}
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        texts = texts_from(model_input, self.max_texts, self.max_chars)
+        labels, probabilities = [], []
+        with self.torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(texts[start : start + self.batch_size], truncation=True,
+                                       max_length=self.max_length, padding=True, return_tensors="pt")
+                inputs = {k: v for k, v in batch.items() if self.forward_args is None or k in self.forward_args}
+                probs = self.torch.softmax(self.model(**inputs).logits.float(), dim=-1)
+                best = probs.max(dim=-1)
+                for index, prob in zip(best.indices.tolist(), best.values.tolist()):
+                    labels.append(self.labels.get(index, str(index)))
+                    probabilities.append(round(float(prob), 6))
+        return pd.DataFrame({"label": labels, "probability": probabilities})
+
+
+class TextGenerator(_Base):
+    """A transformers causal LM: prompt -> generated continuation (the prompt not repeated)."""
+
+    def load_context(self, context) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._setup(context)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        self.model = AutoModelForCausalLM.from_pretrained(self.folder).eval()
+        self.max_new_tokens = int(self.config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        texts = texts_from(model_input, self.max_texts, self.max_chars)
+        params = dict(params or {})
+        new_tokens = int(params.get("max_new_tokens") or self.max_new_tokens)
+        if not 1 <= new_tokens <= self.max_new_tokens:
+            raise invalid(f"max_new_tokens must be between 1 and {self.max_new_tokens}, got {new_tokens}")
+        temperature = float(params.get("temperature") or 0.0)
+        if not 0.0 <= temperature <= 10.0:
+            raise invalid(f"temperature must be between 0 and 10, got {temperature:g}")
+        seed = params.get("seed")
+        outputs = []
+        context_len = getattr(self.model.config, "max_position_embeddings", None)
+        with self.torch.inference_mode():
+            for text in texts:  # one prompt at a time: no padding side to get wrong, caps keep it small
+                if seed is not None:
+                    self.torch.manual_seed(int(seed))
+                ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+                if context_len:
+                    ids = ids[:, -max(1, context_len - new_tokens):]
+                if ids.shape[1] == 0:
+                    raise invalid("a prompt encodes to no tokens")
+                sampling = {"do_sample": True, "temperature": temperature, "top_k": 50} if temperature > 0 else {"do_sample": False}
+                out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new_tokens,
+                                          pad_token_id=self._pad_id(), **sampling)
+                outputs.append(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        return pd.DataFrame({"generated_text": outputs})
+
+    def _pad_id(self) -> int | None:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, self.model.config.eos_token_id):
+            if isinstance(candidate, list):
+                candidate = candidate[0] if candidate else None
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+
+def classifier_signature():
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]),
+                          outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]))
+
+
+def generator_signature(max_new_tokens: int):
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    params = ParamSchema([
+        ParamSpec("max_new_tokens", "long", int(max_new_tokens)),
+        ParamSpec("temperature", "double", 0.0),
+        ParamSpec("seed", "long", 0),
+    ])
+    return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]),
+                          outputs=Schema([ColSpec("string", "generated_text")]), params=params)

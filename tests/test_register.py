@@ -1,0 +1,338 @@
+"""The register stage, `lmforge promote` and `lmforge trace` against a real MLflow SQLite store.
+
+One store per module (creating its tables takes seconds); each test files its models under its own
+names, in its own small project folder: tiny real models (tests/tiny_models.py), metrics, split
+parquet files, a dvc.lock and a git commit, as the pipeline would leave them.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import ROOT, run
+from tests.tiny_models import lm_folder, sentiment_folder
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A fresh MLflow SQLite store (tracking and registry) with its artifacts in a temp dir."""
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    patch.setenv("MLFLOW_REGISTRY_URI", uri)
+    patch.delenv("LMFORGE_EXPERIMENT", raising=False)
+    patch.delenv("LMFORGE_TRACKING", raising=False)
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment("lmforge", artifact_location=str(folder / "artifacts"))
+    yield uri
+    patch.undo()
+
+
+def make_project(root: Path, name: str, *, accuracy: float = 0.8, lock: bool = True, lr: float = 5e-5,
+                 metrics: dict | None = None) -> Path:
+    """A project folder as the pipeline leaves it before `register`; models filed under `name`-*."""
+    root.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["register"]["sentiment"]["name"] = f"{name}-sentiment"
+    params["register"]["lm"]["name"] = f"{name}-lm"
+    params["finetune"] = {**(params.get("finetune") or {}), "learning_rate": lr}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    for source, target in ((sentiment_folder(), "models/finetuned"), (lm_folder(), "models/pretrained")):
+        shutil.rmtree(root / target, ignore_errors=True)
+        shutil.copytree(source, root / target)
+    write_metrics(root, accuracy if metrics is None else metrics)
+    (root / "reports/evaluate").mkdir(parents=True, exist_ok=True)
+    (root / "reports/evaluate/metrics.json").write_text(json.dumps(
+        {"model": "models/pretrained", "val": {"loss": 3.2, "perplexity": 24.5}, "test": {"loss": 3.3, "perplexity": 27.1}}))
+    split = root / "data/split/task"
+    split.mkdir(parents=True, exist_ok=True)
+    for part, rows in (("train", 8), ("val", 2), ("test", 2)):
+        frame = pd.DataFrame({"id": range(rows), "text": [f"review {i} of {part}" for i in range(rows)],
+                              "label": [i % 2 for i in range(rows)]})
+        frame.to_parquet(split / f"{part}.parquet", index=False)
+    if lock:
+        stages = {
+            "finetune": {"cmd": "python -m tasks.finetune",
+                         "deps": [{"path": "data/split/task", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir"},
+                                  {"path": "tasks/finetune.py", "hash": "md5", "md5": "11111111111111111111111111111111"}],
+                         "outs": [{"path": "models/finetuned", "hash": "md5", "md5": "22222222222222222222222222222222.dir"},
+                                  {"path": "reports/finetune/metrics.json", "hash": "md5", "md5": "33333333333333333333333333333333"}]},
+            "pretrain": {"cmd": "python -m tasks.pretrain",
+                         "deps": [{"path": "data/tokens", "hash": "md5", "md5": "44444444444444444444444444444444.dir"}],
+                         "outs": [{"path": "models/pretrained", "hash": "md5", "md5": "55555555555555555555555555555555.dir"}]},
+        }
+        (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False))
+    if not (root / ".git").exists():
+        run(["git", "init", "-q"], root)
+        run(["git", "add", "params.yaml", "dvc.yaml"] + (["dvc.lock"] if lock else []), root)
+        run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"], root)
+    return root
+
+
+def write_metrics(root: Path, accuracy_or_payload) -> None:
+    payload = accuracy_or_payload if isinstance(accuracy_or_payload, dict) else \
+        {"test_accuracy": accuracy_or_payload, "val_accuracy": accuracy_or_payload - 0.01, "test_macro_f1": 0.7}
+    (root / "reports/finetune").mkdir(parents=True, exist_ok=True)
+    (root / "reports/finetune/metrics.json").write_text(json.dumps(payload))
+
+
+def head(root: Path) -> str:
+    return run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+
+
+def register(root: Path, monkeypatch, *only: str) -> dict:
+    from tasks import register as stage
+
+    monkeypatch.chdir(root)
+    stage.main([arg for key in only for arg in ("--only", key)])
+    return json.loads((root / "reports/register.json").read_text())
+
+
+def cli(root: Path, monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    from lmforge import cli as entry
+
+    monkeypatch.chdir(root)
+    capsys.readouterr()
+    code = entry.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# --- register -----------------------------------------------------------------------------------
+
+
+def test_register_twice_registers_once_with_lineage(store, tmp_path, monkeypatch, capsys):
+    root = make_project(tmp_path / "proj", "twice")
+    first = register(root, monkeypatch)
+    sent, lm = first["models"]["sentiment"], first["models"]["lm"]
+    assert (sent["name"], sent["version"], sent["registered"], sent["aliases"]) == ("twice-sentiment", 1, True, ["challenger"])
+    assert (lm["name"], lm["version"], lm["registered"]) == ("twice-lm", 1, True)
+    assert first["tracking_uri"] == store
+
+    second = register(root, monkeypatch)
+    assert "nothing new registered" in capsys.readouterr().out
+    for key in ("sentiment", "lm"):
+        assert second["models"][key]["registered"] is False
+        assert second["models"][key]["version"] == 1
+        assert second["models"][key]["fingerprint"] == first["models"][key]["fingerprint"]
+    mlflow_client = client(store)
+    assert len(mlflow_client.search_model_versions("name = 'twice-sentiment'")) == 1
+    assert len(mlflow_client.search_model_versions("name = 'twice-lm'")) == 1
+
+    # lineage on the version: commit, dirty flag, dvc.lock hashes, params, metrics, gate figure
+    version = mlflow_client.get_model_version_by_alias("twice-sentiment", "challenger")
+    tags = version.tags
+    assert tags["git_commit"] == head(root)
+    assert tags["git_dirty"] == "false"
+    assert tags["dvc.lock"] == "present"
+    assert tags["dvc.dep.data/split/task"] == "0123456789abcdef0123456789abcdef.dir"
+    assert tags["dvc.dep.tasks/finetune.py"] == "11111111111111111111111111111111"
+    assert tags["dvc.out.models/finetuned"] == "22222222222222222222222222222222.dir"
+    assert json.loads(tags["params"])["finetune"]["learning_rate"] == 5e-5
+    assert json.loads(tags["params"])["split.task"]["val"] == 0.1
+    assert float(tags["metric.test_accuracy"]) == pytest.approx(0.8)
+    assert (tags["gate.metric"], tags["gate.metric_key"]) == ("accuracy", "test_accuracy")
+    assert tags["lmforge.fingerprint"] == sent["fingerprint"]
+    # ... and on the run: the same tags, the params, the metrics and the datasets with digests
+    logged = mlflow_client.get_run(version.run_id)
+    assert logged.data.tags["git_commit"] == head(root)
+    assert logged.data.tags["dvc.dep.data/split/task"] == "0123456789abcdef0123456789abcdef.dir"
+    assert logged.data.params["finetune.learning_rate"] == "5e-05"
+    assert logged.data.metrics["test_accuracy"] == pytest.approx(0.8)
+    inputs = {d.dataset.name: d for d in logged.inputs.dataset_inputs}
+    assert set(inputs) == {"task-train", "task-val", "task-test"}
+    assert inputs["task-train"].dataset.digest == md5(root / "data/split/task/train.parquet")
+    assert {t.key: t.value for t in inputs["task-test"].tags}["mlflow.data.context"] == "testing"
+
+    lm_version = mlflow_client.get_model_version("twice-lm", "1")
+    assert lm_version.tags["gate.metric_key"] == "test.perplexity"
+    assert lm_version.tags["dvc.out.models/pretrained"] == "55555555555555555555555555555555.dir"
+    assert lm_version.tags["dvc.dep.data/tokens"] == "44444444444444444444444444444444.dir"
+    # no corpus split files here: the LM's data is named, meta-only, by its dvc.lock hash
+    lm_inputs = mlflow_client.get_run(lm_version.run_id).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in lm_inputs] == [("tokens", "44444444444444444444444444444444")]
+
+
+def test_registered_models_predict(store, tmp_path, monkeypatch):
+    """The registered pyfuncs load back by alias: labels for the classifier, text for the LM."""
+    import mlflow
+
+    root = make_project(tmp_path / "proj", "predict")
+    register(root, monkeypatch)
+    classifier = mlflow.pyfunc.load_model("models:/predict-sentiment@challenger")
+    answer = classifier.predict(pd.DataFrame({"text": ["A wonderful, brilliant film. I loved every minute of it.",
+                                                       "An awful, boring film. I hated every minute of it."]}))
+    assert answer["label"].tolist() == ["positive", "negative"]
+    assert all(0.5 < p <= 1.0 for p in answer["probability"])
+    lm = mlflow.pyfunc.load_model("models:/predict-lm@challenger")
+    generated = lm.predict(pd.DataFrame({"text": ["ROMEO:"]}), params={"max_new_tokens": 4})
+    assert isinstance(generated["generated_text"][0], str) and generated["generated_text"][0]
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="max_new_tokens"):
+        lm.predict(pd.DataFrame({"text": ["ROMEO:"]}), params={"max_new_tokens": 10_000})
+
+
+def test_missing_gate_metric_fails_clearly(store, tmp_path, monkeypatch, capsys):
+    root = make_project(tmp_path / "proj", "nogate", metrics={"loss": 0.4, "macro_f1": 0.7})
+    with pytest.raises(SystemExit) as stop:
+        register(root, monkeypatch, "sentiment")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "no gate metric 'accuracy'" in err and "test_accuracy" in err and "macro_f1" in err
+    assert client(store).search_model_versions("name = 'nogate-sentiment'") == []
+
+
+def test_without_dvc_lock_lineage_says_so(store, tmp_path, monkeypatch):
+    root = make_project(tmp_path / "proj", "nolock", lock=False)
+    register(root, monkeypatch, "sentiment")
+    tags = client(store).get_model_version("nolock-sentiment", "1").tags
+    assert tags["dvc.lock"].startswith("absent")
+    assert not any(key.startswith("dvc.dep.") for key in tags)
+
+
+def test_a_masked_lm_is_skipped_not_failed(store, tmp_path, monkeypatch, capsys):
+    root = make_project(tmp_path / "proj", "masked")
+    config = json.loads((root / "models/pretrained/config.json").read_text())
+    (root / "models/pretrained/config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+    report = register(root, monkeypatch, "lm")
+    assert "not a causal LM" in report["models"]["lm"]["skipped"]
+    assert "skipped" in capsys.readouterr().err
+    assert client(store).search_model_versions("name = 'masked-lm'") == []
+
+
+# --- promote and trace --------------------------------------------------------------------------
+
+
+def test_promotion_gate_both_ways_and_forced(store, tmp_path, monkeypatch, capsys):
+    # the finetune stage's layout: nested per split, with other accuracies beside (baseline, majority)
+    nested = lambda acc: {"test": {"accuracy": acc, "macro_f1": acc - 0.1}, "majority_test_accuracy": 0.5,
+                          "baseline_tfidf": {"test": {"accuracy": 0.99}}}
+    root = make_project(tmp_path / "proj", "gate", metrics=nested(0.80))
+    name = "gate-sentiment"
+    mlflow_client = client(store)
+    register(root, monkeypatch, "sentiment")
+
+    code, out, _ = cli(root, monkeypatch, capsys, "promote", name)  # no champion yet: v1 becomes it
+    assert code == 0 and "no @champion yet" in out
+    assert str(mlflow_client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert cli(root, monkeypatch, capsys, "promote", name)[0] == 0  # already champion: nothing to do
+
+    # a worse challenger (another model: other params) fails the gate; both figures are shown
+    make_project(root, "gate", metrics=nested(0.75), lr=1e-4)
+    assert register(root, monkeypatch, "sentiment")["models"]["sentiment"]["version"] == 2
+    code, out, err = cli(root, monkeypatch, capsys, "promote", name)
+    assert code == 1
+    assert "not promoted" in err and "0.75" in err and "0.8" in err and "gain -0.05" in err
+    assert str(mlflow_client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(mlflow_client.get_model_version_by_alias(name, "challenger").version) == "2"
+
+    # --force needs a reason; with one it moves champion and records who and why
+    with pytest.raises(SystemExit) as stop:
+        cli(root, monkeypatch, capsys, "promote", name, "--force")
+    assert stop.value.code == 2
+    code, out, _ = cli(root, monkeypatch, capsys, "promote", name, "--force", "--reason", "rollback drill")
+    assert code == 0 and "forced" in out
+    forced = mlflow_client.get_model_version_by_alias(name, "champion")
+    assert str(forced.version) == "2"
+    assert forced.tags["forced"] == "true"
+    assert forced.tags["force_reason"] == "rollback drill"
+    assert forced.tags["forced_by"] == getpass.getuser()
+    assert forced.tags["promoted_over"] == "1"
+
+    # a better challenger passes the gate
+    make_project(root, "gate", metrics=nested(0.90), lr=2e-4)
+    register(root, monkeypatch, "sentiment")
+    code, out, _ = cli(root, monkeypatch, capsys, "promote", name)
+    assert code == 0 and "gate passes" in out and "0.9" in out and "0.75" in out
+    champion = mlflow_client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == "3" and "forced" not in champion.tags
+    assert all(not v.current_stage or v.current_stage == "None" for v in mlflow_client.search_model_versions(f"name = '{name}'"))
+
+    # an unknown name is a user error
+    assert cli(root, monkeypatch, capsys, "promote", "no-such-model")[0] == 2
+
+
+def test_min_gain_and_min_direction(store, tmp_path, monkeypatch, capsys):
+    """The gate's direction and minimum gain, on the LM (lower perplexity is better)."""
+    root = make_project(tmp_path / "proj", "lmgate")
+    name = "lmgate-lm"
+    register(root, monkeypatch, "lm")
+    assert cli(root, monkeypatch, capsys, "promote", name)[0] == 0
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["register"]["lm"]["gate"]["min_gain"] = 5.0
+    params["pretrain"] = {**(params.get("pretrain") or {}), "lr": 0.001}  # another model: a new version
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "reports/evaluate/metrics.json").write_text(json.dumps({"test": {"perplexity": 25.0}}))
+    register(root, monkeypatch, "lm")
+    code, _, err = cli(root, monkeypatch, capsys, "promote", name)  # 27.1 -> 25.0: better, but by < 5
+    assert code == 1 and "minimum gain 5" in err and "+2.1" in err
+
+
+def test_trace_prints_commit_data_params_metrics_and_rebuild(store, tmp_path, monkeypatch, capsys):
+    root = make_project(tmp_path / "proj", "trace")
+    register(root, monkeypatch, "sentiment")
+    assert cli(root, monkeypatch, capsys, "promote", "trace-sentiment")[0] == 0
+    code, out, _ = cli(root, monkeypatch, capsys, "trace", "models:/trace-sentiment@champion")
+    assert code == 0
+    commit = head(root)
+    assert f"commit:       {commit}" in out
+    assert "data/split/task: 0123456789abcdef0123456789abcdef.dir" in out
+    assert f"task-train [training] digest {md5(root / 'data/split/task/train.parquet')}" in out
+    assert "finetune.learning_rate = 5e-05" in out
+    assert "test_accuracy = 0.8   <- gate" in out
+    assert f"git checkout {commit} && dvc repro register" in out
+    assert cli(root, monkeypatch, capsys, "trace", "models:/trace-sentiment@nobody")[0] == 2
+    assert cli(root, monkeypatch, capsys, "trace", "not-a-uri")[0] == 2
+
+
+def test_register_params_are_validated():
+    from lmforge.config import ConfigError, validate_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["register"]["sentiment"]["gate"]["direction"] = "up"
+    with pytest.raises(ConfigError, match="register.sentiment.gate.direction"):
+        validate_params(raw)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["register"]["sentiment"]["gate"]["min_gian"] = 0.1
+    with pytest.raises(ConfigError, match="register.sentiment.gate.min_gian"):
+        validate_params(raw)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["register"]["lm"]["name"] = raw["register"]["sentiment"]["name"]
+    with pytest.raises(ConfigError, match="own name"):
+        validate_params(raw)
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_register_stage(store, dvc_repo, monkeypatch):
+    """dvc.yaml's register stage runs through `dvc repro`, writes its report, and is cached after."""
+    make_project(dvc_repo, "dvc")  # models, metrics and splits as the training stages leave them
+    (dvc_repo / "dvc.lock").unlink()
+    first = run(["dvc", "repro", "--single-item", "register"], dvc_repo)
+    assert "Running stage 'register'" in first.stdout
+    report = json.loads((dvc_repo / "reports/register.json").read_text())
+    assert {m["name"]: m["version"] for m in report["models"].values()} == {"dvc-sentiment": 1, "dvc-lm": 1}
+    assert "register" in yaml.safe_load((dvc_repo / "dvc.lock").read_text())["stages"]
+    second = run(["dvc", "repro", "--single-item", "register"], dvc_repo)
+    assert "Running stage 'register'" not in second.stdout

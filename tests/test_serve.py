@@ -1,0 +1,155 @@
+"""Serving: request checks of the pyfuncs, and a real `mlflow models serve` of the champion on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import BIN
+from tests.tiny_models import NEGATIVE, POSITIVE
+
+# --- request checks (no server) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_input, message", [
+    ([], "no texts"),
+    (["fine", 3], "text 1 is a int"),
+    (["fine", "  "], "text 1 is empty"),
+    (["x"] * 5, "5 texts; the limit is 4"),
+    (["y" * 101], "101 characters; the limit is 100"),
+    (pd.DataFrame({"a": ["x"], "b": ["y"]}), "expected a `text` column"),
+    (42, "expected a list of texts"),
+])
+def test_bad_requests_raise_invalid_parameter_value(request_input, message):
+    from mlflow.exceptions import MlflowException
+
+    from lmforge.serving import texts_from
+
+    with pytest.raises(MlflowException, match=message) as err:
+        texts_from(request_input, max_texts=4, max_chars=100)
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert err.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize("request_input", [
+    {"text": ["a", "b"]},
+    pd.DataFrame({"text": ["a", "b"]}),
+    pd.DataFrame({"review": ["a", "b"]}),
+    ["a", "b"],
+    pd.DataFrame({"text": [["a", "b"]]}),  # what pyfunc makes of a Python {"text": [...]}
+])
+def test_request_shapes_accepted(request_input):
+    from lmforge.serving import texts_from
+
+    assert texts_from(request_input, max_texts=4, max_chars=100) == ["a", "b"]
+
+
+# --- a real server ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.fixture
+def champion(tmp_path: Path, monkeypatch) -> str:
+    """A registry in a temp dir whose lmforge-sentiment@champion is the tiny classifier."""
+    import mlflow
+
+    from lmforge import registry
+    from lmforge.config import load_params
+    from tests.test_register import make_project
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment("lmforge", artifact_location=str(tmp_path / "artifacts"))
+    root = make_project(tmp_path / "proj", "served")
+    params = load_params(root / "params.yaml")
+    params = params.model_copy(update={"register_": params.register_.model_copy(update={
+        "sentiment": params.register_.sentiment.model_copy(update={"name": "lmforge-sentiment"}),
+        "serving": params.register_.serving.model_copy(update={"max_texts": 8, "max_chars": 2000})})})
+    with registry.using(uri) as client:
+        registry.register_model(registry.SPECS["sentiment"], params, root, log=lambda _: None)
+        decision = registry.promote("lmforge-sentiment", params.register_.sentiment.gate, client=client)
+    assert decision.promoted
+    return uri
+
+
+def test_served_champion_labels_reviews_and_rejects_bad_requests(champion, tmp_path):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/lmforge-sentiment@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"the server exited ({server.returncode}):\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no /ping after 90 s:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+
+        status, body = post(f"{base}/invocations", json.dumps({"inputs": [POSITIVE, NEGATIVE]}).encode())
+        assert status == 200, body
+        labels = [p["label"] for p in body["predictions"]]
+        assert labels == ["positive", "negative"]
+        assert all(0.5 < p["probability"] <= 1.0 for p in body["predictions"])
+
+        status, body = post(f"{base}/invocations", json.dumps({"dataframe_records": [{"text": POSITIVE}]}).encode())
+        assert status == 200 and body["predictions"][0]["label"] == "positive"
+
+        for bad, expected in (
+            (b"not json", "JSON"),
+            (json.dumps({"texts": ["a"]}).encode(), "input fields"),
+            (json.dumps({"inputs": []}).encode(), "no texts"),
+            (json.dumps({"inputs": ["fine"] * 9}).encode(), "the limit is 8"),
+            (json.dumps({"inputs": ["long " * 500]}).encode(), "the limit is 2000"),
+        ):
+            status, body = post(f"{base}/invocations", bad)
+            assert 400 <= status < 500, (bad[:60], status, body)
+            assert expected in body.get("message", ""), (bad[:60], body)
+        # still serving after the bad requests
+        assert post(f"{base}/invocations", json.dumps({"inputs": [NEGATIVE]}).encode())[1]["predictions"][0]["label"] == "negative"
+    finally:
+        # the server runs uvicorn as a child: end the whole process group this test started
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(server.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            server.wait(timeout=5)
+        log.close()

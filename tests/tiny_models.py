@@ -1,0 +1,113 @@
+"""Tiny but real transformers models for the registry and serving tests (built once a process).
+
+`sentiment_folder()`: a 2-layer, 32-wide BERT classifier with a WordPiece tokenizer trained on the
+fly, fitted on clearly positive and clearly negative reviews until it labels them right.
+`lm_folder()`: a 2-layer, 32-wide Llama causal LM with a byte-level BPE tokenizer (untrained).
+Both are plain `save_pretrained` folders, like the pipeline's models/finetuned and models/pretrained.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+GOOD = ["wonderful", "brilliant", "superb", "delightful", "moving", "great", "excellent", "lovely"]
+BAD = ["awful", "boring", "dreadful", "tedious", "terrible", "bad", "horrible", "dull"]
+POSITIVE = "A wonderful, brilliant film. I loved every minute of it."
+NEGATIVE = "An awful, boring film. I hated every minute of it."
+
+
+def reviews() -> tuple[list[str], list[int]]:
+    texts, labels = [], []
+    for i in range(len(GOOD)):
+        for j in range(len(GOOD)):
+            texts.append(f"a {GOOD[i]} and {GOOD[j]} film, i loved it")
+            labels.append(1)
+            texts.append(f"an {BAD[i]} and {BAD[j]} film, i hated it")
+            labels.append(0)
+    return texts, labels
+
+
+@functools.lru_cache(maxsize=None)
+def _root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="lmforge-tiny-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+def _fast_tokenizer(tokenizer, **special):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+
+
+@functools.lru_cache(maxsize=None)
+def sentiment_folder() -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification
+
+    texts, labels = reviews()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts + [POSITIVE, NEGATIVE],
+                            trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tokenizer = _fast_tokenizer(tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                                mask_token="[MASK]", model_max_length=64)
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+                        pad_token_id=tok.token_to_id("[PAD]"))
+    model = BertForSequenceClassification(config)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    target = torch.tensor(labels)
+    model.train()
+    for _ in range(40):
+        loss = model(**batch, labels=target).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        check = tokenizer([POSITIVE, NEGATIVE], padding=True, return_tensors="pt")
+        assert model(**check).logits.argmax(-1).tolist() == [1, 0], "the tiny classifier did not learn"
+    folder = _root() / "finetuned"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@functools.lru_cache(maxsize=None)
+def lm_folder() -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    lines = ["ROMEO: But soft, what light through yonder window breaks?", "JULIET: O Romeo, Romeo, wherefore art thou Romeo?"]
+    tok.train_from_iterator(lines * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = _fast_tokenizer(tok, eos_token="<eos>", pad_token="<eos>", model_max_length=64)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         eos_token_id=tok.token_to_id("<eos>"), pad_token_id=tok.token_to_id("<eos>"),
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    folder = _root() / "pretrained"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
