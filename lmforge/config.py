@@ -203,15 +203,153 @@ class EvaluateParams(Section):
 
 
 class TuneParams(Section):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    """An Optuna study over finetune's knobs (lmforge/tuning.py)."""
+
+    class Dimension(Section):
+        """One searched knob: float / int in [low, high] (log scale or step), or categorical."""
+
+        type: Literal["float", "int", "categorical"]
+        low: float | None = None
+        high: float | None = None
+        log: bool = False
+        step: float | None = Field(None, gt=0)
+        choices: list[bool | int | float | str] | None = None
+
+        @model_validator(mode="after")
+        def _sampleable(self) -> TuneParams.Dimension:
+            if self.type == "categorical":
+                if not self.choices:
+                    raise ValueError("a categorical dimension needs a non-empty `choices` list")
+                if self.low is not None or self.high is not None or self.step is not None or self.log:
+                    raise ValueError("a categorical dimension takes only `choices`")
+                return self
+            if self.choices is not None:
+                raise ValueError(f"a {self.type} dimension takes low/high, not choices")
+            if self.low is None or self.high is None:
+                raise ValueError(f"a {self.type} dimension needs both `low` and `high`")
+            if self.low > self.high:
+                raise ValueError(f"low ({self.low:g}) exceeds high ({self.high:g})")
+            if self.log and self.low <= 0:
+                raise ValueError(f"a log-scale dimension needs low > 0, got {self.low:g}")
+            if self.log and self.step is not None:
+                raise ValueError("`log` and `step` cannot be combined")
+            if self.type == "int":
+                for name in ("low", "high", "step"):
+                    value = getattr(self, name)
+                    if value is not None and value != int(value):
+                        raise ValueError(f"an int dimension needs an integer {name}, got {value:g}")
+            return self
+
+        def candidates(self) -> list:
+            """The values that bound this dimension (checked against finetune's schema)."""
+            if self.type == "categorical":
+                return list(self.choices or [])
+            cast = int if self.type == "int" else float
+            return [cast(self.low), cast(self.high)]
+
+    study_name: str = Field("finetune", min_length=1)
+    storage: str | None = None
+    n_trials: int = Field(2, ge=1, le=100_000)
+    timeout: float | None = Field(None, gt=0)
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    startup_trials: int = Field(10, ge=0)
+    pruner: Literal["median", "hyperband", "threshold", "none"] = "median"
+    pruner_startup_trials: int = Field(1, ge=0)
+    pruner_warmup_epochs: int = Field(0, ge=0)
+    pruner_threshold: float = Field(0.0, ge=0.0, le=1.0)
+    heartbeat_interval: int | None = Field(60, ge=1)
+    max_train_rows: int | None = Field(400, ge=2)
+    max_val_rows: int | None = Field(200, ge=2)
+    space: dict[str, Dimension] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _space_fits_finetune(self) -> TuneParams:
+        # Every searched key must be a finetune knob, and every bound a value finetune accepts,
+        # so a study never starts on a space whose trials would all fail.
+        fields = FinetuneParams.model_fields
+        for key, dim in self.space.items():
+            head, _, rest = key.partition(".")
+            if head not in fields or (rest and head != "lora"):
+                raise ValueError(f"space.{key}: not a finetune knob")
+            if rest and rest not in FinetuneParams.Lora.model_fields:
+                raise ValueError(f"space.{key}: not a finetune.lora knob")
+            for value in dim.candidates():
+                override = {head: {rest: value}} if rest else {head: value}
+                try:
+                    FinetuneParams.model_validate(override)
+                except ValidationError as err:
+                    reason = "; ".join(e["msg"] for e in err.errors())
+                    raise ValueError(f"space.{key}: {value!r} is not a valid finetune.{key}: {reason}") from None
+        return self
 
 
 class FinetuneParams(Section):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    """Sequence-classification fine-tuning (lmforge/finetuning.py); the tune stage searches it."""
+
+    class Lora(Section):
+        r: int = Field(8, ge=1, le=4096)
+        alpha: float = Field(16.0, gt=0)
+        dropout: Fraction = 0.1
+        target_modules: list[str] | None = Field(None, min_length=1)
+
+    base_model: str = Field("minilm", min_length=1)
+    method: Literal["full", "lora"] = "full"
+    lora: Lora = Lora()
+    max_length: int = Field(128, ge=8, le=32_768)
+    truncation: Literal["head", "tail", "head_tail"] = "head"
+    epochs: int = Field(1, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1, le=65_536)
+    eval_batch_size: int = Field(64, ge=1, le=65_536)
+    learning_rate: float = Field(5e-5, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    warmup_ratio: Fraction = 0.1
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    group_by_length: bool = True
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    early_stopping_patience: int = Field(2, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    max_train_rows: int | None = Field(None, ge=2)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool | Literal["auto"] = "auto"
+    use_tuned: bool = True
+    baseline_c: float = Field(4.0, gt=0.0)
 
 
 class RegisterParams(Section):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    """lmforge/registry.py: log and register the models in MLflow, gate promotion (aliases only)."""
+
+    class Gate(Section):
+        """`lmforge promote` moves `champion` to the challenger only when this passes."""
+
+        metric: str = Field(min_length=1)
+        direction: Literal["max", "min"] = "max"
+        min_gain: float = Field(0.0, ge=0.0)
+
+    class Model(Section):
+        name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=200)
+        gate: RegisterParams.Gate
+
+    class Serving(Section):
+        """Request caps of the served models: a request over them is answered 400."""
+
+        max_texts: int = Field(64, ge=1, le=10_000)
+        max_chars: int = Field(20_000, ge=1, le=10_000_000)
+        max_new_tokens: int = Field(64, ge=1, le=4096)
+
+    tracking_uri: str | None = Field(None, min_length=1)
+    sentiment: Model = Field(default_factory=lambda: RegisterParams.Model(
+        name="lmforge-sentiment", gate={"metric": "accuracy", "direction": "max"}))
+    lm: Model = Field(default_factory=lambda: RegisterParams.Model(
+        name="lmforge-lm", gate={"metric": "perplexity", "direction": "min"}))
+    serving: Serving = Field(default_factory=lambda: RegisterParams.Serving())
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> RegisterParams:
+        if self.sentiment.name == self.lm.name:
+            raise ValueError(f"sentiment.name and lm.name are both {self.lm.name!r}: give each model its own name")
+        return self
 
 
 class Params(Section):
