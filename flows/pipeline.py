@@ -161,18 +161,44 @@ def run_stage(root: Path, addr: str) -> dict:
         raise StageFailed(message)
     logger.info("%s", output)
     seconds = round(time.perf_counter() - start, 2)
-    publish_stage_artifacts(root, addr)
+    publish_stage_artifacts(root, addr, started_at=time.time() - seconds)
     return {"stage": addr, "status": "ran", "seconds": seconds}
 
 
-def publish_stage_artifacts(root: Path, addr: str) -> None:
+def publish_stage_artifacts(root: Path, addr: str, started_at: float) -> None:
     metrics = stage_metrics(root, addr)
     if metrics:
         rows = [{"metric": k, "value": v} for k, v in metrics.items()]
         create_table_artifact(rows, key=_artifact_key(addr), description=f"Metrics of stage {addr}")
-    run_link = next((v for k, v in metrics.items() if k.endswith("mlflow_run_url") and isinstance(v, str)), None)
+    run_link = mlflow_run_url(root, addr.split("@")[0], started_at)
     if run_link:
         create_link_artifact(run_link, link_text=f"MLflow run of {addr}", key=_artifact_key(addr) + "-mlflow")
+
+
+def mlflow_run_url(root: Path, stage: str, started_at: float) -> str | None:
+    """The MLflow UI address of the run this stage just logged (runs carry the tag stage=<name>).
+
+    With a local SQLite store the link points at `make ui`'s MLflow server on 127.0.0.1:5000."""
+    from lmforge import tracking
+
+    uri = tracking.tracking_uri(root)
+    if not tracking.enabled() or (uri.startswith("sqlite:") and not (root / "mlflow.db").exists()):
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(os.environ.get("LMFORGE_EXPERIMENT", tracking.EXPERIMENT))
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.stage = '{stage}' and attributes.start_time >= {int(started_at * 1000)}",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not runs:
+        return None
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}"
 
 
 def _artifact_key(addr: str) -> str:

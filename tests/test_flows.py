@@ -81,6 +81,31 @@ def test_transient_failure_is_retried(dvc_repo):
     assert task_runs(state.state_details.flow_run_id)["flaky"] == 2
 
 
+TRACKED_SCRIPT = """
+import json
+from pathlib import Path
+from lmforge import tracking
+with tracking.stage_run("tracked", {"knob": 1}) as run:
+    run.log_metrics({"score": 0.5})
+Path("tracked.json").write_text(json.dumps({"score": 0.5}))
+"""
+
+
+@pytest.mark.slow
+def test_stage_artifacts_hold_metrics_and_the_mlflow_run_link(dvc_repo):
+    (dvc_repo / "tracked.py").write_text(TRACKED_SCRIPT)
+    stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())
+    stages["stages"]["tracked"] = {"cmd": "python tracked.py", "deps": ["tracked.py"],
+                                   "metrics": [{"tracked.json": {"cache": False}}]}
+    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    pipeline(targets=["tracked"], root=str(dvc_repo))
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts()}
+    assert "0.5" in str(artifacts["tracked"].data)
+    link = artifacts["tracked-mlflow"].data
+    assert "(http://127.0.0.1:5000/#/experiments/" in link and "/runs/" in link
+
+
 @pytest.mark.slow
 def test_user_error_fails_once_and_stops_downstream(dvc_repo, sources):
     write_params(dvc_repo, sources, **{"split.corpus.mode": "contiguous", "split.corpus.max_rows": 5})
