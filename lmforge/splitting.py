@@ -71,8 +71,8 @@ def _split_contiguous(frame: pd.DataFrame, params: SplitParams) -> dict[str, pd.
     train_end = _line_boundary(text, round(len(text) * (1 - params.val - params.test)))
     val_end = _line_boundary(text, round(len(text) * (1 - params.test)))
     pieces = {"train": text[:train_end], "val": text[train_end:val_end], "test": text[val_end:]}
-    return {s: pd.DataFrame({"id": [f"{s}-0"], "text": [t]}) if t else pd.DataFrame({"id": [], "text": []})
-            for s, t in pieces.items()}
+    empty = {"id": pd.Series([], dtype=str), "text": pd.Series([], dtype=str)}
+    return {s: pd.DataFrame({"id": [f"{s}-0"], "text": [t]}) if t else pd.DataFrame(empty) for s, t in pieces.items()}
 
 
 def _line_boundary(text: str, position: int) -> int:

@@ -63,3 +63,9 @@ def test_stage_stops_before_work_on_a_bad_config(tmp_path: Path):
 def test_missing_params_file_is_explained(tmp_path: Path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_the_documented_gpu_config_validates():
+    params = load_params(ROOT / "configs/gpu.yaml")
+    assert params.tokenize.kind == "char" and params.split["corpus"].mode == "contiguous"
+    assert params.pretrain.compile and params.finetune.max_length == 512

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from lmforge.config import SplitParams
-from lmforge.splitting import SplitError, split_frame
+from lmforge.splitting import SplitError, split_frame, split_report
 
 
 def labelled(n_pos: int, n_neg: int) -> pd.DataFrame:
@@ -43,6 +43,7 @@ def test_contiguous_split_cuts_one_text_on_line_boundaries():
     assert train.endswith("\n") and val.startswith("line ")
     assert abs(len(val) / len(text) - 0.1) < 0.01
     assert splits["test"].empty
+    assert split_report(splits)["test"] == {"rows": 0, "chars": 0}
 
 
 def test_impossible_splits_are_refused():
