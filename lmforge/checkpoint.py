@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from lmforge.atomic import replace_dir
+
 LATEST = "latest"
 BEST = "best"
 FORMAT = 1
@@ -93,14 +95,7 @@ def _finish_folder(tmp: Path, final: Path, state: dict) -> None:
     for p in tmp.iterdir():
         _fsync_file(p)
     _fsync_dir(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    replace_dir(tmp, final)
     _fsync_dir(final.parent)
 
 

@@ -14,10 +14,7 @@ import argparse
 import csv
 import json
 import sys
-import time
 from pathlib import Path
-
-STARTED = time.perf_counter()
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -134,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"[evaluate] {split}: loss {m['loss']:.3f}, ppl {m['perplexity']:.1f}, {m['bits_per_byte']:.3f} "
                   f"bits/byte (unigram {m['unigram_bits_per_byte']:.3f})", flush=True)
-    print(f"[evaluate] done in {time.perf_counter() - STARTED:.1f}s", flush=True)
     return 0
 
 
