@@ -85,6 +85,10 @@ def samples_section(reports: Path) -> list[str]:
     if not samples.exists():
         return []
     body = samples.read_text().strip().splitlines()
+    if body and body[0].startswith("# "):
+        body = body[1:]  # the file's own title; this page titles the section
+    while body and not body[0].strip():
+        body = body[1:]
     # Demote the file's own headings below this page's.
     return ["## Samples", ""] + [("#" + line if line.startswith("#") else line) for line in body] + [""]
 
