@@ -295,7 +295,7 @@ def pipeline(
     else:
         results = _run_graph(root_path, upstream, retries, per_stage)
     _publish_summary(results)
-    summarize(root_path)
+    summarize(root_path, rebuild=any(r["status"] == "ran" for r in results))
     return results
 
 
@@ -321,15 +321,17 @@ def _publish_summary(results: list[dict]) -> None:
 
 
 @task(task_run_name="summarize")
-def summarize(root: Path) -> None:
-    """Rebuild reports/summary.md (tasks/summarize.py) and show it as this run's artifact."""
-    result = subprocess.run([sys.executable, "-m", "tasks.summarize"], cwd=root, capture_output=True,
-                            text=True, env=stage_env())
+def summarize(root: Path, rebuild: bool) -> None:
+    """Show reports/summary.md as this run's artifact, rebuilt (tasks/summarize.py) when a stage ran."""
     summary = root / "reports" / "summary.md"
-    if result.returncode != 0 or not summary.exists():
-        get_run_logger().warning("no summary: %s", (result.stderr or result.stdout).strip()[-2000:])
-        return
-    create_markdown_artifact(summary.read_text(), key="lmforge-summary", description="reports/summary.md")
+    if rebuild or not summary.exists():
+        result = subprocess.run([sys.executable, "-m", "tasks.summarize"], cwd=root, capture_output=True,
+                                text=True, env=stage_env())
+        if result.returncode != 0:
+            get_run_logger().warning("no summary: %s", (result.stderr or result.stdout).strip()[-2000:])
+            return
+    if summary.exists():
+        create_markdown_artifact(summary.read_text(), key="lmforge-summary", description="reports/summary.md")
 
 
 def main(argv: list[str] | None = None) -> None:
