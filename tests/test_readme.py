@@ -1,0 +1,41 @@
+"""The README's quick start, run as a new user would: a clone, then `make run` on the default.
+
+`make test` is not run again from here (it is what runs this test); its line is checked only.
+The clone borrows this checkout's .venv (make's -o flag keeps the install step from running), so
+the test measures the pipeline, not pip.
+"""
+
+import re
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, run
+
+
+def quick_start_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    first_block = re.search(r"```(?:bash)?\n(.*?)```", readme, re.DOTALL).group(1)
+    return [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
+
+
+def test_readme_opens_with_the_two_commands():
+    assert quick_start_commands() == ["make run", "make test"]
+    assert "make test" in (ROOT / ".ci/run").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_make_run_from_a_clone_builds_registers_and_summarises(tmp_path):
+    clone = tmp_path / "clone"
+    run(["git", "clone", "--quiet", str(ROOT), str(clone)], tmp_path)
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    assert quick_start_commands()[0] == "make run"
+    result = subprocess.run(["make", "-o", ".venv/.installed", "run"], cwd=clone, capture_output=True, text=True)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    for stage in ("ingest@corpus", "clean@task", "tokenize", "pretrain", "evaluate", "tune", "finetune", "register"):
+        assert f"[{stage}] done in" in log, f"no time printed for {stage}"
+    summary = (clone / "reports/summary.md").read_text()
+    assert "## Registry" in summary and "@champion = v1" in summary
+    assert "_has not run yet._" not in summary
