@@ -384,7 +384,8 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
             mark, mark_step = now, done
             lr = scheduler.get_last_lr()[0]
             history["train"].append({"step": done, "train_loss": last_train})
-            postfix = {"loss": f"{last_train:.3f}", "val": f"{last_val:.3f}", "tok/s": f"{tok_s:,.0f}"}
+            shown_val = "-" if math.isnan(last_val) else f"{last_val:.3f}"  # no evaluation yet
+            postfix = {"loss": f"{last_train:.3f}", "val": shown_val, "tok/s": f"{tok_s:,.0f}"}
             if mfu is not None:
                 postfix["mfu"] = f"{100 * mfu:.1f}%"
             bar.set_postfix(postfix, refresh=False)
