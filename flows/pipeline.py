@@ -257,7 +257,11 @@ class ExperimentWorkspace:
         command = [dvc_executable(), "exp", "save", "--json", "--include-untracked", "dvc.lock", *stages]
         result = subprocess.run(command, cwd=self.root, capture_output=True, text=True, env=stage_env())
         if result.returncode != 0:
-            raise StageFailed(f"dvc exp save failed: {result.stderr.strip() or result.stdout.strip()}")
+            detail = result.stderr.strip() or result.stdout.strip()
+            if "user name and email" in detail:  # retrying cannot help: the user must configure git
+                raise UserError(f"dvc exp save needs a git identity: run `git config user.name ...` and "
+                                f"`git config user.email ...` in {self.root}\n{detail}")
+            raise StageFailed(f"dvc exp save failed: {detail}")
         try:
             return json.loads(result.stdout).get("ref", "saved").rsplit("/", 1)[-1]
         except (json.JSONDecodeError, AttributeError):

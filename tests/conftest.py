@@ -23,6 +23,10 @@ OFFLINE = {
     "OMP_NUM_THREADS": "1",  # a busy second core makes 2-thread tiny steps 10-20x slower
     "TOKENIZERS_PARALLELISM": "false",
 }
+# Temp repos commit (dvc exp save does too): give git an identity on machines without one.
+for _who in ("AUTHOR", "COMMITTER"):
+    OFFLINE.setdefault(f"GIT_{_who}_NAME", os.environ.get(f"GIT_{_who}_NAME", "lmforge tests"))
+    OFFLINE.setdefault(f"GIT_{_who}_EMAIL", os.environ.get(f"GIT_{_who}_EMAIL", "tests@lmforge.invalid"))
 os.environ.update(OFFLINE)
 
 ROOT = Path(__file__).resolve().parents[1]
