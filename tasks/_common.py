@@ -7,7 +7,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NoReturn
 
 from lmforge.atomic import write_json
 from lmforge.config import ConfigError, Params, load_params
@@ -48,3 +48,19 @@ def timed(stage: str) -> Iterator[None]:
     seconds = time.perf_counter() - start
     print(f"[{stage}] done in {seconds:.1f}s", file=sys.stderr)
     write_json(TIMINGS / f"{stage}.json", {"stage": stage, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def run_main(stage: str, main: Callable[[], object], user_errors: tuple[str, ...] = ()) -> NoReturn:
+    """Run a stage's main under `timed` and exit with its code. A ConfigError, or an exception whose
+    class name is in `user_errors` (named, so the stage imports its heavy modules only when run),
+    is a user error: its message alone on stderr and exit code 2, which orchestrators never retry."""
+    try:
+        with timed(stage):
+            code = main()
+    except ConfigError as err:
+        fail(str(err))
+    except Exception as err:
+        if type(err).__name__ not in user_errors:
+            raise
+        fail(f"{type(err).__name__}: {err}")
+    raise SystemExit(code or 0)

@@ -135,19 +135,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lmforge.config import ConfigError
+    from tasks._common import run_main
 
-    from tasks._common import timed
-
-    try:
-        with timed("evaluate"):
-            code = main()
-        sys.exit(code)
-    except ConfigError as err:
-        print(f"[evaluate] {err}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as err:  # a user error (no model, bad data) gets its message on top
-        if type(err).__name__ in {"DataError", "ModelConfigError"}:
-            print(f"[evaluate] {type(err).__name__}: {err}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    run_main("evaluate", main, ("DataError", "ModelConfigError"))

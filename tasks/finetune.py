@@ -121,15 +121,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
-    from lmforge.config import ConfigError
-    from lmforge.finetuning import FinetuneError
-    from lmforge.pretrained import BaseModelError
-
-    try:
-        metrics = run(args)
-    except (ConfigError, FinetuneError, BaseModelError) as err:  # user errors: one clear message, no retry
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    metrics = run(args)
     test, base = metrics["test"], metrics["baseline_tfidf"]["test"]
     print(f"[finetune] test accuracy {test['accuracy']:.4f} macro F1 {test['macro_f1']:.4f} "
           f"(TF-IDF baseline {base['accuracy']:.4f} / {base['macro_f1']:.4f}, "
@@ -140,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from tasks._common import timed
+    from tasks._common import run_main
 
-    with timed("finetune"):
-        main()
+    # FinetuneError, BaseModelError: bad data or base model, one clear message, no retry.
+    run_main("finetune", main, ("FinetuneError", "BaseModelError"))

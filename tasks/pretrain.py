@@ -21,7 +21,7 @@ from pathlib import Path
 
 STARTED = time.perf_counter()
 # lmforge.batches.DataError, lmforge.checkpoint.CheckpointError, lmforge.model.ModelConfigError
-USER_ERRORS = {"DataError", "CheckpointError", "ModelConfigError"}
+USER_ERRORS = ("DataError", "CheckpointError", "ModelConfigError")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -167,19 +167,6 @@ class _no_run:
 
 
 if __name__ == "__main__":
-    from lmforge.config import ConfigError
+    from tasks._common import run_main
 
-    from tasks._common import timed
-
-    try:
-        with timed("pretrain"):
-            code = main()
-        sys.exit(code)
-    except ConfigError as err:
-        print(f"[pretrain] {err}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as err:  # a user error (bad data, model, checkpoint) gets its message on top
-        if type(err).__name__ in USER_ERRORS:
-            print(f"[pretrain] {type(err).__name__}: {err}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    run_main("pretrain", main, USER_ERRORS)

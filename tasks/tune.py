@@ -88,22 +88,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
-    from lmforge.config import ConfigError
-    from lmforge.finetuning import FinetuneError
-    from lmforge.pretrained import BaseModelError
-
-    try:
-        summary = run(args)
-    except (ConfigError, FinetuneError, BaseModelError) as err:  # user errors: one clear message, no retry
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    summary = run(args)
     print(f"[tune] best trial {summary['best_trial']}: val {summary['metric']} {summary['best_value']:.4f} "
           f"with {summary['params']}; trials {summary['trials']}; done in {time.perf_counter() - STARTED:.1f}s",
           file=sys.stderr)
 
 
 if __name__ == "__main__":
-    from tasks._common import timed
+    from tasks._common import run_main
 
-    with timed("tune"):
-        main()
+    # FinetuneError, BaseModelError: bad data or base model, one clear message, no retry.
+    run_main("tune", main, ("FinetuneError", "BaseModelError"))
