@@ -19,7 +19,6 @@ Imports only torch and safetensors.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from lmforge.atomic import replace_dir
+from lmforge.sources import sha256_of
 
 LATEST = "latest"
 BEST = "best"
@@ -38,14 +38,6 @@ FORMAT = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint is corrupt or belongs to another run: delete it or point elsewhere."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -90,7 +82,7 @@ def _unwrap(model):
 
 
 def _finish_folder(tmp: Path, final: Path, state: dict) -> None:
-    state["files"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    state["files"] = {p.name: sha256_of(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     for p in tmp.iterdir():
         _fsync_file(p)
@@ -174,7 +166,7 @@ def read_state(folder: Path | str, *, verify: bool = True) -> dict:
             file = folder / name
             if not file.exists():
                 raise CheckpointError(f"checkpoint {folder} is corrupt: {name} is missing")
-            if _sha256(file) != digest:
+            if sha256_of(file) != digest:
                 raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its sha256")
     return state
 

