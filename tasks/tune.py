@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-
-STARTED = time.perf_counter()
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
     summary = run(args)
     print(f"[tune] best trial {summary['best_trial']}: val {summary['metric']} {summary['best_value']:.4f} "
-          f"with {summary['params']}; trials {summary['trials']}; done in {time.perf_counter() - STARTED:.1f}s",
+          f"with {summary['params']}; trials {summary['trials']}",
           file=sys.stderr)
 
 
