@@ -8,7 +8,7 @@ One run's folder (models/checkpoints/<run key>/) holds
     state.json          step, data position, best val loss, loss history, run fingerprint,
                         world size and the sha256 of every file above
   latest                the name of the last complete checkpoint folder
-  best/                 model.safetensors + state.json of the best validation loss so far
+  best/                 model.safetensors + state.json of the best validation loss up to `latest`
 A checkpoint folder is filled under a temporary name and renamed when complete, then `latest` is
 replaced in one rename, so a kill at any moment leaves the previous checkpoint intact. A file that
 is missing, truncated or altered fails its sha256 and raises CheckpointError: a run never restarts
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from lmforge.atomic import replace_dir
 from lmforge.sources import sha256_of
@@ -118,13 +118,26 @@ def save_checkpoint(run_dir: Path | str, *, step: int, model, optimizer, schedul
     return run_dir / name
 
 
-def save_best(run_dir: Path | str, model, state: dict) -> Path:
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of the weights on their device, each shared tensor (tied embeddings) copied and named once."""
+    copies: dict[int, str] = {}
+    weights: dict[str, torch.Tensor] = {}
+    for name, tensor in _unwrap(model).state_dict().items():
+        if tensor.data_ptr() in copies:
+            continue  # load_model fills the other names of a shared tensor
+        copies[tensor.data_ptr()] = name
+        weights[name] = tensor.detach().clone()
+    return weights
+
+
+def save_best(run_dir: Path | str, weights: dict[str, torch.Tensor], state: dict) -> Path:
+    """Write a snapshot() as the run's best weights (loadable with load_weights)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".{BEST}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(_unwrap(model), str(tmp / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     _finish_folder(tmp, run_dir / BEST, {"format": FORMAT, **state})
     return run_dir / BEST
 

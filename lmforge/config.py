@@ -158,6 +158,10 @@ class PretrainParams(Section):
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    # reduce-overhead adds CUDA graphs (one GPU): it pays for small models, whose steps are launch-bound
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    cuda_graph: bool = False  # capture the whole step as one CUDA graph (one GPU; lmforge/step_graph.py)
     data_on_device: bool = True
 
     @model_validator(mode="after")
@@ -172,6 +176,9 @@ class PretrainParams(Section):
                     raise ValueError("n_kv_head (grouped-query attention) applies to arch llama only")
                 if self.n_head % self.n_kv_head:
                     raise ValueError(f"n_kv_head ({self.n_kv_head}) does not divide n_head ({self.n_head})")
+        if self.cuda_graph and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"cuda_graph captures the whole step itself: use compile_mode default or "
+                             f"max-autotune-no-cudagraphs with it, not {self.compile_mode}")
         if self.gguf_file is not None and self.init_from is None:
             raise ValueError("gguf_file names a file inside init_from: set init_from too")
         if self.warmup_steps >= self.steps:

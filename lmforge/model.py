@@ -81,6 +81,7 @@ def make_config(p: Any, tok: TokenInfo):
             n_layer=p.n_layer,
             n_head=p.n_head,
             n_positions=p.context,
+            activation_function="gelu_pytorch_tanh",  # GPT-2's tanh GELU as one kernel (gelu_new is seven)
             resid_pdrop=p.dropout,
             embd_pdrop=p.dropout,
             attn_pdrop=p.dropout,
@@ -209,6 +210,37 @@ def build_model(p: Any, tok: TokenInfo, seed: int, *, data_vocab: dict[str, int]
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     check_compatible(model, tok, p.context)
     return model.float()
+
+
+# Training runs on unpadded windows: every sequence is causal from its first token, so SDPA's
+# `is_causal` flag is the whole mask. transformers builds that mask as a 4D tensor whenever
+# torch.compile traces (with torch < 2.14), and a mask bars SDPA from its flash and cuDNN kernels:
+# the compiled G1 step ran at 48% MFU with it. So the training loop swaps this in, and back.
+CAUSAL_TRAINING_ATTENTION = "lmforge_causal_sdpa"
+
+
+def _causal_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                 **_ignored):
+    """transformers attention-interface function: SDPA with is_causal=True and no mask."""
+    import torch.nn.functional as F
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
+                                         enable_gqa=groups > 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def set_training_attention(model, training: bool) -> None:
+    """Causal decoders: the mask-free causal SDPA while training (True), plain "sdpa" again after (False).
+
+    Never leave it on for inference: a cached decoding step (one query, many keys) is not upper-left causal.
+    """
+    if is_masked(model):
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CAUSAL_TRAINING_ATTENTION, _causal_sdpa)
+    model.set_attn_implementation(CAUSAL_TRAINING_ATTENTION if training else "sdpa")
 
 
 def count_params(model, *, non_embedding: bool = False) -> int:

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmforge import batches, checkpoint
-from lmforge.model import TokenInfo, build_model, count_params, flops_per_token, is_masked
+from lmforge import batches, checkpoint, step_graph
+from lmforge.model import TokenInfo, build_model, count_params, flops_per_token, is_masked, set_training_attention
 
 # Dense bf16 FLOP/s per device, matched by substring of the device name, first match wins.
 # Hopper figures are the measured ceiling of a bf16 8192^3 matmul (BENCHMARKS.md, KINDS.md), the
@@ -57,7 +57,8 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 # Knobs that do not change the weights a run ends with: they stay out of the run key.
-OPERATIONAL_KEYS = {"eval_every", "checkpoint_every", "log_every", "compile", "device", "data_on_device", "save"}
+OPERATIONAL_KEYS = {"eval_every", "checkpoint_every", "log_every", "compile", "compile_mode", "attention", "cuda_graph",
+                    "device", "data_on_device", "save"}
 Metrics = Callable[[dict[str, float], int], None]
 
 
@@ -173,6 +174,7 @@ class TrainResult:
     mfu: float | None
     params: int
     flops_per_token: float
+    setup_s: float
     first_step_s: float
     train_s: float
     wall_s: float
@@ -185,17 +187,73 @@ class TrainResult:
             "steps": self.steps, "resumed_from": self.resumed_from, "best_val_loss": self.best_val_loss,
             "final_val_loss": self.final_val_loss, "final_train_loss": self.final_train_loss,
             "tokens_per_step": self.tokens_per_step, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
-            "params": self.params, "flops_per_token": self.flops_per_token, "first_step_s": self.first_step_s,
+            "params": self.params, "flops_per_token": self.flops_per_token, "setup_s": self.setup_s, "first_step_s": self.first_step_s,
             "train_s": self.train_s, "wall_s": self.wall_s, "peak_memory_gb": self.peak_memory_gb,
             "device": self.device, "world_size": self.dist.world, "masked": self.masked,
         }
 
 
-def _loss(runner, x: torch.Tensor, y: torch.Tensor, masked: bool) -> torch.Tensor:
+def _loss(model, x: torch.Tensor, y: torch.Tensor, masked: bool) -> torch.Tensor:
     kwargs = {} if masked else {"use_cache": False}
-    logits = runner(input_ids=x, **kwargs).logits
+    logits = model(input_ids=x, **kwargs).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                            ignore_index=batches.IGNORE_INDEX)
+
+
+class TrainingLoss(torch.nn.Module):
+    """The model and its loss as one forward.
+
+    Compiled as one graph, the fp32 upcast and the cross-entropy fuse into a kernel that reads the
+    bf16 logits once (compiling the model alone left an eager loss that wrote and re-read fp32
+    logits: a tenth of the G1 step). DDP wraps this module, so it sees one forward per micro-step.
+    """
+
+    def __init__(self, model, masked: bool):
+        super().__init__()
+        self.model, self.masked = model, masked
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _loss(self.model, x, y, self.masked)
+
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def attention_backends(choice: str, device: torch.device):
+    """A context that puts `choice` first among the SDPA kernels (auto: PyTorch's own order).
+
+    It is entered around the whole loop, so torch.compile sees the choice when it traces.
+    """
+    if choice == "auto" or device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = getattr(SDPBackend, SDPA_BACKENDS[choice])
+    rest = [getattr(SDPBackend, n) for n in SDPA_BACKENDS.values() if n != SDPA_BACKENDS[choice]]
+    return sdpa_kernel([first, *rest], set_priority=True)
+
+
+def use_cuda_graph(p: Any, d: "Dist", say: Callable[[str], None]) -> bool:
+    """pretrain.cuda_graph where it can work: one process on one GPU."""
+    if not p.cuda_graph:
+        return False
+    if d.device.type != "cuda" or d.world > 1:
+        say("cuda_graph needs one process on one GPU (DDP's hooks cannot be captured): running eager steps")
+        return False
+    return True
+
+
+def compile_runner(module, p: Any, d: "Dist", say: Callable[[str], None]):
+    """torch.compile with pretrain.compile_mode; CUDA graphs only where they are safe (one GPU)."""
+    mode = p.compile_mode
+    if "cudagraphs" not in mode and mode in ("reduce-overhead", "max-autotune") and (
+            d.world > 1 or d.device.type != "cuda"):
+        # CUDA graphs cannot hold DDP's gradient all-reduce, and there are none on the CPU.
+        fallback = "default" if mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
+        say(f"compile_mode {mode} uses CUDA graphs, which need one GPU: using {fallback}")
+        mode = fallback
+    return torch.compile(module, mode=None if mode == "default" else mode), mode in ("reduce-overhead", "max-autotune")
 
 
 def _all_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -274,9 +332,10 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
         raise ValueError("internal: a masked model from a causal arch")
     model.to(d.device)
     model.train()
+    set_training_attention(model, True)
     optimizer = make_optimizer(model, p, d.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio))
+    schedule = partial(lr_factor, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     fingerprint = run_fingerprint(p, seed, meta, d.world)
     run_dir = Path(checkpoint_root) / run_key(fingerprint)
@@ -287,6 +346,8 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
         state = checkpoint.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler,
                                            rank=d.rank, world_size=d.world, fingerprint=fingerprint)
         start = int(state["step"])
+        for group in optimizer.param_groups:  # a captured run saves its lr as a device tensor
+            group["lr"], group["capturable"] = float(group["lr"]), False
         say(f"resuming run {run_dir.name} from {latest.name} (step {start} of {p.steps})")
     else:
         torch.manual_seed(seed * 1000 + d.rank)  # dropout and other in-step randomness
@@ -309,12 +370,14 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     else:
         autocast = nullcontext
 
-    wrapped = model
+    wrapped = TrainingLoss(model, masked)
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    runner = torch.compile(wrapped) if p.compile else wrapped
+        # Gradients as views into the all-reduce buckets: one copy fewer per step.
+        wrapped = DistributedDataParallel(wrapped, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                                          gradient_as_bucket_view=True)
+    runner, cudagraphs = compile_runner(wrapped, p, d, say) if p.compile else (wrapped, False)
 
     n_params = count_params(model)
     fpt = flops_per_token(model, p.context)
@@ -332,6 +395,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     loss_sum = torch.zeros((), device=d.device)
     loss_steps = 0
     eval_sum, eval_steps = 0.0, 0
+    best_weights, best_info = None, {}
     # Throughput totals run over every segment of a resumed run (kept in the checkpoint).
     timing = state.get("timing", {})
     first_step_s = float(timing.get("first_step_s", 0.0))
@@ -341,84 +405,113 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     bar = tqdm(total=p.steps, initial=start, disable=not (progress and d.main), unit="step",
                dynamic_ncols=True, mininterval=1.0, desc="pretrain")
 
-    for step in range(start, p.steps):
-        for micro in range(p.grad_accum):
-            x, y = sampler.get(step, micro)
-            sync = d.world == 1 or micro == p.grad_accum - 1
-            context = nullcontext() if sync else wrapped.no_sync()
+    def one_step(step_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Forward and backward over the micro-batches, clip, update: eager, or recorded by CapturedStep."""
+        for micro, (x, y) in enumerate(step_batches):
+            last = micro == len(step_batches) - 1
+            context = wrapped.no_sync() if d.world > 1 and not last else nullcontext()
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
             with context:
                 with autocast():
-                    loss = _loss(runner, x, y, masked)
-                (loss / p.grad_accum).backward()
-            loss_sum += loss.detach() / p.grad_accum
+                    loss = runner(x, y)
+                (loss / len(step_batches)).backward()
+            loss_sum.add_(loss.detach() / len(step_batches))
         if p.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_steps += 1
-        done = step + 1
-        bar.update(1)
-        final = done == p.steps
 
-        if done == start + 1:
-            # The first step of a process pays for compilation and warm-up: keep it out of the throughput.
-            if d.device.type == "cuda":
-                torch.cuda.synchronize(d.device)
-            first_step_s = max(first_step_s, time.perf_counter() - mark)
-            mark, mark_step = time.perf_counter(), done
+    graphed = use_cuda_graph(p, d, say)
+    captured: step_graph.CapturedStep | None = None
+    capture_at = start + step_graph.WARMUP_STEPS
+    warm_stream = step_graph.side_stream(d.device) if graphed else None
+    # Steps before this one pay for compilation, warm-up and capture: kept out of the throughput.
+    timed_from = capture_at + 1 if graphed else start + 1
 
-        if done % p.log_every == 0 or final:
-            mean = _all_mean(loss_sum / loss_steps, d)
-            last_train = float(mean)  # the one host sync of a log step
-            eval_sum, eval_steps = eval_sum + last_train * loss_steps, eval_steps + loss_steps
-            loss_sum.zero_()
-            loss_steps = 0
-            now = time.perf_counter()
-            if done > mark_step:
-                span = now - mark
-                train_s += span
-                train_tokens_done += (done - mark_step) * tokens_per_step
-                tok_s = (done - mark_step) * tokens_per_step / span
-                mfu = tok_s * fpt / (peak * d.world) if peak else None
-            mark, mark_step = now, done
-            lr = scheduler.get_last_lr()[0]
-            history["train"].append({"step": done, "train_loss": last_train})
-            shown_val = "-" if math.isnan(last_val) else f"{last_val:.3f}"  # no evaluation yet
-            postfix = {"loss": f"{last_train:.3f}", "val": shown_val, "tok/s": f"{tok_s:,.0f}"}
-            if mfu is not None:
-                postfix["mfu"] = f"{100 * mfu:.1f}%"
-            bar.set_postfix(postfix, refresh=False)
-            if d.main and on_metrics:
-                metrics = {"train_loss": last_train, "lr": lr, "tokens_per_s": tok_s}
+    setup_s = time.perf_counter() - started
+    with attention_backends(p.attention, d.device):
+        for step in range(start, p.steps):
+            micro_steps = range(p.grad_accum)
+            if graphed and step == capture_at:
+                torch.cuda.current_stream(d.device).wait_stream(warm_stream)
+                captured = step_graph.CapturedStep(one_step, optimizer, [sampler.get(step, m) for m in micro_steps],
+                                                   p.lr * schedule(step))
+            if captured is not None:
+                captured.replay([sampler.get(step, m) for m in micro_steps], p.lr * schedule(step))
+            else:
+                with torch.cuda.stream(warm_stream) if warm_stream is not None else nullcontext():
+                    one_step([sampler.get(step, m) for m in micro_steps])
+                    optimizer.zero_grad(set_to_none=True)
+                if warm_stream is not None:
+                    torch.cuda.current_stream(d.device).wait_stream(warm_stream)
+            scheduler.step()
+            loss_steps += 1
+            done = step + 1
+            bar.update(1)
+            final = done == p.steps
+
+            if done == timed_from:
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize(d.device)
+                first_step_s = max(first_step_s, time.perf_counter() - mark)
+                mark, mark_step = time.perf_counter(), done
+
+            if done % p.log_every == 0 or final:
+                mean = _all_mean(loss_sum / loss_steps, d)
+                last_train = float(mean)  # the one host sync of a log step
+                eval_sum, eval_steps = eval_sum + last_train * loss_steps, eval_steps + loss_steps
+                loss_sum.zero_()
+                loss_steps = 0
+                now = time.perf_counter()
+                if done > mark_step:
+                    span = now - mark
+                    train_s += span
+                    train_tokens_done += (done - mark_step) * tokens_per_step
+                    tok_s = (done - mark_step) * tokens_per_step / span
+                    mfu = tok_s * fpt / (peak * d.world) if peak else None
+                mark, mark_step = now, done
+                lr = scheduler.get_last_lr()[0]
+                history["train"].append({"step": done, "train_loss": last_train})
+                shown_val = "-" if math.isnan(last_val) else f"{last_val:.3f}"  # no evaluation yet
+                postfix = {"loss": f"{last_train:.3f}", "val": shown_val, "tok/s": f"{tok_s:,.0f}"}
                 if mfu is not None:
-                    metrics["mfu"] = mfu
-                on_metrics(metrics, done)
+                    postfix["mfu"] = f"{100 * mfu:.1f}%"
+                bar.set_postfix(postfix, refresh=False)
+                if d.main and on_metrics:
+                    metrics = {"train_loss": last_train, "lr": lr, "tokens_per_s": tok_s}
+                    if mfu is not None:
+                        metrics["mfu"] = mfu
+                    on_metrics(metrics, done)
 
-        if done % p.eval_every == 0 or final:
-            last_val = validate(model, val_tokens, p, seed, d, masking, autocast)
-            mean_train = eval_sum / eval_steps if eval_steps else last_train
-            eval_sum, eval_steps = 0.0, 0
-            history["val"].append({"step": done, "train_loss": mean_train, "val_loss": last_val})
-            if last_val < best:
-                best = last_val
+            if done % p.eval_every == 0 or final:
+                last_val = validate(model, val_tokens, p, seed, d, masking, autocast)
+                mean_train = eval_sum / eval_steps if eval_steps else last_train
+                eval_sum, eval_steps = 0.0, 0
+                history["val"].append({"step": done, "train_loss": mean_train, "val_loss": last_val})
+                if last_val < best:
+                    best = last_val
+                    if d.main:  # kept on the device, written with the next checkpoint (a disk write per
+                        # improvement cost more than the evaluation itself on a small model)
+                        best_weights, best_info = checkpoint.snapshot(model), {"step": done, "val_loss": best}
+                if d.main and on_metrics:
+                    on_metrics({"val_loss": last_val, "best_val_loss": best}, done)
+                mark, mark_step = time.perf_counter(), done
+
+            if done % p.checkpoint_every == 0 or final:
+                rngs = _gather_rng(d)
+                if d.main and best_weights is not None:  # before the checkpoint that records its loss
+                    checkpoint.save_best(run_dir, best_weights, best_info)
+                    best_weights = None
                 if d.main:
-                    checkpoint.save_best(run_dir, model, {"step": done, "val_loss": best})
-            if d.main and on_metrics:
-                on_metrics({"val_loss": last_val, "best_val_loss": best}, done)
-            mark, mark_step = time.perf_counter(), done
-
-        if done % p.checkpoint_every == 0 or final:
-            rngs = _gather_rng(d)
-            if d.main:
-                checkpoint.save_checkpoint(
-                    run_dir, step=done, model=model, optimizer=optimizer, scheduler=scheduler, rng_states=rngs,
-                    state={"fingerprint": fingerprint, "data": {"sampler": batches.SAMPLER_VERSION, "next_step": done},
-                           "best_val_loss": best, "history": history,
-                           "timing": {"first_step_s": first_step_s, "train_s": train_s, "train_tokens": train_tokens_done}})
-            _barrier(d)
-            mark, mark_step = time.perf_counter(), done
+                    checkpoint.save_checkpoint(
+                        run_dir, step=done, model=model, optimizer=optimizer, scheduler=scheduler, rng_states=rngs,
+                        state={"fingerprint": fingerprint, "data": {"sampler": batches.SAMPLER_VERSION, "next_step": done},
+                               "best_val_loss": best, "history": history,
+                               "timing": {"first_step_s": first_step_s, "train_s": train_s, "train_tokens": train_tokens_done}})
+                _barrier(d)
+                mark, mark_step = time.perf_counter(), done
     bar.close()
+    set_training_attention(model, False)
 
     resumed = start
     if start >= p.steps:
@@ -434,7 +527,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
         best_val_loss=best, final_val_loss=final_val, final_train_loss=last_train,
         tokens_per_step=tokens_per_step, tokens_per_s=train_tokens_done / train_s if train_s else 0.0,
         mfu=(train_tokens_done / train_s * fpt / (peak * d.world)) if (peak and train_s) else None,
-        params=n_params, flops_per_token=fpt, first_step_s=first_step_s, train_s=train_s,
+        params=n_params, flops_per_token=fpt, setup_s=setup_s, first_step_s=first_step_s, train_s=train_s,
         wall_s=time.perf_counter() - started,
         peak_memory_gb=peak_mem, history=history, dist=d,
     )

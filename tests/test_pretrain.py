@@ -52,6 +52,8 @@ def _val_metrics(model, tokens: Path) -> dict:
         ({"lr": -1.0}, "pretrain.lr"),
         ({"arch": "mamba"}, "pretrain.arch"),
         ({"gguf_file": "x.gguf"}, "set init_from too"),
+        ({"compile": True, "compile_mode": "reduce-overhead", "cuda_graph": True}, "cuda_graph captures the whole step"),
+        ({"attention": "flash3"}, "pretrain.attention"),
     ],
 )
 def test_bad_pretrain_params_fail_with_the_key(override, message):
@@ -172,6 +174,44 @@ def test_tiny_masked_lm_beats_unigram(tokens, tmp_path):
     assert m["masked_loss"] < m["unigram_masked_loss"] - 0.15, m
     result.model.save_pretrained(tmp_path / "mlm")
     assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "mlm")).__name__ == "BertForMaskedLM"
+
+
+@pytest.mark.parametrize("arch, extra", [("gpt2", {}), ("llama", {"n_kv_head": 2})])
+def test_training_attention_computes_what_sdpa_computes(arch, extra):
+    from lmforge.model import set_training_attention
+
+    p = fx.params({"arch": arch, **extra}).pretrain
+    model = build_model(p, TokenInfo(40, 0, 1, 2, 3), seed=0).eval()
+    ids = torch.randint(4, 40, (3, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        set_training_attention(model, True)
+        assert model.config._attn_implementation != "sdpa"
+        got = model(input_ids=ids).logits
+        set_training_attention(model, False)
+        assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_leaves_the_model_on_plain_sdpa(tokens, tmp_path):
+    p = fx.params({"steps": 4, "warmup_steps": 1, "eval_every": 4, "checkpoint_every": 4}).pretrain
+    result = training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    assert result.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, compile_model):
+    # Same seed and batches: the replayed graph must train like the eager loop (bf16, so close, not equal).
+    common = {"device": "cuda", "steps": 60, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 30,
+              "grad_accum": 2, "dropout": 0.0, "compile": compile_model}
+    eager = training.train(fx.params(common).pretrain, seed=2, tokens_dir=tokens, checkpoint_root=tmp_path / "e",
+                           progress=False)
+    graphed = training.train(fx.params({**common, "cuda_graph": True}).pretrain, seed=2, tokens_dir=tokens,
+                             checkpoint_root=tmp_path / "g", progress=False)
+    for a, b in zip(eager.history["val"], graphed.history["val"]):
+        assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 0.02, (a, b)
+    assert graphed.history["val"][-1]["val_loss"] < graphed.history["val"][0]["val_loss"]
 
 
 # --- checkpoints ------------------------------------------------------------------------------
