@@ -1,0 +1,215 @@
+"""G1, G2 and G3 of ../shared/BENCHMARKS.md through the real pretrain stage, in one call.
+
+    python bench/bench_gpu.py                         # every case the visible GPUs allow
+    python bench/bench_gpu.py --cases g2 --set g2.steps=3500 --record bench/results/X.json
+
+Each case writes a params file (configs/gpu.yaml with the case's pretrain overrides) and its
+token data into a scratch folder, then runs `python -m tasks.pretrain` as a fresh process, timed
+from process start to the saved model, with empty torch.compile and Triton caches (cold compile).
+  g1  throughput, GPT-2-124M shape (12 x 768, context 1024, batch 32, vocab 50,304) on one GPU;
+      the tokens are random ids (throughput does not depend on them), drawn by the stage's loader
+  g2  time to quality: char-level Shakespeare, first 90% train, last 10% val, the configs/gpu.yaml
+      recipe; then `python -m tasks.evaluate` scores the saved model on the whole val split
+  g3  g1 on every visible GPU (the stage relaunches itself under torchrun), scaling over g1
+--set CASE.KEY=VALUE overrides a pretrain param of one case (repeatable); the table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+G1_SHAPE = dict(arch="gpt2", n_layer=12, n_head=12, d_model=768, context=1024, batch_size=32, dropout=0.0,
+                lr=6e-4, warmup_steps=10, steps=120, eval_every=120, eval_batches=2, checkpoint_every=100_000,
+                log_every=20, compile=True, compile_mode="default", cuda_graph=False)
+G1_VOCAB = 50_304  # GPT-2's 50,257 padded to a multiple of 64
+TARGETS = {"g1_tokens_per_s": 565_000, "g2_wall_s": 60.0, "g2_val_loss": 1.294, "g3_scaling_2": 1.95,
+           "g3_scaling_4": 3.85, "g3_tokens_per_s_4": 2_150_000}
+
+
+def write_random_tokens(out: Path, vocab: int, train_tokens: int, seed: int = 0) -> None:
+    """Token arrays and meta.json in the tokenize stage's layout, ids drawn uniformly."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sizes = {"train": train_tokens, "val": train_tokens // 20, "test": 0}
+    for split, n in sizes.items():
+        rng.integers(4, vocab, size=n, dtype=np.uint16).tofile(out / f"{split}.bin")
+    from lmforge.tokenization import SPECIAL_TOKENS
+
+    meta = {"kind": "random", "vocab_size": vocab, "dtype": "uint16", "special_tokens": SPECIAL_TOKENS,
+            "special_ids": {name: i for i, name in enumerate(SPECIAL_TOKENS)},
+            "splits": {s: {"tokens": n, "bytes": 2 * n, "documents": 1} for s, n in sizes.items()}}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def write_shakespeare_tokens(corpus: Path, out: Path) -> dict:
+    """BENCHMARKS.md's G2 split: the first 90% of the characters train, the last 10% validate."""
+    from lmforge.tokenization import write_tokens
+
+    text = corpus.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    return write_tokens({"train": [text[:cut]], "val": [text[cut:]], "test": []}, out, "char")
+
+
+def case_params(base: dict, overrides: dict) -> dict:
+    params = json.loads(json.dumps(base))
+    params["pretrain"].update(overrides)
+    return params
+
+
+def run_stage(module: str, folder: Path, env: dict, extra: list[str], log: Path) -> float:
+    """Run `python -m tasks.<module>` in `folder`'s files; return its process wall time."""
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        done = subprocess.run([sys.executable, "-m", f"tasks.{module}", "--params", str(folder / "params.yaml"),
+                               "--tokens", str(folder / "tokens"), *extra], cwd=ROOT, env=env,
+                              stdout=handle, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        print(log.read_text()[-4000:], flush=True)
+        raise SystemExit(f"tasks.{module} failed ({done.returncode}) for {folder.name}; log above")
+    return wall
+
+
+def run_pretrain(name: str, folder: Path, params: dict, gpus: str | None) -> dict:
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    caches = folder / "compile-cache"
+    shutil.rmtree(caches, ignore_errors=True)  # cold compile: nothing from an earlier process
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_TRACKING": os.environ.get("LMFORGE_TRACKING", "off"),
+           "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton")}
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+    wall = run_stage("pretrain", folder, env,
+                     ["--out", str(folder / "model"), "--checkpoints", str(folder / "checkpoints"),
+                      "--reports", str(folder / "reports")], folder / "pretrain.log")
+    metrics = json.loads((folder / "reports" / "metrics.json").read_text())
+    return {"case": name, "process_wall_s": round(wall, 2), "pretrain": params["pretrain"], "metrics": metrics}
+
+
+def g1(work: Path, base: dict, overrides: dict, gpus: str = "0") -> dict:
+    folder = work / "g1" if gpus == "0" else work / f"g3-{gpus.count(',') + 1}gpu"
+    write_random_tokens(folder / "tokens", G1_VOCAB, train_tokens=50_000_000)
+    return run_pretrain(folder.name, folder, case_params(base, {**G1_SHAPE, **overrides}), gpus)
+
+
+def g2(work: Path, base: dict, overrides: dict, corpus: Path) -> dict:
+    folder = work / "g2"
+    write_shakespeare_tokens(corpus, folder / "tokens")
+    result = run_pretrain("g2", folder, case_params(base, overrides), "0")
+    env = {**os.environ, "LMFORGE_TRACKING": "off", "CUDA_VISIBLE_DEVICES": "0"}
+    result["evaluate_wall_s"] = round(run_stage("evaluate", folder, env, [
+        "--model", str(folder / "model"), "--reports", str(folder / "eval")], folder / "evaluate.log"), 2)
+    result["evaluate"] = json.loads((folder / "eval" / "metrics.json").read_text())
+    result["val_history"] = [dict(zip(("step", "train_loss", "val_loss"), map(float, line.split(","))))
+                             for line in (folder / "reports" / "loss.csv").read_text().splitlines()[1:]]
+    return result
+
+
+def parse_sets(items: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {"g1": {}, "g2": {}, "g3": {}}
+    for item in items:
+        key, _, value = item.partition("=")
+        case, _, name = key.partition(".")
+        if case not in out or not name or not _:
+            raise SystemExit(f"--set {item!r}: expected CASE.KEY=VALUE with CASE one of g1, g2, g3")
+        out[case][name] = yaml.safe_load(value)
+    return out
+
+
+def row(label: str, r: dict, extra: str = "") -> str:
+    m = r["metrics"]
+    mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") else "-"
+    return (f"| {label} | {m['tokens_per_s']:,.0f} | {mfu} | {m['first_step_s']:.1f} | "
+            f"{m.get('peak_memory_gb', 0):.1f} | {r['process_wall_s']:.1f} | {extra} |")
+
+
+def table(results: dict) -> str:
+    lines = ["| case | tokens/s | MFU | first step s (compile) | peak GiB | process wall s | quality / scaling |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    if "g1" in results:
+        lines.append(row("g1 1 GPU", results["g1"], f"target >= {TARGETS['g1_tokens_per_s']:,} tokens/s"))
+    if "g2" in results:
+        r = results["g2"]
+        lines.append(row("g2 char Shakespeare", r, f"best val {r['metrics']['best_val_loss']:.4f} (stage), "
+                         f"{r['evaluate']['val']['loss']:.4f} (whole val split); target <= 1.294 in <= 60 s"))
+    for key in sorted(k for k in results if k.startswith("g3")):
+        r = results[key]
+        scaling = r["metrics"]["tokens_per_s"] / results["g1"]["metrics"]["tokens_per_s"] if "g1" in results else None
+        lines.append(row(key, r, f"{scaling:.2f}x g1" if scaling else ""))
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda"] = torch.version.cuda
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True).stdout.strip() or None
+    except OSError:
+        info["commit"] = None
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="g1,g2,g3", help="comma-separated: g1, g2, g3")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "gpu.yaml"))
+    parser.add_argument("--corpus", default=str(ROOT.parent / "shared" / "data" / "shakespeare_plays.txt"))
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--set", action="append", default=[], metavar="CASE.KEY=VALUE")
+    parser.add_argument("--record", default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+
+    import torch
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    sets = parse_sets(args.set)
+    base = yaml.safe_load(Path(args.config).read_text())
+    work = Path(args.work or tempfile.mkdtemp(prefix="lmforge-bench-gpu-"))
+    n_gpus = torch.cuda.device_count()
+    results: dict[str, dict] = {}
+    for case in cases:
+        print(f"[bench] {case} ...", flush=True)
+        if case == "g1":
+            results["g1"] = g1(work, base, sets["g1"])
+        elif case == "g2":
+            results["g2"] = g2(work, base, sets["g2"], Path(args.corpus))
+        elif case == "g3":
+            if n_gpus < 2:
+                print("[bench] g3 needs at least 2 visible GPUs: skipped", flush=True)
+                continue
+            gpus = ",".join(str(i) for i in range(n_gpus))
+            results[f"g3_{n_gpus}gpu"] = g1(work, base, {**sets["g1"], **sets["g3"]}, gpus)
+        else:
+            raise SystemExit(f"unknown case {case!r}: use g1, g2 or g3")
+        print(json.dumps({k: v for k, v in results[next(reversed(results))].items() if k != "val_history"}),
+              flush=True)
+
+    record = {"environment": environment(), "command": " ".join(sys.argv), "targets": TARGETS, "results": results}
+    if args.record:
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.record).write_text(json.dumps(record, indent=1) + "\n")
+    print(table(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
