@@ -136,6 +136,7 @@ class PretrainParams(Section):
     context: int = Field(128, ge=4, le=1_048_576)
     dropout: Fraction = 0.0
     tie_embeddings: bool = True
+    pad_vocab: int = Field(1, ge=1, le=4096)  # round the model's vocabulary up to a multiple of this
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     init_from: str | None = None
     gguf_file: str | None = None
@@ -176,9 +177,9 @@ class PretrainParams(Section):
                     raise ValueError("n_kv_head (grouped-query attention) applies to arch llama only")
                 if self.n_head % self.n_kv_head:
                     raise ValueError(f"n_kv_head ({self.n_kv_head}) does not divide n_head ({self.n_head})")
-        if self.cuda_graph and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
-            raise ValueError(f"cuda_graph captures the whole step itself: use compile_mode default or "
-                             f"max-autotune-no-cudagraphs with it, not {self.compile_mode}")
+        if self.cuda_graph and self.compile:
+            raise ValueError("cuda_graph captures eager steps; a compiled model's CUDA graphs come from "
+                             "compile_mode: reduce-overhead instead (set compile or cuda_graph to false)")
         if self.gguf_file is not None and self.init_from is None:
             raise ValueError("gguf_file names a file inside init_from: set init_from too")
         if self.warmup_steps >= self.steps:

@@ -60,7 +60,10 @@ def make_config(p: Any, tok: TokenInfo):
 
     if p.d_model % p.n_head:
         raise ModelConfigError(f"pretrain.n_head ({p.n_head}) does not divide pretrain.d_model ({p.d_model})")
-    common = dict(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, tie_word_embeddings=p.tie_embeddings)
+    # Rows past the tokenizer's ids are never inputs and learn to score -inf as outputs; a width
+    # that is a multiple of 64 keeps the output layer's matrix products on aligned tensor-core tiles.
+    vocab = -(-tok.vocab_size // p.pad_vocab) * p.pad_vocab
+    common = dict(vocab_size=vocab, pad_token_id=tok.pad_id, tie_word_embeddings=p.tie_embeddings)
     if p.arch == "llama":
         return LlamaConfig(
             hidden_size=p.d_model,

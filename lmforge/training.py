@@ -313,6 +313,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     """
     started = time.perf_counter()
     d = setup_distributed(p.device)
+    marks = {"devices": time.perf_counter()}
     say = log if d.main else (lambda _msg: None)
     tokens_dir = Path(tokens_dir)
     meta = batches.read_meta(tokens_dir)
@@ -333,6 +334,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     model.to(d.device)
     model.train()
     set_training_attention(model, True)
+    marks["model"] = time.perf_counter()
     optimizer = make_optimizer(model, p, d.device)
     schedule = partial(lr_factor, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -429,6 +431,11 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     timed_from = capture_at + 1 if graphed else start + 1
 
     setup_s = time.perf_counter() - started
+    phases, last = [], started
+    for name, when in marks.items():
+        phases.append(f"{name} {when - last:.1f}s")
+        last = when
+    say(f"set-up {setup_s:.1f}s ({', '.join(phases)}, data and the rest {started + setup_s - last:.1f}s)")
     with attention_backends(p.attention, d.device):
         for step in range(start, p.steps):
             micro_steps = range(p.grad_accum)

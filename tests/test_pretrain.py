@@ -52,7 +52,7 @@ def _val_metrics(model, tokens: Path) -> dict:
         ({"lr": -1.0}, "pretrain.lr"),
         ({"arch": "mamba"}, "pretrain.arch"),
         ({"gguf_file": "x.gguf"}, "set init_from too"),
-        ({"compile": True, "compile_mode": "reduce-overhead", "cuda_graph": True}, "cuda_graph captures the whole step"),
+        ({"compile": True, "cuda_graph": True}, "cuda_graph captures eager steps"),
         ({"attention": "flash3"}, "pretrain.attention"),
     ],
 )
@@ -139,9 +139,11 @@ def test_tiny_decoder_beats_unigram_reloads_and_generates(tokens, tmp_path):
 def test_gpt2_style_decoder_trains(tokens, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    p = fx.params({"arch": "gpt2", "steps": 40, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 40}).pretrain
+    p = fx.params({"arch": "gpt2", "steps": 40, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 40,
+                   "pad_vocab": 64}).pretrain
     result = training.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert type(result.model).__name__ == "GPT2LMHeadModel"
+    assert result.model.config.vocab_size % 64 == 0 and result.model.config.vocab_size >= batches.read_meta(tokens)["vocab_size"]
     assert result.history["val"][-1]["val_loss"] < result.history["train"][0]["train_loss"]
     result.model.save_pretrained(tmp_path / "gpt2")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
@@ -200,11 +202,10 @@ def test_training_leaves_the_model_on_plain_sdpa(tokens, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("compile_model", [False, True])
-def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, compile_model):
+def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path):
     # Same seed and batches: the replayed graph must train like the eager loop (bf16, so close, not equal).
     common = {"device": "cuda", "steps": 60, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 30,
-              "grad_accum": 2, "dropout": 0.0, "compile": compile_model}
+              "grad_accum": 2, "dropout": 0.0}
     eager = training.train(fx.params(common).pretrain, seed=2, tokens_dir=tokens, checkpoint_root=tmp_path / "e",
                            progress=False)
     graphed = training.train(fx.params({**common, "cuda_graph": True}).pretrain, seed=2, tokens_dir=tokens,
