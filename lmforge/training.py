@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -94,6 +95,17 @@ def pick_device(preference: str) -> torch.device:
     if preference in ("cuda", "auto") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def start_cuda_init(preference: str) -> None:
+    """Create this process's CUDA context on a thread while the caller goes on importing and
+    building the model on the CPU (the first CUDA call took ~9 s on the lent H200 machines).
+    torch's lazy initialisation is locked, so the main thread's first CUDA call simply waits for it."""
+    if preference == "cpu" or not torch.cuda.is_available():
+        return
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    threading.Thread(target=torch.zeros, args=(1,), kwargs={"device": device}, daemon=True,
+                     name="cuda-init").start()
 
 
 def setup_distributed(preference: str) -> Dist:

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmforge import tracking, training
 
+    training.start_cuda_init(p.device)
     rank = int(os.environ.get("RANK", "0"))
     tokens_dir = Path(args.tokens)
     logged = {"seed": params.seed, "pretrain": p.model_dump()}
