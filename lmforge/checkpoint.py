@@ -120,12 +120,12 @@ def save_checkpoint(run_dir: Path | str, *, step: int, model, optimizer, schedul
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     """A copy of the weights on their device, each shared tensor (tied embeddings) copied and named once."""
-    copies: dict[int, str] = {}
+    seen: set[int] = set()
     weights: dict[str, torch.Tensor] = {}
     for name, tensor in _unwrap(model).state_dict().items():
-        if tensor.data_ptr() in copies:
+        if tensor.data_ptr() in seen:
             continue  # load_model fills the other names of a shared tensor
-        copies[tensor.data_ptr()] = name
+        seen.add(tensor.data_ptr())
         weights[name] = tensor.detach().clone()
     return weights
 

@@ -199,8 +199,8 @@ class TrainResult:
             "steps": self.steps, "resumed_from": self.resumed_from, "best_val_loss": self.best_val_loss,
             "final_val_loss": self.final_val_loss, "final_train_loss": self.final_train_loss,
             "tokens_per_step": self.tokens_per_step, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
-            "params": self.params, "flops_per_token": self.flops_per_token, "setup_s": self.setup_s, "first_step_s": self.first_step_s,
-            "train_s": self.train_s, "wall_s": self.wall_s, "peak_memory_gb": self.peak_memory_gb,
+            "params": self.params, "flops_per_token": self.flops_per_token, "setup_s": self.setup_s,
+            "first_step_s": self.first_step_s, "train_s": self.train_s, "wall_s": self.wall_s, "peak_memory_gb": self.peak_memory_gb,
             "device": self.device, "world_size": self.dist.world, "masked": self.masked,
         }
 
@@ -256,16 +256,18 @@ def use_cuda_graph(p: Any, d: "Dist", say: Callable[[str], None]) -> bool:
     return True
 
 
+# torch.compile modes that wrap the compiled code in CUDA graphs (cudagraph trees).
+CUDAGRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
 def compile_runner(module, p: Any, d: "Dist", say: Callable[[str], None]):
-    """torch.compile with pretrain.compile_mode; CUDA graphs only where they are safe (one GPU)."""
+    """torch.compile with pretrain.compile_mode, and whether it uses CUDA graphs (only on one GPU)."""
     mode = p.compile_mode
-    if "cudagraphs" not in mode and mode in ("reduce-overhead", "max-autotune") and (
-            d.world > 1 or d.device.type != "cuda"):
+    if mode in CUDAGRAPH_MODES and (d.world > 1 or d.device.type != "cuda"):
         # CUDA graphs cannot hold DDP's gradient all-reduce, and there are none on the CPU.
-        fallback = "default" if mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
-        say(f"compile_mode {mode} uses CUDA graphs, which need one GPU: using {fallback}")
-        mode = fallback
-    return torch.compile(module, mode=None if mode == "default" else mode), mode in ("reduce-overhead", "max-autotune")
+        say(f"compile_mode {mode} uses CUDA graphs, which need one GPU: using {CUDAGRAPH_MODES[mode]}")
+        mode = CUDAGRAPH_MODES[mode]
+    return torch.compile(module, mode=None if mode == "default" else mode), mode in CUDAGRAPH_MODES
 
 
 def _all_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -325,7 +327,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     """
     started = time.perf_counter()
     d = setup_distributed(p.device)
-    marks = {"devices": time.perf_counter()}
+    devices_ready = time.perf_counter()
     say = log if d.main else (lambda _msg: None)
     tokens_dir = Path(tokens_dir)
     meta = batches.read_meta(tokens_dir)
@@ -346,7 +348,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     model.to(d.device)
     model.train()
     set_training_attention(model, True)
-    marks["model"] = time.perf_counter()
+    model_ready = time.perf_counter()
     optimizer = make_optimizer(model, p, d.device)
     schedule = partial(lr_factor, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -442,24 +444,23 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     # Steps before this one pay for compilation, warm-up and capture: kept out of the throughput.
     timed_from = capture_at + 1 if graphed else start + 1
 
+    def step_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [sampler.get(step, micro) for micro in range(p.grad_accum)]
+
     setup_s = time.perf_counter() - started
-    phases, last = [], started
-    for name, when in marks.items():
-        phases.append(f"{name} {when - last:.1f}s")
-        last = when
-    say(f"set-up {setup_s:.1f}s ({', '.join(phases)}, data and the rest {started + setup_s - last:.1f}s)")
+    say(f"set-up {setup_s:.1f}s (devices {devices_ready - started:.1f}s, model {model_ready - devices_ready:.1f}s, "
+        f"data and the rest {started + setup_s - model_ready:.1f}s)")
     with attention_backends(p.attention, d.device):
         for step in range(start, p.steps):
-            micro_steps = range(p.grad_accum)
-            if graphed and step == capture_at:
-                torch.cuda.current_stream(d.device).wait_stream(warm_stream)
-                captured = step_graph.CapturedStep(one_step, optimizer, [sampler.get(step, m) for m in micro_steps],
-                                                   p.lr * schedule(step))
-            if captured is not None:
-                captured.replay([sampler.get(step, m) for m in micro_steps], p.lr * schedule(step))
+            if graphed and step >= capture_at:
+                drawn, step_lr = step_batches(step), p.lr * schedule(step)
+                if captured is None:
+                    torch.cuda.current_stream(d.device).wait_stream(warm_stream)
+                    captured = step_graph.CapturedStep(one_step, optimizer, drawn, step_lr)
+                captured.replay(drawn, step_lr)
             else:
                 with torch.cuda.stream(warm_stream) if warm_stream is not None else nullcontext():
-                    one_step([sampler.get(step, m) for m in micro_steps])
+                    one_step(step_batches(step))
                     optimizer.zero_grad(set_to_none=True)
                 if warm_stream is not None:
                     torch.cuda.current_stream(d.device).wait_stream(warm_stream)
