@@ -164,6 +164,8 @@ class PretrainParams(Section):
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     cuda_graph: bool = False  # capture the whole step as one CUDA graph (one GPU; lmforge/step_graph.py)
     data_on_device: bool = True
+    ddp_bucket_mb: float = Field(25.0, gt=0)  # gradient bytes per DDP all-reduce (PyTorch's default: 25)
+    ddp_comm_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients travel in between GPUs
 
     @model_validator(mode="after")
     def _shapes(self) -> PretrainParams:
