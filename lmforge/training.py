@@ -59,7 +59,8 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 
 # Knobs that do not change the weights a run ends with: they stay out of the run key.
 OPERATIONAL_KEYS = {"eval_every", "checkpoint_every", "log_every", "compile", "compile_mode", "attention", "cuda_graph",
-                    "device", "data_on_device", "save", "ddp_bucket_mb"}
+                    "device", "data_on_device", "save", "ddp_bucket_mb",
+                    "ddp_comm_dtype"}
 Metrics = Callable[[dict[str, float], int], None]
 
 
@@ -393,7 +394,9 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
         # Gradients as views into the all-reduce buckets: one copy fewer per step.
         wrapped = DistributedDataParallel(wrapped, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                                           gradient_as_bucket_view=True, bucket_cap_mb=p.ddp_bucket_mb)
-        if p.ddp_comm_dtype == "bf16":
+        if p.ddp_comm_dtype == "bf16" and d.device.type != "cuda":
+            say("ddp_comm_dtype bf16 needs NCCL (GPUs); gloo sends the gradients as fp32")
+        elif p.ddp_comm_dtype == "bf16":
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 
             # Half the bytes on the wire, summed in bf16: the usual mixed-precision trade.
