@@ -149,7 +149,10 @@ def table(results: dict) -> str:
     for key in sorted(k for k in results if k.startswith("g3")):
         r = results[key]
         scaling = r["metrics"]["tokens_per_s"] / results["g1"]["metrics"]["tokens_per_s"] if "g1" in results else None
-        lines.append(row(key, r, f"{scaling:.2f}x g1" if scaling else ""))
+        gpus = r["metrics"]["world_size"]
+        target = {2: f"target >= {TARGETS['g3_scaling_2']}x",
+                  4: f"target >= {TARGETS['g3_scaling_4']}x and {TARGETS['g3_tokens_per_s_4']:,} tokens/s"}.get(gpus, "")
+        lines.append(row(key, r, "; ".join(filter(None, [f"{scaling:.2f}x g1" if scaling else "", target]))))
     return "\n".join(lines)
 
 
