@@ -3,14 +3,18 @@
     python bench/profile_step.py                                   # G1's shape, configs/gpu.yaml otherwise
     python bench/profile_step.py --variant cudnn:attention=cudnn --variant cdt:inductor.coordinate_descent_tuning=1
     python bench/profile_step.py --attention-only                  # just the SDPA kernel table
+    torchrun --nproc-per-node 2 bench/profile_step.py              # G3: the step under DDP, as rank 0 sees it
 
 A diagnostic beside bench/bench_gpu.py, which measures the real stage: this one builds the same
 pieces (lmforge.model.build_model, training.TrainingLoss compiled with its loss, the fused AdamW
 of training.make_optimizer, the mask-free causal attention) and runs the step in one process, so
-several variants compile and run in one call. Per variant it prints step time, tokens/s, MFU,
-compile time and peak memory, then the CUDA time of the profiled steps by kernel kind, and the
-heaviest kernels. --variant NAME:KEY=VALUE[,KEY=VALUE] sets pretrain params, or inductor.KEY for
-torch._inductor.config.
+several variants compile and run in one call. Under torchrun the step runs under DDP as the
+stage wraps it (training.wrap_ddp). Per variant it prints step time, tokens/s, MFU, compile time
+and peak memory, then the CUDA time of the profiled steps by kernel kind (NCCL runs beside the
+compute, "step - kernels" is the unprofiled step time minus the compute kernels' time: roughly
+the GPU's idle time, which profiling noise can push below zero), and the heaviest kernels.
+--variant NAME:KEY=VALUE[,KEY=VALUE] sets pretrain params, inductor.KEY for torch._inductor.config
+or dynamo.KEY for torch._dynamo.config (dynamo.optimize_ddp=false: one graph, no bucket splits).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
@@ -28,13 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-# Kernel kinds by name (first match wins); what matches none is counted as "other".
+# Kernel kinds by name (first match wins); what matches none is counted as "other". Inductor names
+# its kernels after the ops they fuse (triton_poi_fused__scaled_dot_product_..., triton_tem_fused_mm...),
+# so its templates and fused kernels are sorted before the names of the library kernels.
+PROFILED_STEPS = 3
 KINDS = (
     ("nccl", r"nccl"),
+    ("matmul", r"^triton_tem"),
+    ("fused (triton)", r"^triton"),
     ("attention", r"flash|fmha|cudnn|attention|sdpa"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_"),
     ("optimizer", r"adam|multi_tensor|foreach"),
-    ("fused (triton)", r"^triton"),
 )
 
 
@@ -46,88 +55,118 @@ def kind_of(name: str) -> str:
 
 
 def parse_variant(text: str) -> tuple[str, dict, dict]:
+    """NAME:KEY=VALUE,... -> (name, pretrain overrides, {"inductor.KEY" / "dynamo.KEY": value})."""
     name, _, body = text.partition(":")
-    params, inductor = {}, {}
+    params, compiler = {}, {}
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
-        target = inductor if key.startswith("inductor.") else params
-        target[key.removeprefix("inductor.")] = yaml.safe_load(value)
-    return name, params, inductor
+        target = compiler if key.startswith(("inductor.", "dynamo.")) else params
+        target[key] = yaml.safe_load(value)
+    return name, params, compiler
 
 
-def run_variant(name: str, overrides: dict, inductor: dict, steps: int, top: int) -> dict:
-    import torch
+def compiler_configs(settings: dict) -> list[tuple[object, str, object]]:
+    """(config module, key, value) for each inductor.KEY / dynamo.KEY setting."""
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    from bench_gpu import G1_SHAPE, G1_VOCAB
+    modules = {"inductor": inductor_config, "dynamo": dynamo_config}
+    return [(modules[key.partition(".")[0]], key.partition(".")[2], value) for key, value in settings.items()]
+
+
+def run_variant(name: str, overrides: dict, compiler: dict, d, steps: int, top: int) -> dict:
+    """One variant: pretrain overrides over G1's shape, compiler settings restored afterwards."""
+    from bench_gpu import G1_SHAPE
     from lmforge.config import PretrainParams
-    from lmforge.model import TokenInfo, build_model, flops_per_token, set_training_attention
-    from lmforge.training import TrainingLoss, attention_backends, make_optimizer, peak_flops
 
     base = yaml.safe_load((ROOT / "configs" / "gpu.yaml").read_text())["pretrain"]
     p = PretrainParams(**{**base, **G1_SHAPE, "pad_vocab": 1, **overrides})
-    saved = {key: getattr(inductor_config, key) for key in inductor}
-    for key, value in inductor.items():
-        setattr(inductor_config, key, value)
+    settings = compiler_configs(compiler)
+    saved = [(config, key, getattr(config, key)) for config, key, _ in settings]
+    try:
+        for config, key, value in settings:
+            setattr(config, key, value)
+        return measure(name, p, d, steps, top)
+    finally:
+        for config, key, value in saved:
+            setattr(config, key, value)
+
+
+def measure(name: str, p, d, steps: int, top: int) -> dict:
+    """Compile and time the step, then profile PROFILED_STEPS of it; print and return the figures."""
+    import torch
+
+    from bench_gpu import G1_VOCAB
+    from lmforge.model import TokenInfo, build_model, flops_per_token, set_training_attention
+    from lmforge.training import TrainingLoss, attention_backends, make_optimizer, peak_flops, wrap_ddp
+
     torch._dynamo.reset()
-    device = torch.device("cuda", 0)
+    device = d.device
     torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(p, TokenInfo(G1_VOCAB, 0, 1, 2, 3), seed=0).to(device).train()
     set_training_attention(model, True)
     optimizer = make_optimizer(model, p, device)
-    runner = torch.compile(TrainingLoss(model, False), mode=None if p.compile_mode == "default" else p.compile_mode)
+    module = TrainingLoss(model, False)
+    if d.world > 1:
+        module = wrap_ddp(module, p, d, print if d.main else (lambda _msg: None))
+    runner = torch.compile(module, mode=None if p.compile_mode == "default" else p.compile_mode)
+
+    cuda = device.type == "cuda"  # a CPU run only checks the code path (no kernel table)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step() -> None:
         x = torch.randint(4, G1_VOCAB, (p.batch_size, p.context), device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
             loss = runner(x, x)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        if p.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    torch.cuda.reset_peak_memory_stats(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     with attention_backends(p.attention, device):
         start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        sync()
         compile_s = time.perf_counter() - start
         for _ in range(5):
             step()
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
             step()
-        torch.cuda.synchronize()
+        sync()
         step_s = (time.perf_counter() - start) / steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
+        activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+        with torch.profiler.profile(activities=[activity]) as prof:
+            for _ in range(PROFILED_STEPS):
                 step()
-            torch.cuda.synchronize()
-    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
-    for key, value in saved.items():
-        setattr(inductor_config, key, value)
+            sync()
+    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
 
     kernels: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
-        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if us and event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.key] += us / 3 / 1000  # ms per step
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total:
+            kernels[event.key] += event.device_time_total / PROFILED_STEPS / 1000  # ms per step
     by_kind: dict[str, float] = defaultdict(float)
     for kernel, ms in kernels.items():
         by_kind[kind_of(kernel)] += ms
-    tokens = p.batch_size * p.context
-    tok_s = tokens / step_s
+    tok_s = p.batch_size * p.context * d.world / step_s  # all ranks together
     peak = peak_flops(device)
-    result = {"variant": name, "step_ms": 1000 * step_s, "tokens_per_s": tok_s,
-              "mfu": tok_s * flops_per_token(model, p.context) / peak if peak else None,
-              "compile_s": compile_s, "peak_gb": peak_gb, "gpu_ms": sum(kernels.values()), "by_kind": dict(by_kind)}
-    print(f"\n== {name}: {result['step_ms']:.1f} ms/step, {tok_s:,.0f} tokens/s, "
-          f"MFU {100 * (result['mfu'] or 0):.1f}%, first step {compile_s:.0f} s, peak {peak_gb:.1f} GiB")
-    print(f"   GPU busy {result['gpu_ms']:.1f} ms of {result['step_ms']:.1f} ms: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
-    for kernel, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"   {ms:7.2f} ms  {kind_of(kernel):<14} {kernel[:110]}")
+    compute_ms = sum(ms for kind, ms in by_kind.items() if kind != "nccl")
+    result = {"variant": name, "gpus": d.world, "step_ms": 1000 * step_s, "tokens_per_s": tok_s,
+              "mfu": tok_s * flops_per_token(model, p.context) / (peak * d.world) if peak else None,
+              "compile_s": compile_s, "peak_gb": peak_gb, "compute_ms": compute_ms,
+              "step_minus_kernels_ms": 1000 * step_s - compute_ms, "by_kind": dict(by_kind)}
+    if d.main:
+        print(f"\n== {name} ({d.world} x {device.type}): {result['step_ms']:.1f} ms/step, {tok_s:,.0f} tokens/s, "
+              f"MFU {100 * (result['mfu'] or 0):.1f}%, first step {compile_s:.0f} s, peak {peak_gb:.1f} GiB")
+        print(f"   kernels by kind (ms; compute {compute_ms:.1f}, step {result['step_ms']:.1f}): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+        for kernel, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"   {ms:7.2f} ms  {kind_of(kernel):<14} {kernel[:110]}")
     del model, optimizer, runner
     torch.cuda.empty_cache()
     return result
@@ -144,23 +183,29 @@ def attention_table(batch: int, heads: int, context: int, head_dim: int, reps: i
     grad = torch.randn_like(q)
     fwd_flops = 4 * batch * heads * context * context * head_dim / 2  # causal: half the score matrix
     rows = []
+
+    def forward():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def forward_backward():  # autograd.grad: no accumulation into .grad, no extra add kernels
+        torch.autograd.grad(forward(), (q, k, v), grad)
+
+    def ms_per_call(fn) -> float:  # back-to-back calls between two events: no per-call sync
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         try:
             with sdpa_kernel(backend):
                 for _ in range(3):
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
-                torch.cuda.synchronize()
-                events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-                fwd = bwd = 0.0
-                for _ in range(reps):
-                    events[0].record()
-                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                    events[1].record()
-                    out.backward(grad)
-                    events[2].record()
-                    torch.cuda.synchronize()
-                    fwd += events[0].elapsed_time(events[1]) / reps
-                    bwd += events[1].elapsed_time(events[2]) / reps
+                    forward_backward()
+                fwd = ms_per_call(forward)
+                bwd = ms_per_call(forward_backward) - fwd
         except RuntimeError as err:
             rows.append({"backend": backend.name, "error": str(err).splitlines()[0][:100]})
             continue
@@ -189,21 +234,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--top", type=int, default=12, help="heaviest kernels listed per variant")
     parser.add_argument("--attention-only", action="store_true")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of the code path")
     args = parser.parse_args()
 
     from bench_gpu import G1_SHAPE
+    from lmforge.training import setup_distributed
 
-    attention_table(G1_SHAPE["batch_size"], G1_SHAPE["n_head"], G1_SHAPE["context"],
-                    G1_SHAPE["d_model"] // G1_SHAPE["n_head"])
-    if args.attention_only:
+    d = setup_distributed(args.device)  # one process, or one per GPU under torchrun
+    if d.world == 1 and d.device.type == "cuda":
+        attention_table(G1_SHAPE["batch_size"], G1_SHAPE["n_head"], G1_SHAPE["context"],
+                        G1_SHAPE["d_model"] // G1_SHAPE["n_head"])
+        if args.attention_only:
+            return
+    results = [run_variant(*parse_variant(v), d, args.steps, args.top) for v in (args.variant or ["g1:"])]
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if not d.main:
         return
-    results = [run_variant(*parse_variant(v), args.steps, args.top) for v in (args.variant or ["g1:"])]
-    print("\n| variant | ms/step | tokens/s | MFU | GPU busy ms | first step s | peak GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| variant | GPUs | ms/step | tokens/s | MFU | compute kernels ms | step - kernels ms | NCCL ms | first step s | peak GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {100 * (r['mfu'] or 0):.1f}% | "
-              f"{r['gpu_ms']:.1f} | {r['compile_s']:.0f} | {r['peak_gb']:.1f} |")
-
+        print(f"| {r['variant']} | {r['gpus']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{100 * (r['mfu'] or 0):.1f}% | {r['compute_ms']:.1f} | {r['step_minus_kernels_ms']:.1f} | "
+              f"{r['by_kind'].get('nccl', 0.0):.1f} | {r['compile_s']:.0f} | {r['peak_gb']:.1f} |")
 
 if __name__ == "__main__":
     main()

@@ -164,7 +164,9 @@ class PretrainParams(Section):
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     cuda_graph: bool = False  # capture the whole step as one CUDA graph (one GPU; lmforge/step_graph.py)
     data_on_device: bool = True
-    ddp_bucket_mb: float = Field(25.0, gt=0)  # gradient bytes per DDP all-reduce (PyTorch's default: 25)
+    # MiB of gradients per DDP all-reduce bucket (PyTorch's default: 25). DDP's first bucket holds
+    # 1 MiB, and torch.compile's DDP support asserts that no later bucket is smaller.
+    ddp_bucket_mb: float = Field(25.0, ge=1.0)
     ddp_comm_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients travel in between GPUs
 
     @model_validator(mode="after")

@@ -57,7 +57,8 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("T4", 65e12),
 )
 
-# Knobs that do not change the weights a run ends with: they stay out of the run key.
+# Knobs that change how a run computes, not what it trains (kernels, fusion and bf16 gradient
+# transfer move the last bits only): they stay out of the run key, so a resume may change them.
 OPERATIONAL_KEYS = {"eval_every", "checkpoint_every", "log_every", "compile", "compile_mode", "attention", "cuda_graph",
                     "device", "data_on_device", "save", "ddp_bucket_mb",
                     "ddp_comm_dtype"}
@@ -271,6 +272,23 @@ def compile_runner(module, p: Any, d: "Dist", say: Callable[[str], None]):
     return torch.compile(module, mode=None if mode == "default" else mode), mode in CUDAGRAPH_MODES
 
 
+def wrap_ddp(module: torch.nn.Module, p: Any, d: Dist, say: Callable[[str], None]):
+    """`module` under DistributedDataParallel with pretrain.ddp_bucket_mb and ddp_comm_dtype."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Gradients as views into the all-reduce buckets: one copy fewer per step.
+    ddp = DistributedDataParallel(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                                  gradient_as_bucket_view=True, bucket_cap_mb=p.ddp_bucket_mb)
+    if p.ddp_comm_dtype == "bf16" and d.device.type != "cuda":
+        say("ddp_comm_dtype bf16 needs NCCL (GPUs); gloo sends the gradients as fp32")
+    elif p.ddp_comm_dtype == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+        # Half the bytes on the wire, summed in bf16: the usual mixed-precision trade.
+        ddp.register_comm_hook(None, bf16_compress_hook)
+    return ddp
+
+
 def _all_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         import torch.distributed as dist
@@ -389,18 +407,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
 
     wrapped = TrainingLoss(model, masked)
     if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Gradients as views into the all-reduce buckets: one copy fewer per step.
-        wrapped = DistributedDataParallel(wrapped, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                                          gradient_as_bucket_view=True, bucket_cap_mb=p.ddp_bucket_mb)
-        if p.ddp_comm_dtype == "bf16" and d.device.type != "cuda":
-            say("ddp_comm_dtype bf16 needs NCCL (GPUs); gloo sends the gradients as fp32")
-        elif p.ddp_comm_dtype == "bf16":
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
-
-            # Half the bytes on the wire, summed in bf16: the usual mixed-precision trade.
-            wrapped.register_comm_hook(None, bf16_compress_hook)
+        wrapped = wrap_ddp(wrapped, p, d, say)
     runner, cudagraphs = compile_runner(wrapped, p, d, say) if p.compile else (wrapped, False)
 
     n_params = count_params(model)

@@ -54,6 +54,7 @@ def _val_metrics(model, tokens: Path) -> dict:
         ({"gguf_file": "x.gguf"}, "set init_from too"),
         ({"compile": True, "cuda_graph": True}, "cuda_graph captures eager steps"),
         ({"attention": "flash3"}, "pretrain.attention"),
+        ({"ddp_bucket_mb": 0.5}, "pretrain.ddp_bucket_mb"),
     ],
 )
 def test_bad_pretrain_params_fail_with_the_key(override, message):
@@ -309,10 +310,24 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert np.isclose(training.lr_factor(55, warmup=10, total=100, floor=0.0), 0.5)
 
 
-@pytest.mark.parametrize("ddp", [{}, {"ddp_comm_dtype": "bf16", "ddp_bucket_mb": 0.05}], ids=["fp32", "bf16-small-buckets"])
+def test_wrap_ddp_sets_the_bucket_size_and_keeps_fp32_gradients_on_gloo(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        notes: list[str] = []
+        p = fx.params({"ddp_bucket_mb": 2, "ddp_comm_dtype": "bf16"}).pretrain
+        ddp = training.wrap_ddp(torch.nn.Linear(8, 8), p, training.Dist(world=1), notes.append)
+        assert ddp.bucket_bytes_cap == 2 * 2**20
+        assert notes == ["ddp_comm_dtype bf16 needs NCCL (GPUs); gloo sends the gradients as fp32"]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ddp", [{}, {"ddp_comm_dtype": "bf16", "ddp_bucket_mb": 1}], ids=["fp32", "bf16-1mb-buckets"])
 def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp):
     # DDP over gloo on the CPU: the path N GPUs take under torchrun, minus NCCL. The second case
-    # asks for bf16 gradients (NCCL only, so refused with a note) through many small buckets.
+    # asks for bf16 gradients (NCCL only, so refused with a note) in the smallest buckets allowed.
     root = fx.project(tmp_path / "proj", {"steps": 20, "warmup_steps": 2, "eval_every": 10, "checkpoint_every": 10,
                                           "grad_accum": 2, **ddp}, tokens=tokens)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tasks.pretrain"]
