@@ -85,14 +85,17 @@ def run_stage(module: str, folder: Path, env: dict, extra: list[str], log: Path)
     return wall
 
 
-def run_pretrain(name: str, folder: Path, params: dict, gpus: str | None) -> dict:
+def stage_env(gpus: str, **extra: str) -> dict[str, str]:
+    """The stage process's environment: these GPUs, tracking off unless LMFORGE_TRACKING says otherwise."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_TRACKING": os.environ.get("LMFORGE_TRACKING", "off"),
+            "CUDA_VISIBLE_DEVICES": gpus, **extra}
+
+
+def run_pretrain(name: str, folder: Path, params: dict, gpus: str) -> dict:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     caches = folder / "compile-cache"
     shutil.rmtree(caches, ignore_errors=True)  # cold compile: nothing from an earlier process
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_TRACKING": os.environ.get("LMFORGE_TRACKING", "off"),
-           "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton")}
-    if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpus
+    env = stage_env(gpus, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"), TRITON_CACHE_DIR=str(caches / "triton"))
     wall = run_stage("pretrain", folder, env,
                      ["--out", str(folder / "model"), "--checkpoints", str(folder / "checkpoints"),
                       "--reports", str(folder / "reports")], folder / "pretrain.log")
@@ -110,8 +113,7 @@ def g2(work: Path, base: dict, overrides: dict, corpus: Path) -> dict:
     folder = work / "g2"
     write_shakespeare_tokens(corpus, folder / "tokens")
     result = run_pretrain("g2", folder, case_params(base, overrides), "0")
-    env = {**os.environ, "LMFORGE_TRACKING": "off", "CUDA_VISIBLE_DEVICES": "0"}
-    result["evaluate_wall_s"] = round(run_stage("evaluate", folder, env, [
+    result["evaluate_wall_s"] = round(run_stage("evaluate", folder, stage_env("0"), [
         "--model", str(folder / "model"), "--reports", str(folder / "eval")], folder / "evaluate.log"), 2)
     result["evaluate"] = json.loads((folder / "eval" / "metrics.json").read_text())
     result["val_history"] = [dict(zip(("step", "train_loss", "val_loss"), map(float, line.split(","))))

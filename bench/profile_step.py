@@ -33,10 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+PROFILED_STEPS = 3  # steps under torch.profiler per variant; the kernel table is per step
+
 # Kernel kinds by name (first match wins); what matches none is counted as "other". Inductor names
 # its kernels after the ops they fuse (triton_poi_fused__scaled_dot_product_..., triton_tem_fused_mm...),
 # so its templates and fused kernels are sorted before the names of the library kernels.
-PROFILED_STEPS = 3
 KINDS = (
     ("nccl", r"nccl"),
     ("matmul", r"^triton_tem"),

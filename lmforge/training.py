@@ -60,8 +60,7 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 # Knobs that change how a run computes, not what it trains (kernels, fusion and bf16 gradient
 # transfer move the last bits only): they stay out of the run key, so a resume may change them.
 OPERATIONAL_KEYS = {"eval_every", "checkpoint_every", "log_every", "compile", "compile_mode", "attention", "cuda_graph",
-                    "device", "data_on_device", "save", "ddp_bucket_mb",
-                    "ddp_comm_dtype"}
+                    "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype"}
 Metrics = Callable[[dict[str, float], int], None]
 
 
