@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 G1_SHAPE = dict(arch="gpt2", n_layer=12, n_head=12, d_model=768, context=1024, batch_size=32, dropout=0.0,
                 lr=6e-4, warmup_steps=10, steps=120, eval_every=120, eval_batches=2, checkpoint_every=100_000,
-                log_every=20, compile=True, compile_mode="default", cuda_graph=False)
+                log_every=20, compile=True, compile_mode="default", cuda_graph=False, fused_loss=True)
 G1_VOCAB = 50_304  # GPT-2's 50,257 padded to a multiple of 64
 TARGETS = {"g1_tokens_per_s": 565_000, "g2_wall_s": 60.0, "g2_val_loss": 1.294, "g3_scaling_2": 1.95,
            "g3_scaling_4": 3.85, "g3_tokens_per_s_4": 2_150_000}

@@ -41,7 +41,7 @@ PROFILED_STEPS = 3  # steps under torch.profiler per variant; the kernel table i
 KINDS = (
     ("nccl", r"nccl"),
     ("matmul", r"^triton_tem"),
-    ("fused (triton)", r"^triton"),
+    ("fused (triton)", r"^triton|cross_entropy_grad_kernel"),  # Inductor's, and lmforge/fused_loss.py's
     ("attention", r"flash|fmha|cudnn|attention|sdpa"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_"),
     ("optimizer", r"adam|multi_tensor|foreach"),
@@ -99,7 +99,8 @@ def measure(name: str, p, d, steps: int, top: int) -> dict:
 
     from bench_gpu import G1_VOCAB
     from lmforge.model import TokenInfo, build_model, flops_per_token, set_training_attention
-    from lmforge.training import TrainingLoss, attention_backends, make_optimizer, peak_flops, wrap_ddp
+    from lmforge.training import (TrainingLoss, attention_backends, make_optimizer, peak_flops, use_fused_loss,
+                                   wrap_ddp)
 
     torch._dynamo.reset()
     device = d.device
@@ -107,7 +108,7 @@ def measure(name: str, p, d, steps: int, top: int) -> dict:
     model = build_model(p, TokenInfo(G1_VOCAB, 0, 1, 2, 3), seed=0).to(device).train()
     set_training_attention(model, True)
     optimizer = make_optimizer(model, p, device)
-    module = TrainingLoss(model, False)
+    module = TrainingLoss(model, False, use_fused_loss(p, model, False, print))
     if d.world > 1:
         module = wrap_ddp(module, p, d, print if d.main else (lambda _msg: None))
     runner = torch.compile(module, mode=None if p.compile_mode == "default" else p.compile_mode)

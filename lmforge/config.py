@@ -163,6 +163,7 @@ class PretrainParams(Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     cuda_graph: bool = False  # capture the whole step as one CUDA graph (one GPU; lmforge/step_graph.py)
+    fused_loss: bool = False  # the forward keeps the logits' gradient, not the logits (lmforge/fused_loss.py)
     data_on_device: bool = True
     # MiB of gradients per DDP all-reduce bucket (PyTorch's default: 25). DDP's first bucket holds
     # 1 MiB, and torch.compile's DDP support asserts that no later bucket is smaller.

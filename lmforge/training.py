@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmforge import batches, checkpoint, step_graph
+from lmforge import batches, checkpoint, fused_loss, step_graph
 from lmforge.model import TokenInfo, build_model, count_params, flops_per_token, is_masked, set_training_attention
 
 # Dense bf16 FLOP/s per device, matched by substring of the device name, first match wins.
@@ -60,7 +60,7 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 # Knobs that change how a run computes, not what it trains (kernels, fusion and bf16 gradient
 # transfer move the last bits only): they stay out of the run key, so a resume may change them.
 OPERATIONAL_KEYS = {"eval_every", "checkpoint_every", "log_every", "compile", "compile_mode", "attention", "cuda_graph",
-                    "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype"}
+                    "fused_loss", "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype"}
 Metrics = Callable[[dict[str, float], int], None]
 
 
@@ -219,14 +219,28 @@ class TrainingLoss(torch.nn.Module):
     Compiled as one graph, the fp32 upcast and the cross-entropy fuse into a kernel that reads the
     bf16 logits once (compiling the model alone left an eager loss that wrote and re-read fp32
     logits: a tenth of the G1 step). DDP wraps this module, so it sees one forward per micro-step.
+    fused: the training forward goes through lmforge/fused_loss.py (evaluation keeps the plain loss).
     """
 
-    def __init__(self, model, masked: bool):
+    def __init__(self, model, masked: bool, fused: bool = False):
         super().__init__()
-        self.model, self.masked = model, masked
+        self.model, self.masked, self.fused = model, masked, fused
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.fused and torch.is_grad_enabled():
+            return fused_loss.causal_lm_loss(self.model, x, y, batches.IGNORE_INDEX)
         return _loss(self.model, x, y, self.masked)
+
+
+def use_fused_loss(p: Any, model, masked: bool, say: Callable[[str], None]) -> bool:
+    """pretrain.fused_loss where the head allows it (a causal model with a plain linear head)."""
+    if not p.fused_loss:
+        return False
+    if masked or not fused_loss.supports(model):
+        say(f"fused_loss needs a causal model whose head is one bias-free matrix; {type(model).__name__} "
+            "keeps the plain loss")
+        return False
+    return True
 
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -404,7 +418,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     else:
         autocast = nullcontext
 
-    wrapped = TrainingLoss(model, masked)
+    wrapped = TrainingLoss(model, masked, use_fused_loss(p, model, masked, say))
     if d.world > 1:
         wrapped = wrap_ddp(wrapped, p, d, say)
     runner, cudagraphs = compile_runner(wrapped, p, d, say) if p.compile else (wrapped, False)

@@ -1,0 +1,107 @@
+"""pretrain.fused_loss: the same loss and gradients as the plain cross-entropy, in less memory traffic."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import pretrain_fixtures as fx  # noqa: E402
+
+from lmforge import batches, fused_loss, training  # noqa: E402
+from lmforge.model import TokenInfo, build_model  # noqa: E402
+
+torch.set_num_threads(1)
+IGNORE = batches.IGNORE_INDEX
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _reference(hidden, weight, targets):
+    """F.cross_entropy over fp32 logits, as training._loss computes it, and its gradients."""
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = F.cross_entropy((hidden @ weight.t()).float(), targets, ignore_index=IGNORE)
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("vocab", [5003, 70001])  # CUDA: a row in one block, and one too long for any block
+def test_linear_cross_entropy_matches_the_plain_loss(device, compiled, vocab):
+    # Vocabularies that no kernel block divides, and ignored rows that must score and send nothing.
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hidden = torch.randn(96, 32, device=device, dtype=dtype)
+    weight = torch.randn(vocab, 32, device=device, dtype=dtype) * 0.3
+    targets = torch.randint(0, vocab, (96,), device=device)
+    targets[::7] = IGNORE
+    want_loss, want_dh, want_dw = _reference(hidden, weight, targets)
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    fn = fused_loss.LinearCrossEntropy.apply
+    loss = (torch.compile(fn) if compiled else fn)(h, w, targets, IGNORE)
+    (loss * 0.5).backward()  # a scale on the loss must reach both gradients
+
+    tol = {"rtol": 2e-2, "atol": 2e-3} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want_loss, **tol)
+    torch.testing.assert_close(h.grad.float(), 0.5 * want_dh.float(), **tol)
+    torch.testing.assert_close(w.grad.float(), 0.5 * want_dw.float(), **tol)
+    assert torch.count_nonzero(h.grad[::7]) == 0  # an ignored row scores nothing, so sends no gradient
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fused_loss_gives_the_model_loss_and_gradients(arch):
+    p = fx.params({"arch": arch, "pad_vocab": 64}).pretrain
+    model = build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0).train()
+    training.set_training_attention(model, True)
+    assert fused_loss.supports(model)
+    torch.manual_seed(1)
+    x = torch.randint(4, 300, (4, p.context))
+    y = torch.roll(x, -1, 1)
+    y[:, -3:] = IGNORE
+
+    plain = training.TrainingLoss(model, False)(x, y)
+    plain.backward()
+    want = {n: q.grad.clone() for n, q in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    fused = training.TrainingLoss(model, False, fused=True)(x, y)
+    fused.backward()
+
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation keeps the plain loss: no gradient to make
+        torch.testing.assert_close(training.TrainingLoss(model, False, fused=True)(x, y), plain.detach())
+
+
+def test_fused_loss_falls_back_on_a_masked_model():
+    p = fx.params({"arch": "bert", "fused_loss": True}).pretrain
+    model = build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0)
+    said = []
+    assert not fused_loss.supports(model)
+    assert not training.use_fused_loss(p, model, True, said.append)
+    assert "keeps the plain loss" in said[0]
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokens") / "tokens"
+    fx.make_tokens(out)
+    return out
+
+
+def test_a_run_with_the_fused_loss_trains_like_one_without(tokens, tmp_path):
+    common = {"arch": "gpt2", "steps": 30, "warmup_steps": 3, "eval_every": 15, "checkpoint_every": 30}
+    plain = training.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "p",
+                           progress=False)
+    fused = training.train(fx.params({**common, "fused_loss": True}).pretrain, seed=4, tokens_dir=tokens,
+                           checkpoint_root=tmp_path / "f", progress=False)
+    assert [v["step"] for v in fused.history["val"]] == [15, 30]
+    for a, b in zip(plain.history["val"], fused.history["val"]):
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-3, (a, b)
+    assert fused.history["val"][-1]["val_loss"] < fused.history["train"][0]["train_loss"]
