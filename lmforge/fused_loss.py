@@ -15,7 +15,11 @@ faster). torch.compile sees the pair as one opaque op (lmforge::cross_entropy_gr
 same op runs as plain torch.
 
 Only for heads that are one bias-free matrix over the last hidden state (the classes in
-PLAIN_HEADS): any other head keeps the plain loss. Imports only torch (Triton on CUDA, lazily).
+PLAIN_HEADS): any other head keeps the plain loss. Targets must lie in [0, vocab) or equal
+ignore_index (the tokenizer and pad_vocab see to it; the kernel does not check). Where every row is
+ignored the loss is 0 with zero gradients (F.cross_entropy gives NaN). The gradient is stored before
+the loss's own gradient scales it, so it wants bf16 or fp32, not fp16 (its entries are ~1/rows).
+Imports only torch (Triton on CUDA, lazily).
 """
 
 from __future__ import annotations
@@ -42,17 +46,19 @@ def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, count: torch
     """
     logits32 = logits.float()
     valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0)
+    safe_targets = torch.where(valid, targets, 0)[:, None]
     lse = torch.logsumexp(logits32, dim=-1)
-    row_loss = (lse - logits32.gather(1, safe_targets[:, None]).squeeze(1)) * valid
-    one_hot = torch.nn.functional.one_hot(safe_targets, logits.size(1)).float()
-    grad = (torch.exp(logits32 - lse[:, None]) - one_hot) * (valid.float() / count)[:, None]
-    return row_loss, grad.to(logits.dtype)
+    row_loss = (lse - logits32.gather(1, safe_targets).squeeze(1)) * valid
+    row_weight = (valid.float() / count)[:, None]
+    grad = torch.exp(logits32 - lse[:, None]) * row_weight
+    grad.scatter_add_(1, safe_targets, -row_weight)  # minus the one-hot target, without an (N, V) one-hot
+    return row_loss, grad.to(logits.dtype).contiguous()
 
 
 @cross_entropy_grad.register_fake
 def _(logits, targets, count, ignore_index):
-    return logits.new_empty(logits.size(0), dtype=torch.float32), torch.empty_like(logits)
+    # Contiguous, as both implementations return it, whatever the logits' strides.
+    return logits.new_empty(logits.size(0), dtype=torch.float32), logits.new_empty(logits.shape)
 
 
 @cross_entropy_grad.register_kernel("cuda")

@@ -30,7 +30,7 @@ def _reference(hidden, weight, targets):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("vocab", [5003, 70001])  # CUDA: a row in one block, and one too long for any block
+@pytest.mark.parametrize("vocab", [5003, 70001])  # CUDA: a row shorter than the largest block, one longer than all
 def test_linear_cross_entropy_matches_the_plain_loss(device, compiled, vocab):
     # Vocabularies that no kernel block divides, and ignored rows that must score and send nothing.
     torch.manual_seed(0)
@@ -54,6 +54,16 @@ def test_linear_cross_entropy_matches_the_plain_loss(device, compiled, vocab):
     assert torch.count_nonzero(h.grad[::7]) == 0  # an ignored row scores nothing, so sends no gradient
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_with_every_row_ignored_is_zero_not_nan(device):
+    hidden = torch.randn(8, 16, device=device, requires_grad=True)
+    weight = torch.randn(300, 16, device=device, requires_grad=True)
+    loss = fused_loss.LinearCrossEntropy.apply(hidden, weight, torch.full((8,), IGNORE, device=device), IGNORE)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_fused_loss_gives_the_model_loss_and_gradients(arch):
     p = fx.params({"arch": arch, "pad_vocab": 64}).pretrain
@@ -70,6 +80,7 @@ def test_fused_loss_gives_the_model_loss_and_gradients(arch):
     want = {n: q.grad.clone() for n, q in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     fused = training.TrainingLoss(model, False, fused=True)(x, y)
+    assert type(fused.grad_fn).__name__ == "LinearCrossEntropyBackward"  # the fused path, not the plain one
     fused.backward()
 
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
@@ -79,13 +90,14 @@ def test_fused_loss_gives_the_model_loss_and_gradients(arch):
         torch.testing.assert_close(training.TrainingLoss(model, False, fused=True)(x, y), plain.detach())
 
 
-def test_fused_loss_falls_back_on_a_masked_model():
+def test_fused_loss_falls_back_where_the_head_is_not_one_matrix():
     p = fx.params({"arch": "bert", "fused_loss": True}).pretrain
     model = build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0)
-    said = []
-    assert not fused_loss.supports(model)
-    assert not training.use_fused_loss(p, model, True, said.append)
-    assert "keeps the plain loss" in said[0]
+    assert not fused_loss.supports(model)  # BERT's head: a transform, then a matrix with a bias
+    for masked in (True, False):
+        said = []
+        assert not training.use_fused_loss(p, model, masked, said.append)
+        assert "BertForMaskedLM keeps the plain loss" in said[0]
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +109,8 @@ def tokens(tmp_path_factory) -> Path:
 
 def test_a_run_with_the_fused_loss_trains_like_one_without(tokens, tmp_path):
     common = {"arch": "gpt2", "steps": 30, "warmup_steps": 3, "eval_every": 15, "checkpoint_every": 30}
+    p = fx.params({**common, "fused_loss": True}).pretrain
+    assert training.use_fused_loss(p, build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0), False, print)
     plain = training.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "p",
                            progress=False)
     fused = training.train(fx.params({**common, "fused_loss": True}).pretrain, seed=4, tokens_dir=tokens,
