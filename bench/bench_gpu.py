@@ -6,8 +6,9 @@
 Each case writes a params file (configs/gpu.yaml with the case's pretrain overrides) and its
 token data into a scratch folder, then runs `python -m tasks.pretrain` as a fresh process, timed
 from process start to the saved model, with empty torch.compile and Triton caches (cold compile).
-  g1  throughput, GPT-2-124M shape (12 x 768, context 1024, batch 32, vocab 50,304) on one GPU;
-      the tokens are random ids (throughput does not depend on them), drawn by the stage's loader
+  g1  throughput, GPT-2-124M shape (12 x 768, context 1024, batch 32, vocab 50,304) on one GPU,
+      compiled, with pretrain.fused_loss (--set g1.fused_loss=false for the plain loss); the
+      tokens are random ids (throughput does not depend on them), drawn by the stage's loader
   g2  time to quality: char-level Shakespeare, first 90% train, last 10% val, the configs/gpu.yaml
       recipe; then `python -m tasks.evaluate` scores the saved model on the whole val split
   g3  g1 on every visible GPU (the stage relaunches itself under torchrun), scaling over g1
