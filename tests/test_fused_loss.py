@@ -99,23 +99,3 @@ def test_fused_loss_falls_back_where_the_head_is_not_one_matrix():
         assert not training.use_fused_loss(p, model, masked, said.append)
         assert "BertForMaskedLM keeps the plain loss" in said[0]
 
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokens") / "tokens"
-    fx.make_tokens(out)
-    return out
-
-
-def test_a_run_with_the_fused_loss_trains_like_one_without(tokens, tmp_path):
-    common = {"arch": "gpt2", "steps": 30, "warmup_steps": 3, "eval_every": 15, "checkpoint_every": 30}
-    p = fx.params({**common, "fused_loss": True}).pretrain
-    assert training.use_fused_loss(p, build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0), False, print)
-    plain = training.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "p",
-                           progress=False)
-    fused = training.train(fx.params({**common, "fused_loss": True}).pretrain, seed=4, tokens_dir=tokens,
-                           checkpoint_root=tmp_path / "f", progress=False)
-    assert [v["step"] for v in fused.history["val"]] == [15, 30]
-    for a, b in zip(plain.history["val"], fused.history["val"]):
-        assert abs(a["val_loss"] - b["val_loss"]) < 1e-3, (a, b)
-    assert fused.history["val"][-1]["val_loss"] < fused.history["train"][0]["train_loss"]

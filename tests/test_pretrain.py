@@ -216,6 +216,19 @@ def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path):
     assert graphed.history["val"][-1]["val_loss"] < graphed.history["val"][0]["val_loss"]
 
 
+def test_a_run_with_the_fused_loss_trains_like_one_without(tokens, tmp_path):
+    common = {"arch": "gpt2", "steps": 30, "warmup_steps": 3, "eval_every": 15, "checkpoint_every": 30}
+    p = fx.params({**common, "fused_loss": True}).pretrain
+    assert training.use_fused_loss(p, build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0), False, print)
+    plain = training.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "p",
+                           progress=False)
+    fused = training.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "f", progress=False)
+    assert [v["step"] for v in fused.history["val"]] == [15, 30]
+    for a, b in zip(plain.history["val"], fused.history["val"]):
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-3, (a, b)
+    assert fused.history["val"][-1]["val_loss"] < fused.history["train"][0]["train_loss"]
+
+
 # --- checkpoints ------------------------------------------------------------------------------
 
 
