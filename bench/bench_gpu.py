@@ -11,7 +11,9 @@ from process start to the saved model, with empty torch.compile and Triton cache
       tokens are random ids (throughput does not depend on them), drawn by the stage's loader
   g2  time to quality: char-level Shakespeare, first 90% train, last 10% val, the configs/gpu.yaml
       recipe; then `python -m tasks.evaluate` scores the saved model on the whole val split
-  g3  g1 on every visible GPU (the stage relaunches itself under torchrun), scaling over g1
+  g3  g1 on 2 GPUs, then on every visible GPU if there are more (the stage relaunches itself under
+      torchrun), scaling over g1. GPU indices count within CUDA_VISIBLE_DEVICES, so benches can share
+      a machine: CUDA_VISIBLE_DEVICES=3 python bench/bench_gpu.py --cases g2 runs on physical GPU 3
 --set CASE.KEY=VALUE overrides a pretrain param of one case (repeatable); the table comes last.
 """
 
@@ -86,10 +88,20 @@ def run_stage(module: str, folder: Path, env: dict, extra: list[str], log: Path)
     return wall
 
 
+def visible_gpus(indices: str) -> str:
+    """GPU indices as this process counts them (`0,1`) -> ids for the child's CUDA_VISIBLE_DEVICES.
+
+    Under CUDA_VISIBLE_DEVICES=2,3 this process's GPU 0 is physical GPU 2, so several benches can run
+    side by side, each on its own GPUs."""
+    mine = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    wanted = [int(i) for i in indices.split(",")]
+    return ",".join(mine[i] if mine else str(i) for i in wanted)
+
+
 def stage_env(gpus: str, **extra: str) -> dict[str, str]:
     """The stage process's environment: these GPUs, tracking off unless LMFORGE_TRACKING says otherwise."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_TRACKING": os.environ.get("LMFORGE_TRACKING", "off"),
-            "CUDA_VISIBLE_DEVICES": gpus, **extra}
+            "CUDA_VISIBLE_DEVICES": visible_gpus(gpus), **extra}
 
 
 def run_pretrain(name: str, folder: Path, params: dict, gpus: str) -> dict:
@@ -183,6 +195,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--set", action="append", default=[], metavar="CASE.KEY=VALUE")
     parser.add_argument("--record", default=None, help="also write the results as JSON here")
+    parser.add_argument("--seed", type=int, default=None, help="the params' seed (default: the config's)")
     args = parser.parse_args()
 
     import torch
@@ -190,6 +203,8 @@ def main() -> None:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     sets = parse_sets(args.set)
     base = yaml.safe_load(Path(args.config).read_text())
+    if args.seed is not None:
+        base["seed"] = args.seed
     work = Path(args.work or tempfile.mkdtemp(prefix="lmforge-bench-gpu-"))
     n_gpus = torch.cuda.device_count()
     results: dict[str, dict] = {}
@@ -203,8 +218,11 @@ def main() -> None:
             if n_gpus < 2:
                 print("[bench] g3 needs at least 2 visible GPUs: skipped", flush=True)
                 continue
-            gpus = ",".join(str(i) for i in range(n_gpus))
-            results[f"g3_{n_gpus}gpu"] = g1(work, base, {**sets["g1"], **sets["g3"]}, gpus)
+            for n in sorted({2, n_gpus}):  # the issue's two points: 2 GPUs, and all of them (4)
+                print(f"[bench] g3 on {n} GPUs ...", flush=True)
+                results[f"g3_{n}gpu"] = g1(work, base, {**sets["g1"], **sets["g3"]}, ",".join(map(str, range(n))))
+                print(json.dumps(results[f"g3_{n}gpu"]), flush=True)
+            continue
         else:
             raise SystemExit(f"unknown case {case!r}: use g1, g2 or g3")
         print(json.dumps({k: v for k, v in results[next(reversed(results))].items() if k != "val_history"}),
