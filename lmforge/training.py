@@ -100,8 +100,9 @@ def pick_device(preference: str) -> torch.device:
 
 def start_cuda_init(preference: str) -> None:
     """Create this process's CUDA context on a thread while the caller goes on importing and
-    building the model on the CPU (the first CUDA call took ~9 s on the lent H200 machines).
-    torch's lazy initialisation is locked, so the main thread's first CUDA call simply waits for it."""
+    building the model on the CPU: 0.3-0.4 s off the set-up on the lent H200 machines, whose set-up
+    is mostly imports (bench/startup_probe.py). torch's lazy initialisation is locked, so the main
+    thread's first CUDA call simply waits for it."""
     if preference == "cpu" or not torch.cuda.is_available():
         return
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
