@@ -93,8 +93,10 @@ def visible_gpus(indices: str) -> str:
 
     Under CUDA_VISIBLE_DEVICES=2,3 this process's GPU 0 is physical GPU 2, so several benches can run
     side by side, each on its own GPUs."""
-    mine = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    mine = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
     wanted = [int(i) for i in indices.split(",")]
+    if mine and max(wanted) >= len(mine):
+        raise SystemExit(f"GPUs {indices} wanted, but CUDA_VISIBLE_DEVICES={','.join(mine)} shows {len(mine)}")
     return ",".join(mine[i] if mine else str(i) for i in wanted)
 
 
