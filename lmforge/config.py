@@ -164,6 +164,7 @@ class PretrainParams(Section):
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     cuda_graph: bool = False  # capture the whole step as one CUDA graph (one GPU; lmforge/step_graph.py)
     fused_loss: bool = False  # the forward keeps the logits' gradient, not the logits (lmforge/fused_loss.py)
+    param_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: steps on a bf16 copy, AdamW on fp32 masters (lmforge/master_weights.py)
     data_on_device: bool = True
     # MiB of gradients per DDP all-reduce bucket (PyTorch's default: 25). DDP's first bucket holds
     # 1 MiB, and torch.compile's DDP support asserts that no later bucket is smaller.

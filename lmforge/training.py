@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmforge import batches, checkpoint, fused_loss, step_graph
+from lmforge import batches, checkpoint, fused_loss, master_weights, step_graph
 from lmforge.model import TokenInfo, build_model, count_params, flops_per_token, is_masked, set_training_attention
 
 # Dense bf16 FLOP/s per device, matched by substring of the device name, first match wins.
@@ -262,6 +262,16 @@ def attention_backends(choice: str, device: torch.device):
     return sdpa_kernel([first, *rest], set_priority=True)
 
 
+def bf16_working(p: Any, model, d: "Dist", say: Callable[[str], None]) -> master_weights.BF16Working | None:
+    """pretrain.param_dtype bf16: a bf16 working copy of `model`, whose fp32 weights become the masters."""
+    if p.param_dtype != "bf16":
+        return None
+    if d.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("pretrain.param_dtype bf16 needs a GPU with bf16; set param_dtype: fp32")
+    say("param_dtype bf16: forward and backward on a bf16 copy of the weights, AdamW on the fp32 masters")
+    return master_weights.BF16Working(model)
+
+
 def use_cuda_graph(p: Any, d: "Dist", say: Callable[[str], None]) -> bool:
     """pretrain.cuda_graph where it can work: one process on one GPU."""
     if not p.cuda_graph:
@@ -419,7 +429,10 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     else:
         autocast = nullcontext
 
-    wrapped = TrainingLoss(model, masked, use_fused_loss(p, model, masked, say))
+    # The model that runs forward and backward: `model` itself, or its bf16 copy (pretrain.param_dtype).
+    working = bf16_working(p, model, d, say)
+    stepped = working.model if working else model
+    wrapped = TrainingLoss(stepped, masked, use_fused_loss(p, stepped, masked, say))
     if d.world > 1:
         wrapped = wrap_ddp(wrapped, p, d, say)
     runner, cudagraphs = compile_runner(wrapped, p, d, say) if p.compile else (wrapped, False)
@@ -462,9 +475,13 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
                     loss = runner(x, y)
                 (loss / len(step_batches)).backward()
             loss_sum.add_(loss.detach() / len(step_batches))
+        if working:
+            working.grads_to_masters()
         if p.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         optimizer.step()
+        if working:
+            working.refresh()
 
     graphed = use_cuda_graph(p, d, say)
     captured: step_graph.CapturedStep | None = None

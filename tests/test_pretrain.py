@@ -229,6 +229,35 @@ def test_a_run_with_the_fused_loss_trains_like_one_without(tokens, tmp_path):
     assert fused.history["val"][-1]["val_loss"] < fused.history["train"][0]["train_loss"]
 
 
+
+class _Killed(Exception):
+    pass
+
+
+def test_bf16_working_weights_train_like_fp32_and_a_killed_run_resumes_exactly(tokens, tmp_path):
+    common = {"arch": "gpt2", "steps": 30, "warmup_steps": 3, "eval_every": 15, "checkpoint_every": 10,
+              "log_every": 5, "dropout": 0.0}
+    fp32 = training.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "fp32",
+                          progress=False)
+    p = fx.params({**common, "param_dtype": "bf16"}).pretrain
+    bf16 = training.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "bf16", progress=False)
+    assert {param.dtype for param in bf16.model.parameters()} == {torch.float32}  # the masters are what is kept
+    for a, b in zip(fp32.history["val"], bf16.history["val"]):
+        assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 0.05, (a, b)
+    assert bf16.history["val"][-1]["val_loss"] < bf16.history["train"][0]["train_loss"]
+
+    def die_at_step_25(metrics, step):
+        if step == 25:
+            raise _Killed
+    with pytest.raises(_Killed):
+        training.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False,
+                       on_metrics=die_at_step_25)
+    resumed = training.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False)
+    assert resumed.resumed_from == 20  # the bf16 copy is rebuilt from the fp32 masters of step 20
+    reference = bf16.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, reference[name]), f"{name} differs after resume"
+
 # --- checkpoints ------------------------------------------------------------------------------
 
 
