@@ -7,7 +7,8 @@ Each case writes a params file (configs/gpu.yaml with the case's pretrain overri
 token data into a scratch folder, then runs `python -m tasks.pretrain` as a fresh process, timed
 from process start to the saved model, with empty torch.compile and Triton caches (cold compile).
   g1  throughput, GPT-2-124M shape (12 x 768, context 1024, batch 32, vocab 50,304) on one GPU,
-      compiled, with pretrain.fused_loss (--set g1.fused_loss=false for the plain loss); the
+      compiled, with pretrain.fused_loss and param_dtype bf16 (--set g1.fused_loss=false for the
+      plain loss, --set g1.param_dtype=fp32 for autocast over fp32 weights); the
       tokens are random ids (throughput does not depend on them), drawn by the stage's loader
   g2  time to quality: char-level Shakespeare, first 90% train, last 10% val, the configs/gpu.yaml
       recipe; then `python -m tasks.evaluate` scores the saved model on the whole val split
@@ -38,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 G1_SHAPE = dict(arch="gpt2", n_layer=12, n_head=12, d_model=768, context=1024, batch_size=32, dropout=0.0,
                 lr=6e-4, warmup_steps=10, steps=120, eval_every=120, eval_batches=2, checkpoint_every=100_000,
-                log_every=20, compile=True, compile_mode="default", cuda_graph=False, fused_loss=True)
+                log_every=20, compile=True, compile_mode="default", cuda_graph=False, fused_loss=True,
+                param_dtype="bf16")
 G1_VOCAB = 50_304  # GPT-2's 50,257 padded to a multiple of 64
 TARGETS = {"g1_tokens_per_s": 565_000, "g2_wall_s": 60.0, "g2_val_loss": 1.294, "g3_scaling_2": 1.95,
            "g3_scaling_4": 3.85, "g3_tokens_per_s_4": 2_150_000}

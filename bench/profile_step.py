@@ -15,8 +15,6 @@ compute, "step - kernels" is the unprofiled step time minus the compute kernels'
 the GPU's idle time, which profiling noise can push below zero), and the heaviest kernels.
 --variant NAME:KEY=VALUE[,KEY=VALUE] sets pretrain params, inductor.KEY for torch._inductor.config
 or dynamo.KEY for torch._dynamo.config (dynamo.optimize_ddp=false: one graph, no bucket splits).
-probe.bf16_weights=true casts the model to bf16 before the optimizer sees it: a throughput ceiling
-for a bf16 residual stream (autocast keeps it fp32), not a training recipe (AdamW on bf16 weights).
 """
 
 from __future__ import annotations
@@ -57,20 +55,15 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-PROBES = {"probe.bf16_weights": False}
-
-
-def parse_variant(text: str) -> tuple[str, dict, dict, dict]:
-    """NAME:KEY=VALUE,... -> (name, pretrain overrides, {"inductor.KEY" / "dynamo.KEY": value}, probes)."""
+def parse_variant(text: str) -> tuple[str, dict, dict]:
+    """NAME:KEY=VALUE,... -> (name, pretrain overrides, {"inductor.KEY" / "dynamo.KEY": value})."""
     name, _, body = text.partition(":")
-    params, compiler, probes = {}, {}, dict(PROBES)
+    params, compiler = {}, {}
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
-        if key.startswith("probe.") and key not in PROBES:
-            raise SystemExit(f"--variant {text!r}: unknown {key}; probes: {', '.join(PROBES)}")
-        target = probes if key.startswith("probe.") else compiler if key.startswith(("inductor.", "dynamo.")) else params
+        target = compiler if key.startswith(("inductor.", "dynamo.")) else params
         target[key] = yaml.safe_load(value)
-    return name, params, compiler, probes
+    return name, params, compiler
 
 
 def compiler_configs(settings: dict) -> list[tuple[object, str, object]]:
@@ -82,7 +75,7 @@ def compiler_configs(settings: dict) -> list[tuple[object, str, object]]:
     return [(modules[key.partition(".")[0]], key.partition(".")[2], value) for key, value in settings.items()]
 
 
-def run_variant(name: str, overrides: dict, compiler: dict, probes: dict, d, steps: int, top: int) -> dict:
+def run_variant(name: str, overrides: dict, compiler: dict, d, steps: int, top: int) -> dict:
     """One variant: pretrain overrides over G1's shape, compiler settings restored afterwards."""
     from bench_gpu import G1_SHAPE
     from lmforge.config import PretrainParams
@@ -94,30 +87,30 @@ def run_variant(name: str, overrides: dict, compiler: dict, probes: dict, d, ste
     try:
         for config, key, value in settings:
             setattr(config, key, value)
-        return measure(name, p, d, steps, top, bf16_weights=probes["probe.bf16_weights"])
+        return measure(name, p, d, steps, top)
     finally:
         for config, key, value in saved:
             setattr(config, key, value)
 
 
-def measure(name: str, p, d, steps: int, top: int, bf16_weights: bool = False) -> dict:
+def measure(name: str, p, d, steps: int, top: int) -> dict:
     """Compile and time the step, then profile PROFILED_STEPS of it; print and return the figures."""
     import torch
 
     from bench_gpu import G1_VOCAB
     from lmforge.model import TokenInfo, build_model, flops_per_token, set_training_attention
-    from lmforge.training import (TrainingLoss, attention_backends, make_optimizer, peak_flops, use_fused_loss,
-                                   wrap_ddp)
+    from lmforge.training import (TrainingLoss, attention_backends, bf16_working, make_optimizer, peak_flops,
+                                   use_fused_loss, wrap_ddp)
 
     torch._dynamo.reset()
     device = d.device
     torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(p, TokenInfo(G1_VOCAB, 0, 1, 2, 3), seed=0).to(device).train()
     set_training_attention(model, True)
-    if bf16_weights:
-        model.to(torch.bfloat16)
     optimizer = make_optimizer(model, p, device)
-    module = TrainingLoss(model, False, use_fused_loss(p, model, False, print))
+    working = bf16_working(p, model, d, print)  # pretrain.param_dtype bf16, as the stage does it
+    stepped = working.model if working else model
+    module = TrainingLoss(stepped, False, use_fused_loss(p, stepped, False, print))
     if d.world > 1:
         module = wrap_ddp(module, p, d, print if d.main else (lambda _msg: None))
     runner = torch.compile(module, mode=None if p.compile_mode == "default" else p.compile_mode)
@@ -130,10 +123,14 @@ def measure(name: str, p, d, steps: int, top: int, bf16_weights: bool = False) -
         with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
             loss = runner(x, x)
         loss.backward()
+        if working:
+            working.grads_to_masters()
         if p.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if working:
+            working.refresh()
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
