@@ -203,10 +203,12 @@ def test_training_leaves_the_model_on_plain_sdpa(tokens, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path):
+@pytest.mark.parametrize("param_dtype", ["fp32", "bf16"])
+def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, param_dtype):
     # Same seed and batches: the replayed graph must train like the eager loop (bf16, so close, not equal).
+    # With param_dtype bf16 the graph also holds the copies between the bf16 weights and their fp32 masters.
     common = {"device": "cuda", "steps": 60, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 30,
-              "grad_accum": 2, "dropout": 0.0}
+              "grad_accum": 2, "dropout": 0.0, "param_dtype": param_dtype}
     eager = training.train(fx.params(common).pretrain, seed=2, tokens_dir=tokens, checkpoint_root=tmp_path / "e",
                            progress=False)
     graphed = training.train(fx.params({**common, "cuda_graph": True}).pretrain, seed=2, tokens_dir=tokens,
