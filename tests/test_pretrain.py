@@ -368,10 +368,12 @@ def test_wrap_ddp_sets_the_bucket_size_and_keeps_fp32_gradients_on_gloo(tmp_path
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("ddp", [{}, {"ddp_comm_dtype": "bf16", "ddp_bucket_mb": 1}], ids=["fp32", "bf16-1mb-buckets"])
+@pytest.mark.parametrize("ddp", [{}, {"ddp_comm_dtype": "bf16", "ddp_bucket_mb": 1}, {"param_dtype": "bf16"}],
+                         ids=["fp32", "bf16-1mb-buckets", "bf16-weights"])
 def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp):
     # DDP over gloo on the CPU: the path N GPUs take under torchrun, minus NCCL. The second case
-    # asks for bf16 gradients (NCCL only, so refused with a note) in the smallest buckets allowed.
+    # asks for bf16 gradients (NCCL only, so refused with a note) in the smallest buckets allowed;
+    # the third wraps the bf16 working copy (param_dtype bf16), whose gradients DDP sums in bf16.
     root = fx.project(tmp_path / "proj", {"steps": 20, "warmup_steps": 2, "eval_every": 10, "checkpoint_every": 10,
                                           "grad_accum": 2, **ddp}, tokens=tokens)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tasks.pretrain"]
