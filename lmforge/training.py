@@ -61,6 +61,9 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 # transfer move the last bits only): they stay out of the run key, so a resume may change them.
 OPERATIONAL_KEYS = {"eval_every", "checkpoint_every", "log_every", "compile", "compile_mode", "attention", "cuda_graph",
                     "fused_loss", "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype"}
+# Keys added after runs were already checkpointed, at the value that reproduces how those runs
+# trained: left out of the run key at that value, so the older runs keep their key and resume.
+LATER_KEYS_AT_OLD_BEHAVIOUR = {"param_dtype": "fp32"}
 Metrics = Callable[[dict[str, float], int], None]
 
 
@@ -162,7 +165,8 @@ def params_dict(p: Any) -> dict[str, Any]:
 
 def run_fingerprint(p: Any, seed: int, meta: dict, world: int) -> dict[str, Any]:
     """Everything that decides the weights a run ends with."""
-    knobs = {k: v for k, v in params_dict(p).items() if k not in OPERATIONAL_KEYS}
+    knobs = {k: v for k, v in params_dict(p).items()
+             if k not in OPERATIONAL_KEYS and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
     return {"seed": seed, "world_size": world, "data": meta["splits"], "vocab_size": meta["vocab_size"],
             "sampler": batches.SAMPLER_VERSION, **{f"pretrain.{k}": v for k, v in sorted(knobs.items())}}
 

@@ -29,15 +29,29 @@ def test_the_working_copy_is_bf16_tied_and_follows_its_masters(arch):
     assert buffers or arch == "gpt2"  # transformers' GPT-2 holds none
     assert all(b.dtype == buffers[name].dtype for name, b in copy.named_buffers())
 
+    # Compared by name, so two same-shaped weights swapped in the pairing would show.
     x = torch.randint(4, 300, (2, 16))
     copy(input_ids=x).logits.float().logsumexp(-1).mean().backward()
+    work_grads = {name: p.grad.clone() for name, p in copy.named_parameters()}
     working.grads_to_masters()
     assert all(p.grad is None for p in copy.parameters())
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    for name, master in model.named_parameters():
+        assert master.grad.dtype == torch.float32 and torch.equal(master.grad, work_grads[name].float()), name
 
     with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.5)
+        for i, param in enumerate(model.parameters()):
+            param.add_(0.5 + i)  # a different shift per weight
     working.refresh()
-    for master, work in zip(model.parameters(), copy.parameters()):
-        assert torch.equal(work, master.to(torch.bfloat16))
+    work_weights = dict(copy.named_parameters())
+    for name, master in model.named_parameters():
+        assert torch.equal(work_weights[name], master.to(torch.bfloat16)), name
+
+
+def test_param_dtype_fp32_keeps_the_run_key_of_runs_made_before_it_existed():
+    from lmforge import training
+
+    meta = {"splits": {}, "vocab_size": 300}
+    fp32 = training.run_fingerprint(fx.params({"param_dtype": "fp32"}).pretrain, 1, meta, 1)
+    bf16 = training.run_fingerprint(fx.params({"param_dtype": "bf16"}).pretrain, 1, meta, 1)
+    assert "pretrain.param_dtype" not in fp32 and bf16["pretrain.param_dtype"] == "bf16"
+    assert training.run_key(fp32) != training.run_key(bf16)
