@@ -99,7 +99,7 @@ def measure(name: str, p, d, steps: int, top: int) -> dict:
 
     from bench_gpu import G1_VOCAB
     from lmforge.model import TokenInfo, build_model, flops_per_token, set_training_attention
-    from lmforge.training import (TrainingLoss, attention_backends, bf16_working, make_optimizer, peak_flops,
+    from lmforge.training import (TrainingLoss, attention_backends, bf16_working, make_optimizer, peak_flops, update,
                                    use_fused_loss, wrap_ddp)
 
     torch._dynamo.reset()
@@ -123,14 +123,8 @@ def measure(name: str, p, d, steps: int, top: int) -> dict:
         with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
             loss = runner(x, x)
         loss.backward()
-        if working:
-            working.grads_to_masters()
-        if p.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-        optimizer.step()
+        update(model, optimizer, working, p)
         optimizer.zero_grad(set_to_none=True)
-        if working:
-            working.refresh()
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

@@ -276,6 +276,17 @@ def bf16_working(p: Any, model, d: "Dist", say: Callable[[str], None]) -> master
     return master_weights.BF16Working(model)
 
 
+def update(model, optimizer: torch.optim.Optimizer, working: master_weights.BF16Working | None, p: Any) -> None:
+    """After the backward: gradients onto the fp32 weights, clip, AdamW, then the bf16 copy refreshed."""
+    if working:
+        working.grads_to_masters()
+    if p.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+    optimizer.step()
+    if working:
+        working.refresh()
+
+
 def use_cuda_graph(p: Any, d: "Dist", say: Callable[[str], None]) -> bool:
     """pretrain.cuda_graph where it can work: one process on one GPU."""
     if not p.cuda_graph:
@@ -479,13 +490,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
                     loss = runner(x, y)
                 (loss / len(step_batches)).backward()
             loss_sum.add_(loss.detach() / len(step_batches))
-        if working:
-            working.grads_to_masters()
-        if p.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-        optimizer.step()
-        if working:
-            working.refresh()
+        update(model, optimizer, working, p)
 
     graphed = use_cuda_graph(p, d, say)
     captured: step_graph.CapturedStep | None = None
