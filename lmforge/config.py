@@ -170,6 +170,10 @@ class PretrainParams(Section):
     # 1 MiB, and torch.compile's DDP support asserts that no later bucket is smaller.
     ddp_bucket_mb: float = Field(25.0, ge=1.0)
     ddp_comm_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients travel in between GPUs
+    # Compiled under DDP: true splits the graph at the buckets' edges so each bucket's all-reduce
+    # overlaps the rest of the backward (Dynamo's DDPOptimizer); false keeps one graph, whose fusions
+    # then match one GPU's, and all-reduces once the backward is done.
+    ddp_overlap: bool = True
 
     @model_validator(mode="after")
     def _shapes(self) -> PretrainParams:

@@ -60,7 +60,8 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 # Knobs that change how a run computes, not what it trains (kernels, fusion and bf16 gradient
 # transfer move the last bits only): they stay out of the run key, so a resume may change them.
 OPERATIONAL_KEYS = {"eval_every", "checkpoint_every", "log_every", "compile", "compile_mode", "attention", "cuda_graph",
-                    "fused_loss", "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype"}
+                    "fused_loss", "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype",
+                    "ddp_overlap"}
 # Keys added after runs were already checkpointed, at the value that reproduces how those runs
 # trained: left out of the run key at that value, so the older runs keep their key and resume.
 LATER_KEYS_AT_OLD_BEHAVIOUR = {"param_dtype": "fp32"}
@@ -308,6 +309,10 @@ def compile_runner(module, p: Any, d: "Dist", say: Callable[[str], None]):
         # CUDA graphs cannot hold DDP's gradient all-reduce, and there are none on the CPU.
         say(f"compile_mode {mode} uses CUDA graphs, which need one GPU: using {CUDAGRAPH_MODES[mode]}")
         mode = CUDAGRAPH_MODES[mode]
+    if d.world > 1:
+        import torch._dynamo
+
+        torch._dynamo.config.optimize_ddp = p.ddp_overlap  # read when Dynamo traces the DDP module
     return torch.compile(module, mode=None if mode == "default" else mode), mode in CUDAGRAPH_MODES
 
 
