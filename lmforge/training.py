@@ -310,9 +310,9 @@ def compile_runner(module, p: Any, d: "Dist", say: Callable[[str], None]):
         say(f"compile_mode {mode} uses CUDA graphs, which need one GPU: using {CUDAGRAPH_MODES[mode]}")
         mode = CUDAGRAPH_MODES[mode]
     if d.world > 1:
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
-        torch._dynamo.config.optimize_ddp = p.ddp_overlap  # read when Dynamo traces the DDP module
+        dynamo.config.optimize_ddp = p.ddp_overlap  # read when Dynamo traces the DDP module
     return torch.compile(module, mode=None if mode == "default" else mode), mode in CUDAGRAPH_MODES
 
 
