@@ -187,9 +187,10 @@ class PretrainParams(Section):
                     raise ValueError("n_kv_head (grouped-query attention) applies to arch llama only")
                 if self.n_head % self.n_kv_head:
                     raise ValueError(f"n_kv_head ({self.n_kv_head}) does not divide n_head ({self.n_head})")
-        if self.cuda_graph and self.compile:
-            raise ValueError("cuda_graph captures eager steps; a compiled model's CUDA graphs come from "
-                             "compile_mode: reduce-overhead instead (set compile or cuda_graph to false)")
+        if self.cuda_graph and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"cuda_graph captures the whole step, and compile_mode {self.compile_mode} would add "
+                             "CUDA graphs of its own inside it: use compile_mode default or "
+                             "max-autotune-no-cudagraphs with cuda_graph")
         if self.gguf_file is not None and self.init_from is None:
             raise ValueError("gguf_file names a file inside init_from: set init_from too")
         if self.warmup_steps >= self.steps:

@@ -52,7 +52,7 @@ def _val_metrics(model, tokens: Path) -> dict:
         ({"lr": -1.0}, "pretrain.lr"),
         ({"arch": "mamba"}, "pretrain.arch"),
         ({"gguf_file": "x.gguf"}, "set init_from too"),
-        ({"compile": True, "cuda_graph": True}, "cuda_graph captures eager steps"),
+        ({"compile": True, "cuda_graph": True, "compile_mode": "reduce-overhead"}, "CUDA graphs of its own"),
         ({"attention": "flash3"}, "pretrain.attention"),
         ({"ddp_bucket_mb": 0.5}, "pretrain.ddp_bucket_mb"),
     ],
@@ -203,12 +203,15 @@ def test_training_leaves_the_model_on_plain_sdpa(tokens, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("param_dtype", ["fp32", "bf16"])
-def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, param_dtype):
+@pytest.mark.parametrize("param_dtype, compiled", [("fp32", False), ("bf16", False), ("bf16", True)],
+                         ids=["fp32", "bf16", "bf16-compiled"])
+def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, param_dtype, compiled):
     # Same seed and batches: the replayed graph must train like the eager loop (bf16, so close, not equal).
-    # With param_dtype bf16 the graph also holds the copies between the bf16 weights and their fp32 masters.
+    # With param_dtype bf16 the graph also holds the copies between the bf16 weights and their fp32 masters;
+    # compiled, it holds Inductor's kernels and the fused loss (G1's setting).
     common = {"device": "cuda", "steps": 60, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 30,
-              "grad_accum": 2, "dropout": 0.0, "param_dtype": param_dtype}
+              "grad_accum": 2, "dropout": 0.0, "param_dtype": param_dtype, "compile": compiled,
+              "fused_loss": compiled}
     eager = training.train(fx.params(common).pretrain, seed=2, tokens_dir=tokens, checkpoint_root=tmp_path / "e",
                            progress=False)
     graphed = training.train(fx.params({**common, "cuda_graph": True}).pretrain, seed=2, tokens_dir=tokens,
@@ -368,12 +371,14 @@ def test_wrap_ddp_sets_the_bucket_size_and_keeps_fp32_gradients_on_gloo(tmp_path
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("ddp", [{}, {"ddp_comm_dtype": "bf16", "ddp_bucket_mb": 1}, {"param_dtype": "bf16"}],
-                         ids=["fp32", "bf16-1mb-buckets", "bf16-weights"])
+@pytest.mark.parametrize("ddp", [{}, {"ddp_comm_dtype": "bf16", "ddp_bucket_mb": 1}, {"param_dtype": "bf16"},
+                                 {"compile": True, "ddp_overlap": False}],
+                         ids=["fp32", "bf16-1mb-buckets", "bf16-weights", "compiled-one-graph"])
 def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp):
     # DDP over gloo on the CPU: the path N GPUs take under torchrun, minus NCCL. The second case
     # asks for bf16 gradients (NCCL only, so refused with a note) in the smallest buckets allowed;
-    # the third wraps the bf16 working copy (param_dtype bf16), whose gradients DDP sums in bf16.
+    # the third wraps the bf16 working copy (param_dtype bf16), whose gradients DDP sums in bf16;
+    # the fourth compiles the DDP module as one graph (ddp_overlap false), G3's setting.
     root = fx.project(tmp_path / "proj", {"steps": 20, "warmup_steps": 2, "eval_every": 10, "checkpoint_every": 10,
                                           "grad_accum": 2, **ddp}, tokens=tokens)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tasks.pretrain"]
