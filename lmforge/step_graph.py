@@ -28,8 +28,7 @@ class CapturedStep:
 
     def __init__(self, step: Callable[[list[tuple[torch.Tensor, torch.Tensor]]], None],
                  optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float):
-        self.inputs = [(x.clone(memory_format=torch.contiguous_format), y.clone(memory_format=torch.contiguous_format))
-                       for x, y in batches]
+        self.inputs = [(_same_layout(x), _same_layout(y)) for x, y in batches]
         device = self.inputs[0][0].device
         # The scheduler's float lr would be baked into the graph: AdamW reads it from here instead.
         self.lr = torch.tensor(lr, dtype=torch.float32, device=device)
@@ -48,6 +47,13 @@ class CapturedStep:
             y_static.copy_(y, non_blocking=True)
         self.lr.fill_(lr)
         self.graph.replay()
+
+
+def _same_layout(batch: torch.Tensor) -> torch.Tensor:
+    """A copy with `batch`'s strides: a compiled model guards on them, and a new layout would
+    recompile it inside the capture, which cannot sync."""
+    static = torch.empty_strided(batch.size(), batch.stride(), dtype=batch.dtype, device=batch.device)
+    return static.copy_(batch)
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
