@@ -13,7 +13,8 @@ from process start to the saved model, with empty torch.compile and Triton cache
   g2  time to quality: char-level Shakespeare, first 90% train, last 10% val, the configs/gpu.yaml
       recipe; then `python -m tasks.evaluate` scores the saved model on the whole val split
   g3  g1 on 2 GPUs, then on every visible GPU if there are more (the stage relaunches itself under
-      torchrun), scaling over g1. GPU indices count within CUDA_VISIBLE_DEVICES, so benches can share
+      torchrun), scaling over g1; compiled as one graph (ddp_overlap false, --set g3.ddp_overlap=true
+      for Dynamo's split at DDP's buckets). GPU indices count within CUDA_VISIBLE_DEVICES, so benches can share
       a machine: CUDA_VISIBLE_DEVICES=3 python bench/bench_gpu.py --cases g2 runs on physical GPU 3
 --set CASE.KEY=VALUE overrides a pretrain param of one case (repeatable); the table comes last.
 """
@@ -40,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 G1_SHAPE = dict(arch="gpt2", n_layer=12, n_head=12, d_model=768, context=1024, batch_size=32, dropout=0.0,
                 lr=6e-4, warmup_steps=10, steps=120, eval_every=120, eval_batches=2, checkpoint_every=100_000,
                 log_every=20, compile=True, compile_mode="default", cuda_graph=False, fused_loss=True,
-                param_dtype="bf16")
+                param_dtype="bf16", ddp_overlap=False)
 G1_VOCAB = 50_304  # GPT-2's 50,257 padded to a multiple of 64
 TARGETS = {"g1_tokens_per_s": 565_000, "g2_wall_s": 60.0, "g2_val_loss": 1.294, "g3_scaling_2": 1.95,
            "g3_scaling_4": 3.85, "g3_tokens_per_s_4": 2_150_000}
