@@ -14,7 +14,8 @@ and peak memory, then the CUDA time of the profiled steps by kernel kind (NCCL r
 compute, "step - kernels" is the unprofiled step time minus the compute kernels' time: roughly
 the GPU's idle time, which profiling noise can push below zero), and the heaviest kernels.
 --variant NAME:KEY=VALUE[,KEY=VALUE] sets pretrain params, inductor.KEY for torch._inductor.config
-or dynamo.KEY for torch._dynamo.config (dynamo.optimize_ddp=false: one graph, no bucket splits).
+or dynamo.KEY for torch._dynamo.config (under torchrun, ddp_overlap=false compiles one graph, no cuts at
+DDP's buckets).
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def measure(name: str, p, d, steps: int, top: int) -> dict:
 
     from bench_gpu import G1_VOCAB
     from lmforge.model import TokenInfo, build_model, flops_per_token, set_training_attention
-    from lmforge.training import (TrainingLoss, attention_backends, bf16_working, make_optimizer, peak_flops, update,
-                                   use_fused_loss, wrap_ddp)
+    from lmforge.training import (TrainingLoss, attention_backends, bf16_working, compile_runner, make_optimizer,
+                                   peak_flops, update, use_fused_loss, wrap_ddp)
 
     torch._dynamo.reset()
     device = d.device
@@ -113,7 +114,7 @@ def measure(name: str, p, d, steps: int, top: int) -> dict:
     module = TrainingLoss(stepped, False, use_fused_loss(p, stepped, False, print))
     if d.world > 1:
         module = wrap_ddp(module, p, d, print if d.main else (lambda _msg: None))
-    runner = torch.compile(module, mode=None if p.compile_mode == "default" else p.compile_mode)
+    runner, _ = compile_runner(module, p, d, print if d.main else (lambda _msg: None))  # as the stage compiles
 
     cuda = device.type == "cuda"  # a CPU run only checks the code path (no kernel table)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
