@@ -363,6 +363,35 @@ def validate(model, tokens, p: Any, seed: int, d: Dist, masking: batches.Masking
     return float(total[0] / total[1].clamp(min=1))
 
 
+class ReplicaDivergence(RuntimeError):
+    """Under DDP the ranks' weights drifted apart: what rank 0 would checkpoint is not what the others train."""
+
+
+def check_replicas_agree(model, d: Dist, step: int) -> None:
+    """Every rank must hold the same weights after a DDP step; rank 0 alone writes the checkpoint,
+    so drift on another rank would otherwise go unseen. A sum and a norm per tensor, in float64,
+    compared exactly: NCCL and gloo hand every rank the same all-reduced gradients, so replicas
+    that agree are bitwise equal."""
+    if d.world == 1:
+        return
+    import torch.distributed as dist
+
+    names = [name for name, _ in model.named_parameters()]
+    with torch.no_grad():
+        mine = torch.stack([torch.stack([param.sum(dtype=torch.float64),
+                                         torch.linalg.vector_norm(param, dtype=torch.float64)])
+                            for param in model.parameters()])
+    everyone = [torch.empty_like(mine) for _ in range(d.world)]
+    dist.all_gather(everyone, mine)
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        differs = (theirs != everyone[0]).any(dim=1).nonzero().flatten().tolist()
+        if differs:
+            raise ReplicaDivergence(
+                f"at step {step}, rank {rank}'s weights differ from rank 0's in {names[differs[0]]}"
+                f"{f' and {len(differs) - 1} more tensors' if len(differs) > 1 else ''}: the replicas no longer "
+                "train one model, so this checkpoint is not written (the last one stands)")
+
+
 def _gather_rng(d: Dist) -> list[dict[str, Any]]:
     mine = checkpoint.rng_state()
     if d.world == 1:
@@ -578,6 +607,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
                 mark, mark_step = time.perf_counter(), done
 
             if done % p.checkpoint_every == 0 or final:
+                check_replicas_agree(model, d, done)
                 rngs = _gather_rng(d)
                 if d.main and best_weights is not None:  # before the checkpoint that records its loss
                     checkpoint.save_best(run_dir, best_weights, best_info)

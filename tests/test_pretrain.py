@@ -371,6 +371,35 @@ def test_wrap_ddp_sets_the_bucket_size_and_keeps_fp32_gradients_on_gloo(tmp_path
         dist.destroy_process_group()
 
 
+REPLICA_SCRIPT = """
+import torch
+from lmforge import training
+
+d = training.setup_distributed("cpu")
+torch.manual_seed(0)  # the same weights on both ranks
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+training.check_replicas_agree(model, d, step=10)
+if d.rank == 1:
+    with torch.no_grad():
+        model[1].bias[0] += 1e-6  # one value on one rank, as a missed all-reduce would leave it
+try:
+    training.check_replicas_agree(model, d, step=20)
+except training.ReplicaDivergence as error:
+    print(f"rank {d.rank}: {error}")
+"""
+
+
+def test_replicas_that_drift_apart_stop_the_run_on_every_rank(tmp_path):
+    script = tmp_path / "replicas.py"
+    script.write_text(REPLICA_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(command, cwd=fx.REPO, env=fx.stage_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):  # both ranks see it, so neither waits on the other at the next collective
+        assert (f"rank {rank}: at step 20, rank 1's weights differ from rank 0's in 1.bias" in done.stdout), done.stdout
+    assert "step 10" not in done.stdout  # equal replicas pass
+
+
 @pytest.mark.parametrize("ddp", [{}, {"ddp_comm_dtype": "bf16", "ddp_bucket_mb": 1}, {"param_dtype": "bf16"},
                                  {"compile": True, "ddp_overlap": False}],
                          ids=["fp32", "bf16-1mb-buckets", "bf16-weights", "compiled-one-graph"])
