@@ -225,7 +225,10 @@ def main() -> None:
                 print("[bench] g3 needs at least 2 visible GPUs: skipped", flush=True)
                 continue
             # The two points by default: 2 GPUs, and all of them (4).
-            sizes = sorted({n_gpus if size == "all" else int(size) for size in args.g3_gpus.split(",")})
+            try:
+                sizes = sorted({n_gpus if size == "all" else int(size) for size in args.g3_gpus.split(",")})
+            except ValueError:
+                raise SystemExit(f"--g3-gpus {args.g3_gpus}: expected GPU counts or all, comma-separated") from None
             if sizes[0] < 2 or sizes[-1] > n_gpus:
                 raise SystemExit(f"--g3-gpus {args.g3_gpus}: counts between 2 and the {n_gpus} visible GPUs")
             for n in sizes:

@@ -14,8 +14,9 @@ and peak memory, then the CUDA time of the profiled steps by kernel kind (NCCL r
 compute, "step - kernels" is the unprofiled step time minus the compute kernels' time: roughly
 the GPU's idle time, which profiling noise can push below zero), and the heaviest kernels.
 --variant NAME:KEY=VALUE[,KEY=VALUE] sets pretrain params, inductor.KEY for torch._inductor.config
-or dynamo.KEY for torch._dynamo.config (under torchrun, ddp_overlap=false compiles one graph, no cuts at
-DDP's buckets).
+or dynamo.KEY for torch._dynamo.config. Under torchrun the step compiles as G3's does, one graph
+(G1_SHAPE's ddp_overlap false); split:ddp_overlap=true cuts it at DDP's buckets. compile_runner sets
+dynamo.optimize_ddp from ddp_overlap, so a dynamo.optimize_ddp variant has no effect.
 """
 
 from __future__ import annotations

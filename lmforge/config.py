@@ -172,7 +172,7 @@ class PretrainParams(Section):
     ddp_comm_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients travel in between GPUs
     # Compiled under DDP: true splits the graph at the buckets' edges so each bucket's all-reduce
     # overlaps the rest of the backward (Dynamo's DDPOptimizer); false keeps one graph, whose fusions
-    # then match one GPU's, and all-reduces once the backward is done.
+    # then match one GPU's, and all-reduces once the backward is done. Eager DDP always overlaps.
     ddp_overlap: bool = True
 
     @model_validator(mode="after")

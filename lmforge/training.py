@@ -303,7 +303,10 @@ CUDAGRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-n
 
 
 def compile_runner(module, p: Any, d: "Dist", say: Callable[[str], None]):
-    """torch.compile with pretrain.compile_mode, and whether it uses CUDA graphs (only on one GPU)."""
+    """torch.compile with pretrain.compile_mode, and whether it uses CUDA graphs (only on one GPU).
+
+    Under DDP it also sets Dynamo's optimize_ddp from pretrain.ddp_overlap: a process-wide setting,
+    so it holds for every DDP module compiled after it in this process."""
     mode = p.compile_mode
     if mode in CUDAGRAPH_MODES and (d.world > 1 or d.device.type != "cuda"):
         # CUDA graphs cannot hold DDP's gradient all-reduce, and there are none on the CPU.
@@ -367,24 +370,28 @@ class ReplicaDivergence(RuntimeError):
     """Under DDP the ranks' weights drifted apart: what rank 0 would checkpoint is not what the others train."""
 
 
+# Integer views of a float tensor's bits, by element size: their sums are exact whatever the order.
+BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def check_replicas_agree(model, d: Dist, step: int) -> None:
     """Every rank must hold the same weights after a DDP step; rank 0 alone writes the checkpoint,
-    so drift on another rank would otherwise go unseen. A sum and a norm per tensor, in float64,
-    compared exactly: NCCL and gloo hand every rank the same all-reduced gradients, so replicas
-    that agree are bitwise equal."""
+    so drift on another rank would otherwise go unseen. Replicas start equal and, given the same
+    all-reduced gradients (NCCL and gloo hand every rank the same result), stay bitwise equal, so
+    each tensor is summarised by the sum of its raw bits: exact, NaN-safe, and any one value that
+    changes changes it."""
     if d.world == 1:
         return
     import torch.distributed as dist
 
     names = [name for name, _ in model.named_parameters()]
     with torch.no_grad():
-        mine = torch.stack([torch.stack([param.sum(dtype=torch.float64),
-                                         torch.linalg.vector_norm(param, dtype=torch.float64)])
+        mine = torch.stack([param.view(BITS[param.element_size()]).sum(dtype=torch.int64)
                             for param in model.parameters()])
     everyone = [torch.empty_like(mine) for _ in range(d.world)]
     dist.all_gather(everyone, mine)
     for rank, theirs in enumerate(everyone[1:], start=1):
-        differs = (theirs != everyone[0]).any(dim=1).nonzero().flatten().tolist()
+        differs = (theirs != everyone[0]).nonzero().flatten().tolist()
         if differs:
             raise ReplicaDivergence(
                 f"at step {step}, rank {rank}'s weights differ from rank 0's in {names[differs[0]]}"

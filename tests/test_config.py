@@ -68,5 +68,5 @@ def test_missing_params_file_is_explained(tmp_path: Path):
 def test_the_documented_gpu_config_validates():
     params = load_params(ROOT / "configs/gpu.yaml")
     assert params.tokenize.kind == "char" and params.split["corpus"].mode == "contiguous"
-    # G2 replays eager steps as one CUDA graph (capture refuses a compiled model); G4 reads 512 tokens.
+    # G2 replays eager steps as one CUDA graph (no compile: its wait would not pay back); G4 reads 512 tokens.
     assert params.pretrain.cuda_graph and not params.pretrain.compile and params.finetune.max_length == 512

@@ -53,6 +53,7 @@ def _val_metrics(model, tokens: Path) -> dict:
         ({"arch": "mamba"}, "pretrain.arch"),
         ({"gguf_file": "x.gguf"}, "set init_from too"),
         ({"compile": True, "cuda_graph": True, "compile_mode": "reduce-overhead"}, "CUDA graphs of its own"),
+        ({"compile": True, "cuda_graph": True, "compile_mode": "max-autotune"}, "CUDA graphs of its own"),
         ({"attention": "flash3"}, "pretrain.attention"),
         ({"ddp_bucket_mb": 0.5}, "pretrain.ddp_bucket_mb"),
     ],
@@ -200,6 +201,37 @@ def test_training_leaves_the_model_on_plain_sdpa(tokens, tmp_path):
     p = fx.params({"steps": 4, "warmup_steps": 1, "eval_every": 4, "checkpoint_every": 4}).pretrain
     result = training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert result.model.config._attn_implementation == "sdpa"
+
+
+def test_a_compiled_step_may_be_captured_and_keeps_the_batches_strides():
+    from lmforge.step_graph import _same_layout
+
+    p = fx.params({"compile": True, "cuda_graph": True}).pretrain  # compile_mode default: no graphs of its own
+    assert p.compile and p.cuda_graph
+    windows = torch.arange(2 * 9).view(2, 9)
+    x = windows[:, :-1]  # the sampler's inputs: a strided view of (context + 1)-long windows
+    static = _same_layout(x)  # a compiled model guards on strides: a contiguous copy would recompile it
+    assert static.stride() == x.stride() and torch.equal(static, x) and static.data_ptr() != x.data_ptr()
+
+
+def test_a_compiled_run_trains_in_one_process(tokens, tmp_path):
+    p = fx.params({"compile": True, "steps": 6, "warmup_steps": 1, "log_every": 2, "eval_every": 6,
+                   "checkpoint_every": 6}).pretrain
+    result = training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    assert result.history["train"][-1]["train_loss"] < result.history["train"][0]["train_loss"]
+
+
+def test_ddp_overlap_sets_how_dynamo_compiles_a_ddp_module():
+    import torch._dynamo as dynamo
+
+    before = dynamo.config.optimize_ddp
+    try:
+        for overlap in (False, True):
+            p = fx.params({"compile": True, "ddp_overlap": overlap}).pretrain
+            training.compile_runner(torch.nn.Linear(2, 2), p, training.Dist(world=2), print)
+            assert dynamo.config.optimize_ddp is overlap
+    finally:
+        dynamo.config.optimize_ddp = before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -372,32 +404,64 @@ def test_wrap_ddp_sets_the_bucket_size_and_keeps_fp32_gradients_on_gloo(tmp_path
 
 
 REPLICA_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+import pretrain_fixtures as fx
+from lmforge import training
+
+step_update = training.update
+
+
+def update_then_drift_on_rank_1(model, optimizer, working, p):
+    step_update(model, optimizer, working, p)
+    if torch.distributed.get_rank() == 1:  # as a rank that missed an all-reduce would be left
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] += 1e-3
+
+
+training.update = update_then_drift_on_rank_1
+p = fx.params({{"steps": 20, "warmup_steps": 2, "eval_every": 10, "checkpoint_every": 10}}).pretrain
+training.train(p, seed=1, tokens_dir={tokens!r}, checkpoint_root={checkpoints!r}, progress=False)
+"""
+
+
+def test_replicas_that_drift_apart_stop_the_run_on_every_rank_before_a_checkpoint(tokens, tmp_path):
+    script = tmp_path / "drift.py"
+    checkpoints = tmp_path / "checkpoints"
+    script.write_text(REPLICA_SCRIPT.format(tests=str(Path(__file__).parent), tokens=str(tokens),
+                                            checkpoints=str(checkpoints)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(command, cwd=fx.REPO, env=fx.stage_env(), capture_output=True, text=True, timeout=180)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    for rank in (0, 1):  # both ranks stop, so neither waits for the other at the next collective
+        assert f"[rank{rank}]: lmforge.training.ReplicaDivergence: at step 10, rank 1's weights differ from rank 0's" \
+            in output, output[-3000:]
+    assert not list(checkpoints.glob("*/step-*")), "no checkpoint may be written from drifted replicas"
+
+
+NAN_SCRIPT = """
 import torch
 from lmforge import training
 
 d = training.setup_distributed("cpu")
 torch.manual_seed(0)  # the same weights on both ranks
-model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
-training.check_replicas_agree(model, d, step=10)
-if d.rank == 1:
-    with torch.no_grad():
-        model[1].bias[0] += 1e-6  # one value on one rank, as a missed all-reduce would leave it
-try:
-    training.check_replicas_agree(model, d, step=20)
-except training.ReplicaDivergence as error:
-    print(f"rank {d.rank}: {error}")
+model = torch.nn.Linear(4, 4)
+with torch.no_grad():
+    model.weight[0, 0] = float("nan")  # a run that blew up: the same NaN on both ranks is no drift
+training.check_replicas_agree(model, d, step=5)
+print(f"rank {d.rank}: agree")
 """
 
 
-def test_replicas_that_drift_apart_stop_the_run_on_every_rank(tmp_path):
-    script = tmp_path / "replicas.py"
-    script.write_text(REPLICA_SCRIPT)
+def test_replicas_holding_the_same_nan_agree(tmp_path):
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     done = subprocess.run(command, cwd=fx.REPO, env=fx.stage_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for rank in (0, 1):  # both ranks see it, so neither waits on the other at the next collective
-        assert (f"rank {rank}: at step 20, rank 1's weights differ from rank 0's in 1.bias" in done.stdout), done.stdout
-    assert "step 10" not in done.stdout  # equal replicas pass
+    assert "rank 0: agree" in done.stdout and "rank 1: agree" in done.stdout
 
 
 @pytest.mark.parametrize("ddp", [{}, {"ddp_comm_dtype": "bf16", "ddp_bucket_mb": 1}, {"param_dtype": "bf16"},
