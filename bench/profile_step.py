@@ -113,9 +113,10 @@ def measure(name: str, p, d, steps: int, top: int) -> dict:
     working = bf16_working(p, model, d, print)  # pretrain.param_dtype bf16, as the stage does it
     stepped = working.model if working else model
     module = TrainingLoss(stepped, False, use_fused_loss(p, stepped, False, print))
+    say = print if d.main else (lambda _msg: None)
     if d.world > 1:
-        module = wrap_ddp(module, p, d, print if d.main else (lambda _msg: None))
-    runner, _ = compile_runner(module, p, d, print if d.main else (lambda _msg: None))  # as the stage compiles
+        module = wrap_ddp(module, p, d, say)
+    runner, _ = compile_runner(module, p, d, say)  # as the stage compiles
 
     cuda = device.type == "cuda"  # a CPU run only checks the code path (no kernel table)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -384,17 +384,16 @@ def check_replicas_agree(model, d: Dist, step: int) -> None:
         return
     import torch.distributed as dist
 
-    names = [name for name, _ in model.named_parameters()]
+    named = list(model.named_parameters())
     with torch.no_grad():
-        mine = torch.stack([param.view(BITS[param.element_size()]).sum(dtype=torch.int64)
-                            for param in model.parameters()])
+        mine = torch.stack([param.view(BITS[param.element_size()]).sum(dtype=torch.int64) for _, param in named])
     everyone = [torch.empty_like(mine) for _ in range(d.world)]
     dist.all_gather(everyone, mine)
     for rank, theirs in enumerate(everyone[1:], start=1):
         differs = (theirs != everyone[0]).nonzero().flatten().tolist()
         if differs:
             raise ReplicaDivergence(
-                f"at step {step}, rank {rank}'s weights differ from rank 0's in {names[differs[0]]}"
+                f"at step {step}, rank {rank}'s weights differ from rank 0's in {named[differs[0]][0]}"
                 f"{f' and {len(differs) - 1} more tensors' if len(differs) > 1 else ''}: the replicas no longer "
                 "train one model, so this checkpoint is not written (the last one stands)")
 

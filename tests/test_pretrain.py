@@ -403,6 +403,12 @@ def test_wrap_ddp_sets_the_bucket_size_and_keeps_fp32_gradients_on_gloo(tmp_path
         dist.destroy_process_group()
 
 
+def run_two_ranks(*args: str, cwd: Path = fx.REPO, timeout: int) -> subprocess.CompletedProcess:
+    """`args` under torchrun as two gloo processes on the CPU, with the stage's environment."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(command, cwd=cwd, env=fx.stage_env(), capture_output=True, text=True, timeout=timeout)
+
+
 REPLICA_SCRIPT = """
 import sys
 import torch
@@ -431,8 +437,7 @@ def test_replicas_that_drift_apart_stop_the_run_on_every_rank_before_a_checkpoin
     checkpoints = tmp_path / "checkpoints"
     script.write_text(REPLICA_SCRIPT.format(tests=str(Path(__file__).parent), tokens=str(tokens),
                                             checkpoints=str(checkpoints)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    done = subprocess.run(command, cwd=fx.REPO, env=fx.stage_env(), capture_output=True, text=True, timeout=180)
+    done = run_two_ranks(str(script), timeout=180)
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-3000:]
     for rank in (0, 1):  # both ranks stop, so neither waits for the other at the next collective
@@ -458,8 +463,7 @@ print(f"rank {d.rank}: agree")
 def test_replicas_holding_the_same_nan_agree(tmp_path):
     script = tmp_path / "nan.py"
     script.write_text(NAN_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    done = subprocess.run(command, cwd=fx.REPO, env=fx.stage_env(), capture_output=True, text=True, timeout=120)
+    done = run_two_ranks(str(script), timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "rank 0: agree" in done.stdout and "rank 1: agree" in done.stdout
 
@@ -474,8 +478,7 @@ def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp)
     # the fourth compiles the DDP module as one graph (ddp_overlap false), G3's setting.
     root = fx.project(tmp_path / "proj", {"steps": 20, "warmup_steps": 2, "eval_every": 10, "checkpoint_every": 10,
                                           "grad_accum": 2, **ddp}, tokens=tokens)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tasks.pretrain"]
-    done = subprocess.run(command, cwd=root, env=fx.stage_env(), capture_output=True, text=True, timeout=180)
+    done = run_two_ranks("-m", "tasks.pretrain", cwd=root, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((root / "reports" / "pretrain" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["tokens_per_step"] == 16 * 32 * 2 * 2
