@@ -457,6 +457,7 @@ with torch.no_grad():
     model.weight[0, 0] = float("nan")  # a run that blew up: the same NaN on both ranks is no drift
 training.check_replicas_agree(model, d, step=5)
 print(f"rank {d.rank}: agree")
+torch.distributed.destroy_process_group()  # left to exit, gloo's threads can abort the process
 """
 
 
