@@ -47,6 +47,28 @@ def test_the_working_copy_is_bf16_tied_and_follows_its_masters(arch):
         assert torch.equal(work_weights[name], master.to(torch.bfloat16)), name
 
 
+def test_masters_gradients_reuse_their_buffers_from_step_to_step():
+    model = build_model(fx.params({"arch": "gpt2"}).pretrain, TokenInfo(300, 0, 1, 2, 3), seed=0)
+    working = master_weights.BF16Working(model)
+    copy = working.model
+    frozen = next(copy.parameters())  # the embeddings: a weight the backward leaves without a gradient
+    frozen.requires_grad_(False)
+    held = None
+    for seed in (1, 2):
+        x = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(seed))
+        copy(input_ids=x).logits.float().logsumexp(-1).mean().backward()
+        work_grads = {name: p.grad.clone() for name, p in copy.named_parameters() if p.grad is not None}
+        working.grads_to_masters()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        assert grads[next(iter(dict(model.named_parameters())))] is None  # no gradient, none made up
+        for name, want in work_grads.items():
+            assert torch.equal(grads[name], want.float()), name
+        if held is not None:  # the same fp32 tensors, refilled: no allocation per step
+            assert all(grads[name] is held[name] for name in work_grads)
+        held = grads
+        model.zero_grad(set_to_none=True)  # as the optimizer's zero_grad does between steps
+
+
 def test_param_dtype_fp32_keeps_the_run_key_of_runs_made_before_it_existed():
     from lmforge import training
 
