@@ -8,7 +8,8 @@ token data into a scratch folder, then runs `python -m tasks.pretrain` as a fres
 from process start to the saved model, with empty torch.compile and Triton caches (cold compile).
   g1  throughput, GPT-2-124M shape (12 x 768, context 1024, batch 32, vocab 50,304) on one GPU,
       compiled, with pretrain.fused_loss and param_dtype bf16 (--set g1.fused_loss=false for the
-      plain loss, --set g1.param_dtype=fp32 for autocast over fp32 weights); the
+      plain loss, --set g1.param_dtype=fp32 for autocast over fp32 weights, --set g1.n_head=6 for
+      6 heads of 128 at the same width, parameters and FLOPs); the
       tokens are random ids (throughput does not depend on them), drawn by the stage's loader
   g2  time to quality: char-level Shakespeare, first 90% train, last 10% val, the configs/gpu.yaml
       recipe; then `python -m tasks.evaluate` scores the saved model on the whole val split
