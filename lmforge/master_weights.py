@@ -4,9 +4,11 @@ Under autocast the fp32 weights are cast to bf16 at every forward, and the resid
 fp32 because the embeddings are fp32. On G1's shape those casts and the wider residual traffic cost
 about 5% of the step (call 7 of bench/results/2026-11-28-h200-bench-gpu-4.json profiled the model
 cast to bf16). A bf16 working copy removes both. The fp32 weights stay the masters: AdamW updates
-them, and checkpoints, evaluation and the saved model read them. The price is two passes over the weights per step (bf16 gradients into fp32 ones,
-updated fp32 weights into the bf16 copy), a bf16 copy in memory, gradients summed in bf16 across
-micro-batches and (under DDP) across GPUs.
+them, and checkpoints, evaluation and the saved model read them. The price is two passes over the
+weights per step (bf16 gradients into fp32 ones, updated fp32 weights into the bf16 copy), a bf16
+copy and the masters' fp32 gradients held in memory from step to step (0.5 GB more peak at G1's
+shape than gradients made each step, for 0.6 ms less per step), and gradients summed in bf16
+across micro-batches and (under DDP) across GPUs.
 
 Imports only torch.
 """
