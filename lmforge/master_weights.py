@@ -42,11 +42,11 @@ class BF16Working:
         copy's gradients are unset, so the next backward starts from none."""
         moved = [(master, work, buffer) for (master, work), buffer in zip(self._pairs, self._master_grads)
                  if work.grad is not None]
-        for master, _, buffer in moved:
+        if not moved:
+            return
+        torch._foreach_copy_([buffer for _, _, buffer in moved], [work.grad for _, work, _ in moved])
+        for master, work, buffer in moved:
             master.grad = buffer  # the optimizer's zero_grad(set_to_none) unsets it each step
-        if moved:
-            torch._foreach_copy_([buffer for _, _, buffer in moved], [work.grad for _, work, _ in moved])
-        for _, work, _ in moved:
             work.grad = None
 
     @torch.no_grad()
