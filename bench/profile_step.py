@@ -17,6 +17,8 @@ the GPU's idle time, which profiling noise can push below zero), and the heavies
 or dynamo.KEY for torch._dynamo.config. Under torchrun the step compiles as G3's does, one graph
 (G1_SHAPE's ddp_overlap false); split:ddp_overlap=true cuts it at DDP's buckets. compile_runner sets
 dynamo.optimize_ddp from ddp_overlap, so a dynamo.optimize_ddp variant has no effect.
+--launchers also records the CPU side and names, under each of the heaviest kernels, the op that
+launched it and that op's input shapes (which matmul is which, where an eager kernel comes from).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def compiler_configs(settings: dict) -> list[tuple[object, str, object]]:
     return [(modules[key.partition(".")[0]], key.partition(".")[2], value) for key, value in settings.items()]
 
 
-def run_variant(name: str, overrides: dict, compiler: dict, d, steps: int, top: int) -> dict:
+def run_variant(name: str, overrides: dict, compiler: dict, d, steps: int, top: int, launchers: bool = False) -> dict:
     """One variant: pretrain overrides over G1's shape, compiler settings restored afterwards."""
     from bench_gpu import G1_SHAPE
     from lmforge.config import PretrainParams
@@ -89,18 +91,18 @@ def run_variant(name: str, overrides: dict, compiler: dict, d, steps: int, top: 
     try:
         for config, key, value in settings:
             setattr(config, key, value)
-        return measure(name, p, d, steps, top)
+        return measure(name, p, d, steps, top, launchers)
     finally:
         for config, key, value in saved:
             setattr(config, key, value)
 
 
-def measure(name: str, p, d, steps: int, top: int) -> dict:
+def measure(name: str, p, d, steps: int, top: int, launchers: bool = False) -> dict:
     """Compile and time the step, then profile PROFILED_STEPS of it; print and return the figures."""
     import torch
 
     from bench_gpu import G1_VOCAB
-    from lmforge.model import TokenInfo, build_model, flops_per_token, set_training_attention
+    from lmforge.model import TokenInfo, build_model, flops_per_token, set_training_activation, set_training_attention
     from lmforge.training import (TrainingLoss, attention_backends, bf16_working, compile_runner, make_optimizer,
                                    peak_flops, update, use_fused_loss, wrap_ddp)
 
@@ -109,6 +111,7 @@ def measure(name: str, p, d, steps: int, top: int) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(p, TokenInfo(G1_VOCAB, 0, 1, 2, 3), seed=0).to(device).train()
     set_training_attention(model, True)
+    set_training_activation(model, True)
     optimizer = make_optimizer(model, p, device)
     working = bf16_working(p, model, d, print)  # pretrain.param_dtype bf16, as the stage does it
     stepped = working.model if working else model
@@ -149,6 +152,12 @@ def measure(name: str, p, d, steps: int, top: int) -> dict:
             for _ in range(PROFILED_STEPS):
                 step()
             sync()
+        cpu_prof = None
+        if launchers and cuda:  # a step of its own: the CPU side's overhead stays out of the table above
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, activity],
+                                        record_shapes=True) as cpu_prof:
+                step()
+                sync()
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
 
     kernels: dict[str, float] = defaultdict(float)
@@ -172,9 +181,30 @@ def measure(name: str, p, d, steps: int, top: int) -> dict:
               + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
         for kernel, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]:
             print(f"   {ms:7.2f} ms  {kind_of(kernel):<14} {kernel[:110]}")
+            if cpu_prof is not None:
+                for who, ms_by in launched_by(cpu_prof, kernel)[:4]:
+                    print(f"   {'':>10} {ms_by:6.2f} ms from {who}")
     del model, optimizer, runner
     torch.cuda.empty_cache()
     return result
+
+
+def launched_by(prof, kernel: str) -> list[tuple[str, float]]:
+    """(the op that launched `kernel`, with its input shapes and caller; ms) from a one-step profile
+    that recorded the CPU side: the profiler hangs each kernel on the innermost op running at launch."""
+    import torch
+
+    found: dict[str, float] = defaultdict(float)
+    for op in prof.events():
+        if op.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        for launched in op.kernels:
+            if launched.name == kernel:
+                who = f"{op.name} {op.input_shapes or ''}".strip()
+                if op.cpu_parent is not None:
+                    who += f"  < {op.cpu_parent.name[:60]}"
+                found[who[:200]] += launched.duration / 1000  # us -> ms
+    return sorted(found.items(), key=lambda kv: -kv[1])
 
 
 def attention_table(batch: int, heads: int, context: int, head_dim: int, reps: int = 20) -> list[dict]:
@@ -238,6 +268,8 @@ def main() -> None:
                         help="a variant to run (repeatable); default: one run of the G1 settings")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--top", type=int, default=12, help="heaviest kernels listed per variant")
+    parser.add_argument("--launchers", action="store_true",
+                        help="name the op (and its input shapes) that launched each listed kernel")
     parser.add_argument("--attention-only", action="store_true")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of the code path")
     args = parser.parse_args()
@@ -251,7 +283,8 @@ def main() -> None:
                         G1_SHAPE["d_model"] // G1_SHAPE["n_head"])
         if args.attention_only:
             return
-    results = [run_variant(*parse_variant(v), d, args.steps, args.top) for v in (args.variant or ["g1:"])]
+    results = [run_variant(*parse_variant(v), d, args.steps, args.top, args.launchers)
+               for v in (args.variant or ["g1:"])]
     if d.world > 1:
         import torch.distributed as dist
 

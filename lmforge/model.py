@@ -10,6 +10,8 @@ Imports only torch and transformers (the training path runs on a bare GPU image)
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,33 @@ def set_training_attention(model, training: bool) -> None:
 
     AttentionInterface.register(CAUSAL_TRAINING_ATTENTION, _causal_sdpa)
     model.set_attn_implementation(CAUSAL_TRAINING_ATTENTION if training else "sdpa")
+
+
+TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+class SigmoidTanhGELU(torch.nn.Module):
+    """GPT-2's tanh GELU through the sigmoid: 0.5 * (1 + tanh(u)) is sigmoid(2u), so this is the same
+    function as transformers' GELUTanh, up to float rounding.
+
+    Why: Inductor compiles tanh to libdevice's accurate tanh, many instructions per element, and sigmoid
+    to one fast exponential. G1's GELU kernels (forward, and backward with the MLP's bias gradient)
+    ran 0.55 ms faster per step on an H200: +0.6% tokens/s with 6 and with 12 heads."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+
+
+def set_training_activation(model, training: bool) -> None:
+    """Swap transformers' tanh GELU for SigmoidTanhGELU while training (True), and back (False), so the
+    saved model holds the modules its config names."""
+    from transformers.activations import GELUTanh
+
+    old, new = (GELUTanh, SigmoidTanhGELU) if training else (SigmoidTanhGELU, GELUTanh)
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is old:
+                setattr(module, name, new())
 
 
 def count_params(model, *, non_embedding: bool = False) -> int:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmforge import batches, checkpoint, fused_loss, master_weights, step_graph
-from lmforge.model import TokenInfo, build_model, count_params, flops_per_token, is_masked, set_training_attention
+from lmforge.model import (TokenInfo, build_model, count_params, flops_per_token, is_masked, set_training_activation,
+                           set_training_attention)
 
 # Dense bf16 FLOP/s per device, matched by substring of the device name, first match wins.
 # Hopper figures are the measured ceiling of a bf16 8192^3 matmul (BENCHMARKS.md, KINDS.md), the
@@ -446,6 +447,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     model.to(d.device)
     model.train()
     set_training_attention(model, True)
+    set_training_activation(model, True)
     model_ready = time.perf_counter()
     optimizer = make_optimizer(model, p, d.device)
     schedule = partial(lr_factor, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio)
@@ -628,6 +630,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
                 mark, mark_step = time.perf_counter(), done
     bar.close()
     set_training_attention(model, False)
+    set_training_activation(model, False)
 
     resumed = start
     if start >= p.steps:

@@ -197,10 +197,46 @@ def test_training_attention_computes_what_sdpa_computes(arch, extra):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_training_leaves_the_model_on_plain_sdpa(tokens, tmp_path):
-    p = fx.params({"steps": 4, "warmup_steps": 1, "eval_every": 4, "checkpoint_every": 4}).pretrain
+def test_training_gelu_is_gpt2s_tanh_gelu():
+    from transformers.activations import GELUTanh
+
+    from lmforge.model import SigmoidTanhGELU
+
+    x = torch.linspace(-12, 12, 4001, dtype=torch.float64).requires_grad_()
+    want = GELUTanh()(x)
+    (want_grad,) = torch.autograd.grad(want.sum(), x)
+    got = SigmoidTanhGELU()(x)
+    (got_grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+    x32 = x.detach().float()
+    torch.testing.assert_close(SigmoidTanhGELU()(x32), GELUTanh()(x32), rtol=1e-6, atol=1e-6)
+
+
+def test_training_swaps_the_gelu_in_and_out():
+    from transformers.activations import GELUTanh
+
+    from lmforge.model import SigmoidTanhGELU, set_training_activation
+
+    model = build_model(fx.params({"arch": "gpt2"}).pretrain, TokenInfo(40, 0, 1, 2, 3), seed=0)
+    kinds = lambda: {type(m) for m in model.modules()} & {GELUTanh, SigmoidTanhGELU}  # noqa: E731
+    assert kinds() == {GELUTanh}
+    set_training_activation(model, True)
+    assert kinds() == {SigmoidTanhGELU}
+    set_training_activation(model, False)
+    assert kinds() == {GELUTanh}
+
+
+def test_training_leaves_the_model_on_plain_sdpa_and_its_own_gelu(tokens, tmp_path):
+    from transformers.activations import GELUTanh
+
+    from lmforge.model import SigmoidTanhGELU
+
+    p = fx.params({"arch": "gpt2", "steps": 4, "warmup_steps": 1, "eval_every": 4, "checkpoint_every": 4}).pretrain
     result = training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert result.model.config._attn_implementation == "sdpa"
+    modules = [type(m) for m in result.model.modules()]
+    assert GELUTanh in modules and SigmoidTanhGELU not in modules
 
 
 def test_a_compiled_step_may_be_captured_and_keeps_the_batches_strides():
