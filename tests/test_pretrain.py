@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -195,6 +196,30 @@ def test_training_attention_computes_what_sdpa_computes(arch, extra):
         set_training_attention(model, False)
         assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_adamw_clips_through_its_grad_scale_as_clip_grad_norm_does():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    start = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    p = SimpleNamespace(grad_clip=1.0)
+    weights = {}
+    for fused in (False, True):  # fused AdamW runs on the CPU too: the GPU's code path, here
+        model = copy.deepcopy(start)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+        norms = []
+        for step in range(6):
+            x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step))
+            ((model(x) ** 2).sum() * (10.0 if step % 2 else 1e-3)).backward()  # clipped, then not
+            norms.append(float(torch.nn.utils.get_total_norm([q.grad for q in model.parameters()])))
+            training.update(model, optimizer, None, p)
+            assert getattr(optimizer, "grad_scale", None) is None  # no clipping carried into the next step
+            optimizer.zero_grad(set_to_none=True)
+        weights[fused] = [q.detach().clone() for q in model.parameters()]
+        assert min(norms) < 1.0 < max(norms)
+    for plain, fused in zip(weights[False], weights[True]):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_training_gelu_is_gpt2s_tanh_gelu():
