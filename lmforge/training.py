@@ -461,7 +461,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     model.to(d.device)
     model.train()
     set_training_attention(model, True)
-    set_training_activation(model, True)
+    set_training_activation(model, p.compile)
     model_ready = time.perf_counter()
     optimizer = make_optimizer(model, p, d.device)
     schedule = partial(lr_factor, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio)

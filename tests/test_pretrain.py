@@ -257,7 +257,9 @@ def test_training_leaves_the_model_on_plain_sdpa_and_its_own_gelu(tokens, tmp_pa
 
     from lmforge.model import SigmoidTanhGELU
 
-    p = fx.params({"arch": "gpt2", "steps": 4, "warmup_steps": 1, "eval_every": 4, "checkpoint_every": 4}).pretrain
+    # Compiled: the run that trains with SigmoidTanhGELU (an eager one keeps torch's one-kernel GELU).
+    p = fx.params({"arch": "gpt2", "compile": True, "steps": 4, "warmup_steps": 1, "eval_every": 4,
+                   "checkpoint_every": 4}).pretrain
     result = training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert result.model.config._attn_implementation == "sdpa"
     modules = [type(m) for m in result.model.modules()]
