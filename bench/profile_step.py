@@ -112,7 +112,7 @@ def measure(name: str, p, d, steps: int, top: int, launchers: bool = False) -> d
     model = build_model(p, TokenInfo(G1_VOCAB, 0, 1, 2, 3), seed=0).to(device).train()
     set_training_attention(model, True)
     set_training_activation(model, True)
-    optimizer = make_optimizer(model, p, device)
+    optimizer = make_optimizer(model, p)
     working = bf16_working(p, model, d, print)  # pretrain.param_dtype bf16, as the stage does it
     stepped = working.model if working else model
     module = TrainingLoss(stepped, False, use_fused_loss(p, stepped, False, print))

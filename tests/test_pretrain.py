@@ -222,6 +222,21 @@ def test_a_fused_adamw_clips_through_its_grad_scale_as_clip_grad_norm_does():
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
 
 
+def test_a_state_resumed_from_an_unfused_adamw_still_clips():
+    # Optimizer.load_state_dict takes each group's settings, "fused" included, from the saved state:
+    # a run checkpointed with a plain AdamW and resumed here steps unfused, so clip_grad_norm_ clips.
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(8, 8)
+    saved = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}], lr=1e-2).state_dict()
+    optimizer = training.make_optimizer(model, SimpleNamespace(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1))
+    optimizer.load_state_dict(saved)
+    assert not optimizer.param_groups[0]["fused"] and optimizer.defaults["fused"]
+    (model(torch.ones(4, 8)) * 100).sum().backward()
+    training.update(model, optimizer, None, SimpleNamespace(grad_clip=1.0))
+    assert float(torch.nn.utils.get_total_norm([q.grad for q in model.parameters()])) == pytest.approx(1.0, rel=1e-4)
+
+
 def test_training_gelu_is_gpt2s_tanh_gelu():
     from transformers.activations import GELUTanh
 
