@@ -11,7 +11,6 @@ Imports only torch and transformers (the training path runs on a bare GPU image)
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
