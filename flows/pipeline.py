@@ -22,12 +22,18 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
+
+if TYPE_CHECKING:
+    from dvc.repo import Repo
 
 USER_ERROR_EXIT = 2  # tasks/_common.py:fail() exits with this code
 DEFAULT_RETRIES = {"ingest": 3}  # per stage name (the part before '@'); others use `retries`
@@ -56,11 +62,23 @@ def stage_env() -> dict[str, str]:
 # --- reading the graph from DVC ---------------------------------------------------------------
 
 
+@contextmanager
+def dvc_repo(root: Path) -> Iterator[Repo]:
+    """The DVC repo, read under DVC's repo lock.
+
+    A `dvc repro` in a sibling task rewrites dvc.lock in place while it holds that lock, so a
+    read without it can meet a half-written file (a YAMLValidationError in CI). Waiting for the
+    lock, as `dvc --wait-for-lock` does, rather than giving up after DVC's 3 s of retries: a
+    sibling may hold it for as long as hashing a large output takes."""
+    from dvc.repo import Repo, lock_repo
+
+    with Repo(str(root), _wait_for_lock=True) as repo, lock_repo(repo):
+        yield repo
+
+
 def stage_graph(root: Path, targets: list[str] | None = None) -> dict[str, list[str]]:
     """Stage address -> the addresses it depends on, for the targets and all they need."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
+    with dvc_repo(root) as repo:
         graph = repo.index.graph  # an edge runs from a stage to each stage it depends on
         # Stage names, not `addressing`: that one is relative to the process's cwd.
         by_addr = {stage.name: stage for stage in graph.nodes}
@@ -92,17 +110,13 @@ def topological(upstream: dict[str, list[str]]) -> list[str]:
 
 
 def stage_is_current(root: Path, addr: str) -> bool:
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
+    with dvc_repo(root) as repo:
         return not repo.status(targets=[f"{root / 'dvc.yaml'}:{addr}"])
 
 
 def stage_metrics(root: Path, addr: str) -> dict[str, object]:
     """The flattened contents of the metrics files this stage declares in dvc.yaml."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
+    with dvc_repo(root) as repo:
         stage = next(s for s in repo.index.stages if s.name == addr)
         paths = [Path(out.fs_path) for out in stage.outs if out.metric]
     flat: dict[str, object] = {}
@@ -113,9 +127,7 @@ def stage_metrics(root: Path, addr: str) -> dict[str, object]:
 
 
 def uncached_outputs(root: Path, addrs: list[str]) -> list[Path]:
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
+    with dvc_repo(root) as repo:
         return [Path(out.fs_path) for s in repo.index.stages if s.name in addrs for out in s.outs if not out.use_cache]
 
 
@@ -148,7 +160,7 @@ def run_stage(root: Path, addr: str) -> dict:
     if stage_is_current(root, addr):
         logger.info("%s is up to date: skipped (DVC cache)", addr)
         return {"stage": addr, "status": "skipped", "seconds": round(time.perf_counter() - start, 2)}
-    result = subprocess.run([dvc_executable(), "repro", "--single-item", addr], cwd=root,
+    result = subprocess.run([dvc_executable(), "--wait-for-lock", "repro", "--single-item", addr], cwd=root,
                             capture_output=True, text=True, env=stage_env())
     output = (result.stdout + result.stderr).strip()
     if result.returncode != 0:

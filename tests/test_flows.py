@@ -1,5 +1,7 @@
 """The Prefect pipeline flow over a real DVC project, on Prefect's test harness."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.deployments import build_deployments
-from flows.pipeline import pipeline
+from flows.pipeline import pipeline, stage_is_current, stage_metrics
 from tests.conftest import run, write_params
 
 DATA = ["tokenize", "split@task"]
@@ -134,3 +136,31 @@ def test_bad_override_is_a_clear_user_error(dvc_repo):
     with pytest.raises(Exception, match="no key 'split.task.nope'"):
         state.result()
     assert "nope" not in (dvc_repo / "params.yaml").read_text()
+
+
+HOLD_DVC_LOCK = """
+import sys, time
+from pathlib import Path
+from dvc.lock import make_lock
+
+lock = make_lock(".dvc/tmp/lock")
+lock.lock()
+print("held", flush=True)
+time.sleep(4)  # longer than the 3 s that DVC retries a held lock before giving up
+Path("released").write_text("")
+lock.unlock()
+"""
+
+
+@pytest.mark.parametrize("read", [stage_is_current, stage_metrics], ids=["status", "metrics"])
+def test_reads_of_the_dvc_repo_wait_while_a_sibling_repro_holds_its_lock(dvc_repo, read):
+    # A `dvc repro` holds the repo lock while it rewrites dvc.lock; a read that ignores the lock
+    # can meet a half-written file, and one that gives up after DVC's retries fails the task.
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_DVC_LOCK], cwd=dvc_repo, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        read(dvc_repo, "tokenize")
+        assert (dvc_repo / "released").exists(), "read the repo while another DVC process held its lock"
+    finally:
+        holder.wait(timeout=30)
+    assert holder.returncode == 0
