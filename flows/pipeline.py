@@ -32,6 +32,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
+from lmforge import tracking
+
 if TYPE_CHECKING:
     from dvc.repo import Repo
 
@@ -191,8 +193,6 @@ def mlflow_run_url(root: Path, stage: str, started_at: float) -> str | None:
     """The MLflow UI address of the run this stage just logged (runs carry the tag stage=<name>).
 
     With a local SQLite store the link points at `make ui`'s MLflow server on 127.0.0.1:5000."""
-    from lmforge import tracking
-
     uri = tracking.tracking_uri(root)
     if not tracking.enabled() or (uri.startswith("sqlite:") and not (root / "mlflow.db").exists()):
         return None
@@ -303,6 +303,7 @@ def pipeline(
     root_path = Path(root).resolve()
     per_stage = {**DEFAULT_RETRIES, **(stage_retries or {})}
     upstream = stage_graph(root_path, targets)
+    tracking.prepare_store(root_path)  # before stages that log to it start side by side
     if overrides:
         with ExperimentWorkspace(root_path, overrides, list(upstream)) as workspace:
             results = _run_graph(root_path, upstream, retries, per_stage)

@@ -108,6 +108,23 @@ def enabled() -> bool:
     return True
 
 
+def prepare_store(root: Path | str | None = None) -> None:
+    """Create the tracking store's tables and the lmforge experiment now, from one process.
+
+    Stages that a Prefect flow runs side by side would otherwise each find a fresh mlflow.db and
+    run MLflow's schema migrations at the same time, failing on each other's half-made tables
+    ("table ... already exists", "duplicate column name")."""
+    if not enabled():
+        return
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    name = os.environ.get("LMFORGE_EXPERIMENT", EXPERIMENT)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name)
+
+
 class Run:
     """A thin handle on the active MLflow run; every method is a no-op when tracking is off."""
 

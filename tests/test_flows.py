@@ -108,6 +108,40 @@ def test_stage_artifacts_hold_metrics_and_the_mlflow_run_link(dvc_repo):
     assert "(http://127.0.0.1:5000/#/experiments/" in link and "/runs/" in link
 
 
+SIDE_BY_SIDE_SCRIPT = """
+import sys
+from pathlib import Path
+from lmforge import tracking
+name = sys.argv[1]
+with tracking.stage_run(name) as run:
+    run.log_metrics({"score": 0.5})
+Path(name + ".txt").write_text("ok")
+"""
+
+
+@pytest.mark.slow
+def test_stages_side_by_side_share_a_fresh_mlflow_store(dvc_repo):
+    # Six stages with no order between them start together; each would otherwise meet an empty
+    # mlflow.db and run MLflow's schema migrations at the same moment as the others.
+    (dvc_repo / "tracked.py").write_text(SIDE_BY_SIDE_SCRIPT)
+    names = [f"tracked{i}" for i in range(6)]
+    stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())
+    for name in names:
+        stages["stages"][name] = {"cmd": f"python tracked.py {name}", "deps": ["tracked.py"], "outs": [f"{name}.txt"]}
+    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    assert not (dvc_repo / "mlflow.db").exists()
+
+    state = pipeline(targets=names, retries=0, root=str(dvc_repo), return_state=True)
+    assert state.is_completed(), state.message
+    assert task_runs(state.state_details.flow_run_id) == {name: 1 for name in names} | {"summarize": 1}
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{dvc_repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lmforge")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == names
+
+
 @pytest.mark.slow
 def test_user_error_fails_once_and_stops_downstream(dvc_repo, sources):
     write_params(dvc_repo, sources, **{"split.corpus.mode": "contiguous", "split.corpus.max_rows": 5})
