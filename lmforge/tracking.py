@@ -66,16 +66,32 @@ def system_facts() -> dict[str, str]:
     return facts
 
 
+def read_dvc_lock(root: Path) -> str:
+    """dvc.lock's text, read under DVC's repo lock where there is one.
+
+    In a Prefect flow a sibling stage's `dvc repro` rewrites dvc.lock in place while holding
+    that lock, so an unlocked read can see half a file. No deadlock: a stage's own `dvc repro`
+    lets go of the lock while the stage's command runs."""
+    try:
+        from dvc.repo import Repo, lock_repo
+    except ImportError:  # a bare GPU image: no DVC there, so no sibling repro either
+        return (root / "dvc.lock").read_text()
+    if not (root / ".dvc").is_dir():
+        return (root / "dvc.lock").read_text()
+    with Repo(str(root), _wait_for_lock=True) as repo, lock_repo(repo):
+        return (root / "dvc.lock").read_text()
+
+
 def input_hashes(paths: list[str], root: Path | str | None = None) -> dict[str, str]:
     """{"input.<path>": md5} for each path that some stage of dvc.lock lists as an output: the
     data a run read, as DVC versioned it (empty where there is no dvc.lock yet)."""
-    lock = repo_root(root) / "dvc.lock"
-    if not lock.exists():
+    root = repo_root(root)
+    if not (root / "dvc.lock").exists():
         return {}
     import yaml
 
     try:
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        stages = (yaml.safe_load(read_dvc_lock(root)) or {}).get("stages", {})
     except yaml.YAMLError:
         return {}
     found: dict[str, str] = {}

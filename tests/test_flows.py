@@ -11,6 +11,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.deployments import build_deployments
 from flows.pipeline import pipeline, stage_is_current, stage_metrics
+from lmforge import tracking
 from tests.conftest import run, write_params
 
 DATA = ["tokenize", "split@task"]
@@ -186,10 +187,16 @@ lock.unlock()
 """
 
 
-@pytest.mark.parametrize("read", [stage_is_current, stage_metrics], ids=["status", "metrics"])
+def read_input_hashes(root: Path, _addr: str) -> dict[str, str]:
+    return tracking.input_hashes(["data/tokens"], root)
+
+
+@pytest.mark.parametrize("read", [stage_is_current, stage_metrics, read_input_hashes],
+                         ids=["status", "metrics", "input-hashes"])
 def test_reads_of_the_dvc_repo_wait_while_a_sibling_repro_holds_its_lock(dvc_repo, read):
     # A `dvc repro` holds the repo lock while it rewrites dvc.lock; a read that ignores the lock
     # can meet a half-written file, and one that gives up after DVC's retries fails the task.
+    (dvc_repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     holder = subprocess.Popen([sys.executable, "-c", HOLD_DVC_LOCK], cwd=dvc_repo, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
