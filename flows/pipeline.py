@@ -69,8 +69,8 @@ def dvc_repo(root: Path) -> Iterator[Repo]:
     """The DVC repo, read under DVC's repo lock.
 
     A `dvc repro` in a sibling task rewrites dvc.lock in place while it holds that lock, so a
-    read without it can meet a half-written file (a YAMLValidationError in CI). Waiting for the
-    lock, as `dvc --wait-for-lock` does, rather than giving up after DVC's 3 s of retries: a
+    read without it can meet a half-written file (a YAMLValidationError in CI). It waits for the
+    lock, as `dvc --wait-for-lock` does, instead of giving up after DVC's 3 s of retries: a
     sibling may hold it for as long as hashing a large output takes."""
     from dvc.repo import Repo, lock_repo
 
