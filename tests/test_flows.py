@@ -144,6 +144,20 @@ def test_stages_side_by_side_share_a_fresh_mlflow_store(dvc_repo):
 
 
 @pytest.mark.slow
+def test_a_stage_whose_artifacts_cannot_be_published_still_ran_once(dvc_repo, caplog):
+    (dvc_repo / "broken.py").write_text("from pathlib import Path\nPath('broken.json').write_text('{not json')\n")
+    stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())
+    stages["stages"]["broken"] = {"cmd": "python broken.py", "deps": ["broken.py"],
+                                  "metrics": [{"broken.json": {"cache": False}}]}
+    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    state = pipeline(targets=["broken"], retries=1, root=str(dvc_repo), return_state=True)
+    assert state.is_completed(), state.message
+    assert statuses(state.result()) == {"broken": "ran"}
+    assert task_runs(state.state_details.flow_run_id)["broken"] == 1
+    assert "broken ran, but its artifacts were not published: JSONDecodeError" in caplog.text
+
+
+@pytest.mark.slow
 def test_user_error_fails_once_and_stops_downstream(dvc_repo, sources):
     write_params(dvc_repo, sources, **{"split.corpus.mode": "contiguous", "split.corpus.max_rows": 5})
     state = pipeline(targets=["tokenize"], retries=3, root=str(dvc_repo), return_state=True)
