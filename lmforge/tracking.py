@@ -92,7 +92,9 @@ def input_hashes(paths: list[str], root: Path | str | None = None) -> dict[str, 
 
     try:
         stages = (yaml.safe_load(read_dvc_lock(root)) or {}).get("stages", {})
-    except yaml.YAMLError:
+    except yaml.YAMLError as error:
+        # A tag is not worth failing a training run over, but a corrupt dvc.lock is worth a word.
+        print(f"dvc.lock does not parse, so this run records no input hashes: {error}", file=sys.stderr)
         return {}
     found: dict[str, str] = {}
     for stage in stages.values():
