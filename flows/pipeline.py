@@ -22,10 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -33,9 +30,6 @@ from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
 from lmforge import tracking
-
-if TYPE_CHECKING:
-    from dvc.repo import Repo
 
 USER_ERROR_EXIT = 2  # tasks/_common.py:fail() exits with this code
 DEFAULT_RETRIES = {"ingest": 3}  # per stage name (the part before '@'); others use `retries`
@@ -62,25 +56,13 @@ def stage_env() -> dict[str, str]:
 
 
 # --- reading the graph from DVC ---------------------------------------------------------------
-
-
-@contextmanager
-def dvc_repo(root: Path) -> Iterator[Repo]:
-    """The DVC repo, read under DVC's repo lock.
-
-    A `dvc repro` in a sibling task rewrites dvc.lock in place while it holds that lock, so a
-    read without it can meet a half-written file (a YAMLValidationError in CI). It waits for the
-    lock, as `dvc --wait-for-lock` does, instead of giving up after DVC's 3 s of retries: a
-    sibling may hold it for as long as hashing a large output takes."""
-    from dvc.repo import Repo, lock_repo
-
-    with Repo(str(root), _wait_for_lock=True) as repo, lock_repo(repo):
-        yield repo
+# Each read holds DVC's repo lock (tracking.locked_dvc_repo): a sibling task's repro may be
+# rewriting dvc.lock.
 
 
 def stage_graph(root: Path, targets: list[str] | None = None) -> dict[str, list[str]]:
     """Stage address -> the addresses it depends on, for the targets and all they need."""
-    with dvc_repo(root) as repo:
+    with tracking.locked_dvc_repo(root) as repo:
         graph = repo.index.graph  # an edge runs from a stage to each stage it depends on
         # Stage names, not `addressing`: that one is relative to the process's cwd.
         by_addr = {stage.name: stage for stage in graph.nodes}
@@ -112,13 +94,13 @@ def topological(upstream: dict[str, list[str]]) -> list[str]:
 
 
 def stage_is_current(root: Path, addr: str) -> bool:
-    with dvc_repo(root) as repo:
+    with tracking.locked_dvc_repo(root) as repo:
         return not repo.status(targets=[f"{root / 'dvc.yaml'}:{addr}"])
 
 
 def stage_metrics(root: Path, addr: str) -> dict[str, object]:
     """The flattened contents of the metrics files this stage declares in dvc.yaml."""
-    with dvc_repo(root) as repo:
+    with tracking.locked_dvc_repo(root) as repo:
         stage = next(s for s in repo.index.stages if s.name == addr)
         paths = [Path(out.fs_path) for out in stage.outs if out.metric]
     flat: dict[str, object] = {}
@@ -129,7 +111,7 @@ def stage_metrics(root: Path, addr: str) -> dict[str, object]:
 
 
 def uncached_outputs(root: Path, addrs: list[str]) -> list[Path]:
-    with dvc_repo(root) as repo:
+    with tracking.locked_dvc_repo(root) as repo:
         return [Path(out.fs_path) for s in repo.index.stages if s.name in addrs for out in s.outs if not out.use_cache]
 
 
@@ -198,13 +180,13 @@ def mlflow_run_url(root: Path, stage: str, started_at: float) -> str | None:
     """The MLflow UI address of the run this stage just logged (runs carry the tag stage=<name>).
 
     With a local SQLite store the link points at `make ui`'s MLflow server on 127.0.0.1:5000."""
-    uri = tracking.tracking_uri(root)
-    if not tracking.enabled() or (uri.startswith("sqlite:") and not (root / "mlflow.db").exists()):
+    if not tracking.enabled():
         return None
     from mlflow import MlflowClient
 
+    uri = tracking.tracking_uri(root)
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(os.environ.get("LMFORGE_EXPERIMENT", tracking.EXPERIMENT))
+    experiment = client.get_experiment_by_name(tracking.experiment_name())
     if experiment is None:
         return None
     runs = client.search_runs(

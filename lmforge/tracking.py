@@ -66,19 +66,30 @@ def system_facts() -> dict[str, str]:
     return facts
 
 
-def read_dvc_lock(root: Path) -> str:
-    """dvc.lock's text, read under DVC's repo lock where there is one.
+@contextmanager
+def locked_dvc_repo(root: Path) -> Iterator[Any]:
+    """The DVC repo at `root`, held under DVC's repo lock.
 
-    In a Prefect flow a sibling stage's `dvc repro` rewrites dvc.lock in place while holding
-    that lock, so an unlocked read can see half a file. No deadlock: a stage's own `dvc repro`
-    lets go of the lock while the stage's command runs."""
+    In a Prefect flow a sibling stage's `dvc repro` rewrites dvc.lock in place while it holds
+    that lock, so a read without it can meet half a file. This waits for the lock, as
+    `dvc --wait-for-lock` does, instead of giving up after DVC's 3 s of retries: a sibling may
+    hold it for as long as hashing a large output takes. No deadlock from inside a stage: the
+    stage's own `dvc repro` lets go of the lock while the stage's command runs."""
+    from dvc.repo import Repo, lock_repo
+
+    with Repo(str(root), _wait_for_lock=True) as repo, lock_repo(repo):
+        yield repo
+
+
+def read_dvc_lock(root: Path) -> str:
+    """dvc.lock's text, read under DVC's repo lock where there is one."""
     try:
-        from dvc.repo import Repo, lock_repo
+        import dvc.repo  # noqa: F401
     except ImportError:  # a bare GPU image: no DVC there, so no sibling repro either
         return (root / "dvc.lock").read_text()
     if not (root / ".dvc").is_dir():
         return (root / "dvc.lock").read_text()
-    with Repo(str(root), _wait_for_lock=True) as repo, lock_repo(repo):
+    with locked_dvc_repo(root):
         return (root / "dvc.lock").read_text()
 
 
@@ -116,6 +127,10 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def experiment_name() -> str:
+    return os.environ.get("LMFORGE_EXPERIMENT", EXPERIMENT)
+
+
 def enabled() -> bool:
     if os.environ.get("LMFORGE_TRACKING", "").lower() in ("0", "off", "false", "no"):
         return False
@@ -138,9 +153,8 @@ def prepare_store(root: Path | str | None = None) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri(root))
-    name = os.environ.get("LMFORGE_EXPERIMENT", EXPERIMENT)
-    if client.get_experiment_by_name(name) is None:
-        client.create_experiment(name)
+    if client.get_experiment_by_name(experiment_name()) is None:
+        client.create_experiment(experiment_name())
 
 
 class Run:
@@ -199,7 +213,7 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, *, tags: Mapp
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(root))
-    mlflow.set_experiment(os.environ.get("LMFORGE_EXPERIMENT", EXPERIMENT))
+    mlflow.set_experiment(experiment_name())
     with mlflow.start_run(run_name=stage) as active:
         run = Run(True, active.info.run_id)
         run.set_tags({"stage": stage, **git_facts(root), **system_facts(), **(tags or {})})
