@@ -10,6 +10,12 @@ Each task asks DVC in-process whether its stage is up to date (cheap) and, only 
 whose upstream tasks succeeded start at once, so the corpus and task branches run side by side.
 A stage that exits with code 2 failed for a user error (bad params or data): it is not retried
 and nothing downstream runs. Any other failure is retried with exponential backoff.
+
+The training stages (pretrain, tune, finetune) want the accelerator to themselves: each holds a
+slot of the Prefect global concurrency limit `lmforge-accelerator` while it runs, one slot by
+default, so on one GPU they take turns where the graph would start them side by side. The limit
+is the server's, shared by every flow run on it (see and change it under Concurrency in the UI);
+`--accelerator-slots 0` turns it off.
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
@@ -33,6 +42,8 @@ from lmforge import tracking
 
 USER_ERROR_EXIT = 2  # tasks/_common.py:fail() exits with this code
 DEFAULT_RETRIES = {"ingest": 3}  # per stage name (the part before '@'); others use `retries`
+ACCELERATOR_LIMIT = "lmforge-accelerator"  # a Prefect global concurrency limit
+TRAINING_STAGES = ["pretrain", "tune", "finetune"]  # stage names that hold an accelerator slot while they run
 _EXIT_CODE = re.compile(r"exited with (\d+)")
 
 
@@ -136,16 +147,36 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return False
 
 
+def set_accelerator_slots(slots: int) -> None:
+    """Create the accelerator limit on the Prefect server, or set its number of slots."""
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(ACCELERATOR_LIMIT, slots)
+
+
+@contextmanager
+def accelerator_slot(addr: str, logger):
+    """Hold one slot of the accelerator limit for the body, waiting for it as long as it takes."""
+    asked = time.perf_counter()
+    # A lease that fails to renew lets another stage start beside this one: slower, not wrong.
+    with concurrency(ACCELERATOR_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+        waited = time.perf_counter() - asked
+        if waited >= 1:
+            logger.info("%s waited %.0f s for an accelerator slot (%s)", addr, waited, ACCELERATOR_LIMIT)
+        yield
+
+
 @task(task_run_name="{addr}", retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
       retry_condition_fn=_retry_unless_user_error)
-def run_stage(root: Path, addr: str) -> dict:
+def run_stage(root: Path, addr: str, accelerator: bool = False) -> dict:
+    """`dvc repro` of one stage unless it is up to date; accelerator: hold an accelerator slot meanwhile."""
     logger = get_run_logger()
     start = time.perf_counter()
     if stage_is_current(root, addr):
         logger.info("%s is up to date: skipped (DVC cache)", addr)
         return {"stage": addr, "status": "skipped", "seconds": round(time.perf_counter() - start, 2)}
-    result = subprocess.run([dvc_executable(), "--wait-for-lock", "repro", "--single-item", addr], cwd=root,
-                            capture_output=True, text=True, env=stage_env())
+    with accelerator_slot(addr, logger) if accelerator else nullcontext():
+        result = subprocess.run([dvc_executable(), "--wait-for-lock", "repro", "--single-item", addr], cwd=root,
+                                capture_output=True, text=True, env=stage_env())
     output = (result.stdout + result.stderr).strip()
     if result.returncode != 0:
         codes = _EXIT_CODE.findall(output)
@@ -285,32 +316,45 @@ def pipeline(
     retries: int = 1,
     stage_retries: dict[str, int] | None = None,
     root: str = ".",
+    accelerator_slots: int = 1,
+    accelerator_stages: list[str] | None = None,
 ) -> list[dict]:
-    """Run the DVC stages (all, or `targets` and their upstream) as Prefect tasks."""
+    """Run the DVC stages (all, or `targets` and their upstream) as Prefect tasks.
+
+    accelerator_slots: how many of the `accelerator_stages` (stage names, default TRAINING_STAGES)
+    may run at once, server-wide; 0 for no limit.
+    """
+    if accelerator_slots < 0:
+        raise ValueError(f"accelerator_slots must be 0 (no limit) or more, not {accelerator_slots}")
     root_path = Path(root).resolve()
     per_stage = {**DEFAULT_RETRIES, **(stage_retries or {})}
     upstream = stage_graph(root_path, targets)
     tracking.prepare_store(root_path)  # before stages that log to it start side by side
+    heavy = set(TRAINING_STAGES if accelerator_stages is None else accelerator_stages) if accelerator_slots else set()
+    if heavy:
+        set_accelerator_slots(accelerator_slots)
     if overrides:
         with ExperimentWorkspace(root_path, overrides, list(upstream)) as workspace:
-            results = _run_graph(root_path, upstream, retries, per_stage)
+            results = _run_graph(root_path, upstream, retries, per_stage, heavy)
             experiment = workspace.save_experiment(list(upstream))
         print(f"overrides {overrides} recorded as DVC experiment {experiment}; params.yaml unchanged")
     else:
-        results = _run_graph(root_path, upstream, retries, per_stage)
+        results = _run_graph(root_path, upstream, retries, per_stage, heavy)
     _publish_summary(results)
     summarize(root_path, rebuild=any(r["status"] == "ran" for r in results))
     return results
 
 
-def _run_graph(root: Path, upstream: dict[str, list[str]], retries: int, per_stage: dict[str, int]) -> list[dict]:
+def _run_graph(root: Path, upstream: dict[str, list[str]], retries: int, per_stage: dict[str, int],
+               heavy: set[str]) -> list[dict]:
     futures = {}
     for addr in topological(upstream):
         name = addr.split("@")[0]
         stage_task = run_stage.with_options(retries=per_stage.get(name, retries))
         # wait_for: a stage starts only once all it depends on has succeeded; a failure upstream
         # leaves it NotReady, so nothing downstream of a broken stage runs.
-        futures[addr] = stage_task.submit(root, addr, wait_for=[futures[d] for d in upstream[addr]])
+        futures[addr] = stage_task.submit(root, addr, accelerator=name in heavy,
+                                          wait_for=[futures[d] for d in upstream[addr]])
     wait(list(futures.values()))
     return [f.result() for f in futures.values()]  # raises the first failure, failing the flow
 
@@ -344,8 +388,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set-param", "-S", action="append", dest="overrides", default=[],
                         help="a param override key.path=value, run as a DVC experiment (repeatable)")
     parser.add_argument("--retries", type=int, default=1, help="retries for a transient stage failure")
+    parser.add_argument("--accelerator-slots", type=int, default=1,
+                        help=f"how many of {', '.join(TRAINING_STAGES)} may run at once (0: no limit)")
     args = parser.parse_args(argv)
-    pipeline(targets=args.targets, overrides=args.overrides or None, retries=args.retries)
+    pipeline(targets=args.targets, overrides=args.overrides or None, retries=args.retries,
+             accelerator_slots=args.accelerator_slots)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,41 @@ def test_stages_side_by_side_share_a_fresh_mlflow_store(dvc_repo):
     assert sorted(r.info.run_name for r in runs) == names
 
 
+SPAN_SCRIPT = """
+import sys, time
+from pathlib import Path
+began = time.time()
+time.sleep(5)
+Path(sys.argv[1] + ".txt").write_text(f"{began} {time.time()}")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slots", [1, 2])
+def test_training_stages_take_turns_on_the_accelerator_slots(dvc_repo, slots):
+    # Two stages with no order between them: with one slot the second waits for the first, with
+    # two they run side by side (the check that the spans would overlap without the limit).
+    (dvc_repo / "span.py").write_text(SPAN_SCRIPT)
+    names = ["train_a", "train_b"]
+    stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())
+    for name in names:
+        stages["stages"][name] = {"cmd": f"python span.py {name}", "deps": ["span.py"], "outs": [f"{name}.txt"]}
+    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+
+    state = pipeline(targets=names, accelerator_stages=names, accelerator_slots=slots, retries=0,
+                     root=str(dvc_repo), return_state=True)
+    assert state.is_completed(), state.message
+    first, second = sorted(tuple(map(float, (dvc_repo / f"{n}.txt").read_text().split())) for n in names)
+    assert (second[0] < first[1]) == (slots == 2), (first, second)
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("lmforge-accelerator").limit == slots
+
+
+def test_a_negative_number_of_accelerator_slots_is_refused(dvc_repo):
+    with pytest.raises(ValueError, match="accelerator_slots must be 0 \\(no limit\\) or more, not -1"):
+        pipeline(targets=["tokenize"], accelerator_slots=-1, root=str(dvc_repo))
+
+
 @pytest.mark.slow
 def test_a_stage_whose_artifacts_cannot_be_published_still_ran_once(dvc_repo, caplog):
     (dvc_repo / "broken.py").write_text("from pathlib import Path\nPath('broken.json').write_text('{not json')\n")
