@@ -155,14 +155,15 @@ def set_accelerator_slots(slots: int) -> None:
 
 @contextmanager
 def accelerator_slot(addr: str, logger):
-    """Hold one slot of the accelerator limit for the body, waiting for it as long as it takes."""
+    """Hold one slot of the accelerator limit for the body, waiting for it as long as it takes;
+    gives the seconds waited."""
     asked = time.perf_counter()
     # A lease that fails to renew lets another stage start beside this one: slower, not wrong.
     with concurrency(ACCELERATOR_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
-        waited = time.perf_counter() - asked
+        waited = round(time.perf_counter() - asked, 2)
         if waited >= 1:
             logger.info("%s waited %.0f s for an accelerator slot (%s)", addr, waited, ACCELERATOR_LIMIT)
-        yield
+        yield waited
 
 
 @task(task_run_name="{addr}", retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
@@ -174,7 +175,7 @@ def run_stage(root: Path, addr: str, accelerator: bool = False) -> dict:
     if stage_is_current(root, addr):
         logger.info("%s is up to date: skipped (DVC cache)", addr)
         return {"stage": addr, "status": "skipped", "seconds": round(time.perf_counter() - start, 2)}
-    with accelerator_slot(addr, logger) if accelerator else nullcontext():
+    with accelerator_slot(addr, logger) if accelerator else nullcontext(0.0) as waited:
         result = subprocess.run([dvc_executable(), "--wait-for-lock", "repro", "--single-item", addr], cwd=root,
                                 capture_output=True, text=True, env=stage_env())
     output = (result.stdout + result.stderr).strip()
@@ -194,7 +195,7 @@ def run_stage(root: Path, addr: str, accelerator: bool = False) -> dict:
         # DVC has committed the outputs: failing the task here would retry a stage that is now
         # up to date, and the run would report it as skipped.
         logger.warning("%s ran, but its artifacts were not published: %s: %s", addr, type(error).__name__, error)
-    return {"stage": addr, "status": "ran", "seconds": seconds}
+    return {"stage": addr, "status": "ran", "seconds": seconds, "waited": waited}
 
 
 def publish_stage_artifacts(root: Path, addr: str, started_at: float) -> None:
@@ -360,8 +361,9 @@ def _run_graph(root: Path, upstream: dict[str, list[str]], retries: int, per_sta
 
 
 def _publish_summary(results: list[dict]) -> None:
-    lines = ["# lmforge pipeline run", "", "| stage | status | seconds |", "|---|---|---:|"]
-    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
+    lines = ["# lmforge pipeline run", "", "| stage | status | seconds | of which waiting for the accelerator |",
+             "|---|---|---:|---:|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('waited', 0.0)} |" for r in results]
     ran = sum(r["status"] == "ran" for r in results)
     lines += ["", f"{ran} stage(s) ran, {len(results) - ran} skipped (up to date in the DVC cache)."]
     create_markdown_artifact("\n".join(lines), key="pipeline-summary", description="Stages of this run")
