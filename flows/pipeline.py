@@ -174,7 +174,7 @@ def run_stage(root: Path, addr: str, accelerator: bool = False) -> dict:
     start = time.perf_counter()
     if stage_is_current(root, addr):
         logger.info("%s is up to date: skipped (DVC cache)", addr)
-        return {"stage": addr, "status": "skipped", "seconds": round(time.perf_counter() - start, 2)}
+        return {"stage": addr, "status": "skipped", "seconds": round(time.perf_counter() - start, 2), "waited": 0.0}
     with accelerator_slot(addr, logger) if accelerator else nullcontext(0.0) as waited:
         result = subprocess.run([dvc_executable(), "--wait-for-lock", "repro", "--single-item", addr], cwd=root,
                                 capture_output=True, text=True, env=stage_env())
@@ -363,7 +363,7 @@ def _run_graph(root: Path, upstream: dict[str, list[str]], retries: int, per_sta
 def _publish_summary(results: list[dict]) -> None:
     lines = ["# lmforge pipeline run", "", "| stage | status | seconds | of which waiting for the accelerator |",
              "|---|---|---:|---:|"]
-    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('waited', 0.0)} |" for r in results]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['waited']} |" for r in results]
     ran = sum(r["status"] == "ran" for r in results)
     lines += ["", f"{ran} stage(s) ran, {len(results) - ran} skipped (up to date in the DVC cache)."]
     create_markdown_artifact("\n".join(lines), key="pipeline-summary", description="Stages of this run")

@@ -12,6 +12,7 @@ image) or LMFORGE_TRACKING=off, the same calls do nothing, and say so once.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import subprocess
@@ -83,11 +84,8 @@ def locked_dvc_repo(root: Path) -> Iterator[Any]:
 
 def read_dvc_lock(root: Path) -> str:
     """dvc.lock's text, read under DVC's repo lock where there is one."""
-    try:
-        import dvc.repo  # noqa: F401
-    except ImportError:  # a bare GPU image: no DVC there, so no sibling repro either
-        return (root / "dvc.lock").read_text()
-    if not (root / ".dvc").is_dir():
+    # No DVC installed (a bare GPU image) or no DVC project: no sibling repro can be writing it.
+    if importlib.util.find_spec("dvc") is None or not (root / ".dvc").is_dir():
         return (root / "dvc.lock").read_text()
     with locked_dvc_repo(root):
         return (root / "dvc.lock").read_text()

@@ -48,6 +48,13 @@ def task_runs(flow_run_id) -> dict[str, int]:
     return {r.name: r.run_count for r in runs}
 
 
+def add_stages(repo: Path, stages: dict[str, dict]) -> None:
+    """Add these stage definitions to the project's dvc.yaml."""
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dvc_yaml["stages"].update(stages)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+
+
 def commit_all(repo: Path) -> None:
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "baseline"], repo)
@@ -75,9 +82,7 @@ def test_flow_runs_the_graph_then_skips_it_then_reruns_only_an_override(dvc_repo
 @pytest.mark.slow
 def test_transient_failure_is_retried(dvc_repo):
     (dvc_repo / "flaky.py").write_text(FLAKY_SCRIPT)
-    stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())
-    stages["stages"]["flaky"] = FLAKY_STAGE
-    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    add_stages(dvc_repo, {"flaky": FLAKY_STAGE})
     state = pipeline(targets=["flaky"], retries=1, root=str(dvc_repo), return_state=True)
     assert state.is_completed()
     assert (dvc_repo / "attempts.log").read_text() == "xx"
@@ -97,10 +102,8 @@ Path("tracked.json").write_text(json.dumps({"score": 0.5}))
 @pytest.mark.slow
 def test_stage_artifacts_hold_metrics_and_the_mlflow_run_link(dvc_repo):
     (dvc_repo / "tracked.py").write_text(TRACKED_SCRIPT)
-    stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())
-    stages["stages"]["tracked"] = {"cmd": "python tracked.py", "deps": ["tracked.py"],
-                                   "metrics": [{"tracked.json": {"cache": False}}]}
-    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    add_stages(dvc_repo, {"tracked": {"cmd": "python tracked.py", "deps": ["tracked.py"],
+                                      "metrics": [{"tracked.json": {"cache": False}}]}})
     pipeline(targets=["tracked"], root=str(dvc_repo))
     with get_client(sync_client=True) as client:
         artifacts = {a.key: a for a in client.read_artifacts()}
@@ -126,10 +129,8 @@ def test_stages_side_by_side_share_a_fresh_mlflow_store(dvc_repo):
     # mlflow.db and run MLflow's schema migrations at the same moment as the others.
     (dvc_repo / "tracked.py").write_text(SIDE_BY_SIDE_SCRIPT)
     names = [f"tracked{i}" for i in range(6)]
-    stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())
-    for name in names:
-        stages["stages"][name] = {"cmd": f"python tracked.py {name}", "deps": ["tracked.py"], "outs": [f"{name}.txt"]}
-    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    add_stages(dvc_repo, {name: {"cmd": f"python tracked.py {name}", "deps": ["tracked.py"], "outs": [f"{name}.txt"]}
+                          for name in names})
     assert not (dvc_repo / "mlflow.db").exists()
 
     state = pipeline(targets=names, retries=0, root=str(dvc_repo), return_state=True)
@@ -159,10 +160,8 @@ def test_training_stages_take_turns_on_the_accelerator_slots(dvc_repo, slots):
     # two they run side by side (the check that the spans would overlap without the limit).
     (dvc_repo / "span.py").write_text(SPAN_SCRIPT)
     names = ["train_a", "train_b"]
-    stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())
-    for name in names:
-        stages["stages"][name] = {"cmd": f"python span.py {name}", "deps": ["span.py"], "outs": [f"{name}.txt"]}
-    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    add_stages(dvc_repo, {name: {"cmd": f"python span.py {name}", "deps": ["span.py"], "outs": [f"{name}.txt"]}
+                          for name in names})
 
     state = pipeline(targets=names, accelerator_stages=names, accelerator_slots=slots, retries=0,
                      root=str(dvc_repo), return_state=True)
@@ -183,10 +182,8 @@ def test_a_negative_number_of_accelerator_slots_is_refused(dvc_repo):
 @pytest.mark.slow
 def test_a_stage_whose_artifacts_cannot_be_published_still_ran_once(dvc_repo, caplog):
     (dvc_repo / "broken.py").write_text("from pathlib import Path\nPath('broken.json').write_text('{not json')\n")
-    stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())
-    stages["stages"]["broken"] = {"cmd": "python broken.py", "deps": ["broken.py"],
-                                  "metrics": [{"broken.json": {"cache": False}}]}
-    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    add_stages(dvc_repo, {"broken": {"cmd": "python broken.py", "deps": ["broken.py"],
+                                     "metrics": [{"broken.json": {"cache": False}}]}})
     state = pipeline(targets=["broken"], retries=1, root=str(dvc_repo), return_state=True)
     assert state.is_completed(), state.message
     assert statuses(state.result()) == {"broken": "ran"}
