@@ -44,7 +44,18 @@ USER_ERROR_EXIT = 2  # tasks/_common.py:fail() exits with this code
 DEFAULT_RETRIES = {"ingest": 3}  # per stage name (the part before '@'); others use `retries`
 ACCELERATOR_LIMIT = "lmforge-accelerator"  # a Prefect global concurrency limit
 TRAINING_STAGES = ["pretrain", "tune", "finetune"]  # stage names that hold an accelerator slot while they run
-_EXIT_CODE = re.compile(r"exited with (\d+)")
+_EXIT_CODE = re.compile(r"exited with (-?\d+)")
+KILLED_EXITS = (137, -9)  # SIGKILL, through a shell or not: on a machine that is not shared, the out-of-memory killer
+# What lowers a stage's memory, by stage name, for the message of a stage killed for memory.
+MEMORY_KNOBS = {
+    "clean": "`workers` (fewer shards at once)",
+    "split": "`workers` (fewer shards at once)",
+    "tokenize": "tokenize.sample_mb (the tokenizer's training sample) or `workers`",
+    "pretrain": "pretrain.batch_size (with grad_accum to keep the tokens per step) or pretrain.context",
+    "evaluate": "evaluate.batch_size",
+    "tune": "tune.space's batch_size choices or finetune.max_length",
+    "finetune": "finetune.batch_size or finetune.max_length",
+}
 
 
 class StageFailed(RuntimeError):
@@ -53,6 +64,17 @@ class StageFailed(RuntimeError):
 
 class UserError(RuntimeError):
     """A stage refused its params or data: retrying cannot help."""
+
+
+class KilledForMemory(UserError):
+    """A stage (or one of its workers) was killed with SIGKILL, most likely for memory: retrying
+    the same stage on the same machine would be killed again."""
+
+
+def killed_message(addr: str, output: str) -> str:
+    knob = MEMORY_KNOBS.get(addr.split("@")[0], "the stage's batch or shard sizes")
+    return (f"{addr} was killed (SIGKILL), most likely out of memory; it is not retried. "
+            f"To lower its memory, lower {knob} in params.yaml.\n\n{output}")
 
 
 def dvc_executable() -> str:
@@ -186,6 +208,8 @@ def run_stage(root: Path, addr: str, accelerator: bool = False) -> dict:
         message = f"{addr} failed: {headline}\n\n{output}"
         if codes and int(codes[-1]) == USER_ERROR_EXIT:
             raise UserError(message)
+        if codes and int(codes[-1]) in KILLED_EXITS:
+            raise KilledForMemory(killed_message(addr, output))
         raise StageFailed(message)
     logger.info("%s", output)
     seconds = round(time.perf_counter() - start, 2)

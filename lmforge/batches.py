@@ -40,19 +40,15 @@ def read_meta(tokens_dir: Path | str) -> dict:
     return json.loads(path.read_text())
 
 
-def open_split(tokens_dir: Path | str, split: str, meta: dict | None = None) -> np.ndarray:
-    """Memory-map one split's token ids."""
-    meta = meta or read_meta(tokens_dir)
-    path = Path(tokens_dir) / f"{split}.bin"
-    if not path.exists():
-        raise DataError(f"{path} not found: the tokenize stage writes train.bin, val.bin and test.bin")
-    dtype = np.dtype(meta["dtype"])
-    expected = meta["splits"][split]["tokens"]
-    if path.stat().st_size != expected * dtype.itemsize:
-        raise DataError(f"{path} holds {path.stat().st_size} bytes, meta.json promises {expected} {dtype} tokens")
-    if expected == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+def open_split(tokens_dir: Path | str, split: str, meta: dict | None = None):
+    """Memory-map one split's token ids: one array, or its shards end to end (TokenShards), which
+    slice the same way, so a batch is the same function of (seed, step, micro, rank) either way."""
+    from lmforge.tokenization import TokenFileError, load_split
+
+    try:
+        return load_split(tokens_dir, split, meta or read_meta(tokens_dir))
+    except TokenFileError as err:
+        raise DataError(str(err)) from None
 
 
 def check_length(tokens: np.ndarray, context: int, split: str) -> None:

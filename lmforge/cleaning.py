@@ -15,6 +15,7 @@ rules and are counted:
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import re
@@ -23,12 +24,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import pyarrow as pa_arrow
+import pyarrow.parquet as pq
 from pandera.errors import SchemaErrors
 from pandera.typing import Series
 
 from lmforge.config import CleanDocuments, CleanLabelled
+from lmforge.documents import RawDocument, corpus_files, plan_shards, read_documents
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 
@@ -225,23 +230,225 @@ def _dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def clean_documents(raw_dir: Path, params: CleanDocuments) -> CleanResult:
+    """Clean a small corpus in memory (every file of `raw_dir`): the tests' and notebooks' view of
+    what the sharded stage (`clean_document_shard` + `find_duplicates`) writes."""
     repairs = Repairs()
-    rows, empty = [], []
-    for path in sorted(p for p in Path(raw_dir).iterdir() if p.is_file() and p.name != "manifest.json"):
-        raw = path.read_bytes()
-        row = {"id": path.stem, "source": path.name}
-        if not raw or raw.isspace():
-            empty.append({**row, "text": "", "reason": "empty file"})
+    records = [r for name in corpus_files(raw_dir) for r in read_documents(raw_dir, name, params.text_field)]
+    kept, quarantined = clean_document_batch(records, params, repairs)
+    kept, duplicates = _dedupe(kept)
+    return _finish(kept, [quarantined, duplicates], len(records), repairs, DOCUMENT_COLUMNS)
+
+
+DOCUMENT_COLUMNS = ["id", "source", "text"]
+
+
+def clean_document_batch(records: list[RawDocument], params: CleanDocuments,
+                         repairs: Repairs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Normalise and validate a batch of raw documents: (kept, quarantined with reason and detail)."""
+    rows, unusable = [], []
+    for record in records:
+        row = {"id": record.id, "source": record.source}
+        if record.problem is not None:
+            unusable.append({**row, "text": record.payload, "reason": record.problem})
             continue
-        row["text"] = normalise_document(decode_bytes(raw, repairs), params, repairs)
-        rows.append(row)
-    columns = ["id", "source", "text"]
-    frame = pd.DataFrame(rows, columns=columns)
+        text = decode_bytes(record.payload, repairs) if isinstance(record.payload, bytes) else record.payload
+        if not text or text.isspace():
+            whole_file = isinstance(record.payload, bytes)
+            unusable.append({**row, "text": "", "reason": "empty file" if whole_file else "empty text"})
+            continue
+        rows.append({**row, "text": normalise_document(text, params, repairs)})
+    frame = pd.DataFrame(rows, columns=DOCUMENT_COLUMNS)
     valid, reasons = _split_failures(frame, document_schema(params))
     failed = _with_reason(frame.loc[reasons.index], reasons)
-    kept, duplicates = _dedupe(valid)
-    rows_in = len(rows) + len(empty)
-    return _finish(kept, [pd.DataFrame(empty), failed, duplicates], rows_in, repairs, columns)
+    parts = [p.reindex(columns=QUARANTINE_COLUMNS, fill_value="") for p in (pd.DataFrame(unusable), failed) if len(p)]
+    quarantined = pd.concat(parts, ignore_index=True) if parts else _empty(QUARANTINE_COLUMNS)
+    return valid.reset_index(drop=True), quarantined
+
+
+QUARANTINE_COLUMNS = DOCUMENT_COLUMNS + ["reason", "detail"]
+KEPT_SCHEMA = pa_arrow.schema([("id", pa_arrow.string()), ("source", pa_arrow.string()), ("text", pa_arrow.string())])
+QUARANTINE_SCHEMA = pa_arrow.schema([(c, pa_arrow.string()) for c in QUARANTINE_COLUMNS])
+
+
+def _empty(columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=str) for c in columns})
+
+
+def text_hash(text: str) -> int:
+    """A 64-bit hash of a text: the key of exact deduplication (a collision needs ~4e9 documents)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+# --- one shard of a corpus --------------------------------------------------------------------
+
+
+def clean_document_shard(raw_dir: str, files: list[str], params: CleanDocuments, kept_path: str,
+                         quarantine_path: str, hashes_path: str, batch_bytes: int = 8 << 20) -> dict:
+    """Clean one shard's files, a batch of documents at a time, into two parquet files (kept,
+    quarantined) and the kept texts' hashes (for `find_duplicates`). Memory holds one batch."""
+    repairs, counts = Repairs(), Counter()
+    hashes: list[int] = []
+    totals = Counter()
+    with pq.ParquetWriter(kept_path, KEPT_SCHEMA) as kept_out, pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA) as bad_out:
+        for batch in _batches(raw_dir, files, params.text_field, batch_bytes, totals):
+            kept, quarantined = clean_document_batch(batch, params, repairs)
+            kept_out.write_table(pa_arrow.Table.from_pandas(kept[DOCUMENT_COLUMNS], schema=KEPT_SCHEMA, preserve_index=False))
+            bad_out.write_table(pa_arrow.Table.from_pandas(quarantined[QUARANTINE_COLUMNS], schema=QUARANTINE_SCHEMA, preserve_index=False))
+            hashes.extend(text_hash(t) for t in kept["text"])
+            counts.update(quarantined["reason"])
+            totals["rows_in"] += len(batch)
+            totals["rows_kept"] += len(kept)
+            totals["chars_kept"] += int(kept["text"].str.len().sum()) if len(kept) else 0
+    np.save(hashes_path, np.asarray(hashes, dtype=np.uint64))
+    return {
+        "files": len(files),
+        "bytes_in": sum((Path(raw_dir) / f).stat().st_size for f in files),
+        "text_bytes": totals["text_bytes"],
+        "rows_in": totals["rows_in"],
+        "rows_kept": totals["rows_kept"],
+        "rows_quarantined": sum(counts.values()),
+        "quarantine_by_reason": dict(counts.most_common()),
+        "repairs": dict(repairs.counts),
+        "chars_kept": totals["chars_kept"],
+    }
+
+
+def _batches(raw_dir: str, files: list[str], text_field: str, batch_bytes: int, totals: Counter):
+    batch, size = [], 0
+    for name in files:
+        for record in read_documents(Path(raw_dir), name, text_field):
+            batch.append(record)
+            nbytes = len(record.payload) if isinstance(record.payload, bytes) else len(record.payload.encode("utf-8"))
+            totals["text_bytes"] += nbytes
+            size += nbytes
+            if size >= batch_bytes:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def find_duplicates(hash_files: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Exact duplicates across every shard: for each shard, (rows to drop, and for each the shard
+    and row of the first copy, which is kept). "First" is in shard order, so the result does not
+    depend on how the shards were scheduled. Memory: 8 bytes and two indices per kept document."""
+    per_shard = [np.load(f) for f in hash_files]
+    if not per_shard:
+        return []
+    sizes = np.array([len(h) for h in per_shard])
+    shard_of = np.repeat(np.arange(len(per_shard)), sizes)
+    row_of = np.concatenate([np.arange(n) for n in sizes]) if sizes.sum() else np.zeros(0, dtype=np.int64)
+    hashes = np.concatenate(per_shard)
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    first_of_each = first[inverse]
+    duplicate = first_of_each != np.arange(len(hashes))
+    out = []
+    for shard in range(len(per_shard)):
+        mine = duplicate & (shard_of == shard)
+        firsts = first_of_each[mine]
+        out.append((row_of[mine], shard_of[firsts], row_of[firsts]))
+    return out
+
+
+def drop_duplicates(kept_tmp: str, quarantine_tmp: str, rows: list[int], first_ids: list[str],
+                    kept_path: str, quarantine_path: str) -> dict:
+    """Write a shard's final kept and quarantine files: the duplicate `rows` move to quarantine,
+    each naming the id of the copy that was kept. Streams a row group at a time."""
+    drop = dict(zip(rows, first_ids))
+    offset = 0
+    with pq.ParquetWriter(kept_path, KEPT_SCHEMA) as kept_out, pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA) as bad_out:
+        for table in _row_groups(quarantine_tmp):
+            bad_out.write_table(table)
+        for table in _row_groups(kept_tmp):
+            index = np.arange(offset, offset + table.num_rows)
+            offset += table.num_rows
+            is_dup = np.isin(index, rows) if drop else np.zeros(len(index), dtype=bool)
+            kept_out.write_table(table.filter(pa_arrow.array(~is_dup)))
+            if is_dup.any():
+                dups = table.filter(pa_arrow.array(is_dup)).to_pandas()
+                dups["reason"] = "exact duplicate"
+                dups["detail"] = ["first kept: " + drop[int(i)] for i in index[is_dup]]
+                bad_out.write_table(pa_arrow.Table.from_pandas(dups[QUARANTINE_COLUMNS], schema=QUARANTINE_SCHEMA, preserve_index=False))
+    return {"rows_dropped": len(rows)}
+
+
+def _row_groups(path: str):
+    reader = pq.ParquetFile(path)
+    for i in range(reader.num_row_groups):
+        yield reader.read_row_group(i)
+
+
+def _ids_of_first_copies(duplicates, kept_files: list[str]) -> list[list[str]]:
+    """For each shard's duplicates, the id of the kept first copy; each shard's id column is
+    read once, and only when it holds a first copy."""
+    wanted: dict[int, set[int]] = {}
+    for _, first_shard, first_row in duplicates:
+        for shard, row in zip(first_shard.tolist(), first_row.tolist()):
+            wanted.setdefault(shard, set()).add(row)
+    found: dict[tuple[int, int], str] = {}
+    for shard, rows in wanted.items():
+        ids = pq.read_table(kept_files[shard], columns=["id"]).column("id")
+        found.update({(shard, row): ids[row].as_py() for row in rows})
+    return [[found[(s, r)] for s, r in zip(fs.tolist(), fr.tolist())] for _, fs, fr in duplicates]
+
+
+def clean_corpus(raw_dir: Path, params: CleanDocuments, out_dir: Path, work_dir: Path, workers: int,
+                 progress: bool = True) -> dict:
+    """Clean every shard of a corpus on the data engine, then drop exact duplicates across shards.
+
+    Writes out_dir/kept/part-NNNNN.parquet and out_dir/quarantine/part-NNNNN.parquet, one of each
+    per shard; the scratch files and the engine's completion marks live in `work_dir`, so a
+    killed run picks up at the first unfinished shard. Returns the totals and each shard's counts."""
+    from lmforge.engine import run_shards
+
+    raw_dir, out_dir, work_dir = Path(raw_dir), Path(out_dir), Path(work_dir)
+    shards = plan_shards(raw_dir, corpus_files(raw_dir), int(params.shard_mb * 1e6))
+    if not shards:
+        raise CleanError(f"{raw_dir}: no data files to clean")
+    scratch = work_dir / "shards"
+    scratch.mkdir(parents=True, exist_ok=True)
+    part = [f"part-{i:05d}" for i in range(len(shards))]
+    jobs = [(str(raw_dir), files, params, str(scratch / f"{p}.kept.parquet"), str(scratch / f"{p}.quarantine.parquet"),
+             str(scratch / f"{p}.hashes.npy")) for p, files in zip(part, shards)]
+    shard_reports = run_shards(clean_document_shard, jobs, work_dir / "clean", workers=workers, desc="clean",
+                               bytes_key="text_bytes", progress=progress)
+    duplicates = find_duplicates([job[5] for job in jobs])
+    (out_dir / "kept").mkdir(parents=True, exist_ok=True)
+    (out_dir / "quarantine").mkdir(parents=True, exist_ok=True)
+    first_ids = _ids_of_first_copies(duplicates, [job[3] for job in jobs])
+    finals = []
+    for i, (rows, _, _) in enumerate(duplicates):
+        finals.append((jobs[i][3], jobs[i][4], rows.tolist(), first_ids[i],
+                       str(out_dir / "kept" / f"{part[i]}.parquet"), str(out_dir / "quarantine" / f"{part[i]}.parquet")))
+    run_shards(drop_duplicates, finals, work_dir / "dedup", workers=workers, desc="dedup", progress=False)
+    for report, (rows, _, _) in zip(shard_reports, duplicates):
+        _count_duplicates(report, len(rows))
+    return corpus_report(shard_reports)
+
+
+def _count_duplicates(report: dict, n: int) -> None:
+    report["rows_kept"] -= n
+    report["rows_quarantined"] += n
+    if n:
+        report["quarantine_by_reason"]["exact duplicate"] = report["quarantine_by_reason"].get("exact duplicate", 0) + n
+    if report["rows_in"] != report["rows_kept"] + report["rows_quarantined"]:
+        raise AssertionError(f"row accounting broke in a shard: {report}")
+
+
+def corpus_report(shards: list[dict]) -> dict:
+    """Totals over the shards (which reconcile one by one), with the shards' own counts kept."""
+    by_reason, repairs = Counter(), Counter()
+    for shard in shards:
+        by_reason.update(shard["quarantine_by_reason"])
+        repairs.update(shard["repairs"])
+    total = {key: sum(s[key] for s in shards) for key in ("rows_in", "rows_kept", "rows_quarantined", "chars_kept",
+                                                          "bytes_in", "text_bytes", "files")}
+    if total["rows_in"] != total["rows_kept"] + total["rows_quarantined"]:
+        raise AssertionError(f"row accounting broke: {total}")
+    return {**total, "quarantine_by_reason": dict(by_reason.most_common()), "repairs": dict(repairs),
+            "shards": len(shards), "shards_resumed": sum(bool(s.get("resumed")) for s in shards),
+            "peak_rss_mb_worker": max((s.get("peak_rss_mb", 0) for s in shards), default=0),
+            "per_shard": [{k: s[k] for k in ("files", "rows_in", "rows_kept", "rows_quarantined")} for s in shards]}
 
 
 def read_table(path: Path, repairs: Repairs, quarantined: list[dict]) -> pd.DataFrame:

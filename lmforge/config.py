@@ -64,6 +64,8 @@ class CleanDocuments(Section):
     max_chars: int = Field(2_000_000, ge=1)
     max_line_chars: int = Field(20_000, ge=1)
     strip_boilerplate: bool = True
+    text_field: str = Field("text", min_length=1)  # the JSON field / parquet column holding the text
+    shard_mb: float = Field(16.0, gt=0.0)  # input files are grouped into shards of about this size (the unit of parallel work)
 
     @model_validator(mode="after")
     def _bounds(self) -> CleanDocuments:
@@ -102,7 +104,7 @@ CleanParams = Annotated[CleanDocuments | CleanLabelled, Field(discriminator="kin
 
 
 class SplitParams(Section):
-    mode: Literal["random", "contiguous"] = "random"
+    mode: Literal["hash", "random", "contiguous"] = "random"
     val: Fraction = 0.1
     test: Fraction = 0.1
     max_rows: int | None = Field(None, ge=3)
@@ -111,6 +113,8 @@ class SplitParams(Section):
     def _room_for_train(self) -> SplitParams:
         if self.val + self.test >= 1.0:
             raise ValueError(f"val + test = {self.val + self.test:g} leaves nothing to train on")
+        if self.mode == "hash" and self.max_rows is not None:
+            raise ValueError("max_rows has no meaning in hash mode (each document is placed on its own); set it to null")
         return self
 
 
@@ -118,6 +122,7 @@ class TokenizeParams(Section):
     kind: Literal["char", "bpe"] = "bpe"
     vocab_size: int = Field(4096, ge=64, le=1_000_000)
     min_frequency: int = Field(2, ge=1)
+    sample_mb: float = Field(64.0, gt=0.0)  # MB of train text (a seeded sample) the tokenizer learns from
 
 
 # --- training stages: see the modules that use them -------------------------------------------
@@ -373,6 +378,9 @@ class RegisterParams(Section):
 
 class Params(Section):
     seed: int = Field(1337, ge=0)
+    # Processes for the data stages (null: every core). No stage lists it in dvc.yaml: the outputs
+    # are the same bytes whatever it is, so changing it reruns nothing.
+    workers: int | None = Field(None, ge=1)
     datasets: list[Literal["corpus", "task"]] = list(DATASETS)
     sources: dict[Literal["corpus", "task"], Source]
     clean: dict[Literal["corpus", "task"], CleanParams]

@@ -33,7 +33,11 @@ def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
 
 
 def unigram_log_probs(train_tokens: np.ndarray, vocab_size: int) -> np.ndarray:
-    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64)[:vocab_size]
+    # Counted shard by shard (a sharded split is never copied into RAM whole).
+    shards = train_tokens.iter_shards() if hasattr(train_tokens, "iter_shards") else [train_tokens]
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for shard in shards:
+        counts += np.bincount(np.asarray(shard), minlength=vocab_size)[:vocab_size]
     return np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
 
 

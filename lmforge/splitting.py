@@ -1,5 +1,8 @@
 """Deterministic, leak-free train/val/test splits.
 
+hash:       each document goes where a hash of (seed, its id) falls: below `val` to val, below
+            `val + test` to test, else train. A document's split never depends on the others, so
+            a corpus is split shard by shard in bounded memory, and adding documents moves none.
 random:     rows are shuffled with the seed; with a `label` column each label is split on its own
             (stratified), so every split keeps the label balance. Whole rows move, never parts.
 contiguous: the texts are joined in order and cut at the given fractions, on line boundaries:
@@ -8,8 +11,12 @@ contiguous: the texts are joined in order and cut at the given fractions, on lin
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from lmforge.config import SplitParams
 
@@ -97,4 +104,42 @@ def split_report(splits: dict[str, pd.DataFrame]) -> dict:
         if "label" in frame:
             entry["labels"] = {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()}
         report[split] = entry
+    return report
+
+
+# --- hash mode: one shard at a time ----------------------------------------------------------
+
+
+def hash_position(doc_id: str, seed: int) -> float:
+    """Where a document falls in [0, 1): a hash of the seed and its id."""
+    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def split_of(doc_id: str, seed: int, val: float, test: float) -> str:
+    position = hash_position(doc_id, seed)
+    return "val" if position < val else "test" if position < val + test else "train"
+
+
+def split_shard(in_path: str, out_dir: str, part: str, seed: int, val: float, test: float) -> dict:
+    """Split one clean shard into out_dir/{train,val,test}/<part>.parquet, a row group at a time.
+    Returns rows and bytes of text per split."""
+    reader = pq.ParquetFile(in_path)
+    writers = {s: pq.ParquetWriter(str(Path(out_dir) / s / f"{part}.parquet"), reader.schema_arrow) for s in SPLITS}
+    report = {s: {"rows": 0, "bytes": 0} for s in SPLITS}
+    try:
+        for i in range(reader.num_row_groups):
+            table = reader.read_row_group(i)
+            where = np.array([split_of(d, seed, val, test) for d in table.column("id").to_pylist()])
+            text_bytes = np.array([len(t.encode("utf-8")) for t in table.column("text").to_pylist()])
+            for split in SPLITS:
+                mine = where == split
+                writers[split].write_table(table.filter(mine))
+                report[split]["rows"] += int(mine.sum())
+                report[split]["bytes"] += int(text_bytes[mine].sum())
+    finally:
+        for writer in writers.values():
+            writer.close()
+    report["rows_in"] = reader.metadata.num_rows
+    report["bytes_in"] = sum(report[s]["bytes"] for s in SPLITS)
     return report

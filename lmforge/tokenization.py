@@ -1,18 +1,26 @@
-"""Tokenizers trained on the train split only, and the flat token arrays the trainer memory-maps.
+"""Tokenizers trained on the train split only, and the token arrays the trainer memory-maps.
 
 The output folder (data/tokens/) holds:
   tokenizer.json          the `tokenizers` Tokenizer
   tokenizer/              the same wrapped as a transformers PreTrainedTokenizerFast folder
-  train.bin val.bin test.bin   flat token ids, documents joined with <|endoftext|> after each
-  meta.json               kind, vocab size, dtype, special ids, and per split: tokens, bytes, documents
+  <split>/part-NNNNN.bin  token ids of one split shard, each document followed by <|endoftext|>
+                          (uint16, or uint32 once the vocabulary passes 65,536)
+  meta.json               kind, vocab size, dtype, special ids, and per split: tokens, bytes,
+                          documents and the index of its shards (file, tokens), in order
+A split's tokens are its shards laid end to end (lmforge/batches.py reads them so). Small sets
+written in memory (`write_tokens`) keep one flat <split>.bin each, which reads the same way.
 The byte counts let evaluation report bits per byte, which compares across tokenizers.
+
+At corpus scale (`write_token_shards`) the tokenizer learns from a seeded sample of the train
+split (about `sample_mb` of text), then every shard is encoded on its own, on the data engine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -116,16 +124,8 @@ def write_tokens(
     tokenizer.save(str(out_dir / "tokenizer.json"))
     as_transformers_tokenizer(tokenizer).save_pretrained(str(out_dir / "tokenizer"))
 
-    actual_vocab = tokenizer.get_vocab_size()
-    dtype = token_dtype(actual_vocab)
-    meta = {
-        "kind": kind,
-        "vocab_size": actual_vocab,
-        "dtype": dtype.name,
-        "special_tokens": dict(SPECIAL_TOKENS),
-        "special_ids": {k: tokenizer.token_to_id(v) for k, v in SPECIAL_TOKENS.items()},
-        "splits": {},
-    }
+    meta = _meta(tokenizer, kind)
+    dtype = np.dtype(meta["dtype"])
     for split in SPLITS:
         documents = split_texts[split]
         ids = encode_documents(tokenizer, documents, dtype)
@@ -143,7 +143,204 @@ def read_meta(tokens_dir: Path | str) -> dict:
     return json.loads((Path(tokens_dir) / "meta.json").read_text())
 
 
-def load_split(tokens_dir: Path | str, split: str) -> np.memmap:
-    """Memory-map one split's token ids (no copy into RAM)."""
-    meta = read_meta(tokens_dir)
-    return np.memmap(Path(tokens_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+def load_split(tokens_dir: Path | str, split: str, meta: dict | None = None) -> np.ndarray | TokenShards:
+    """One split's token ids, memory-mapped (no copy into RAM): one array, or its shards end to end."""
+    tokens_dir = Path(tokens_dir)
+    meta = meta or read_meta(tokens_dir)
+    dtype = np.dtype(meta["dtype"])
+    shards = meta["splits"][split].get("shards")
+    if shards is None:  # one flat file (write_tokens)
+        return _memmap(tokens_dir / f"{split}.bin", dtype, meta["splits"][split]["tokens"])
+    arrays = [_memmap(tokens_dir / s["file"], dtype, s["tokens"]) for s in shards if s["tokens"]]
+    if len(arrays) == 1:
+        return arrays[0]
+    return TokenShards(arrays, dtype)
+
+
+class TokenFileError(ValueError):
+    """A token file is missing or does not hold what meta.json says."""
+
+
+def _memmap(path: Path, dtype: np.dtype, tokens: int) -> np.ndarray:
+    if not path.exists():
+        raise TokenFileError(f"{path} not found: rerun the tokenize stage (dvc repro tokenize)")
+    if path.stat().st_size != tokens * dtype.itemsize:
+        raise TokenFileError(f"{path} holds {path.stat().st_size} bytes, meta.json promises {tokens} {dtype} tokens")
+    if tokens == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class TokenShards:
+    """A split's shards as one sequence: `len`, slices (a window may span two shards) and
+    `np.asarray` (which copies everything: for splits that fit in memory). Each shard stays a
+    memory map, so a window reads only its own pages."""
+
+    def __init__(self, shards: list[np.ndarray], dtype: np.dtype):
+        self.shards, self.dtype = shards, dtype
+        self.starts = np.cumsum([0] + [len(s) for s in shards])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("TokenShards supports contiguous slices only")
+        start, stop, _ = key.indices(len(self))
+        if stop <= start:
+            return np.zeros(0, dtype=self.dtype)
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        offset = start - self.starts[first]
+        if stop <= self.starts[first + 1]:  # the common case: inside one shard
+            return self.shards[first][offset : offset + stop - start]
+        pieces, position, shard = [], start, first
+        while position < stop:
+            local = position - self.starts[shard]
+            take = min(stop, self.starts[shard + 1]) - position
+            pieces.append(self.shards[shard][local : local + take])
+            position += take
+            shard += 1
+        return np.concatenate(pieces)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        joined = np.concatenate(self.shards) if self.shards else np.zeros(0, dtype=self.dtype)
+        return joined if dtype is None else joined.astype(dtype)
+
+    def iter_shards(self) -> Iterator[np.ndarray]:
+        yield from self.shards
+
+
+# --- corpus scale: a sampled tokenizer, shards encoded one by one ------------------------------
+
+
+def in_sample(doc_id: str, seed: int, fraction: float) -> bool:
+    """A document is in the tokenizer's sample when a hash of (seed, its id) falls below `fraction`
+    (a stream of its own, independent of the split's hash)."""
+    digest = hashlib.blake2b(f"tokenizer-sample:{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < fraction
+
+
+def sample_texts(parts: list[Path], fraction: float, seed: int) -> Iterator[str]:
+    """The sampled train texts, streamed a row group at a time."""
+    import pyarrow.parquet as pq
+
+    for part in parts:
+        reader = pq.ParquetFile(part)
+        for i in range(reader.num_row_groups):
+            table = reader.read_row_group(i, columns=["id", "text"])
+            for doc_id, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist()):
+                if fraction >= 1.0 or in_sample(doc_id, seed, fraction):
+                    yield text
+
+
+class FastEncoder:
+    """Encodes with fastokens (a Rust reader of the same tokenizer.json: 14 MB/s on one thread here
+    against 0.8-1.0 for `tokenizers`, docs/data.md), and checks it: the first documents of every
+    shard (about 100 kB of text) are encoded by `tokenizers` too, and on any difference, or a tokenizer fastokens cannot
+    read, `tokenizers` encodes the shard. The ids are the same either way; only the speed differs."""
+
+    CHECKED_BYTES = 100_000  # at about 1 MB/s for `tokenizers`, 0.1 s a shard
+
+    def __init__(self, tokenizer_path: str):
+        self.reference = Tokenizer.from_file(tokenizer_path)
+        self.eos = self.reference.token_to_id(SPECIAL_TOKENS["eos"])
+        try:
+            import fastokens
+
+            self.fast = fastokens.Tokenizer.from_file(tokenizer_path)
+        except Exception:  # not installed, or a tokenizer it does not support: encode with tokenizers
+            self.fast = None
+        self.unchecked = self.CHECKED_BYTES
+
+    def encode(self, texts: list[str], dtype: np.dtype) -> np.ndarray:
+        if self.fast is not None and self.unchecked > 0:
+            self._check(texts)
+        if self.fast is None:
+            return encode_documents(self.reference, texts, dtype)
+        pieces = []
+        for text in texts:
+            pieces.append(np.asarray(self.fast.encode(text, add_special_tokens=False).ids, dtype=dtype))
+            pieces.append(np.asarray([self.eos], dtype=dtype))
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+    def _check(self, texts: list[str]) -> None:
+        for text in texts:
+            fast = self.fast.encode(text, add_special_tokens=False).ids
+            if fast != self.reference.encode(text, add_special_tokens=False).ids:
+                self.fast = None
+                return
+            self.unchecked -= len(text)
+            if self.unchecked <= 0:
+                return
+
+
+def encode_shard(tokenizer_path: str, in_path: str, out_path: str, dtype_name: str) -> dict:
+    """Encode one split shard (parquet, column `text`) into a flat .bin of ids, a batch at a time."""
+    import pyarrow.parquet as pq
+
+    encoder = FastEncoder(tokenizer_path)
+    dtype = np.dtype(dtype_name)
+    reader = pq.ParquetFile(in_path)
+    tokens = documents = text_bytes = 0
+    with open(out_path, "wb") as out:
+        for batch in reader.iter_batches(columns=["text"], batch_size=_ENCODE_BATCH * 4):
+            texts = batch.column(0).to_pylist()
+            ids = encoder.encode(texts, dtype)
+            ids.tofile(out)
+            tokens += ids.size
+            documents += len(texts)
+            text_bytes += sum(len(t.encode("utf-8")) for t in texts)
+    return {"tokens": tokens, "documents": documents, "bytes_in": text_bytes, "rows_in": documents,
+            "encoder": "fastokens" if encoder.fast is not None else "tokenizers"}
+
+
+def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bpe"], vocab_size: int,
+                       min_frequency: int, sample_mb: float, seed: int, work_dir: Path, workers: int,
+                       progress: bool = True) -> dict:
+    """Learn the tokenizer on a sample of split_dir's train parts, encode every part of every split
+    into out_dir/<split>/part-NNNNN.bin on the data engine, and write meta.json with the index."""
+    from lmforge.engine import run_shards
+
+    split_dir, out_dir = Path(split_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = json.loads((split_dir / "index.json").read_text())
+    train_bytes = sum(entry["bytes"] for entry in index["train"])
+    if not train_bytes:
+        raise ValueError("the train split is empty: nothing to learn a tokenizer from")
+    fraction = min(1.0, sample_mb * 1e6 / train_bytes)
+    train_parts = [split_dir / entry["file"] for entry in index["train"]]
+    tokenizer = train_tokenizer(sample_texts(train_parts, fraction, seed), kind, vocab_size, min_frequency)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    as_transformers_tokenizer(tokenizer).save_pretrained(str(out_dir / "tokenizer"))
+    meta = _meta(tokenizer, kind)
+    meta["tokenizer_sample"] = {"fraction": round(fraction, 6), "train_bytes": train_bytes}
+    jobs, names = [], []
+    for split in SPLITS:
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        for entry in index[split]:
+            name = f"{split}/{Path(entry['file']).stem}.bin"
+            names.append((split, name))
+            jobs.append((str(out_dir / "tokenizer.json"), str(split_dir / entry["file"]), str(out_dir / name), meta["dtype"]))
+    reports = run_shards(encode_shard, jobs, work_dir, workers=workers, desc="tokenize", progress=progress)
+    for split in SPLITS:
+        mine = [(name, r) for (s, name), r in zip(names, reports) if s == split]
+        meta["splits"][split] = {
+            "tokens": sum(r["tokens"] for _, r in mine),
+            "bytes": sum(r["bytes_in"] for _, r in mine),
+            "documents": sum(r["documents"] for _, r in mine),
+            "shards": [{"file": name, "tokens": r["tokens"]} for name, r in mine],
+        }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _meta(tokenizer: Tokenizer, kind: str) -> dict:
+    actual_vocab = tokenizer.get_vocab_size()
+    return {
+        "kind": kind,
+        "vocab_size": actual_vocab,
+        "dtype": token_dtype(actual_vocab).name,
+        "special_tokens": dict(SPECIAL_TOKENS),
+        "special_ids": {k: tokenizer.token_to_id(v) for k, v in SPECIAL_TOKENS.items()},
+        "splits": {},
+    }

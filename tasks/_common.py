@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -26,6 +29,34 @@ def params_or_exit(path: str) -> Params:
         return load_params(path)
     except ConfigError as err:
         fail(str(err))
+
+
+def data_workers(params: Params) -> int:
+    """The data stages' processes: params.yaml's `workers`, or every core."""
+    from lmforge.engine import default_workers
+
+    return params.workers or default_workers()
+
+
+WORK = Path("data/.work")
+
+
+def work_dir_for(name: str, section, *inputs: Path) -> Path:
+    """The scratch folder of one run of a data stage, keyed by its params, the content of the given
+    input files (a manifest or an index) and the library's code, so a rerun after a kill reuses
+    the shards it finished, and a changed input or code never reuses stale ones."""
+    import lmforge
+
+    key = hashlib.sha256(section.model_dump_json().encode())
+    for path in inputs:
+        key.update(Path(path).read_bytes() if Path(path).exists() else b"-")
+    for source in sorted(Path(inspect.getfile(lmforge)).parent.glob("*.py")):
+        key.update(source.read_bytes())
+    return WORK / f"{name}-{key.hexdigest()[:16]}"
+
+
+def remove_work_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def fail(message: str) -> None:

@@ -1,15 +1,22 @@
-"""clean: normalise and validate data/raw/<dataset>/ into data/clean/<dataset>.parquet, with the
-rows that fail in data/clean/<dataset>.quarantine.parquet and counts in reports/clean/<dataset>.json."""
+"""clean: normalise and validate data/raw/<dataset>/ into data/clean/<dataset>/, a folder of
+parquet shards: kept/part-NNNNN.parquet and quarantine/part-NNNNN.parquet (each row with its
+reason), with the counts, in total and per shard, in reports/clean/<dataset>.json.
+
+A corpus (kind: documents) is cleaned shard by shard on the data engine, `workers` at a time, with
+scratch files under data/.work/: a killed run, rerun with the same inputs, skips the shards it
+finished. Labelled examples are small and cleaned in one piece (one part)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from lmforge.atomic import write_json, write_parquet
-from lmforge.cleaning import CleanError, clean_documents, clean_examples
+from lmforge.atomic import atomic_dir, write_json
+from lmforge.cleaning import CleanError, clean_corpus, clean_examples
 from lmforge.config import CleanDocuments
-from tasks._common import fail, params_or_exit, stage_args, timed
+from lmforge.documents import CorpusFormatError
+from lmforge.engine import peak_child_rss_mb, peak_rss_mb
+from tasks._common import data_workers, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
 
 
 def main() -> None:
@@ -23,24 +30,36 @@ def main() -> None:
         fail(f"{raw_dir} is missing: run the ingest stage first (dvc repro ingest@{args.dataset})")
     with timed(f"clean@{args.dataset}"):
         start = time.perf_counter()
-        bytes_in = sum(p.stat().st_size for p in raw_dir.iterdir() if p.name != "manifest.json")
+        work = work_dir_for(f"clean-{args.dataset}", section, raw_dir / "manifest.json")
         try:
-            if isinstance(section, CleanDocuments):
-                result = clean_documents(raw_dir, section)
-            else:
-                result = clean_examples(raw_dir, section, args.dataset)
-        except CleanError as err:
+            with atomic_dir(Path("data/clean") / args.dataset) as out:
+                if isinstance(section, CleanDocuments):
+                    report = clean_corpus(raw_dir, section, out, work, data_workers(params))
+                else:
+                    report = _clean_labelled(raw_dir, section, args.dataset, out)
+        except (CleanError, CorpusFormatError) as err:
             fail(str(err))
         seconds = time.perf_counter() - start
-        write_parquet(Path("data/clean") / f"{args.dataset}.parquet", result.kept)
-        write_parquet(Path("data/clean") / f"{args.dataset}.quarantine.parquet", result.quarantine)
-        report = {**result.report, "bytes_in": bytes_in, "seconds": round(seconds, 3),
-                  "mb_per_s": round(bytes_in / 1e6 / max(seconds, 1e-9), 1)}
+        report = {**report, "seconds": round(seconds, 3),
+                  "mb_per_s": round(report.get("text_bytes", report["bytes_in"]) / 1e6 / max(seconds, 1e-9), 2),
+                  "docs_per_s": round(report["rows_in"] / max(seconds, 1e-9), 1),
+                  "peak_rss_mb": max(peak_rss_mb(), peak_child_rss_mb())}
         write_json(Path("reports/clean") / f"{args.dataset}.json", report)
-    r = result.report
-    print(f"clean {args.dataset}: {r['rows_in']} rows in = {r['rows_kept']} kept + {r['rows_quarantined']} quarantined")
-    for reason, count in r["quarantine_by_reason"].items():
+        remove_work_dir(work)
+    print(f"clean {args.dataset}: {report['rows_in']} rows in = {report['rows_kept']} kept + "
+          f"{report['rows_quarantined']} quarantined ({report.get('shards', 1)} shards, {report['mb_per_s']} MB/s, "
+          f"peak {report['peak_rss_mb']:.0f} MB)")
+    for reason, count in report["quarantine_by_reason"].items():
         print(f"  quarantined {count:>6}  {reason[:100]}")
+
+
+def _clean_labelled(raw_dir: Path, section, dataset: str, out: Path) -> dict:
+    result = clean_examples(raw_dir, section, dataset)
+    for folder, frame in (("kept", result.kept), ("quarantine", result.quarantine)):
+        (out / folder).mkdir()
+        frame.to_parquet(out / folder / "part-00000.parquet", index=False)
+    bytes_in = sum(p.stat().st_size for p in raw_dir.iterdir() if p.name != "manifest.json")
+    return {**result.report, "bytes_in": bytes_in, "shards": 1}
 
 
 if __name__ == "__main__":

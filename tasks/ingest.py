@@ -1,7 +1,11 @@
-"""ingest: fetch a pinned source into data/raw/<dataset>/ with a manifest.json."""
+"""ingest: fetch a pinned source into data/raw/<dataset>/ with a manifest.json.
+
+The folder persists between runs (dvc.yaml), so when a glob's pin stops matching, the message can
+name the first file that changed since the last ingest."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lmforge.atomic import atomic_dir, write_json
@@ -15,14 +19,22 @@ def main() -> None:
     if args.dataset not in params.sources:
         fail(f"no source named {args.dataset!r} under sources in {args.params}")
     source = params.sources[args.dataset]
+    target = Path("data/raw") / args.dataset
     with timed(f"ingest@{args.dataset}"):
         try:
-            with atomic_dir(Path("data/raw") / args.dataset) as out:
-                manifest = fetch(source.uri, source.sha256, out)
+            with atomic_dir(target) as out:
+                manifest = fetch(source.uri, source.sha256, out, previous=_previous_manifest(target))
                 write_json(out / "manifest.json", manifest)
         except SourceError as err:
             fail(str(err))
     print(f"ingest {args.dataset}: {len(manifest['files'])} files, {manifest['bytes']:,} bytes from {source.uri}")
+
+
+def _previous_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
-"""split: data/clean/<dataset>.parquet -> data/split/<dataset>/{train,val,test}.parquet."""
+"""split: data/clean/<dataset>/kept/ -> data/split/<dataset>/.
+
+A corpus (documents) becomes {train,val,test}/part-NNNNN.parquet with an index.json of the parts
+(rows and bytes of text each); in hash mode each clean shard is split on its own, on the data
+engine. Labelled examples become {train,val,test}.parquet, stratified by label."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from lmforge.atomic import atomic_dir, write_json
-from lmforge.splitting import SplitError, split_frame, split_report
-from tasks._common import fail, params_or_exit, stage_args, timed
+from lmforge.config import CleanDocuments
+from lmforge.engine import peak_child_rss_mb, peak_rss_mb, run_shards
+from lmforge.splitting import SPLITS, SplitError, split_frame, split_report, split_shard
+from tasks._common import data_workers, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
 
 
 def main() -> None:
@@ -16,20 +23,68 @@ def main() -> None:
     params = params_or_exit(args.params)
     if args.dataset not in params.split:
         fail(f"no section split.{args.dataset} in {args.params}")
-    clean = Path("data/clean") / f"{args.dataset}.parquet"
-    if not clean.exists():
-        fail(f"{clean} is missing: run the clean stage first (dvc repro clean@{args.dataset})")
+    section = params.split[args.dataset]
+    kept = Path("data/clean") / args.dataset / "kept"
+    if not kept.is_dir():
+        fail(f"{kept} is missing: run the clean stage first (dvc repro clean@{args.dataset})")
+    documents = isinstance(params.clean[args.dataset], CleanDocuments)
     with timed(f"split@{args.dataset}"):
+        start = time.perf_counter()
         try:
-            splits = split_frame(pd.read_parquet(clean), params.split[args.dataset], params.seed)
+            with atomic_dir(Path("data/split") / args.dataset) as out:
+                if documents and section.mode == "hash":
+                    report = _split_by_hash(kept, out, params, section, args.dataset)
+                else:
+                    report = _split_in_memory(kept, out, section, params.seed, documents)
+                _check_not_empty(report, section)
         except SplitError as err:
             fail(f"split.{args.dataset}: {err}")
-        with atomic_dir(Path("data/split") / args.dataset) as out:
-            for name, frame in splits.items():
-                frame.to_parquet(out / f"{name}.parquet", index=False)
-        report = split_report(splits)
+        seconds = time.perf_counter() - start
+        report["seconds"] = round(seconds, 3)
+        report["peak_rss_mb"] = max(peak_rss_mb(), peak_child_rss_mb())
         write_json(Path("reports/split") / f"{args.dataset}.json", report)
-    print(f"split {args.dataset}: " + ", ".join(f"{s} {r['rows']} rows" for s, r in report.items()))
+    print(f"split {args.dataset}: " + ", ".join(f"{s} {report[s]['rows']} rows" for s in SPLITS))
+
+
+def _split_by_hash(kept: Path, out: Path, params, section, dataset: str) -> dict:
+    parts = sorted(kept.glob("part-*.parquet"))
+    for split in SPLITS:
+        (out / split).mkdir()
+    work = work_dir_for(f"split-{dataset}", section, *parts)
+    jobs = [(str(p), str(out), p.stem, params.seed, section.val, section.test) for p in parts]
+    shards = run_shards(split_shard, jobs, work, workers=data_workers(params), desc="split", bytes_key="bytes_in")
+    remove_work_dir(work)
+    index = {s: [{"file": f"{s}/{p.stem}.parquet", **r[s]} for p, r in zip(parts, shards)] for s in SPLITS}
+    write_json(out / "index.json", index)
+    report = {s: {"rows": sum(e["rows"] for e in index[s]), "chars": None, "bytes": sum(e["bytes"] for e in index[s])}
+              for s in SPLITS}
+    for entry in report.values():
+        del entry["chars"]  # hash mode counts UTF-8 bytes, which tokenize and bits-per-byte use
+    report["shards"] = len(parts)
+    return report
+
+
+def _split_in_memory(kept: Path, out: Path, section, seed: int, documents: bool) -> dict:
+    splits = split_frame(pd.read_parquet(kept), section, seed)
+    if not documents:
+        for name, frame in splits.items():
+            frame.to_parquet(out / f"{name}.parquet", index=False)
+        return split_report(splits)
+    index = {}
+    for name, frame in splits.items():
+        (out / name).mkdir()
+        frame.to_parquet(out / name / "part-00000.parquet", index=False)
+        index[name] = [{"file": f"{name}/part-00000.parquet", "rows": len(frame),
+                        "bytes": int(frame["text"].map(lambda t: len(t.encode("utf-8"))).sum())}]
+    write_json(out / "index.json", index)
+    return split_report(splits)
+
+
+def _check_not_empty(report: dict, section) -> None:
+    for split, fraction in (("train", 1.0), ("val", section.val), ("test", section.test)):
+        if fraction > 0 and report[split]["rows"] == 0:
+            raise SplitError(f"the {split} split came out empty ({sum(report[s]['rows'] for s in SPLITS)} rows in all); "
+                             "add data, raise its fraction, or use mode: random for a handful of documents")
 
 
 if __name__ == "__main__":

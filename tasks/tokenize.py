@@ -1,39 +1,49 @@
-"""tokenize: learn a tokenizer on data/split/corpus/train.parquet, write data/tokens/."""
+"""tokenize: learn a tokenizer on a seeded sample of data/split/corpus/train/, then encode every
+split shard into data/tokens/<split>/part-NNNNN.bin on the data engine, with meta.json as the
+index (lmforge/tokenization.py)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from lmforge.atomic import atomic_dir, write_json
-from lmforge.tokenization import SPLITS, write_tokens
-from tasks._common import fail, params_or_exit, stage_args, timed
+from lmforge.engine import peak_child_rss_mb, peak_rss_mb
+from lmforge.tokenization import SPLITS, write_token_shards
+from tasks._common import data_workers, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
 
 
 def main() -> None:
     args = stage_args(__doc__)
-    params = params_or_exit(args.params).tokenize
+    all_params = params_or_exit(args.params)
+    params = all_params.tokenize
     split_dir = Path("data/split/corpus")
-    if not split_dir.is_dir():
-        fail(f"{split_dir} is missing: run the split stage first (dvc repro split@corpus)")
-    texts = {s: pd.read_parquet(split_dir / f"{s}.parquet")["text"].tolist() for s in SPLITS}
+    if not (split_dir / "index.json").is_file():
+        fail(f"{split_dir}/index.json is missing: run the split stage first (dvc repro split@corpus)")
     with timed("tokenize"):
         start = time.perf_counter()
+        work = work_dir_for("tokenize", params, split_dir / "index.json")
         try:
             with atomic_dir("data/tokens") as out:
-                meta = write_tokens(texts, out, params.kind, params.vocab_size, params.min_frequency)
+                meta = write_token_shards(split_dir, out, params.kind, params.vocab_size, params.min_frequency,
+                                          params.sample_mb, all_params.seed, work, data_workers(all_params))
         except ValueError as err:
             fail(f"tokenize: {err}")
+        remove_work_dir(work)
         seconds = time.perf_counter() - start
-    total = sum(s["tokens"] for s in meta["splits"].values())
+    splits = meta["splits"]
+    total = sum(s["tokens"] for s in splits.values())
+    text_bytes = sum(s["bytes"] for s in splits.values())
     report = {"kind": meta["kind"], "vocab_size": meta["vocab_size"], "seconds": round(seconds, 2),
-              **{f"{s}_tokens": v["tokens"] for s, v in meta["splits"].items()},
-              "bytes_per_token": round(sum(s["bytes"] for s in meta["splits"].values()) / max(total, 1), 3)}
+              **{f"{s}_tokens": v["tokens"] for s, v in splits.items()},
+              "bytes_per_token": round(text_bytes / max(total, 1), 3),
+              "shards": sum(len(v["shards"]) for v in splits.values()),
+              "sample_fraction": meta["tokenizer_sample"]["fraction"],
+              "mb_per_s": round(text_bytes / 1e6 / max(seconds, 1e-9), 2),
+              "peak_rss_mb": max(peak_rss_mb(), peak_child_rss_mb())}
     write_json("reports/tokenize.json", report)
     print(f"tokenize: {meta['kind']} vocab {meta['vocab_size']}, " +
-          ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in meta["splits"].items()))
+          ", ".join(f"{s} {splits[s]['tokens']:,} tokens" for s in SPLITS) + f" ({report['mb_per_s']} MB/s)")
 
 
 if __name__ == "__main__":

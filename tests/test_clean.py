@@ -136,7 +136,7 @@ def test_clean_stage_writes_parquets_and_reconciled_metrics(dvc_repo):
     result = run(["python", "-m", "tasks.clean", "task"], dvc_repo)
     assert "rows in =" in result.stdout
     report = json.loads((dvc_repo / "reports/clean/task.json").read_text())
-    kept = pd.read_parquet(dvc_repo / "data/clean/task.parquet")
-    quarantine = pd.read_parquet(dvc_repo / "data/clean/task.quarantine.parquet")
+    kept = pd.read_parquet(dvc_repo / "data/clean/task/kept")
+    quarantine = pd.read_parquet(dvc_repo / "data/clean/task/quarantine")
     assert report["rows_in"] == len(kept) + len(quarantine) == 120
     assert "<br" not in " ".join(kept["text"])

@@ -1,0 +1,123 @@
+"""Make a realistic corpus of a given size for the data-plane benchmark (docs/performance.md, D1-D3).
+
+Documents are built from the sentences of the texts the project already has (the plays of
+data/raw/corpus and the reviews of data/raw/task: run `dvc repro ingest` first): each one a
+shuffled run of sentences in paragraphs, of varied length (a log-normal around 3 kB). Like a web
+crawl it carries some mess: about 2% exact copies of earlier documents, and 1% junk (too short,
+a line without breaks, a record that is not JSON, one without a text field, HTML remnants).
+
+    .venv/bin/python bench/make_corpus.py --mb 256 --out /tmp/corpus-256mb
+    # then: sources.corpus.uri: /tmp/corpus-256mb/*.jsonl.gz
+
+Shards are jsonl.gz of about --shard-mb of text each, written by --workers processes; the same
+arguments give the same files. Prints the glob's pin (the sha256 of its sha256sum manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import re
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lmforge.sources import manifest_pin, sha256_of  # noqa: E402
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentence_pool() -> list[str]:
+    sentences: list[str] = []
+    for path in sorted((ROOT / "data/raw/corpus").glob("*.txt")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        sentences += [s.strip() for s in _SENTENCE_END.split(" ".join(text.split())) if 20 <= len(s.strip()) <= 400]
+    csv.field_size_limit(1 << 24)
+    for path in sorted((ROOT / "data/raw/task").glob("*.csv")):
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            for row in csv.DictReader(handle):
+                text = row.get("text", "").replace("<br />", " ")
+                sentences += [s.strip() for s in _SENTENCE_END.split(text) if 20 <= len(s.strip()) <= 400]
+    if not sentences:
+        raise SystemExit("no source texts: run `dvc repro ingest` first (data/raw/corpus, data/raw/task)")
+    return sentences
+
+
+def document(rng: np.random.Generator, pool: list[str]) -> str:
+    target = int(min(60_000, max(300, rng.lognormal(np.log(3000), 0.8))))
+    paragraphs, size = [], 0
+    while size < target:
+        picks = rng.integers(0, len(pool), size=int(rng.integers(2, 8)))
+        paragraph = " ".join(pool[i] for i in picks)
+        paragraphs.append(paragraph)
+        size += len(paragraph) + 2
+    return "\n\n".join(paragraphs)
+
+
+def junk(rng: np.random.Generator, pool: list[str]) -> str:
+    """One line of a jsonl file that the clean stage must quarantine or repair."""
+    kind = int(rng.integers(0, 5))
+    if kind == 0:
+        return json.dumps({"text": "Too short."})
+    if kind == 1:
+        return json.dumps({"text": "x" * 30_000})  # a line with no breaks: a broken extraction
+    if kind == 2:
+        return '{"text": "an unterminated record'
+    if kind == 3:
+        return json.dumps({"body": document(rng, pool)})
+    return json.dumps({"text": "<p>" + document(rng, pool).replace("\n\n", "<br /><br />") + "</p>"})
+
+
+def write_shard(job: tuple[int, int, int, str, int]) -> tuple[str, int]:
+    index, text_bytes, seed, out, docs_before = job
+    pool = sentence_pool()
+    rng = np.random.default_rng([seed, index])
+    recent: list[str] = []
+    size = 0
+    path = Path(out) / f"shard-{index:05d}.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as handle:
+        while size < text_bytes:
+            roll = rng.random()
+            if roll < 0.01:
+                line = junk(rng, pool)
+            elif roll < 0.03 and recent:
+                line = json.dumps({"text": recent[int(rng.integers(0, len(recent)))]})
+            else:
+                text = document(rng, pool)
+                recent = (recent + [text])[-50:]
+                line = json.dumps({"text": text, "url": f"https://example.invalid/{index}/{size}"})
+            handle.write(line + "\n")
+            size += len(line)
+    return path.name, size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, required=True, help="MB of text (uncompressed) in all")
+    parser.add_argument("--out", required=True, help="the folder to write the shards into")
+    parser.add_argument("--shard-mb", type=float, default=64.0, help="MB of text per shard")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = max(1, round(args.mb / args.shard_mb))
+    per_shard = int(args.mb * 1e6 / n)
+    with Pool(args.workers) as pool:
+        written = pool.map(write_shard, [(i, per_shard, args.seed, str(out), 0) for i in range(n)])
+    files = [{"member": name, "sha256": sha256_of(out / name)} for name, _ in written]
+    total = sum(size for _, size in written)
+    print(json.dumps({"out": str(out), "shards": n, "text_mb": round(total / 1e6, 1),
+                      "gz_mb": round(sum((out / f["member"]).stat().st_size for f in files) / 1e6, 1),
+                      "uri": f"{out}/*.jsonl.gz", "sha256": manifest_pin(files)}))
+
+
+if __name__ == "__main__":
+    main()
