@@ -51,7 +51,7 @@ def bench_clean(params) -> list[dict]:
 
 
 def bench_bpe(params) -> dict:
-    train = pd.read_parquet("data/split/corpus/train.parquet")["text"].tolist()
+    train = pd.read_parquet("data/split/corpus/train")["text"].tolist()
     tokenizer = train_tokenizer(train, "bpe", params.tokenize.vocab_size, params.tokenize.min_frequency)
     dtype = token_dtype(tokenizer.get_vocab_size())
     n_tokens = encode_documents(tokenizer, train, dtype).size

@@ -76,7 +76,7 @@ def junk(rng: np.random.Generator, pool: list[str]) -> str:
 
 
 def write_shard(job: tuple[int, int, int, str, int]) -> tuple[str, int]:
-    index, text_bytes, seed, out, docs_before = job
+    index, text_bytes, seed, out, junk_rate = job
     pool = sentence_pool()
     rng = np.random.default_rng([seed, index])
     recent: list[str] = []
@@ -85,9 +85,9 @@ def write_shard(job: tuple[int, int, int, str, int]) -> tuple[str, int]:
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as handle:
         while size < text_bytes:
             roll = rng.random()
-            if roll < 0.01:
+            if roll < junk_rate:
                 line = junk(rng, pool)
-            elif roll < 0.03 and recent:
+            elif roll < junk_rate + 0.02 and recent:
                 line = json.dumps({"text": recent[int(rng.integers(0, len(recent)))]})
             else:
                 text = document(rng, pool)
@@ -105,13 +105,15 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=float, default=64.0, help="MB of text per shard")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--junk-rate", type=float, default=0.01, help="share of junk records (0 for an engine "
+                        "that stops at a malformed line, bench/engine_compare.py)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n = max(1, round(args.mb / args.shard_mb))
     per_shard = int(args.mb * 1e6 / n)
     with Pool(args.workers) as pool:
-        written = pool.map(write_shard, [(i, per_shard, args.seed, str(out), 0) for i in range(n)])
+        written = pool.map(write_shard, [(i, per_shard, args.seed, str(out), args.junk_rate) for i in range(n)])
     files = [{"member": name, "sha256": sha256_of(out / name)} for name, _ in written]
     total = sum(size for _, size in written)
     print(json.dumps({"out": str(out), "shards": n, "text_mb": round(total / 1e6, 1),

@@ -34,6 +34,7 @@ from pandera.typing import Series
 
 from lmforge.config import CleanDocuments, CleanLabelled
 from lmforge.documents import RawDocument, corpus_files, plan_shards, read_documents
+from lmforge.engine import Engine, run_shards
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 
@@ -350,11 +351,11 @@ def find_duplicates(hash_files: list[str]) -> list[tuple[np.ndarray, np.ndarray,
     return out
 
 
-def drop_duplicates(kept_tmp: str, quarantine_tmp: str, rows: list[int], first_ids: list[str],
+def drop_duplicates(kept_tmp: str, quarantine_tmp: str, rows: list[int], reasons: list[str], first_ids: list[str],
                     kept_path: str, quarantine_path: str) -> dict:
-    """Write a shard's final kept and quarantine files: the duplicate `rows` move to quarantine,
-    each naming the id of the copy that was kept. Streams a row group at a time."""
-    drop = dict(zip(rows, first_ids))
+    """Write a shard's final kept and quarantine files: the duplicate `rows` move to quarantine
+    with their reason, each naming the id of the copy that was kept. Streams a row group at a time."""
+    drop = {row: (reason, first) for row, reason, first in zip(rows, reasons, first_ids)}
     offset = 0
     with pq.ParquetWriter(kept_path, KEPT_SCHEMA) as kept_out, pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA) as bad_out:
         for table in _row_groups(quarantine_tmp):
@@ -362,12 +363,12 @@ def drop_duplicates(kept_tmp: str, quarantine_tmp: str, rows: list[int], first_i
         for table in _row_groups(kept_tmp):
             index = np.arange(offset, offset + table.num_rows)
             offset += table.num_rows
-            is_dup = np.isin(index, rows) if drop else np.zeros(len(index), dtype=bool)
+            is_dup = np.isin(index, rows) if rows else np.zeros(len(index), dtype=bool)
             kept_out.write_table(table.filter(pa_arrow.array(~is_dup)))
             if is_dup.any():
                 dups = table.filter(pa_arrow.array(is_dup)).to_pandas()
-                dups["reason"] = "exact duplicate"
-                dups["detail"] = ["first kept: " + drop[int(i)] for i in index[is_dup]]
+                dups["reason"] = [drop[int(i)][0] for i in index[is_dup]]
+                dups["detail"] = ["first kept: " + drop[int(i)][1] for i in index[is_dup]]
                 bad_out.write_table(pa_arrow.Table.from_pandas(dups[QUARANTINE_COLUMNS], schema=QUARANTINE_SCHEMA, preserve_index=False))
     return {"rows_dropped": len(rows)}
 
@@ -378,29 +379,28 @@ def _row_groups(path: str):
         yield reader.read_row_group(i)
 
 
-def _ids_of_first_copies(duplicates, kept_files: list[str]) -> list[list[str]]:
-    """For each shard's duplicates, the id of the kept first copy; each shard's id column is
-    read once, and only when it holds a first copy."""
+def _ids_of_first_copies(drops: list[dict], kept_files: list[str]) -> dict[tuple[int, int], str]:
+    """(shard, row) of each dropped document -> the id of its kept first copy; each shard's id
+    column is read once, and only when it holds a first copy."""
     wanted: dict[int, set[int]] = {}
-    for _, first_shard, first_row in duplicates:
-        for shard, row in zip(first_shard.tolist(), first_row.tolist()):
-            wanted.setdefault(shard, set()).add(row)
+    for shard_drops in drops:
+        for _, first_shard, first_row in shard_drops.values():
+            wanted.setdefault(first_shard, set()).add(first_row)
     found: dict[tuple[int, int], str] = {}
     for shard, rows in wanted.items():
         ids = pq.read_table(kept_files[shard], columns=["id"]).column("id")
         found.update({(shard, row): ids[row].as_py() for row in rows})
-    return [[found[(s, r)] for s, r in zip(fs.tolist(), fr.tolist())] for _, fs, fr in duplicates]
+    return {(shard, row): found[(fs, fr)] for shard, shard_drops in enumerate(drops)
+            for row, (_, fs, fr) in shard_drops.items()}
 
 
-def clean_corpus(raw_dir: Path, params: CleanDocuments, out_dir: Path, work_dir: Path, workers: int,
+def clean_corpus(raw_dir: Path, params: CleanDocuments, out_dir: Path, work_dir: Path, engine: Engine,
                  progress: bool = True) -> dict:
     """Clean every shard of a corpus on the data engine, then drop exact duplicates across shards.
 
     Writes out_dir/kept/part-NNNNN.parquet and out_dir/quarantine/part-NNNNN.parquet, one of each
     per shard; the scratch files and the engine's completion marks live in `work_dir`, so a
     killed run picks up at the first unfinished shard. Returns the totals and each shard's counts."""
-    from lmforge.engine import run_shards
-
     raw_dir, out_dir, work_dir = Path(raw_dir), Path(out_dir), Path(work_dir)
     shards = plan_shards(raw_dir, corpus_files(raw_dir), int(params.shard_mb * 1e6))
     if not shards:
@@ -410,27 +410,43 @@ def clean_corpus(raw_dir: Path, params: CleanDocuments, out_dir: Path, work_dir:
     part = [f"part-{i:05d}" for i in range(len(shards))]
     jobs = [(str(raw_dir), files, params, str(scratch / f"{p}.kept.parquet"), str(scratch / f"{p}.quarantine.parquet"),
              str(scratch / f"{p}.hashes.npy")) for p, files in zip(part, shards)]
-    shard_reports = run_shards(clean_document_shard, jobs, work_dir / "clean", workers=workers, desc="clean",
+    shard_reports = run_shards(clean_document_shard, jobs, work_dir / "clean", engine=engine, desc="clean",
                                bytes_key="text_bytes", progress=progress)
-    duplicates = find_duplicates([job[5] for job in jobs])
+    drops = [{row: ("exact duplicate", fs, fr) for row, fs, fr in zip(*(a.tolist() for a in found))}
+             for found in find_duplicates([job[5] for job in jobs])]
+    if params.near_dedup is not None:
+        _add_near_duplicates(drops, scratch, len(jobs), work_dir / "near-dedup", engine, params)
+    first_ids = _ids_of_first_copies(drops, [job[3] for job in jobs])
     (out_dir / "kept").mkdir(parents=True, exist_ok=True)
     (out_dir / "quarantine").mkdir(parents=True, exist_ok=True)
-    first_ids = _ids_of_first_copies(duplicates, [job[3] for job in jobs])
     finals = []
-    for i, (rows, _, _) in enumerate(duplicates):
-        finals.append((jobs[i][3], jobs[i][4], rows.tolist(), first_ids[i],
+    for i, shard_drops in enumerate(drops):
+        rows = sorted(shard_drops)
+        finals.append((jobs[i][3], jobs[i][4], rows, [shard_drops[r][0] for r in rows], [first_ids[(i, r)] for r in rows],
                        str(out_dir / "kept" / f"{part[i]}.parquet"), str(out_dir / "quarantine" / f"{part[i]}.parquet")))
-    run_shards(drop_duplicates, finals, work_dir / "dedup", workers=workers, desc="dedup", progress=False)
-    for report, (rows, _, _) in zip(shard_reports, duplicates):
-        _count_duplicates(report, len(rows))
+    run_shards(drop_duplicates, finals, work_dir / "dedup", engine=engine, desc="dedup", progress=False)
+    for report, shard_drops in zip(shard_reports, drops):
+        _count_duplicates(report, [reason for reason, _, _ in shard_drops.values()])
     return corpus_report(shard_reports)
 
 
-def _count_duplicates(report: dict, n: int) -> None:
-    report["rows_kept"] -= n
-    report["rows_quarantined"] += n
-    if n:
-        report["quarantine_by_reason"]["exact duplicate"] = report["quarantine_by_reason"].get("exact duplicate", 0) + n
+def _add_near_duplicates(drops: list[dict], scratch: Path, shards: int, work_dir: Path, engine: Engine,
+                         params: CleanDocuments) -> None:
+    """Add each near-duplicate cluster's members but its first (in shard order) to `drops`."""
+    from lmforge.near_dedup import near_duplicate_clusters, rows_to_drop
+
+    near = params.near_dedup
+    clusters = near_duplicate_clusters(scratch, "*.kept.parquet", shards, work_dir, engine, n_grams=near.n_grams,
+                                       buckets=near.buckets, hashes_per_bucket=near.hashes_per_bucket, seed=near.seed)
+    for (shard, row), (first_shard, first_row) in rows_to_drop(clusters).items():
+        drops[shard].setdefault(row, ("near duplicate", first_shard, first_row))
+
+
+def _count_duplicates(report: dict, reasons: list[str]) -> None:
+    report["rows_kept"] -= len(reasons)
+    report["rows_quarantined"] += len(reasons)
+    for reason, n in Counter(reasons).items():
+        report["quarantine_by_reason"][reason] = report["quarantine_by_reason"].get(reason, 0) + n
     if report["rows_in"] != report["rows_kept"] + report["rows_quarantined"]:
         raise AssertionError(f"row accounting broke in a shard: {report}")
 

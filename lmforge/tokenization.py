@@ -20,10 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:
+    from lmforge.engine import Engine
 
 SPECIAL_TOKENS = {"eos": "<|endoftext|>", "pad": "<pad>", "mask": "<mask>", "unk": "<unk>"}
 SPLITS = ("train", "val", "test")
@@ -295,7 +298,7 @@ def encode_shard(tokenizer_path: str, in_path: str, out_path: str, dtype_name: s
 
 
 def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bpe"], vocab_size: int,
-                       min_frequency: int, sample_mb: float, seed: int, work_dir: Path, workers: int,
+                       min_frequency: int, sample_mb: float, seed: int, work_dir: Path, engine: Engine,
                        progress: bool = True) -> dict:
     """Learn the tokenizer on a sample of split_dir's train parts, encode every part of every split
     into out_dir/<split>/part-NNNNN.bin on the data engine, and write meta.json with the index."""
@@ -321,7 +324,7 @@ def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bp
             name = f"{split}/{Path(entry['file']).stem}.bin"
             names.append((split, name))
             jobs.append((str(out_dir / "tokenizer.json"), str(split_dir / entry["file"]), str(out_dir / name), meta["dtype"]))
-    reports = run_shards(encode_shard, jobs, work_dir, workers=workers, desc="tokenize", progress=progress)
+    reports = run_shards(encode_shard, jobs, work_dir, engine=engine, desc="tokenize", progress=progress)
     for split in SPLITS:
         mine = [(name, r) for (s, name), r in zip(names, reports) if s == split]
         meta["splits"][split] = {

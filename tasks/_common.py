@@ -31,11 +31,14 @@ def params_or_exit(path: str) -> Params:
         fail(str(err))
 
 
-def data_workers(params: Params) -> int:
-    """The data stages' processes: params.yaml's `workers`, or every core."""
-    from lmforge.engine import default_workers
+def data_engine(params: Params):
+    """Where the data stages run their shards: params.yaml's `workers` (null: every core) and
+    `data_engine` (datatrove's local or Slurm executor)."""
+    from lmforge.engine import Engine, default_workers
 
-    return params.workers or default_workers()
+    section = params.data_engine
+    return Engine(workers=params.workers or default_workers(), executor=section.executor,
+                  slurm=section.slurm.model_dump(exclude_none=True))
 
 
 WORK = Path("data/.work")

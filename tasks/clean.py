@@ -16,7 +16,7 @@ from lmforge.cleaning import CleanError, clean_corpus, clean_examples
 from lmforge.config import CleanDocuments
 from lmforge.documents import CorpusFormatError
 from lmforge.engine import peak_child_rss_mb, peak_rss_mb
-from tasks._common import data_workers, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
+from tasks._common import data_engine, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
         try:
             with atomic_dir(Path("data/clean") / args.dataset) as out:
                 if isinstance(section, CleanDocuments):
-                    report = clean_corpus(raw_dir, section, out, work, data_workers(params))
+                    report = clean_corpus(raw_dir, section, out, work, data_engine(params))
                 else:
                     report = _clean_labelled(raw_dir, section, args.dataset, out)
         except (CleanError, CorpusFormatError) as err:

@@ -23,7 +23,8 @@ def main() -> None:
     with timed(f"ingest@{args.dataset}"):
         try:
             with atomic_dir(target) as out:
-                manifest = fetch(source.uri, source.sha256, out, previous=_previous_manifest(target))
+                manifest = fetch(source.uri, source.sha256, out, previous=_previous_manifest(target),
+                                 revision=source.revision)
                 write_json(out / "manifest.json", manifest)
         except SourceError as err:
             fail(str(err))

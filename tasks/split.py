@@ -15,7 +15,7 @@ from lmforge.atomic import atomic_dir, write_json
 from lmforge.config import CleanDocuments
 from lmforge.engine import peak_child_rss_mb, peak_rss_mb, run_shards
 from lmforge.splitting import SPLITS, SplitError, split_frame, split_report, split_shard
-from tasks._common import data_workers, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
+from tasks._common import data_engine, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def _split_by_hash(kept: Path, out: Path, params, section, dataset: str) -> dict
         (out / split).mkdir()
     work = work_dir_for(f"split-{dataset}", section, *parts)
     jobs = [(str(p), str(out), p.stem, params.seed, section.val, section.test) for p in parts]
-    shards = run_shards(split_shard, jobs, work, workers=data_workers(params), desc="split", bytes_key="bytes_in")
+    shards = run_shards(split_shard, jobs, work, engine=data_engine(params), desc="split", bytes_key="bytes_in")
     remove_work_dir(work)
     index = {s: [{"file": f"{s}/{p.stem}.parquet", **r[s]} for p, r in zip(parts, shards)] for s in SPLITS}
     write_json(out / "index.json", index)

@@ -10,7 +10,7 @@ from pathlib import Path
 from lmforge.atomic import atomic_dir, write_json
 from lmforge.engine import peak_child_rss_mb, peak_rss_mb
 from lmforge.tokenization import SPLITS, write_token_shards
-from tasks._common import data_workers, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
+from tasks._common import data_engine, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
         try:
             with atomic_dir("data/tokens") as out:
                 meta = write_token_shards(split_dir, out, params.kind, params.vocab_size, params.min_frequency,
-                                          params.sample_mb, all_params.seed, work, data_workers(all_params))
+                                          params.sample_mb, all_params.seed, work, data_engine(all_params))
         except ValueError as err:
             fail(f"tokenize: {err}")
         remove_work_dir(work)

@@ -19,9 +19,9 @@ import pytest
 import zstandard
 
 from lmforge.cleaning import clean_corpus, clean_documents
-from lmforge.config import CleanDocuments
+from lmforge.config import CleanDocuments, NearDedupParams
 from lmforge.documents import corpus_files, plan_shards, read_documents
-from lmforge.engine import run_shards
+from lmforge.engine import Engine, run_shards
 from lmforge.sources import SourceError, fetch, manifest_pin
 from lmforge.splitting import split_of, split_shard
 from lmforge.tokenization import TokenShards, load_split, write_token_shards
@@ -107,7 +107,7 @@ def clean_tree(tmp_path: Path, name: str, workers: int, shard_mb: float = 0.001)
     raw = web_corpus(tmp_path / "raw")
     params = DOCS.model_copy(update={"shard_mb": shard_mb})
     out = tmp_path / name
-    report = clean_corpus(raw, params, out, tmp_path / f"work-{name}", workers=workers, progress=False)
+    report = clean_corpus(raw, params, out, tmp_path / f"work-{name}", Engine(workers=workers), progress=False)
     return out, report
 
 
@@ -134,6 +134,30 @@ def test_clean_shards_reconcile_quarantine_and_do_not_depend_on_the_workers(tmp_
     assert report["quarantine_by_reason"]["exact duplicate"] == 1
 
 
+def test_near_duplicates_are_found_across_shards_when_asked(tmp_path):
+    raw = web_corpus(tmp_path / "raw")
+    texts = paragraphs(0, 120)
+    edited = texts[5].split()
+    edited[10] = "altered"  # one word of about a hundred changed: a near copy
+    write_jsonl_gz(raw / "shard-09.jsonl.gz", [{"text": " ".join(edited)}])
+    near = DOCS.model_copy(update={"shard_mb": 0.001, "near_dedup": NearDedupParams()})
+    outs, reports = [], []
+    for workers in (1, 2):
+        out = tmp_path / f"near{workers}"
+        reports.append(clean_corpus(raw, near, out, tmp_path / f"work-near{workers}", Engine(workers=workers), progress=False))
+        outs.append(folder_bytes(out))
+    assert outs[0] == outs[1]
+    report = reports[0]
+    assert report["quarantine_by_reason"]["near duplicate"] == 1 and report["quarantine_by_reason"]["exact duplicate"] == 1
+    assert report["rows_in"] == report["rows_kept"] + report["rows_quarantined"] == 125
+    quarantine = pd.read_parquet(tmp_path / "near1/quarantine").set_index("id")
+    assert quarantine.loc["shard-09.jsonl.gz:1", "reason"] == "near duplicate"
+    assert quarantine.loc["shard-09.jsonl.gz:1", "detail"] == "first kept: shard-00.jsonl.gz:6"
+    assert quarantine.loc["shard-02.jsonl.gz:31", "reason"] == "exact duplicate"
+    kept = set(pd.read_parquet(tmp_path / "near1/kept")["id"])
+    assert {"shard-00.jsonl.gz:4", "shard-00.jsonl.gz:6"} <= kept  # every cluster keeps its first
+
+
 def test_the_in_memory_view_agrees_with_the_shards(tmp_path):
     out, report = clean_tree(tmp_path, "sharded", workers=1)
     whole = clean_documents(tmp_path / "raw", DOCS)
@@ -148,7 +172,7 @@ def test_hash_split_is_stable_when_the_corpus_grows(tmp_path):
     for name in ("train", "val", "test"):
         (split_dir / name).mkdir(parents=True)
     jobs = [(str(p), str(split_dir), p.stem, 7, 0.2, 0.2) for p in parts]
-    reports = run_shards(split_shard, jobs, tmp_path / "work-split", workers=2, desc="split", progress=False)
+    reports = run_shards(split_shard, jobs, tmp_path / "work-split", engine=Engine(workers=2), desc="split", progress=False)
     placed = {s: set(pd.read_parquet(split_dir / s)["id"]) for s in ("train", "val", "test")}
     assert sum(r["rows_in"] for r in reports) == sum(len(v) for v in placed.values())
     assert all(placed.values()) and not (placed["train"] & placed["val"])
@@ -194,7 +218,7 @@ def test_tokenize_samples_and_writes_an_index_of_shards(tmp_path):
         out = tmp_path / f"tokens{workers}"
         out.mkdir()
         metas.append(write_token_shards(split_dir, out, "bpe", 300, 2, sample_mb=0.002, seed=5,
-                                        work_dir=tmp_path / f"work{workers}", workers=workers, progress=False))
+                                        work_dir=tmp_path / f"work{workers}", engine=Engine(workers=workers), progress=False))
     assert metas[0]["splits"] == metas[1]["splits"]
     assert folder_bytes(tmp_path / "tokens1") == folder_bytes(tmp_path / "tokens2")
     meta = metas[0]
@@ -220,7 +244,7 @@ def test_a_vocabulary_past_65536_is_stored_as_uint32(tmp_path):
         index[split] = [{"file": f"{split}/part-00000.parquet", "rows": 1, "bytes": len(text.encode())}]
     (split_dir / "index.json").write_text(json.dumps(index))
     meta = write_token_shards(split_dir, tmp_path / "tokens", "char", 0, 1, sample_mb=64, seed=0,
-                              work_dir=tmp_path / "work", workers=1, progress=False)
+                              work_dir=tmp_path / "work", engine=Engine(workers=1), progress=False)
     assert meta["vocab_size"] > 65_536 and meta["dtype"] == "uint32"
     val = load_split(tmp_path / "tokens", "val", meta)
     assert val.dtype == np.uint32 and int(val.max()) > 65_535 and len(val) == 101
@@ -281,14 +305,14 @@ def test_a_killed_worker_ends_the_stage_as_killed_instead_of_hanging(tmp_path):
     script = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from lmforge.engine import run_shards
+from lmforge.engine import Engine, run_shards
 
 def shard(i):
     if i == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return {{}}
 
-run_shards(shard, [(0,), (1,), (2,)], {str(tmp_path / 'work')!r}, workers=2, desc="test", progress=False)
+run_shards(shard, [(0,), (1,), (2,)], {str(tmp_path / 'work')!r}, engine=Engine(workers=2), desc="test", progress=False)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 137

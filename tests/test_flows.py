@@ -10,7 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.deployments import build_deployments
-from flows.pipeline import pipeline, stage_is_current, stage_metrics
+from flows.pipeline import killed_message, pipeline, stage_is_current, stage_metrics
 from lmforge import tracking
 from tests.conftest import run, write_params
 
@@ -189,6 +189,24 @@ def test_a_stage_whose_artifacts_cannot_be_published_still_ran_once(dvc_repo, ca
     assert statuses(state.result()) == {"broken": "ran"}
     assert task_runs(state.state_details.flow_run_id)["broken"] == 1
     assert "broken ran, but its artifacts were not published: JSONDecodeError" in caplog.text
+
+
+HUNGRY_STAGE = {
+    # What the out-of-memory killer does to a stage: SIGKILL.
+    "cmd": "python -c \"import os, signal; open('tries.log', 'a').write('x'); os.kill(os.getpid(), signal.SIGKILL)\"",
+    "outs": ["never.txt"],
+}
+
+
+def test_a_stage_killed_for_memory_fails_once_and_names_its_memory_knob(dvc_repo):
+    add_stages(dvc_repo, {"hungry": HUNGRY_STAGE})
+    state = pipeline(targets=["hungry"], retries=2, root=str(dvc_repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"hungry was killed \(SIGKILL\), most likely out of memory; it is not retried"):
+        state.result()
+    assert (dvc_repo / "tries.log").read_text() == "x"
+    assert task_runs(state.state_details.flow_run_id)["hungry"] == 1
+    assert "tokenize.sample_mb" in killed_message("tokenize", "") and "`workers`" in killed_message("clean@corpus", "")
 
 
 @pytest.mark.slow

