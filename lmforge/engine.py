@@ -1,8 +1,8 @@
 """Run a data stage's shards on datatrove's executors: one task per shard, `workers` at a time.
 
 Why datatrove (docs/data.md has the measurement): its executors run the same task list on this
-machine (`LocalPipelineExecutor`, a process pool) or on a cluster (its Slurm and Ray executors),
-they skip tasks already completed in an earlier run of the same work folder (so a killed stage
+machine (`LocalPipelineExecutor`, a process pool) or on a cluster (`SlurmPipelineExecutor`; Engine
+below picks one), they skip tasks already completed in an earlier run of the same work folder (so a killed stage
 resumes), and a task is a plain function of its rank. The number of tasks is fixed by the data
 (one per shard), never by the number of workers, so the outputs are the same bytes whatever the
 parallelism.
@@ -36,9 +36,6 @@ class ShardTask:
     work_dir: str
 
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
-        # One thread per task: the workers are the parallelism (and tokenizers' own pool would
-        # fight them for the cores).
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         running = Path(self.work_dir) / "running" / f"{rank:05d}.pid"
         running.parent.mkdir(parents=True, exist_ok=True)
         running.write_text(str(os.getpid()))
@@ -108,6 +105,9 @@ def run_steps(pipeline: list, tasks: int, logging_dir: Path, engine: Engine, job
     if engine.executor == "slurm":
         _run_on_slurm(pipeline, tasks, logging_dir, engine, job_name)
         return
+    # Forked workers encode on one thread each; saying so before the fork also keeps `tokenizers`
+    # from warning, in every worker, that its thread pool did not survive the fork.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _quiet_executor_class()(
         pipeline=pipeline,
         tasks=tasks,

@@ -70,7 +70,7 @@ def _train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tok
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=True,  # the trainer's own bars (shown on a terminal only)
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer

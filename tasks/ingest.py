@@ -6,6 +6,7 @@ name the first file that changed since the last ingest."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from lmforge.atomic import atomic_dir, write_json
@@ -20,6 +21,7 @@ def main() -> None:
         fail(f"no source named {args.dataset!r} under sources in {args.params}")
     source = params.sources[args.dataset]
     target = Path("data/raw") / args.dataset
+    start = time.perf_counter()
     with timed(f"ingest@{args.dataset}"):
         try:
             with atomic_dir(target) as out:
@@ -28,7 +30,9 @@ def main() -> None:
                 write_json(out / "manifest.json", manifest)
         except SourceError as err:
             fail(str(err))
-    print(f"ingest {args.dataset}: {len(manifest['files'])} files, {manifest['bytes']:,} bytes from {source.uri}")
+    seconds = time.perf_counter() - start
+    print(f"ingest {args.dataset}: {len(manifest['files'])} files, {manifest['bytes']:,} bytes from {source.uri} "
+          f"({manifest['bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
 
 
 def _previous_manifest(folder: Path) -> dict | None:

@@ -40,8 +40,11 @@ def main() -> None:
         except SplitError as err:
             fail(f"split.{args.dataset}: {err}")
         seconds = time.perf_counter() - start
-        report["seconds"] = round(seconds, 3)
-        report["peak_rss_mb"] = max(peak_rss_mb(), peak_child_rss_mb())
+        rows = sum(report[s]["rows"] for s in SPLITS)
+        text_bytes = sum(report[s].get("bytes", report[s].get("chars", 0)) for s in SPLITS)
+        report.update(seconds=round(seconds, 3), docs_per_s=round(rows / max(seconds, 1e-9), 1),
+                      mb_per_s=round(text_bytes / 1e6 / max(seconds, 1e-9), 2),
+                      peak_rss_mb=max(peak_rss_mb(), peak_child_rss_mb()))
         write_json(Path("reports/split") / f"{args.dataset}.json", report)
     print(f"split {args.dataset}: " + ", ".join(f"{s} {report[s]['rows']} rows" for s in SPLITS))
 
@@ -56,12 +59,9 @@ def _split_by_hash(kept: Path, out: Path, params, section, dataset: str) -> dict
     remove_work_dir(work)
     index = {s: [{"file": f"{s}/{p.stem}.parquet", **r[s]} for p, r in zip(parts, shards)] for s in SPLITS}
     write_json(out / "index.json", index)
-    report = {s: {"rows": sum(e["rows"] for e in index[s]), "chars": None, "bytes": sum(e["bytes"] for e in index[s])}
-              for s in SPLITS}
-    for entry in report.values():
-        del entry["chars"]  # hash mode counts UTF-8 bytes, which tokenize and bits-per-byte use
-    report["shards"] = len(parts)
-    return report
+    # Hash mode counts UTF-8 bytes of text (what tokenize and bits per byte use), not characters.
+    report = {s: {"rows": sum(e["rows"] for e in index[s]), "bytes": sum(e["bytes"] for e in index[s])} for s in SPLITS}
+    return {**report, "shards": len(parts)}
 
 
 def _split_in_memory(kept: Path, out: Path, section, seed: int, documents: bool) -> dict:

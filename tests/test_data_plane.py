@@ -317,3 +317,54 @@ run_shards(shard, [(0,), (1,), (2,)], {str(tmp_path / 'work')!r}, engine=Engine(
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 137
     assert "worker was killed (most likely out of memory)" in result.stderr and "workers" in result.stderr
+
+
+# --- pretraining on token shards --------------------------------------------------------------
+
+
+def reshard(flat: Path, out: Path, cuts: tuple[int, ...]) -> None:
+    """The same tokens as `flat` (write_tokens' one file a split), cut into shards at `cuts`."""
+    import shutil
+
+    shutil.copytree(flat, out)
+    meta = json.loads((out / "meta.json").read_text())
+    for split in ("train", "val", "test"):
+        tokens = np.fromfile(out / f"{split}.bin", dtype=meta["dtype"])
+        (out / f"{split}.bin").unlink()
+        (out / split).mkdir()
+        pieces = np.split(tokens, [c for c in cuts if c < len(tokens)]) if split == "train" else [tokens]
+        meta["splits"][split]["shards"] = []
+        for i, piece in enumerate(pieces):
+            piece.tofile(out / split / f"part-{i:05d}.bin")
+            meta["splits"][split]["shards"].append({"file": f"{split}/part-{i:05d}.bin", "tokens": int(piece.size)})
+    (out / "meta.json").write_text(json.dumps(meta))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_pretraining_reads_token_shards_as_the_flat_split_and_resumes_exactly(tmp_path):
+    import torch
+
+    from lmforge import training
+    from tests import pretrain_fixtures as fx
+
+    fx.make_tokens(tmp_path / "flat", n_docs=80)
+    reshard(tmp_path / "flat", tmp_path / "sharded", cuts=(1_000, 1_017, 5_000))
+    p = fx.params({"steps": 24, "warmup_steps": 3, "eval_every": 12, "checkpoint_every": 8, "log_every": 4}).pretrain
+    flat = training.train(p, seed=2, tokens_dir=tmp_path / "flat", checkpoint_root=tmp_path / "c1", progress=False)
+    sharded = training.train(p, seed=2, tokens_dir=tmp_path / "sharded", checkpoint_root=tmp_path / "c2", progress=False)
+
+    def die_at_step_20(metrics, step):
+        if step == 20:
+            raise _Killed
+    with pytest.raises(_Killed):
+        training.train(p, seed=2, tokens_dir=tmp_path / "sharded", checkpoint_root=tmp_path / "c3", progress=False,
+                       on_metrics=die_at_step_20)
+    resumed = training.train(p, seed=2, tokens_dir=tmp_path / "sharded", checkpoint_root=tmp_path / "c3", progress=False)
+    assert resumed.resumed_from == 16
+    reference = flat.model.state_dict()
+    for model in (sharded.model, resumed.model):
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, reference[name]), f"{name} differs"
