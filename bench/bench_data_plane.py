@@ -75,6 +75,9 @@ def main() -> None:
     parser.add_argument("--workers", default="2", help="comma-separated worker counts to run clean..tokenize with")
     parser.add_argument("--scratch", default="/tmp/lmforge-bench-data-plane")
     parser.add_argument("--record", help="also write the results with their context to this JSON file")
+    parser.add_argument("--drop-inputs", action="store_true",
+                        help="delete each stage's input once the next stage is done (a corpus larger than the disk's "
+                             "room for every stage's copy; one worker count only)")
     args = parser.parse_args()
     where = Path(args.scratch)
     shutil.rmtree(where, ignore_errors=True)
@@ -84,11 +87,13 @@ def main() -> None:
     prefix, members = match_glob(args.corpus)
     gz_mb = sum((prefix / m).stat().st_size for m in members) / 1e6
     cases = [run_stage(where, "ingest", "corpus")]
+    inputs = {"clean": "data/raw", "split": "data/clean", "tokenize": "data/split"}
     for workers in counts:
         set_workers(where, workers)
-        for stage in ("clean", "split"):
-            cases.append({**run_stage(where, stage, "corpus"), "workers": workers})
-        cases.append({**run_stage(where, "tokenize"), "workers": workers})
+        for stage in ("clean", "split", "tokenize"):
+            cases.append({**run_stage(where, stage, *(["corpus"] if stage != "tokenize" else [])), "workers": workers})
+            if args.drop_inputs:
+                shutil.rmtree(where / inputs[stage], ignore_errors=True)
     text_mb = json.loads((where / "reports/clean/corpus.json").read_text())["text_bytes"] / 1e6
     for case in cases:
         case["text_mb_per_s"] = round(text_mb / case["seconds"], 2)

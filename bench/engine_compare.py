@@ -92,13 +92,12 @@ def main() -> None:
             cases.append(case)
             print(json.dumps(case), flush=True)
             shutil.rmtree(out, ignore_errors=True)
-    text_mb = None
     if args.record:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
         record = {"command": " ".join(sys.argv), "commit": commit, "date": time.strftime("%Y-%m-%d"),
                   "card": f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                   "corpus_gz_mb": round(sum((prefix / m).stat().st_size for m in members) / 1e6, 1),
-                  "text_mb": text_mb, "cases": cases}
+                  "cases": cases}
         Path(args.record).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -11,6 +11,11 @@ a line without breaks, a record that is not JSON, one without a text field, HTML
 
 Shards are jsonl.gz of about --shard-mb of text each, written by --workers processes; the same
 arguments give the same files. Prints the glob's pin (the sha256 of its sha256sum manifest).
+
+A corpus larger than the machine's memory is quicker made from a smaller one than from scratch:
+`--variants-of /tmp/corpus-4g --copies 6` writes 6 variants of each of its shards, every document
+with its paragraphs rotated and a variant line on top, so none is an exact copy (they are near
+copies; the default clean stage keeps them, as near_dedup is off).
 """
 
 from __future__ import annotations
@@ -98,9 +103,32 @@ def write_shard(job: tuple[int, int, int, str, int]) -> tuple[str, int]:
     return path.name, size
 
 
+def write_variant(job: tuple[str, str, int]) -> tuple[str, int]:
+    source, out, copy = job
+    name = f"v{copy}-{Path(source).name}"
+    size = 0
+    with gzip.open(source, "rt", encoding="utf-8") as lines, gzip.open(Path(out) / name, "wt", encoding="utf-8",
+                                                                        compresslevel=1) as handle:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                paragraphs = record["text"].split("\n\n")
+                turn = copy % len(paragraphs)
+                record["text"] = f"Variant {copy}.\n\n" + "\n\n".join(paragraphs[turn:] + paragraphs[:turn])
+                line = json.dumps(record) + "\n"
+            handle.write(line)
+            size += len(line)
+    return name, size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=float, required=True, help="MB of text (uncompressed) in all")
+    parser.add_argument("--mb", type=float, help="MB of text (uncompressed) in all")
+    parser.add_argument("--variants-of", help="a corpus folder to make variants of, instead of new documents")
+    parser.add_argument("--copies", type=int, default=1, help="with --variants-of: variants of each shard")
     parser.add_argument("--out", required=True, help="the folder to write the shards into")
     parser.add_argument("--shard-mb", type=float, default=64.0, help="MB of text per shard")
     parser.add_argument("--seed", type=int, default=0)
@@ -110,10 +138,19 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n = max(1, round(args.mb / args.shard_mb))
-    per_shard = int(args.mb * 1e6 / n)
-    with Pool(args.workers) as pool:
-        written = pool.map(write_shard, [(i, per_shard, args.seed, str(out), args.junk_rate) for i in range(n)])
+    if args.variants_of:
+        sources = sorted(Path(args.variants_of).glob("*.jsonl.gz"))
+        jobs = [(str(source), str(out), copy) for copy in range(1, args.copies + 1) for source in sources]
+        with Pool(args.workers) as pool:
+            written = pool.map(write_variant, jobs)
+        n = len(written)
+    else:
+        if args.mb is None:
+            parser.error("give --mb, or --variants-of")
+        n = max(1, round(args.mb / args.shard_mb))
+        per_shard = int(args.mb * 1e6 / n)
+        with Pool(args.workers) as pool:
+            written = pool.map(write_shard, [(i, per_shard, args.seed, str(out), args.junk_rate) for i in range(n)])
     files = [{"member": name, "sha256": sha256_of(out / name)} for name, _ in written]
     total = sum(size for _, size in written)
     print(json.dumps({"out": str(out), "shards": n, "text_mb": round(total / 1e6, 1),

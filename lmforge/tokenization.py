@@ -312,6 +312,7 @@ def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bp
         raise ValueError("the train split is empty: nothing to learn a tokenizer from")
     fraction = min(1.0, sample_mb * 1e6 / train_bytes)
     train_parts = [split_dir / entry["file"] for entry in index["train"]]
+    _train_on_cores(engine.workers)
     tokenizer = train_tokenizer(sample_texts(train_parts, fraction, seed), kind, vocab_size, min_frequency)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     as_transformers_tokenizer(tokenizer).save_pretrained(str(out_dir / "tokenizer"))
@@ -335,6 +336,17 @@ def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bp
         }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _train_on_cores(workers: int) -> None:
+    """The BPE trainer's thread pool takes the same number of cores as the workers that encode
+    (its pool reads these variables when it starts, at the first training in the process)."""
+    import os
+
+    if workers <= 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    else:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(workers))
 
 
 def _meta(tokenizer: Tokenizer, kind: str) -> dict:
