@@ -250,7 +250,7 @@ def clean_document_batch(records: list[RawDocument], params: CleanDocuments,
     for record in records:
         row = {"id": record.id, "source": record.source}
         if record.problem is not None:
-            unusable.append({**row, "text": record.payload, "reason": record.problem})
+            unusable.append({**row, "text": record.payload, "reason": record.problem, "detail": record.detail})
             continue
         text = decode_bytes(record.payload, repairs) if isinstance(record.payload, bytes) else record.payload
         if not text or text.isspace():

@@ -32,7 +32,8 @@ class RawDocument:
     id: str
     source: str  # the file, relative to the corpus folder
     payload: str | bytes  # bytes for whole files (decoded with repairs later), str for records
-    problem: str | None = None  # why the record cannot be used, if it cannot
+    problem: str | None = None  # why the record cannot be used, if it cannot (a stable reason to count by)
+    detail: str = ""  # the particulars (the parser's message)
 
 
 def corpus_files(raw_dir: Path) -> list[str]:
@@ -96,7 +97,7 @@ def _jsonl_records(path: Path, name: str, text_field: str) -> Iterator[RawDocume
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError as err:
-                yield RawDocument(doc_id, name, line.decode("utf-8", "replace"), f"not valid JSON ({err})")
+                yield RawDocument(doc_id, name, line.decode("utf-8", "replace"), "not valid JSON", str(err))
                 continue
             yield _from_record(record, doc_id, name, text_field, line)
 

@@ -108,6 +108,7 @@ def run_steps(pipeline: list, tasks: int, logging_dir: Path, engine: Engine, job
     # Forked workers encode on one thread each; saying so before the fork also keeps `tokenizers`
     # from warning, in every worker, that its thread pool did not survive the fork.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _release_freed_memory()
     _quiet_executor_class()(
         pipeline=pipeline,
         tasks=tasks,
@@ -117,6 +118,23 @@ def run_steps(pipeline: list, tasks: int, logging_dir: Path, engine: Engine, job
         # forkserver re-imports them in each worker, about a second each).
         start_method="fork",
     ).run()
+
+
+def _release_freed_memory() -> None:
+    """Hand memory this process freed (a tokenizer's training, Arrow buffers) back to the system
+    before forking: a forked worker's resident size starts at its parent's."""
+    import ctypes
+
+    try:
+        import pyarrow
+
+        pyarrow.default_memory_pool().release_unused()
+    except ImportError:
+        pass
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _run_on_slurm(pipeline: list, tasks: int, logging_dir: Path, engine: Engine, job_name: str) -> None:

@@ -236,6 +236,25 @@ def sample_texts(parts: list[Path], fraction: float, seed: int) -> Iterator[str]
                     yield text
 
 
+def sample_shard(in_path: str, out_path: str, fraction: float, seed: int) -> dict:
+    """One train shard's sampled texts into their own parquet file (the sampling scan reads every
+    document, so it runs on the workers; the trainer then reads only the sample)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = list(sample_texts([Path(in_path)], fraction, seed))
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), out_path)
+    sampled = sum(len(t.encode("utf-8")) for t in texts)
+    return {"rows_in": pq.ParquetFile(in_path).metadata.num_rows, "bytes_in": sampled, "sampled_bytes": sampled}
+
+
+def _sampled(files: list[Path]) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    for path in files:
+        yield from pq.read_table(path).column("text").to_pylist()
+
+
 class FastEncoder:
     """Encodes with fastokens (a Rust reader of the same tokenizer.json: 14 MB/s on one thread here
     against 0.8-1.0 for `tokenizers`, docs/data.md), and checks it: the first documents of every
@@ -311,9 +330,13 @@ def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bp
     if not train_bytes:
         raise ValueError("the train split is empty: nothing to learn a tokenizer from")
     fraction = min(1.0, sample_mb * 1e6 / train_bytes)
-    train_parts = [split_dir / entry["file"] for entry in index["train"]]
+    samples = Path(work_dir) / "sample"
+    samples.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(split_dir / entry["file"]), str(samples / f"{i:05d}.parquet"), fraction, seed)
+            for i, entry in enumerate(index["train"])]
+    run_shards(sample_shard, jobs, Path(work_dir) / "sampling", engine=engine, desc="tokenizer sample", progress=progress)
     _train_on_cores(engine.workers)
-    tokenizer = train_tokenizer(sample_texts(train_parts, fraction, seed), kind, vocab_size, min_frequency)
+    tokenizer = train_tokenizer(_sampled([Path(job[1]) for job in jobs]), kind, vocab_size, min_frequency)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     as_transformers_tokenizer(tokenizer).save_pretrained(str(out_dir / "tokenizer"))
     meta = _meta(tokenizer, kind)
@@ -325,7 +348,7 @@ def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bp
             name = f"{split}/{Path(entry['file']).stem}.bin"
             names.append((split, name))
             jobs.append((str(out_dir / "tokenizer.json"), str(split_dir / entry["file"]), str(out_dir / name), meta["dtype"]))
-    reports = run_shards(encode_shard, jobs, work_dir, engine=engine, desc="tokenize", progress=progress)
+    reports = run_shards(encode_shard, jobs, Path(work_dir) / "encode", engine=engine, desc="tokenize", progress=progress)
     for split in SPLITS:
         mine = [(name, r) for (s, name), r in zip(names, reports) if s == split]
         meta["splits"][split] = {
