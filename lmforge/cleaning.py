@@ -271,6 +271,11 @@ KEPT_SCHEMA = pa_arrow.schema([("id", pa_arrow.string()), ("source", pa_arrow.st
 QUARANTINE_SCHEMA = pa_arrow.schema([(c, pa_arrow.string()) for c in QUARANTINE_COLUMNS])
 
 
+def _writer(path: str, schema: pa_arrow.Schema) -> pq.ParquetWriter:
+    # zstd: text shards take about half the room they take with parquet's default snappy.
+    return pq.ParquetWriter(path, schema, compression="zstd")
+
+
 def _empty(columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=str) for c in columns})
 
@@ -290,7 +295,7 @@ def clean_document_shard(raw_dir: str, files: list[str], params: CleanDocuments,
     repairs, counts = Repairs(), Counter()
     hashes: list[int] = []
     totals = Counter()
-    with pq.ParquetWriter(kept_path, KEPT_SCHEMA) as kept_out, pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA) as bad_out:
+    with _writer(kept_path, KEPT_SCHEMA) as kept_out, _writer(quarantine_path, QUARANTINE_SCHEMA) as bad_out:
         for batch in _batches(raw_dir, files, params.text_field, batch_bytes, totals):
             kept, quarantined = clean_document_batch(batch, params, repairs)
             kept_out.write_table(pa_arrow.Table.from_pandas(kept[DOCUMENT_COLUMNS], schema=KEPT_SCHEMA, preserve_index=False))
@@ -357,7 +362,7 @@ def drop_duplicates(kept_tmp: str, quarantine_tmp: str, rows: list[int], reasons
     with their reason, each naming the id of the copy that was kept. Streams a row group at a time."""
     drop = {row: (reason, first) for row, reason, first in zip(rows, reasons, first_ids)}
     offset = 0
-    with pq.ParquetWriter(kept_path, KEPT_SCHEMA) as kept_out, pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA) as bad_out:
+    with _writer(kept_path, KEPT_SCHEMA) as kept_out, _writer(quarantine_path, QUARANTINE_SCHEMA) as bad_out:
         for table in _row_groups(quarantine_tmp):
             bad_out.write_table(table)
         for table in _row_groups(kept_tmp):

@@ -125,7 +125,8 @@ def split_shard(in_path: str, out_dir: str, part: str, seed: int, val: float, te
     """Split one clean shard into out_dir/{train,val,test}/<part>.parquet, a row group at a time.
     Returns rows and bytes of text per split."""
     reader = pq.ParquetFile(in_path)
-    writers = {s: pq.ParquetWriter(str(Path(out_dir) / s / f"{part}.parquet"), reader.schema_arrow) for s in SPLITS}
+    writers = {s: pq.ParquetWriter(str(Path(out_dir) / s / f"{part}.parquet"), reader.schema_arrow, compression="zstd")
+               for s in SPLITS}
     report = {s: {"rows": 0, "bytes": 0} for s in SPLITS}
     try:
         for i in range(reader.num_row_groups):

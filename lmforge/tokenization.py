@@ -366,10 +366,9 @@ def _train_on_cores(workers: int) -> None:
     (its pool reads these variables when it starts, at the first training in the process)."""
     import os
 
-    if workers <= 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    else:
-        os.environ.setdefault("RAYON_NUM_THREADS", str(workers))
+    # Set both ways: the data engine turns parallelism off before it forks workers.
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if workers > 1 else "false"
+    os.environ.setdefault("RAYON_NUM_THREADS", str(workers))
 
 
 def _meta(tokenizer: Tokenizer, kind: str) -> dict:
