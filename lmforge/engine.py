@@ -137,17 +137,22 @@ def _release_freed_memory() -> None:
         pass
 
 
+def slurm_executor(pipeline: list, tasks: int, logging_dir: Path, engine: Engine, job_name: str):
+    """datatrove's SlurmPipelineExecutor for the steps (nothing is submitted until its run())."""
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    options = {"time": "4:00:00", "cpus_per_task": 1, "mem_per_cpu_gb": 4, **engine.slurm}
+    return SlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=engine.workers, job_name=f"lmforge-{job_name}",
+                                 logging_dir=str(logging_dir), slurm_logs_folder=str(Path(logging_dir) / "slurm"),
+                                 **options)
+
+
 def _run_on_slurm(pipeline: list, tasks: int, logging_dir: Path, engine: Engine, job_name: str) -> None:
     """Submit the steps as a Slurm array job through datatrove, then wait for every rank's
     completion mark; a job that leaves the queue with ranks unfinished is an error."""
     import subprocess
 
-    from datatrove.executor.slurm import SlurmPipelineExecutor
-
-    options = {"time": "4:00:00", "cpus_per_task": 1, "mem_per_cpu_gb": 4, **engine.slurm}
-    executor = SlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=engine.workers, job_name=f"lmforge-{job_name}",
-                                     logging_dir=str(logging_dir), slurm_logs_folder=str(logging_dir / "slurm"),
-                                     **options)
+    executor = slurm_executor(pipeline, tasks, logging_dir, engine, job_name)
     executor.run()
     marks = Path(logging_dir) / "completions"
     while len(list(marks.glob("*")) if marks.is_dir() else []) < tasks:

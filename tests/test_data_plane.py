@@ -368,3 +368,21 @@ def test_pretraining_reads_token_shards_as_the_flat_split_and_resumes_exactly(tm
     for model in (sharded.model, resumed.model):
         for name, value in model.state_dict().items():
             assert torch.equal(value, reference[name]), f"{name} differs"
+
+
+def test_the_slurm_engine_takes_the_params_slurm_section(tmp_path):
+    # No cluster here: this checks that params.yaml's data_engine.slurm section builds datatrove's
+    # Slurm executor (argument names and values), which is all that changes on a cluster.
+    from lmforge.config import DataEngineParams
+    from lmforge.engine import ShardTask, slurm_executor
+
+    with pytest.raises(ValueError, match="needs slurm.partition"):
+        DataEngineParams(executor="slurm")
+    section = DataEngineParams(executor="slurm", slurm={"partition": "cpu", "venv_path": "/shared/.venv",
+                                                        "sbatch_args": {"account": "lm"}})
+    engine = Engine(workers=16, executor="slurm", slurm=section.slurm.model_dump(exclude_none=True))
+    executor = slurm_executor([ShardTask(len, [("ab",)], str(tmp_path))], 1, tmp_path / "log", engine, "clean")
+    sbatch = executor.get_sbatch_args(max_array=4)
+    assert (sbatch["partition"], sbatch["array"], sbatch["account"]) == ("cpu", "0-3%16", "lm")
+    assert (sbatch["job-name"], sbatch["time"], sbatch["mem-per-cpu"]) == ("lmforge-clean", "4:00:00", "4G")
+    assert executor.venv_path == "/shared/.venv"
