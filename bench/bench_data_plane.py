@@ -87,17 +87,18 @@ def main() -> None:
     prefix, members = match_glob(args.corpus)
     gz_mb = sum((prefix / m).stat().st_size for m in members) / 1e6
     cases = [run_stage(where, "ingest", "corpus")]
+    print(json.dumps(cases[-1]), flush=True)  # each stage as it ends: a long run can be read while it goes
     inputs = {"clean": "data/raw", "split": "data/clean", "tokenize": "data/split"}
     for workers in counts:
         set_workers(where, workers)
         for stage in ("clean", "split", "tokenize"):
             cases.append({**run_stage(where, stage, *(["corpus"] if stage != "tokenize" else [])), "workers": workers})
+            print(json.dumps(cases[-1]), flush=True)
             if args.drop_inputs:
                 shutil.rmtree(where / inputs[stage], ignore_errors=True)
     text_mb = json.loads((where / "reports/clean/corpus.json").read_text())["text_bytes"] / 1e6
     for case in cases:
         case["text_mb_per_s"] = round(text_mb / case["seconds"], 2)
-        print(json.dumps(case))
     summary = {"text_mb": round(text_mb, 1), "gz_mb": round(gz_mb, 1)}
     for workers in counts:
         mine = [c for c in cases if c.get("workers") == workers or c["stage"] == "ingest"]
