@@ -15,6 +15,7 @@ and stable when files are added.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,13 @@ class RawDocument:
     payload: str | bytes  # bytes for whole files (decoded with repairs later), str for records
     problem: str | None = None  # why the record cannot be used, if it cannot (a stable reason to count by)
     detail: str = ""  # the particulars (the parser's message)
+
+
+def hash_position(key: str) -> float:
+    """Where a key falls in [0, 1): the first 8 bytes of its blake2b hash. Splits and samples
+    placed by it depend on the key alone, never on the other documents or the workers."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
 
 
 def corpus_files(raw_dir: Path) -> list[str]:

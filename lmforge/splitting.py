@@ -11,7 +11,6 @@ contiguous: the texts are joined in order and cut at the given fractions, on lin
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from lmforge.config import SplitParams
+from lmforge.documents import hash_position
 
 SPLITS = ("train", "val", "test")
 
@@ -110,14 +110,8 @@ def split_report(splits: dict[str, pd.DataFrame]) -> dict:
 # --- hash mode: one shard at a time ----------------------------------------------------------
 
 
-def hash_position(doc_id: str, seed: int) -> float:
-    """Where a document falls in [0, 1): a hash of the seed and its id."""
-    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
-
-
 def split_of(doc_id: str, seed: int, val: float, test: float) -> str:
-    position = hash_position(doc_id, seed)
+    position = hash_position(f"{seed}:{doc_id}")
     return "val" if position < val else "test" if position < val + test else "train"
 
 

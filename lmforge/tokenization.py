@@ -17,7 +17,6 @@ split (about `sample_mb` of text), then every shard is encoded on its own, on th
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Literal
@@ -219,8 +218,9 @@ class TokenShards:
 def in_sample(doc_id: str, seed: int, fraction: float) -> bool:
     """A document is in the tokenizer's sample when a hash of (seed, its id) falls below `fraction`
     (a stream of its own, independent of the split's hash)."""
-    digest = hashlib.blake2b(f"tokenizer-sample:{seed}:{doc_id}".encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64 < fraction
+    from lmforge.documents import hash_position
+
+    return hash_position(f"tokenizer-sample:{seed}:{doc_id}") < fraction
 
 
 def sample_texts(parts: list[Path], fraction: float, seed: int) -> Iterator[str]:
