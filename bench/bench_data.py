@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmforge.cleaning import clean_documents, clean_examples
+from lmforge.data.cleaning import clean_documents, clean_examples
 from lmforge.config import load_params
-from lmforge.tokenization import encode_documents, token_dtype, train_tokenizer
+from lmforge.data.tokenization import encode_documents, token_dtype, train_tokenizer
 
 REPEATS = 3
 

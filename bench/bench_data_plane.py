@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.sources import manifest_pin, match_glob, sha256_of  # noqa: E402
+from lmforge.data.sources import manifest_pin, match_glob, sha256_of  # noqa: E402
 
 # The stage runs in a child; this wrapper reports the largest peak RSS of it and its workers.
 _MEASURE = (

@@ -56,7 +56,7 @@ def write_random_tokens(out: Path, vocab: int, train_tokens: int, seed: int = 0)
     sizes = {"train": train_tokens, "val": train_tokens // 20, "test": 0}
     for split, n in sizes.items():
         rng.integers(4, vocab, size=n, dtype=np.uint16).tofile(out / f"{split}.bin")
-    from lmforge.tokenization import SPECIAL_TOKENS
+    from lmforge.data.tokenization import SPECIAL_TOKENS
 
     meta = {"kind": "random", "vocab_size": vocab, "dtype": "uint16", "special_tokens": SPECIAL_TOKENS,
             "special_ids": {name: i for i, name in enumerate(SPECIAL_TOKENS)},
@@ -66,7 +66,7 @@ def write_random_tokens(out: Path, vocab: int, train_tokens: int, seed: int = 0)
 
 def write_shakespeare_tokens(corpus: Path, out: Path) -> dict:
     """BENCHMARKS.md's G2 split: the first 90% of the characters train, the last 10% validate."""
-    from lmforge.tokenization import write_tokens
+    from lmforge.data.tokenization import write_tokens
 
     text = corpus.read_text(encoding="utf-8")
     cut = int(len(text) * 0.9)

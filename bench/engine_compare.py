@@ -34,8 +34,8 @@ engine, workers, glob, out = {engine!r}, {workers}, {glob!r}, Path({out!r})
 start = time.perf_counter()
 if engine == "datasets":
     import datasets
-    from lmforge.cleaning import Repairs, clean_document_batch
-    from lmforge.documents import RawDocument
+    from lmforge.data.cleaning import Repairs, clean_document_batch
+    from lmforge.data.documents import RawDocument
     datasets.disable_progress_bars()
     corpus = datasets.load_dataset("json", data_files=glob, split="train", cache_dir=str(out / "cache"),
                                    num_proc=workers if workers > 1 else None)
@@ -50,10 +50,10 @@ if engine == "datasets":
     cleaned.to_parquet(str(out / "kept.parquet"))
     rows = len(cleaned)
 else:
-    from lmforge.cleaning import clean_document_shard
-    from lmforge.documents import corpus_files, plan_shards
-    from lmforge.engine import Engine, run_shards
-    from lmforge.sources import split_glob
+    from lmforge.data.cleaning import clean_document_shard
+    from lmforge.data.documents import corpus_files, plan_shards
+    from lmforge.data.engine import Engine, run_shards
+    from lmforge.data.sources import split_glob
     raw, _ = split_glob(glob)
     shards = plan_shards(raw, corpus_files(raw), 16_000_000)
     jobs = [(str(raw), files, params, str(out / f"{{i}}.parquet"), str(out / f"{{i}}.q.parquet"), str(out / f"{{i}}.npy"))
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/lmforge-engine-compare")
     parser.add_argument("--record")
     args = parser.parse_args()
-    from lmforge.sources import match_glob
+    from lmforge.data.sources import match_glob
 
     prefix, members = match_glob(args.corpus)
     cases = []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.finetuning import FinetuneConfig, LabelledTexts, finetune, read_split  # noqa: E402
+from lmforge.training.finetuning import FinetuneConfig, LabelledTexts, finetune, read_split  # noqa: E402
 
 CASES = {
     # name: (runner, settings)

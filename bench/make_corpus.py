@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.sources import manifest_pin, sha256_of  # noqa: E402
+from lmforge.data.sources import manifest_pin, sha256_of  # noqa: E402
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 

@@ -6,7 +6,7 @@
     torchrun --nproc-per-node 2 bench/profile_step.py              # G3: the step under DDP, as rank 0 sees it
 
 A diagnostic beside bench/bench_gpu.py, which measures the real stage: this one builds the same
-pieces (lmforge.model.build_model, training.TrainingLoss compiled with its loss, the fused AdamW
+pieces (lmforge.training.model.build_model, training.TrainingLoss compiled with its loss, the fused AdamW
 of training.make_optimizer, the mask-free causal attention) and runs the step in one process, so
 several variants compile and run in one call. Under torchrun the step runs under DDP as the
 stage wraps it (training.wrap_ddp). Per variant it prints step time, tokens/s, MFU, compile time
@@ -45,7 +45,7 @@ PROFILED_STEPS = 3  # steps under torch.profiler per variant; the kernel table i
 KINDS = (
     ("nccl", r"nccl"),
     ("matmul", r"^triton_tem"),
-    ("fused (triton)", r"^triton|cross_entropy_grad_kernel"),  # Inductor's, and lmforge/fused_loss.py's
+    ("fused (triton)", r"^triton|cross_entropy_grad_kernel"),  # Inductor's, and lmforge/training/fused_loss.py's
     ("attention", r"flash|fmha|cudnn|attention|sdpa"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_"),
     ("optimizer", r"adam|multi_tensor|foreach"),
@@ -102,8 +102,8 @@ def measure(name: str, p, d, steps: int, top: int, launchers: bool = False) -> d
     import torch
 
     from bench_gpu import G1_VOCAB
-    from lmforge.model import TokenInfo, build_model, flops_per_token, set_training_activation, set_training_attention
-    from lmforge.training import (TrainingLoss, attention_backends, bf16_working, compile_runner, make_optimizer,
+    from lmforge.training.model import TokenInfo, build_model, flops_per_token, set_training_activation, set_training_attention
+    from lmforge.training.pretraining import (TrainingLoss, attention_backends, bf16_working, compile_runner, make_optimizer,
                                    peak_flops, update, use_fused_loss, wrap_ddp)
 
     torch._dynamo.reset()
@@ -275,7 +275,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench_gpu import G1_SHAPE
-    from lmforge.training import setup_distributed
+    from lmforge.training.pretraining import setup_distributed
 
     d = setup_distributed(args.device)  # one process, or one per GPU under torchrun
     if d.world == 1 and d.device.type == "cuda":

@@ -32,7 +32,7 @@ def tune_worker(storage: str | None = None, root: str = ".") -> str:
 @flow(name="lmforge-promote", log_prints=True)
 def promote(model_name: str = "lmforge-sentiment", force: bool = False, reason: str = "", root: str = ".") -> str:
     """Move `champion` to `challenger` when the gate in params.yaml passes (or when forced)."""
-    command = [sys.executable, "-m", "lmforge.cli", "promote", model_name]
+    command = [sys.executable, "-m", "tasks.cli", "promote", model_name]
     if force:
         command += ["--force", "--reason", reason or "forced from Prefect"]
     return _run(command, root)

@@ -38,7 +38,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
-from lmforge import tracking
+from lmforge.registry import tracking
 
 USER_ERROR_EXIT = 2  # tasks/_common.py:fail() exits with this code
 DEFAULT_RETRIES = {"ingest": 3}  # per stage name (the part before '@'); others use `retries`

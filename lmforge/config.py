@@ -64,14 +64,14 @@ class Source(Section):
             if not self.revision:
                 raise ValueError("an hf: source is pinned by `revision` (a commit of the dataset's repository)")
         elif self.sha256 is None:
-            raise ValueError("sha256 is required: the file's, or for a glob its manifest's (see lmforge/sources.py)")
+            raise ValueError("sha256 is required: the file's, or for a glob its manifest's (see lmforge/data/sources.py)")
         elif self.revision is not None:
             raise ValueError("revision pins hf: sources only; this source is pinned by its sha256")
         return self
 
 
 class NearDedupParams(Section):
-    """MinHash near-duplicate removal (lmforge/near_dedup.py, datatrove's MinHash steps)."""
+    """MinHash near-duplicate removal (lmforge/data/near_dedup.py, datatrove's MinHash steps)."""
 
     n_grams: int = Field(5, ge=1)  # words per shingle
     buckets: int = Field(14, ge=1)  # LSH bands; with 8 hashes each, ~0.75 Jaccard is the usual cut
@@ -151,7 +151,7 @@ class TokenizeParams(Section):
 
 
 class PretrainParams(Section):
-    """lmforge/model.py builds the model, lmforge/training.py runs the loop (see their docs)."""
+    """lmforge/training/model.py builds the model, lmforge/training/pretraining.py runs the loop (see their docs)."""
 
     # model
     arch: Literal["llama", "gpt2", "bert"] = "llama"
@@ -189,9 +189,9 @@ class PretrainParams(Section):
     # reduce-overhead adds CUDA graphs (one GPU): it pays for small models, whose steps are launch-bound
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
-    cuda_graph: bool = False  # capture the whole step as one CUDA graph (one GPU; lmforge/step_graph.py)
-    fused_loss: bool = False  # the forward keeps the logits' gradient, not the logits (lmforge/fused_loss.py)
-    param_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: steps on a bf16 copy, AdamW on fp32 masters (lmforge/master_weights.py)
+    cuda_graph: bool = False  # capture the whole step as one CUDA graph (one GPU; lmforge/training/step_graph.py)
+    fused_loss: bool = False  # the forward keeps the logits' gradient, not the logits (lmforge/training/fused_loss.py)
+    param_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: steps on a bf16 copy, AdamW on fp32 masters (lmforge/training/master_weights.py)
     data_on_device: bool = True
     # MiB of gradients per DDP all-reduce bucket (PyTorch's default: 25). DDP's first bucket holds
     # 1 MiB, and torch.compile's DDP support asserts that no later bucket is smaller.
@@ -226,7 +226,7 @@ class PretrainParams(Section):
 
 
 class EvaluateParams(Section):
-    """lmforge/evaluation.py: losses over whole splits, a unigram baseline, samples."""
+    """lmforge/evaluation/language_model.py: losses over whole splits, a unigram baseline, samples."""
 
     splits: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val", "test"], min_length=1)
     batch_size: int = Field(32, ge=1)
@@ -249,7 +249,7 @@ class EvaluateParams(Section):
 
 
 class TuneParams(Section):
-    """An Optuna study over finetune's knobs (lmforge/tuning.py)."""
+    """An Optuna study over finetune's knobs (lmforge/training/tuning.py)."""
 
     class Dimension(Section):
         """One searched knob: float / int in [low, high] (log scale or step), or categorical."""
@@ -330,7 +330,7 @@ class TuneParams(Section):
 
 
 class FinetuneParams(Section):
-    """Sequence-classification fine-tuning (lmforge/finetuning.py); the tune stage searches it."""
+    """Sequence-classification fine-tuning (lmforge/training/finetuning.py); the tune stage searches it."""
 
     class Lora(Section):
         r: int = Field(8, ge=1, le=4096)
@@ -364,7 +364,7 @@ class FinetuneParams(Section):
 
 
 class RegisterParams(Section):
-    """lmforge/registry.py: log and register the models in MLflow, gate promotion (aliases only)."""
+    """lmforge/registry/registration.py: log and register the models in MLflow, gate promotion (aliases only)."""
 
     class Gate(Section):
         """`lmforge promote` moves `champion` to the challenger only when this passes."""
@@ -399,7 +399,7 @@ class RegisterParams(Section):
 
 
 class DataEngineParams(Section):
-    """Where clean, split and tokenize run their shards (lmforge/engine.py): datatrove's local
+    """Where clean, split and tokenize run their shards (lmforge/data/engine.py): datatrove's local
     process pool, or its Slurm executor (one array job per step, paths on a shared filesystem)."""
 
     class Slurm(Section):

@@ -34,7 +34,7 @@ def params_or_exit(path: str) -> Params:
 def data_engine(params: Params):
     """Where the data stages run their shards: params.yaml's `workers` (null: every core) and
     `data_engine` (datatrove's local or Slurm executor)."""
-    from lmforge.engine import Engine, default_workers
+    from lmforge.data.engine import Engine, default_workers
 
     section = params.data_engine
     return Engine(workers=params.workers or default_workers(), executor=section.executor,
@@ -53,7 +53,7 @@ def work_dir_for(name: str, section, *inputs: Path) -> Path:
     key = hashlib.sha256(section.model_dump_json().encode())
     for path in inputs:
         key.update(Path(path).read_bytes() if Path(path).exists() else b"-")
-    for source in sorted(Path(inspect.getfile(lmforge)).parent.glob("*.py")):
+    for source in sorted(Path(inspect.getfile(lmforge)).parent.rglob("*.py")):
         key.update(source.read_bytes())
     return WORK / f"{name}-{key.hexdigest()[:16]}"
 

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from lmforge.atomic import atomic_dir, write_json
-from lmforge.cleaning import CleanError, clean_corpus, clean_examples
+from lmforge.data.cleaning import CleanError, clean_corpus, clean_examples
 from lmforge.config import CleanDocuments
-from lmforge.documents import CorpusFormatError
-from lmforge.engine import peak_child_rss_mb, peak_rss_mb
+from lmforge.data.documents import CorpusFormatError
+from lmforge.data.engine import peak_child_rss_mb, peak_rss_mb
 from tasks._common import data_engine, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
 
 

@@ -31,9 +31,10 @@ def evaluate(params, tokens_dir: Path, model_dir: Path) -> tuple[dict, list[dict
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    from lmforge import batches, evaluation
-    from lmforge.model import TokenInfo, check_compatible, is_masked
-    from lmforge.training import pick_device
+    from lmforge.training import batches
+    from lmforge.evaluation import language_model as evaluation
+    from lmforge.training.model import TokenInfo, check_compatible, is_masked
+    from lmforge.training.pretraining import pick_device
 
     e = params.evaluate
     device = pick_device(e.device)
@@ -87,7 +88,7 @@ def evaluate(params, tokens_dir: Path, model_dir: Path) -> tuple[dict, list[dict
 
 def write_reports(reports: Path, metrics: dict, samples: list[dict], positions: dict, masked: bool) -> list[Path]:
     from lmforge.atomic import atomic_path, write_json
-    from lmforge.evaluation import samples_markdown
+    from lmforge.evaluation.language_model import samples_markdown
 
     reports.mkdir(parents=True, exist_ok=True)
     write_json(reports / "metrics.json", metrics)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.config import load_params
 
     params = load_params(args.params)
-    from lmforge import tracking
+    from lmforge.registry import tracking
 
     lineage = tracking.input_hashes([args.tokens, args.model])
     with tracking.stage_run("evaluate", {"seed": params.seed, "evaluate": params.evaluate.model_dump()},

@@ -36,7 +36,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings(params, best_path: Path):
     """The finetune section, with best.yaml's params merged in when use_tuned (and present)."""
-    from lmforge.tuning import apply_overrides, load_best
+    from lmforge.training.tuning import apply_overrides, load_best
 
     section = params.finetune
     tuned = load_best(best_path) if section.use_tuned else None
@@ -47,12 +47,12 @@ def settings(params, best_path: Path):
 
 def run(args: argparse.Namespace) -> dict:
     from lmforge.atomic import atomic_dir, atomic_path, write_json
-    from lmforge.baseline import tfidf_baseline
-    from lmforge.classification_metrics import flat_metrics, majority_accuracy, plot_confusion_matrix
+    from lmforge.evaluation.baseline import tfidf_baseline
+    from lmforge.evaluation.classification_metrics import flat_metrics, majority_accuracy, plot_confusion_matrix
     from lmforge.config import load_params
-    from lmforge.finetuning import FinetuneConfig, finetune, read_split, save_model
-    from lmforge.pretrained import resolve_base_model
-    from lmforge import tracking
+    from lmforge.training.finetuning import FinetuneConfig, finetune, read_split, save_model
+    from lmforge.training.base_models import resolve_base_model
+    from lmforge.registry import tracking
 
     params = load_params(args.params)
     section, tuned = settings(params, Path(args.best))

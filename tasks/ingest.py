@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from lmforge.atomic import atomic_dir, write_json
-from lmforge.sources import SourceError, fetch
+from lmforge.data.sources import SourceError, fetch
 from tasks._common import fail, params_or_exit, stage_args, timed
 
 

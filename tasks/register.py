@@ -2,7 +2,7 @@
 
     python -m tasks.register [--only sentiment|lm]
 
-Each model becomes a pyfunc (lmforge/serving.py) with a signature and an input example, registered
+Each model becomes a pyfunc (lmforge/registry/serving.py) with a signature and an input example, registered
 under its name from params.yaml (register.<model>.name) with the alias `challenger`, and with its
 lineage as tags: git commit and dirty flag, the dvc.lock hashes of its stages' inputs, params,
 metrics and the datasets (mlflow.log_input). Rerunning on unchanged inputs registers nothing new.
@@ -36,7 +36,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
     params = params_or_exit(args.params)
-    from lmforge import registry
+    from lmforge.registry import registration as registry
 
     root = Path.cwd()
     uri = registry.resolve_tracking_uri(params, root)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmforge import tracking
+from lmforge.registry import tracking
 from lmforge.atomic import atomic_path
-from lmforge.summary import build_summary
+from tasks.summary import build_summary
 
 SUMMARY = Path("reports/summary.md")
 

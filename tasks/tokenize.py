@@ -1,6 +1,6 @@
 """tokenize: learn a tokenizer on a seeded sample of data/split/corpus/train/, then encode every
 split shard into data/tokens/<split>/part-NNNNN.bin on the data engine, with meta.json as the
-index (lmforge/tokenization.py)."""
+index (lmforge/data/tokenization.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from lmforge.atomic import atomic_dir, write_json
-from lmforge.engine import peak_child_rss_mb, peak_rss_mb
-from lmforge.tokenization import SPLITS, write_token_shards
+from lmforge.data.engine import peak_child_rss_mb, peak_rss_mb
+from lmforge.data.tokenization import SPLITS, write_token_shards
 from tasks._common import data_engine, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
 
 

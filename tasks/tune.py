@@ -33,8 +33,8 @@ def trial_logger(parent):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from lmforge.tracking import flatten
-    from lmforge.tuning import trial_metrics
+    from lmforge.registry.tracking import flatten
+    from lmforge.training.tuning import trial_metrics
 
     client = MlflowClient()
     experiment_id = mlflow.get_run(parent.run_id).info.experiment_id
@@ -62,11 +62,11 @@ def trial_logger(parent):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from lmforge import tracking
+    from lmforge.registry import tracking
     from lmforge.config import load_params
-    from lmforge.finetuning import read_split
-    from lmforge.pretrained import resolve_base_model
-    from lmforge.tuning import run_study
+    from lmforge.training.finetuning import read_split
+    from lmforge.training.base_models import resolve_base_model
+    from lmforge.training.tuning import run_study
 
     params = load_params(args.params)
     base = resolve_base_model(params.finetune.base_model)

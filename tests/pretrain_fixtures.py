@@ -33,7 +33,7 @@ def corpus(n_docs: int, seed: int) -> list[str]:
 
 
 def make_tokens(out_dir: Path, kind: str = "char", vocab_size: int = 300, n_docs: int = 240) -> dict:
-    from lmforge.tokenization import write_tokens
+    from lmforge.data.tokenization import write_tokens
 
     splits = {"train": corpus(n_docs, 1), "val": corpus(max(4, n_docs // 8), 2), "test": corpus(max(4, n_docs // 8), 3)}
     return write_tokens(splits, out_dir, kind, vocab_size, min_frequency=2)

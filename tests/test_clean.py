@@ -3,7 +3,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lmforge.cleaning import CleanError, clean_documents, clean_examples, normalise_example, strip_gutenberg
+from lmforge.data.cleaning import CleanError, clean_documents, clean_examples, normalise_example, strip_gutenberg
 from lmforge.config import CleanDocuments, CleanLabelled
 from tests.conftest import play
 

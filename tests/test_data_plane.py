@@ -18,13 +18,13 @@ import pandas as pd
 import pytest
 import zstandard
 
-from lmforge.cleaning import clean_corpus, clean_documents
+from lmforge.data.cleaning import clean_corpus, clean_documents
 from lmforge.config import CleanDocuments, NearDedupParams
-from lmforge.documents import corpus_files, plan_shards, read_documents
-from lmforge.engine import Engine, run_shards
-from lmforge.sources import SourceError, fetch, manifest_pin
-from lmforge.splitting import split_of, split_shard
-from lmforge.tokenization import TokenShards, load_split, write_token_shards
+from lmforge.data.documents import corpus_files, plan_shards, read_documents
+from lmforge.data.engine import Engine, run_shards
+from lmforge.data.sources import SourceError, fetch, manifest_pin
+from lmforge.data.splitting import split_of, split_shard
+from lmforge.data.tokenization import TokenShards, load_split, write_token_shards
 from tests.conftest import ROOT, play, run, write_params
 
 DOCS = CleanDocuments(min_chars=50, max_chars=100_000, max_line_chars=2_000, strip_boilerplate=False)
@@ -185,7 +185,7 @@ def test_hash_split_is_stable_when_the_corpus_grows(tmp_path):
 def test_token_shards_read_as_one_sequence_and_batches_do_not_change(tmp_path):
     import torch
 
-    from lmforge.batches import BatchSampler
+    from lmforge.training.batches import BatchSampler
 
     shards = [np.arange(0, 50, dtype=np.uint16), np.arange(50, 53, dtype=np.uint16), np.arange(53, 200, dtype=np.uint16)]
     joined = np.concatenate(shards)
@@ -305,7 +305,7 @@ def test_a_killed_worker_ends_the_stage_as_killed_instead_of_hanging(tmp_path):
     script = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from lmforge.engine import Engine, run_shards
+from lmforge.data.engine import Engine, run_shards
 
 def shard(i):
     if i == 1:
@@ -347,7 +347,7 @@ class _Killed(Exception):
 def test_pretraining_reads_token_shards_as_the_flat_split_and_resumes_exactly(tmp_path):
     import torch
 
-    from lmforge import training
+    from lmforge.training import pretraining as training
     from tests import pretrain_fixtures as fx
 
     fx.make_tokens(tmp_path / "flat", n_docs=80)
@@ -374,7 +374,7 @@ def test_the_slurm_engine_takes_the_params_slurm_section(tmp_path):
     # No cluster here: this checks that params.yaml's data_engine.slurm section builds datatrove's
     # Slurm executor (argument names and values), which is all that changes on a cluster.
     from lmforge.config import DataEngineParams
-    from lmforge.engine import ShardTask, slurm_executor
+    from lmforge.data.engine import ShardTask, slurm_executor
 
     with pytest.raises(ValueError, match="needs slurm.partition"):
         DataEngineParams(executor="slurm")

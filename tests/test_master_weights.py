@@ -11,8 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import pretrain_fixtures as fx  # noqa: E402
 
-from lmforge import master_weights  # noqa: E402
-from lmforge.model import TokenInfo, build_model  # noqa: E402
+from lmforge.training import master_weights  # noqa: E402
+from lmforge.training.model import TokenInfo, build_model  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -70,7 +70,7 @@ def test_masters_gradients_reuse_their_buffers_from_step_to_step():
 
 
 def test_param_dtype_fp32_keeps_the_run_key_of_runs_made_before_it_existed():
-    from lmforge import training
+    from lmforge.training import pretraining as training
 
     meta = {"splits": {}, "vocab_size": 300}
     fp32 = training.run_fingerprint(fx.params({"param_dtype": "fp32"}).pretrain, 1, meta, 1)

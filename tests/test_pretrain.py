@@ -18,9 +18,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import pretrain_fixtures as fx  # noqa: E402
 
-from lmforge import batches, checkpoint, evaluation, training  # noqa: E402
+from lmforge.training import batches
+from lmforge.training import checkpoint
+from lmforge.evaluation import language_model as evaluation
+from lmforge.training import pretraining as training  # noqa: E402
 from lmforge.config import ConfigError  # noqa: E402
-from lmforge.model import ModelConfigError, TokenInfo, build_model  # noqa: E402
+from lmforge.training.model import ModelConfigError, TokenInfo, build_model  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -183,7 +186,7 @@ def test_tiny_masked_lm_beats_unigram(tokens, tmp_path):
 
 @pytest.mark.parametrize("arch, extra", [("gpt2", {}), ("llama", {"n_kv_head": 2})])
 def test_training_attention_computes_what_sdpa_computes(arch, extra):
-    from lmforge.model import set_training_attention
+    from lmforge.training.model import set_training_attention
 
     p = fx.params({"arch": arch, **extra}).pretrain
     model = build_model(p, TokenInfo(40, 0, 1, 2, 3), seed=0).eval()
@@ -240,7 +243,7 @@ def test_a_state_resumed_from_an_unfused_adamw_still_clips():
 def test_training_gelu_is_gpt2s_tanh_gelu():
     from transformers.activations import GELUTanh
 
-    from lmforge.model import SigmoidTanhGELU
+    from lmforge.training.model import SigmoidTanhGELU
 
     x = torch.linspace(-12, 12, 4001, dtype=torch.float64).requires_grad_()
     want = GELUTanh()(x)
@@ -256,7 +259,7 @@ def test_training_gelu_is_gpt2s_tanh_gelu():
 def test_training_swaps_the_gelu_in_and_out():
     from transformers.activations import GELUTanh
 
-    from lmforge.model import SigmoidTanhGELU, set_training_activation
+    from lmforge.training.model import SigmoidTanhGELU, set_training_activation
 
     model = build_model(fx.params({"arch": "gpt2"}).pretrain, TokenInfo(40, 0, 1, 2, 3), seed=0)
     kinds = lambda: {type(m) for m in model.modules()} & {GELUTanh, SigmoidTanhGELU}  # noqa: E731
@@ -270,7 +273,7 @@ def test_training_swaps_the_gelu_in_and_out():
 def test_training_leaves_the_model_on_plain_sdpa_and_its_own_gelu(tokens, tmp_path):
     from transformers.activations import GELUTanh
 
-    from lmforge.model import SigmoidTanhGELU
+    from lmforge.training.model import SigmoidTanhGELU
 
     # Compiled: the run that trains with SigmoidTanhGELU (an eager one keeps torch's one-kernel GELU).
     p = fx.params({"arch": "gpt2", "compile": True, "steps": 4, "warmup_steps": 1, "eval_every": 4,
@@ -282,7 +285,7 @@ def test_training_leaves_the_model_on_plain_sdpa_and_its_own_gelu(tokens, tmp_pa
 
 
 def test_a_compiled_step_may_be_captured_and_keeps_the_batches_strides():
-    from lmforge.step_graph import _same_layout
+    from lmforge.training.step_graph import _same_layout
 
     p = fx.params({"compile": True, "cuda_graph": True}).pretrain  # compile_mode default: no graphs of its own
     assert p.compile and p.cuda_graph
@@ -492,7 +495,7 @@ import sys
 import torch
 sys.path.insert(0, {tests!r})
 import pretrain_fixtures as fx
-from lmforge import training
+from lmforge.training import pretraining as training
 
 step_update = training.update
 
@@ -519,14 +522,14 @@ def test_replicas_that_drift_apart_stop_the_run_on_every_rank_before_a_checkpoin
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-3000:]
     for rank in (0, 1):  # both ranks stop, so neither waits for the other at the next collective
-        assert f"[rank{rank}]: lmforge.training.ReplicaDivergence: at step 10, rank 1's weights differ from rank 0's" \
+        assert f"[rank{rank}]: lmforge.training.pretraining.ReplicaDivergence: at step 10, rank 1's weights differ from rank 0's" \
             in output, output[-3000:]
     assert not list(checkpoints.glob("*/step-*")), "no checkpoint may be written from drifted replicas"
 
 
 NAN_SCRIPT = """
 import torch
-from lmforge import training
+from lmforge.training import pretraining as training
 
 d = training.setup_distributed("cpu")
 torch.manual_seed(0)  # the same weights on both ranks

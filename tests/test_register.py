@@ -104,7 +104,7 @@ def register(root: Path, monkeypatch, *only: str) -> dict:
 
 
 def cli(root: Path, monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    from lmforge import cli as entry
+    from tasks import cli as entry
 
     monkeypatch.chdir(root)
     capsys.readouterr()

@@ -33,7 +33,7 @@ from tests.tiny_models import NEGATIVE, POSITIVE
 def test_bad_requests_raise_invalid_parameter_value(request_input, message):
     from mlflow.exceptions import MlflowException
 
-    from lmforge.serving import texts_from
+    from lmforge.registry.serving import texts_from
 
     with pytest.raises(MlflowException, match=message) as err:
         texts_from(request_input, max_texts=4, max_chars=100)
@@ -49,7 +49,7 @@ def test_bad_requests_raise_invalid_parameter_value(request_input, message):
     pd.DataFrame({"text": [["a", "b"]]}),  # what pyfunc makes of a Python {"text": [...]}
 ])
 def test_request_shapes_accepted(request_input):
-    from lmforge.serving import texts_from
+    from lmforge.registry.serving import texts_from
 
     assert texts_from(request_input, max_texts=4, max_chars=100) == ["a", "b"]
 
@@ -77,7 +77,7 @@ def champion(tmp_path: Path, monkeypatch) -> str:
     """A registry in a temp dir whose lmforge-sentiment@champion is the tiny classifier."""
     import mlflow
 
-    from lmforge import registry
+    from lmforge.registry import registration as registry
     from lmforge.config import load_params
     from tests.test_register import make_project
 

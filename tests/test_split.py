@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from lmforge.config import SplitParams
-from lmforge.splitting import SplitError, split_frame, split_report
+from lmforge.data.splitting import SplitError, split_frame, split_report
 
 
 def labelled(n_pos: int, n_neg: int) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 import json
 
-from lmforge.summary import build_summary
+from tasks.summary import build_summary
 from tests.conftest import run
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from lmforge.tokenization import SPECIAL_TOKENS, load_split, train_tokenizer, write_tokens
+from lmforge.data.tokenization import SPECIAL_TOKENS, load_split, train_tokenizer, write_tokens
 from tests.conftest import play
 
 SPLITS = {

@@ -133,7 +133,7 @@ def test_pruned_trials_are_recorded_as_pruned(tmp_path, base, data, monkeypatch)
 def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(tmp_path, base, data, monkeypatch):
     import optuna
 
-    from lmforge import tuning
+    from lmforge.training import tuning
 
     monkeypatch.delenv("LMFORGE_OPTUNA_STORAGE", raising=False)
     monkeypatch.setenv("LMFORGE_TRACKING", "off")
@@ -182,7 +182,7 @@ def test_sampling_errors_are_space_errors_with_the_key_path():
     import optuna
 
     from lmforge.config import TuneParams
-    from lmforge.tuning import SpaceError, suggest
+    from lmforge.training.tuning import SpaceError, suggest
 
     study = optuna.create_study(direction="maximize")
     study.optimize(lambda t: suggest(t, {"batch_size": TuneParams.Dimension(type="categorical", choices=[8])})
@@ -196,7 +196,7 @@ def test_sampling_errors_are_space_errors_with_the_key_path():
 
 def test_storage_comes_from_the_env_then_params_then_sqlite_under_reports(tmp_path, monkeypatch):
     from lmforge.config import TuneParams
-    from lmforge.tuning import redacted, storage_url
+    from lmforge.training.tuning import redacted, storage_url
 
     monkeypatch.delenv("LMFORGE_OPTUNA_STORAGE", raising=False)
     assert storage_url(TuneParams(), tmp_path / "t") == f"sqlite:///{(tmp_path / 't/study.db').as_posix()}"

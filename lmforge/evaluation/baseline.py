@@ -9,7 +9,7 @@ from typing import Sequence
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from lmforge.classification_metrics import classification_metrics
+from lmforge.evaluation.classification_metrics import classification_metrics
 
 
 def tfidf_baseline(

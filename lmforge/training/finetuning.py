@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lmforge.classification_metrics import classification_metrics
+from lmforge.evaluation.classification_metrics import classification_metrics
 
 SPLITS = ("train", "val", "test")
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from lmforge.config import ConfigError, FinetuneParams, Params, TuneParams
-from lmforge.finetuning import FinetuneConfig, LabelledTexts, finetune
+from lmforge.training.finetuning import FinetuneConfig, LabelledTexts, finetune
 
 STORAGE_ENV = "LMFORGE_OPTUNA_STORAGE"
 DEFAULT_DIR = Path("reports/tune")

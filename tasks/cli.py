@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "promote" and args.force and not (args.reason and args.reason.strip()):
         _parser().error("--force needs --reason TEXT: a forced promotion records why")
-    from lmforge import registry
+    from lmforge.registry import registration as registry
     from lmforge.config import ConfigError, load_params
 
     params = None

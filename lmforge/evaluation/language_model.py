@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge import batches
+from lmforge.training import batches
 
 LN2 = math.log(2.0)
 

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from lmforge.config import SplitParams
-from lmforge.documents import hash_position
+from lmforge.data.documents import hash_position
 
 SPLITS = ("train", "val", "test")
 

@@ -33,8 +33,8 @@ from pandera.errors import SchemaErrors
 from pandera.typing import Series
 
 from lmforge.config import CleanDocuments, CleanLabelled
-from lmforge.documents import RawDocument, corpus_files, plan_shards, read_documents
-from lmforge.engine import Engine, run_shards
+from lmforge.data.documents import RawDocument, corpus_files, plan_shards, read_documents
+from lmforge.data.engine import Engine, run_shards
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 
@@ -438,7 +438,7 @@ def clean_corpus(raw_dir: Path, params: CleanDocuments, out_dir: Path, work_dir:
 def _add_near_duplicates(drops: list[dict], scratch: Path, shards: int, work_dir: Path, engine: Engine,
                          params: CleanDocuments) -> None:
     """Add each near-duplicate cluster's members but its first (in shard order) to `drops`."""
-    from lmforge.near_dedup import near_duplicate_clusters, rows_to_drop
+    from lmforge.data.near_dedup import near_duplicate_clusters, rows_to_drop
 
     near = params.near_dedup
     clusters = near_duplicate_clusters(scratch, "*.kept.parquet", shards, work_dir, engine, n_grams=near.n_grams,

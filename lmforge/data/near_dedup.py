@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.engine import Engine, run_steps
+from lmforge.data.engine import Engine, run_steps
 
 _WORDS = re.compile(r"\w+")
 

@@ -27,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.sources import SourceError, download, sha256_of
+from lmforge.data.sources import SourceError, download, sha256_of
 
 PRETRAINED_DIR = Path("models/pretrained")
 

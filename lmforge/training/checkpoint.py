@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_model, save_file, save_model
 
 from lmforge.atomic import replace_dir
-from lmforge.sources import sha256_of
+from lmforge.data.sources import sha256_of
 
 LATEST = "latest"
 BEST = "best"

@@ -31,12 +31,12 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from lmforge import tracking
+from lmforge.registry import tracking
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 FINGERPRINT = "lmforge.fingerprint"
-SERVING = "lmforge.serving"
+SERVING = "lmforge.registry.serving"
 _UNSAFE = re.compile(r"[^\w./\- :]")
 _PREFIXES = ("", "test.", "test_", "eval_", "eval.", "val.", "val_", "validation.", "validation_")
 
@@ -282,7 +282,7 @@ def register_model(spec: ModelSpec, params, root: Path | str, *, log: Callable[[
     import mlflow
     from mlflow import MlflowClient
 
-    from lmforge import serving
+    from lmforge.registry import serving
 
     if not tracking.enabled():
         raise RegistryError("MLflow tracking is off (LMFORGE_TRACKING=off or mlflow missing): nothing to register to")

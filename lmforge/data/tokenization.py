@@ -7,7 +7,7 @@ The output folder (data/tokens/) holds:
                           (uint16, or uint32 once the vocabulary passes 65,536)
   meta.json               kind, vocab size, dtype, special ids, and per split: tokens, bytes,
                           documents and the index of its shards (file, tokens), in order
-A split's tokens are its shards laid end to end (lmforge/batches.py reads them so). Small sets
+A split's tokens are its shards laid end to end (lmforge/training/batches.py reads them so). Small sets
 written in memory (`write_tokens`) keep one flat <split>.bin each, which reads the same way.
 The byte counts let evaluation report bits per byte, which compares across tokenizers.
 
@@ -25,7 +25,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 if TYPE_CHECKING:
-    from lmforge.engine import Engine
+    from lmforge.data.engine import Engine
 
 SPECIAL_TOKENS = {"eos": "<|endoftext|>", "pad": "<pad>", "mask": "<mask>", "unk": "<unk>"}
 SPLITS = ("train", "val", "test")
@@ -218,7 +218,7 @@ class TokenShards:
 def in_sample(doc_id: str, seed: int, fraction: float) -> bool:
     """A document is in the tokenizer's sample when a hash of (seed, its id) falls below `fraction`
     (a stream of its own, independent of the split's hash)."""
-    from lmforge.documents import hash_position
+    from lmforge.data.documents import hash_position
 
     return hash_position(f"tokenizer-sample:{seed}:{doc_id}") < fraction
 
@@ -321,7 +321,7 @@ def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bp
                        progress: bool = True) -> dict:
     """Learn the tokenizer on a sample of split_dir's train parts, encode every part of every split
     into out_dir/<split>/part-NNNNN.bin on the data engine, and write meta.json with the index."""
-    from lmforge.engine import run_shards
+    from lmforge.data.engine import run_shards
 
     split_dir, out_dir = Path(split_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

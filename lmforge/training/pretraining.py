@@ -5,7 +5,7 @@
   torch.compile.
 - Validation every `eval_every` steps on fixed random val batches; the best weights and the last
   full checkpoint (model, optimizer, scheduler, step, RNG states, data position) are written
-  atomically (lmforge/checkpoint.py).
+  atomically (lmforge/training/checkpoint.py).
 - Resumable: a run restarted with the same configuration continues from its last checkpoint and,
   because each batch is a function of (seed, step), ends with the same weights as an
   uninterrupted run (bitwise on the CPU). Checkpoints live in checkpoint_root/<run key>, the key a
@@ -14,7 +14,7 @@
 - The step loop never waits for the GPU except at log, eval and checkpoint steps.
 - A progress bar shows loss, tokens/s, MFU (against PEAK_FLOPS) and the ETA.
 
-Imports only torch, numpy, transformers (via lmforge.model), safetensors, tokenizers and tqdm.
+Imports only torch, numpy, transformers (via lmforge.training.model), safetensors, tokenizers and tqdm.
 """
 
 from __future__ import annotations
@@ -35,8 +35,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmforge import batches, checkpoint, fused_loss, master_weights, step_graph
-from lmforge.model import (TokenInfo, build_model, count_params, flops_per_token, is_masked, set_training_activation,
+from lmforge.training import batches
+from lmforge.training import checkpoint
+from lmforge.training import fused_loss
+from lmforge.training import master_weights
+from lmforge.training import step_graph
+from lmforge.training.model import (TokenInfo, build_model, count_params, flops_per_token, is_masked, set_training_activation,
                            set_training_attention)
 
 # Dense bf16 FLOP/s per device, matched by substring of the device name, first match wins.
@@ -226,7 +230,7 @@ class TrainingLoss(torch.nn.Module):
     Compiled as one graph, the fp32 upcast and the cross-entropy fuse into a kernel that reads the
     bf16 logits once (compiling the model alone left an eager loss that wrote and re-read fp32
     logits: a tenth of the G1 step). DDP wraps this module, so it sees one forward per micro-step.
-    fused: the training forward goes through lmforge/fused_loss.py (evaluation keeps the plain loss).
+    fused: the training forward goes through lmforge/training/fused_loss.py (evaluation keeps the plain loss).
     """
 
     def __init__(self, model, masked: bool, fused: bool = False):

@@ -1,0 +1,2 @@
+"""Corpus preparation: sources, documents, cleaning, deduplication, splitting and tokenization,
+run shard by shard on datatrove's executors (engine.py)."""

@@ -1,0 +1,1 @@
+"""MLflow: experiment tracking, model registration with lineage, promotion, and serving."""
