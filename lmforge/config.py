@@ -14,11 +14,13 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lmforge.errors import UserError
+
 DEFAULT_PARAMS = Path("params.yaml")
 DATASETS = ("corpus", "task")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """params.yaml is invalid; the message names every offending key path."""
 
 
@@ -359,6 +361,8 @@ class FinetuneParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool | Literal["auto"] = "auto"
+    pad_multiple: int = Field(8, ge=1, le=128)  # batch widths rounded up to a multiple (tensor-core friendly)
+    log_every: int = Field(50, ge=1)
     use_tuned: bool = True
     baseline_c: float = Field(4.0, gt=0.0)
 
@@ -474,3 +478,28 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     return validate_params(raw)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`dotted.key=value` -> (dotted key, value read as YAML: 3 is an int, true a bool, [a, b] a list)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must read dotted.key=value")
+    return key.strip(), yaml.safe_load(value)
+
+
+def apply_overrides(tree: dict, overrides: list[str], *, where: str = "params") -> dict:
+    """Set each `dotted.key=value` in a parsed params mapping (in place, and returned). Only keys
+    that already exist can be set, so a typo is an error, not a new knob nobody reads."""
+    for text in overrides:
+        dotted, value = parse_override(text)
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node, dict) or key not in node:
+                raise ConfigError(f"override {text!r}: {where} has no section {key!r}")
+            node = node[key]
+        if not isinstance(node, dict) or leaf not in node:
+            raise ConfigError(f"override {text!r}: {where} has no key {dotted!r}")
+        node[leaf] = value
+    return tree
