@@ -35,6 +35,7 @@ from pandera.typing import Series
 from lmforge.config import CleanDocuments, CleanLabelled
 from lmforge.data.documents import RawDocument, corpus_files, plan_shards, read_documents
 from lmforge.data.engine import Engine, run_shards
+from lmforge.errors import UserError
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 
@@ -52,8 +53,8 @@ _GUTENBERG_END = re.compile(r"^\*{3} ?END OF (THE|THIS) PROJECT GUTENBERG.*$", r
 _GUTENBERG_NOTICE = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>", re.DOTALL)
 
 
-class CleanError(ValueError):
-    """The raw data is wholly unusable (no rows, missing columns): the stage fails."""
+class CleanError(UserError, ValueError):
+    """The raw data is wholly unusable (no rows, missing columns): nothing can be cleaned."""
 
 
 @dataclass
@@ -232,7 +233,7 @@ def _dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def clean_documents(raw_dir: Path, params: CleanDocuments) -> CleanResult:
     """Clean a small corpus in memory (every file of `raw_dir`): the tests' and notebooks' view of
-    what the sharded stage (`clean_document_shard` + `find_duplicates`) writes."""
+    what the sharded run (`clean_document_shard` + `find_duplicates`) writes."""
     repairs = Repairs()
     records = [r for name in corpus_files(raw_dir) for r in read_documents(raw_dir, name, params.text_field)]
     kept, quarantined = clean_document_batch(records, params, repairs)

@@ -6,7 +6,7 @@ Formats, by the file name's ending:
   .parquet                      one row per document, the text in a named column; read a row
                                 group at a time
   anything else (.txt, ...)     the whole file is one document (a book, a play)
-Every record comes out, readable or not: an unreadable one carries the reason, so the clean stage
+Every record comes out, readable or not: an unreadable one carries the reason, so cleaning
 can quarantine it instead of dropping it. Ids are made here, from the file's path relative to the
 corpus folder (`web/part-0.jsonl.gz:17` is its 17th line), so they are unique across the corpus
 and stable when files are added.
@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from lmforge.errors import UserError
+
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 
 
-class CorpusFormatError(ValueError):
+class CorpusFormatError(UserError, ValueError):
     """A corpus file cannot be read as a whole (a parquet file without the text column)."""
 
 

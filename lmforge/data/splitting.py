@@ -19,11 +19,12 @@ import pyarrow.parquet as pq
 
 from lmforge.config import SplitParams
 from lmforge.data.documents import hash_position
+from lmforge.errors import UserError
 
 SPLITS = ("train", "val", "test")
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """The data cannot be split as asked (too few rows, labels in contiguous mode...)."""
 
 
@@ -93,7 +94,7 @@ def _assert_disjoint(splits: dict[str, pd.DataFrame]) -> None:
     for split, frame in splits.items():
         for text in frame["text"]:
             if text in seen and seen[text] != split:
-                raise SplitError(f"a text is in both {seen[text]} and {split}: the clean stage should have deduplicated it")
+                raise SplitError(f"a text is in both {seen[text]} and {split}: cleaning should have deduplicated it")
             seen[text] = split
 
 

@@ -1,6 +1,6 @@
 """Tokenizers trained on the train split only, and the token arrays the trainer memory-maps.
 
-The output folder (data/tokens/) holds:
+The output folder holds:
   tokenizer.json          the `tokenizers` Tokenizer
   tokenizer/              the same wrapped as a transformers PreTrainedTokenizerFast folder
   <split>/part-NNNNN.bin  token ids of one split shard, each document followed by <|endoftext|>
@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmforge.errors import UserError
 
 if TYPE_CHECKING:
     from lmforge.data.engine import Engine
@@ -159,13 +161,13 @@ def load_split(tokens_dir: Path | str, split: str, meta: dict | None = None) -> 
     return TokenShards(arrays, dtype)
 
 
-class TokenFileError(ValueError):
+class TokenFileError(UserError, ValueError):
     """A token file is missing or does not hold what meta.json says."""
 
 
 def _memmap(path: Path, dtype: np.dtype, tokens: int) -> np.ndarray:
     if not path.exists():
-        raise TokenFileError(f"{path} not found: rerun the tokenize stage (dvc repro tokenize)")
+        raise TokenFileError(f"{path} not found: the token folder is incomplete; tokenize again")
     if path.stat().st_size != tokens * dtype.itemsize:
         raise TokenFileError(f"{path} holds {path.stat().st_size} bytes, meta.json promises {tokens} {dtype} tokens")
     if tokens == 0:
