@@ -3,9 +3,10 @@
     python bench/bench_gpu.py                         # every case the visible GPUs allow
     python bench/bench_gpu.py --cases g2 --set g2.steps=3500 --record bench/results/X.json
 
-Each case writes a params file (configs/gpu.yaml with the case's pretrain overrides) and its
-token data into a scratch folder, then runs `python -m tasks.pretrain` as a fresh process, timed
-from process start to the saved model, with empty torch.compile and Triton caches (cold compile).
+Each case writes a params file (params.yaml with the configs/gpu.yaml overlay merged over it, then
+the case's pretrain overrides) and its token data into a scratch folder, then runs
+`python -m tasks.pretrain` as a fresh process, timed from process start to the saved model, with
+empty torch.compile and Triton caches (cold compile).
   g1  throughput, GPT-2-124M shape (12 x 768, context 1024, batch 32, vocab 50,304) on one GPU,
       compiled, with pretrain.fused_loss and param_dtype bf16, and 6 heads of 128: the same width,
       parameters and FLOPs as GPT-2's 12 of 64, with faster attention (--set g1.n_head=12 for
@@ -40,6 +41,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Imports yaml and pydantic only: fine on a GPU machine without the pipeline's tools (dvc, prefect).
+from lmforge.config import ConfigError, merge_overlay, parse_override, validate_params  # noqa: E402
+
 G1_SHAPE = dict(arch="gpt2", n_layer=12, n_head=6, d_model=768, context=1024, batch_size=32, dropout=0.0,
                 lr=6e-4, warmup_steps=10, steps=120, eval_every=120, eval_batches=2, checkpoint_every=100_000,
                 log_every=20, compile=True, compile_mode="default", cuda_graph=False, fused_loss=True,
@@ -73,10 +77,34 @@ def write_shakespeare_tokens(corpus: Path, out: Path) -> dict:
     return write_tokens({"train": [text[:cut]], "val": [text[cut:]], "test": []}, out, "char")
 
 
+def base_params(params_path: Path, overlay_path: Path, seed: int | None) -> dict:
+    """The params every case starts from: params.yaml with the GPU overlay merged over it."""
+    try:
+        base = merge_overlay(read_yaml(params_path), read_yaml(overlay_path), where=str(params_path))
+        if seed is not None:
+            base["seed"] = seed
+        validate_params(base)
+    except ConfigError as err:
+        raise SystemExit(f"{overlay_path} over {params_path}: {err}") from None
+    return base
+
+
 def case_params(base: dict, overrides: dict) -> dict:
-    params = json.loads(json.dumps(base))
-    params["pretrain"].update(overrides)
+    """`base` with a case's pretrain overrides, validated now rather than by the stage after the
+    case has written its token data."""
+    try:
+        params = merge_overlay(base, {"pretrain": overrides}, where="params")
+        validate_params(params)
+    except ConfigError as err:
+        raise SystemExit(f"pretrain overrides {overrides}: {err}") from None
     return params
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SystemExit(f"{path}: {err}") from None
 
 
 def run_stage(module: str, folder: Path, env: dict, extra: list[str], log: Path) -> float:
@@ -142,13 +170,17 @@ def g2(work: Path, base: dict, overrides: dict, corpus: Path) -> dict:
 
 
 def parse_sets(items: list[str]) -> dict[str, dict]:
+    """`CASE.KEY=VALUE` items -> {case: {pretrain key: value}}; the value reads as the params' overrides do."""
     out: dict[str, dict] = {"g1": {}, "g2": {}, "g3": {}}
     for item in items:
-        key, _, value = item.partition("=")
-        case, _, name = key.partition(".")
-        if case not in out or not name or not _:
+        try:
+            dotted, value = parse_override(item)
+        except ConfigError as err:
+            raise SystemExit(f"--set: {err}") from None
+        case, _, name = dotted.partition(".")
+        if case not in out or not name:
             raise SystemExit(f"--set {item!r}: expected CASE.KEY=VALUE with CASE one of g1, g2, g3")
-        out[case][name] = yaml.safe_load(value)
+        out[case][name] = value
     return out
 
 
@@ -203,7 +235,9 @@ def environment() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="g1,g2,g3", help="comma-separated: g1, g2, g3")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "gpu.yaml"))
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"), help="the params the overlay is merged over")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "gpu.yaml"),
+                        help="the GPU overlay: only the keys it changes in --params")
     parser.add_argument("--corpus", default=str(ROOT.parent / "shared" / "data" / "shakespeare_plays.txt"))
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--set", action="append", default=[], metavar="CASE.KEY=VALUE")
@@ -216,9 +250,7 @@ def main() -> None:
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     sets = parse_sets(args.set)
-    base = yaml.safe_load(Path(args.config).read_text())
-    if args.seed is not None:
-        base["seed"] = args.seed
+    base = base_params(Path(args.params), Path(args.config), args.seed)
     work = Path(args.work or tempfile.mkdtemp(prefix="lmforge-bench-gpu-"))
     n_gpus = torch.cuda.device_count()
     results: dict[str, dict] = {}
