@@ -39,3 +39,22 @@ def test_make_run_from_a_clone_builds_registers_and_summarises(tmp_path):
     summary = (clone / "reports/summary.md").read_text()
     assert "## Registry" in summary and "@champion = v1" in summary
     assert "_has not run yet._" not in summary
+
+
+def test_the_guides_link_only_to_files_a_clone_has():
+    """README.md and docs/*.md: every relative link resolves inside the repository, nothing points
+    outside it (a clone has no ../shared), and the README stays a guide, not a benchmark log."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            path = target.split("#")[0]
+            if not path or re.match(r"[a-z]+:", path):
+                continue
+            resolved = (page.parent / path).resolve()
+            if not resolved.is_relative_to(ROOT) or not resolved.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+        assert "../shared" not in text and "BENCHMARKS.md" not in text, page
+    assert not broken, broken
+    assert len((ROOT / "README.md").read_bytes()) < 15_000
