@@ -70,8 +70,9 @@ def plan_shards(raw_dir: Path, files: list[str], shard_bytes: int) -> list[list[
     return shards
 
 
-def read_documents(raw_dir: Path, name: str, text_field: str = "text") -> Iterator[RawDocument]:
-    """Every document of one file, in file order."""
+def read_documents(raw_dir: Path, name: str, text_field: str) -> Iterator[RawDocument]:
+    """Every document of one file, in file order; `text_field` names the text's JSON field or
+    parquet column (clean's `text_field` setting)."""
     path = Path(raw_dir) / name
     if name.endswith(".parquet"):
         yield from _parquet_records(path, name, text_field)

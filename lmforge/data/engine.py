@@ -71,7 +71,7 @@ class Engine:
     datatrove's SlurmPipelineExecutor (partition, time, cpus_per_task, mem_per_cpu_gb, venv_path,
     sbatch_args, ...); every path must then be on a filesystem the nodes share."""
 
-    workers: int = 1
+    workers: int  # no default here: the `workers` setting's (null: every core) is resolved by the caller
     executor: str = "local"
     slurm: dict = field(default_factory=dict)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lmforge.config import TokenizeParams
 from lmforge.errors import UserError
 
 if TYPE_CHECKING:
@@ -32,13 +33,15 @@ if TYPE_CHECKING:
 SPECIAL_TOKENS = {"eos": "<|endoftext|>", "pad": "<pad>", "mask": "<mask>", "unk": "<unk>"}
 SPLITS = ("train", "val", "test")
 _ENCODE_BATCH = 256
+# A caller that passes no vocab_size / min_frequency gets the tokenize section's defaults: one place for them.
+_DEFAULTS = TokenizeParams()
 
 
 def train_tokenizer(
     texts: Iterable[str],
     kind: Literal["char", "bpe"],
-    vocab_size: int = 4096,
-    min_frequency: int = 2,
+    vocab_size: int = _DEFAULTS.vocab_size,
+    min_frequency: int = _DEFAULTS.min_frequency,
 ) -> Tokenizer:
     """Learn a tokenizer from `texts`. Special tokens always take ids 0..3 in SPECIAL_TOKENS order."""
     if kind == "char":
@@ -112,8 +115,8 @@ def write_tokens(
     split_texts: dict[str, list[str]],
     out_dir: Path | str,
     kind: Literal["char", "bpe"],
-    vocab_size: int = 4096,
-    min_frequency: int = 2,
+    vocab_size: int = _DEFAULTS.vocab_size,
+    min_frequency: int = _DEFAULTS.min_frequency,
 ) -> dict:
     """Train on split_texts["train"], encode every split into out_dir, return the meta written."""
     out_dir = Path(out_dir)
