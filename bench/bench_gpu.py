@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Imports yaml and pydantic only: fine on a GPU machine without the pipeline's tools (dvc, prefect).
-from lmforge.config import ConfigError, merge_overlay, parse_override, validate_params  # noqa: E402
+from lmforge.config import ConfigError, merge_overlay, parse_override, parse_yaml, validate_params  # noqa: E402
 
 G1_SHAPE = dict(arch="gpt2", n_layer=12, n_head=6, d_model=768, context=1024, batch_size=32, dropout=0.0,
                 lr=6e-4, warmup_steps=10, steps=120, eval_every=120, eval_batches=2, checkpoint_every=100_000,
@@ -102,8 +102,8 @@ def case_params(base: dict, overrides: dict) -> dict:
 
 def read_yaml(path: Path) -> dict:
     try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+        return parse_yaml(path.read_text(), str(path)) or {}
+    except (OSError, ConfigError) as err:
         raise SystemExit(f"{path}: {err}") from None
 
 

@@ -8,8 +8,10 @@ the reason, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import copy
+import io
 import re
 import types
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Literal, Union, get_args, get_origin
 
@@ -475,11 +477,40 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found: run from the project root or pass --params")
+    return validate_params(parse_yaml(path.read_text(), str(path)))
+
+
+def parse_yaml(text: str, source: str) -> object:
+    """yaml.safe_load, except that a key written twice in one mapping is a ConfigError: PyYAML
+    would keep the last one and silently drop the first (two `pretrain:` sections, say)."""
+    stream = io.StringIO(text)
+    stream.name = source  # PyYAML's error marks name the stream: `in "params.yaml", line 3`
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    return validate_params(raw)
+        raise ConfigError(f"{source} is not valid YAML: {err}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+def _unique_key_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden, by design
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):
+            continue  # construct_mapping reports it
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_key_mapping)
 
 
 def parse_override(text: str) -> tuple[str, object]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from lmforge.atomic import atomic_path
-from lmforge.config import DEFAULT_PARAMS, ConfigError, merge_overlay, validate_params
+from lmforge.config import DEFAULT_PARAMS, ConfigError, merge_overlay, parse_yaml, validate_params
 from tasks._common import fail
 
 
@@ -57,10 +57,7 @@ def _read_text(path: Path) -> str:
 
 
 def _mapping(text: str, path: Path) -> dict:
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    tree = parse_yaml(text, str(path))
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level, got {type(tree).__name__}")
     return tree

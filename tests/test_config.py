@@ -188,3 +188,11 @@ def test_user_errors_share_one_base(dotted: str):
     # A stage prints a UserError's message alone and exits 2 (never retried); anything else is a bug.
     module, _, name = dotted.rpartition(".")
     assert issubclass(getattr(importlib.import_module(module), name), UserError)
+
+
+def test_a_key_written_twice_is_an_error_not_a_silent_drop(tmp_path: Path):
+    # PyYAML keeps the last of two equal keys; the first section's settings would vanish unseen.
+    target = tmp_path / "params.yaml"
+    target.write_text((ROOT / "params.yaml").read_text() + "pretrain:\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"'pretrain' appears twice(.|\n)*params.yaml\", line"):
+        load_params(target)
