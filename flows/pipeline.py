@@ -38,13 +38,19 @@ from prefect.concurrency.sync import concurrency
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
+from lmforge.config import apply_overrides as override_params
+from lmforge.errors import UserError
 from lmforge.registry import tracking
+from tasks._common import USER_ERROR_EXIT  # what tasks/_common.py:fail() exits with
+from tasks.lineage import locked_dvc_repo
 
-USER_ERROR_EXIT = 2  # tasks/_common.py:fail() exits with this code
 DEFAULT_RETRIES = {"ingest": 3}  # per stage name (the part before '@'); others use `retries`
 ACCELERATOR_LIMIT = "lmforge-accelerator"  # a Prefect global concurrency limit
 TRAINING_STAGES = ["pretrain", "tune", "finetune"]  # stage names that hold an accelerator slot while they run
-_EXIT_CODE = re.compile(r"exited with (-?\d+)")
+# `dvc repro` exits 255 whatever the stage's command did, and says the command's status only in
+# its message ("failed to run: <cmd>, exited with N"); in-process, DVC's StageCmdFailedError keeps
+# no status either. So the status is read back from that message.
+_STAGE_STATUS = re.compile(r"exited with (-?\d+)")
 KILLED_EXITS = (137, -9)  # SIGKILL, through a shell or not: on a machine that is not shared, the out-of-memory killer
 # What lowers a stage's memory, by stage name, for the message of a stage killed for memory.
 MEMORY_KNOBS = {
@@ -62,8 +68,8 @@ class StageFailed(RuntimeError):
     """A stage failed for a reason that may pass (I/O, a killed process): retried."""
 
 
-class UserError(RuntimeError):
-    """A stage refused its params or data: retrying cannot help."""
+class StageRefused(UserError):
+    """A stage exited with USER_ERROR_EXIT: it refused its params or data, retrying cannot help."""
 
 
 class KilledForMemory(UserError):
@@ -89,13 +95,13 @@ def stage_env() -> dict[str, str]:
 
 
 # --- reading the graph from DVC ---------------------------------------------------------------
-# Each read holds DVC's repo lock (tracking.locked_dvc_repo): a sibling task's repro may be
+# Each read holds DVC's repo lock (tasks.lineage.locked_dvc_repo): a sibling task's repro may be
 # rewriting dvc.lock.
 
 
 def stage_graph(root: Path, targets: list[str] | None = None) -> dict[str, list[str]]:
     """Stage address -> the addresses it depends on, for the targets and all they need."""
-    with tracking.locked_dvc_repo(root) as repo:
+    with locked_dvc_repo(root) as repo:
         graph = repo.index.graph  # an edge runs from a stage to each stage it depends on
         # Stage names, not `addressing`: that one is relative to the process's cwd.
         by_addr = {stage.name: stage for stage in graph.nodes}
@@ -127,13 +133,13 @@ def topological(upstream: dict[str, list[str]]) -> list[str]:
 
 
 def stage_is_current(root: Path, addr: str) -> bool:
-    with tracking.locked_dvc_repo(root) as repo:
+    with locked_dvc_repo(root) as repo:
         return not repo.status(targets=[f"{root / 'dvc.yaml'}:{addr}"])
 
 
 def stage_metrics(root: Path, addr: str) -> dict[str, object]:
     """The flattened contents of the metrics files this stage declares in dvc.yaml."""
-    with tracking.locked_dvc_repo(root) as repo:
+    with locked_dvc_repo(root) as repo:
         stage = next(s for s in repo.index.stages if s.name == addr)
         paths = [Path(out.fs_path) for out in stage.outs if out.metric]
     flat: dict[str, object] = {}
@@ -144,7 +150,7 @@ def stage_metrics(root: Path, addr: str) -> dict[str, object]:
 
 
 def uncached_outputs(root: Path, addrs: list[str]) -> list[Path]:
-    with tracking.locked_dvc_repo(root) as repo:
+    with locked_dvc_repo(root) as repo:
         return [Path(out.fs_path) for s in repo.index.stages if s.name in addrs for out in s.outs if not out.use_cache]
 
 
@@ -202,15 +208,7 @@ def run_stage(root: Path, addr: str, accelerator: bool = False) -> dict:
                                 capture_output=True, text=True, env=stage_env())
     output = (result.stdout + result.stderr).strip()
     if result.returncode != 0:
-        codes = _EXIT_CODE.findall(output)
-        stage_errors = [line for line in output.splitlines() if line.startswith("error: ")]
-        headline = stage_errors[0] if stage_errors else output.splitlines()[-1] if output else "no output"
-        message = f"{addr} failed: {headline}\n\n{output}"
-        if codes and int(codes[-1]) == USER_ERROR_EXIT:
-            raise UserError(message)
-        if codes and int(codes[-1]) in KILLED_EXITS:
-            raise KilledForMemory(killed_message(addr, output))
-        raise StageFailed(message)
+        raise stage_failure(addr, output)
     logger.info("%s", output)
     seconds = round(time.perf_counter() - start, 2)
     try:
@@ -220,6 +218,24 @@ def run_stage(root: Path, addr: str, accelerator: bool = False) -> dict:
         # up to date, and the run would report it as skipped.
         logger.warning("%s ran, but its artifacts were not published: %s: %s", addr, type(error).__name__, error)
     return {"stage": addr, "status": "ran", "seconds": seconds, "waited": waited}
+
+
+def stage_status(dvc_output: str) -> int | None:
+    """The exit status of the stage's command, as `dvc repro` reported it (None: not reported)."""
+    statuses = _STAGE_STATUS.findall(dvc_output)
+    return int(statuses[-1]) if statuses else None
+
+
+def stage_failure(addr: str, output: str) -> Exception:
+    """The error for a failed `dvc repro` of `addr`: a UserError (not retried) when the stage exited
+    with USER_ERROR_EXIT or was killed for memory, else StageFailed (retried)."""
+    status = stage_status(output)
+    if status in KILLED_EXITS:
+        return KilledForMemory(killed_message(addr, output))
+    stage_errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    headline = stage_errors[0] if stage_errors else output.splitlines()[-1] if output else "no output"
+    message = f"{addr} failed: {headline}\n\n{output}"
+    return StageRefused(message) if status == USER_ERROR_EXIT else StageFailed(message)
 
 
 def publish_stage_artifacts(root: Path, addr: str, started_at: float) -> None:
@@ -264,30 +280,11 @@ def _artifact_key(addr: str) -> str:
 # --- parameter overrides as a DVC experiment ---------------------------------------------------
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise UserError(f"override {text!r} must read key.path=value")
-    return key.strip(), yaml.safe_load(value)
-
-
 def apply_overrides(params_path: Path, overrides: list[str]) -> None:
+    """Write `key.path=value` overrides into the params file; an unknown key is a ConfigError."""
     import yaml
 
-    params = yaml.safe_load(params_path.read_text())
-    for text in overrides:
-        dotted, value = parse_override(text)
-        node = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            if not isinstance(node, dict) or key not in node:
-                raise UserError(f"override {text!r}: params.yaml has no section {key!r}")
-            node = node[key]
-        if leaf not in node:
-            raise UserError(f"override {text!r}: params.yaml has no key {dotted!r}")
-        node[leaf] = value
+    params = override_params(yaml.safe_load(params_path.read_text()), overrides, where=params_path.name)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

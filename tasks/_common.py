@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import inspect
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -14,6 +11,7 @@ from typing import Callable, Iterator, NoReturn
 
 from lmforge.atomic import write_json
 from lmforge.config import ConfigError, Params, load_params
+from lmforge.errors import UserError
 
 
 def stage_args(description: str, with_dataset: bool = False) -> argparse.Namespace:
@@ -31,41 +29,12 @@ def params_or_exit(path: str) -> Params:
         fail(str(err))
 
 
-def data_engine(params: Params):
-    """Where the data stages run their shards: params.yaml's `workers` (null: every core) and
-    `data_engine` (datatrove's local or Slurm executor)."""
-    from lmforge.data.engine import Engine, default_workers
-
-    section = params.data_engine
-    return Engine(workers=params.workers or default_workers(), executor=section.executor,
-                  slurm=section.slurm.model_dump(exclude_none=True))
+USER_ERROR_EXIT = 2  # a user error (bad config or data): orchestrators must not retry it
 
 
-WORK = Path("data/.work")
-
-
-def work_dir_for(name: str, section, *inputs: Path) -> Path:
-    """The scratch folder of one run of a data stage, keyed by its params, the content of the given
-    input files (a manifest or an index) and the library's code, so a rerun after a kill reuses
-    the shards it finished, and a changed input or code never reuses stale ones."""
-    import lmforge
-
-    key = hashlib.sha256(section.model_dump_json().encode())
-    for path in inputs:
-        key.update(Path(path).read_bytes() if Path(path).exists() else b"-")
-    for source in sorted(Path(inspect.getfile(lmforge)).parent.rglob("*.py")):
-        key.update(source.read_bytes())
-    return WORK / f"{name}-{key.hexdigest()[:16]}"
-
-
-def remove_work_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def fail(message: str) -> None:
-    # Exit code 2 marks a user error (bad config or data): orchestrators must not retry it.
+def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(USER_ERROR_EXIT)
 
 
 TIMINGS = Path("reports/timings")
@@ -85,16 +54,17 @@ def timed(stage: str) -> Iterator[None]:
 
 
 def run_main(stage: str, main: Callable[[], object], user_errors: tuple[str, ...] = ()) -> NoReturn:
-    """Run a stage's main under `timed` and exit with its code. A ConfigError, or an exception whose
-    class name is in `user_errors` (named, so the stage imports its heavy modules only when run),
-    is a user error: its message alone on stderr and exit code 2, which orchestrators never retry."""
+    """Run a stage's main under `timed` and exit with its code. A UserError (lmforge.errors) is the
+    user's to fix: its message alone on stderr and exit code 2, which orchestrators never retry;
+    any other exception is a bug and keeps its traceback.
+
+    user_errors is ignored: it is accepted only until tasks/pretrain.py, tasks/finetune.py and
+    tasks/evaluate.py stop passing the class names they used to match."""
     try:
         with timed(stage):
             code = main()
     except ConfigError as err:
-        fail(str(err))
-    except Exception as err:
-        if type(err).__name__ not in user_errors:
-            raise
+        fail(str(err))  # the message names the key path already
+    except UserError as err:
         fail(f"{type(err).__name__}: {err}")
     raise SystemExit(code or 0)

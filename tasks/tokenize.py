@@ -10,7 +10,8 @@ from pathlib import Path
 from lmforge.atomic import atomic_dir, write_json
 from lmforge.data.engine import peak_child_rss_mb, peak_rss_mb
 from lmforge.data.tokenization import SPLITS, write_token_shards
-from tasks._common import data_engine, fail, params_or_exit, remove_work_dir, stage_args, timed, work_dir_for
+from tasks._common import fail, params_or_exit, stage_args, timed
+from tasks._data_plane import data_engine, remove_work_dir, work_dir_for
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.deployments import build_deployments
 from flows.pipeline import killed_message, pipeline, stage_is_current, stage_metrics
-from lmforge.registry import tracking
+from tasks import lineage
 from tests.conftest import run, write_params
 
 DATA = ["tokenize", "split@task"]
@@ -254,7 +254,7 @@ lock.unlock()
 
 
 def read_input_hashes(root: Path, _addr: str) -> dict[str, str]:
-    return tracking.input_hashes(["data/tokens"], root)
+    return lineage.input_hashes(["data/tokens"], root)
 
 
 @pytest.mark.parametrize("read", [stage_is_current, stage_metrics, read_input_hashes],
