@@ -1,5 +1,9 @@
-"""G4 (BENCHMARKS.md): fine-tune all-MiniLM-L6 for IMDB sentiment on one GPU; lmforge's loop
+"""G4 (docs/performance.md): fine-tune all-MiniLM-L6 for IMDB sentiment on one GPU; lmforge's loop
 against transformers' Trainer on the same card, batch, length and data. One JSON line per case.
+
+The `-fair` pair decides whether lmforge keeps its own loop: the Trainer with every lever
+lmforge's loop uses (length-grouped batches, padding to a multiple of 8, bf16, torch.compile)
+against lmforge's loop with the Trainer's one truncation (head), same batch, lr and epochs.
 
     python bench/finetune_g4.py --data DIR --model DIR --cases trainer,lmforge --out OUT
 
@@ -19,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.training.finetuning import FinetuneConfig, LabelledTexts, finetune, read_split  # noqa: E402
+from lmforge.config import FinetuneParams, parse_override  # noqa: E402
+from lmforge.training.finetuning import LabelledTexts, finetune, read_split  # noqa: E402
 
 CASES = {
     # name: (runner, settings)
@@ -48,6 +53,11 @@ CASES = {
                                                     "seed": 3}),
     # the Trainer on the same batch as the batch-16 configs (its speed reference at that batch)
     "trainer-16": ("trainer", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "epochs": 1}),
+    # The fair pair (issue #20): the same knobs on both sides, compile included in both.
+    "trainer-fair": ("trainer", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "epochs": 2,
+                                 "fair": True}),
+    "lmforge-fair": ("lmforge", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "epochs": 2,
+                                 "truncation": "head", "compile": True}),
 }
 
 
@@ -71,14 +81,6 @@ def load(folder: Path, limit: int | None = None) -> dict[str, LabelledTexts]:
     return out
 
 
-def _value(text: str):
-    """A --set value: JSON where it parses (numbers, true/false, null), else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def table(rows: list[dict]) -> str:
     """The cases side by side; samples/s all = every train epoch (first-epoch compile included)."""
     head = ("case", "seed", "bs", "lr", "ep", "compiled", "test_acc", "val_acc", "best_ep",
@@ -99,9 +101,9 @@ def table(rows: list[dict]) -> str:
 
 
 def run_lmforge(model: Path, data, settings: dict, seed: int) -> dict:
-    cfg = FinetuneConfig(seed=seed, eval_batch_size=256, log_every=100, early_stopping_patience=2, **settings)
+    params = FinetuneParams(eval_batch_size=256, log_every=100, early_stopping_patience=2, **settings)
     start = time.perf_counter()
-    result = finetune(model, data, cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = finetune(model, data, params, seed=seed, log=lambda m: print(m, file=sys.stderr, flush=True))
     wall = time.perf_counter() - start
     later = [h for h in result.history[1:]]
     steady = (sum(h["train_samples"] for h in later) / sum(h["train_seconds"] for h in later)) if later else None
@@ -135,17 +137,22 @@ def run_trainer(model: Path, data, settings: dict, seed: int) -> dict:
     train, test = encode(data["train"]), encode(data["test"])
     import inspect
 
-    # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
+    # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio), and
+    # group_by_length into train_sampling_strategy.
     known = inspect.signature(TrainingArguments.__init__).parameters
     warmup = {"warmup_ratio": 0.1} if "warmup_ratio" in known else {"warmup_steps": 0.1}
+    fair = {}
+    if settings.get("fair"):
+        grouped = {"group_by_length": True} if "group_by_length" in known else {"train_sampling_strategy": "group_by_length"}
+        fair = {**grouped, "torch_compile": torch.cuda.is_available()}
     args = TrainingArguments(
         output_dir="/tmp/g4-trainer", per_device_train_batch_size=settings["batch_size"],
         per_device_eval_batch_size=256, learning_rate=settings["learning_rate"],
         num_train_epochs=settings["epochs"], bf16=torch.cuda.is_available(), eval_strategy="no", save_strategy="no",
-        logging_strategy="no", report_to="none", seed=seed, weight_decay=0.01, **warmup,
+        logging_strategy="no", report_to="none", seed=seed, weight_decay=0.01, **warmup, **fair,
     )
-    trainer = Trainer(model=net, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tok),
-                      processing_class=tok)
+    collator = DataCollatorWithPadding(tok, pad_to_multiple_of=8 if settings.get("fair") else None)
+    trainer = Trainer(model=net, args=args, train_dataset=train, data_collator=collator, processing_class=tok)
     out = trainer.train()
     pred = trainer.predict(test)
     acc = float(np.mean(pred.predictions.argmax(-1) == pred.label_ids))
@@ -165,7 +172,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting in every case (smoke tests: --set compile=false --set epochs=1)")
     args = parser.parse_args()
-    overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = dict(parse_override(item) for item in args.set)
     import torch
     import transformers
 
@@ -184,7 +191,8 @@ def main() -> None:
             settings = {**settings, **overrides}
             seed = settings.pop("seed", args.seed)
             if runner == "trainer":
-                settings = {k: settings[k] for k in ("max_length", "batch_size", "learning_rate", "epochs")}
+                settings = {k: settings[k] for k in ("max_length", "batch_size", "learning_rate", "epochs", "fair")
+                            if k in settings}
             try:
                 fn = run_trainer if runner == "trainer" else run_lmforge
                 if torch.cuda.is_available():

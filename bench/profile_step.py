@@ -5,11 +5,11 @@
     python bench/profile_step.py --attention-only                  # just the SDPA kernel table
     torchrun --nproc-per-node 2 bench/profile_step.py              # G3: the step under DDP, as rank 0 sees it
 
-A diagnostic beside bench/bench_gpu.py, which measures the real stage: this one builds the same
-pieces (lmforge.training.model.build_model, training.TrainingLoss compiled with its loss, the fused AdamW
-of training.make_optimizer, the mask-free causal attention) and runs the step in one process, so
+A diagnostic beside bench/bench_gpu.py, which measures the real stage: this one builds the
+stage's own step (lmforge.training.pretraining.build_step: the model and its loss compiled as one,
+the bf16 working copy, clipping and fused AdamW) on random tokens and runs it in one process, so
 several variants compile and run in one call. Under torchrun the step runs under DDP as the
-stage wraps it (training.wrap_ddp). Per variant it prints step time, tokens/s, MFU, compile time
+stage wraps it. Per variant it prints step time, tokens/s, MFU, compile time
 and peak memory, then the CUDA time of the profiled steps by kernel kind (NCCL runs beside the
 compute, "step - kernels" is the unprofiled step time minus the compute kernels' time: roughly
 the GPU's idle time, which profiling noise can push below zero), and the heaviest kernels.
@@ -28,7 +28,6 @@ import re
 import sys
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
@@ -103,34 +102,26 @@ def measure(name: str, p, d, steps: int, top: int, launchers: bool = False) -> d
 
     from bench_gpu import G1_VOCAB
     from lmforge.training.model import TokenInfo, build_model, flops_per_token, set_training_activation, set_training_attention
-    from lmforge.training.pretraining import (TrainingLoss, attention_backends, bf16_working, compile_runner, make_optimizer,
-                                   peak_flops, update, use_fused_loss, wrap_ddp)
+    from lmforge.training.pretraining import attention_backends, build_step, make_optimizer
+    from lmforge.training.runtime import enable_tf32, peak_flops
 
     torch._dynamo.reset()
     device = d.device
-    torch.backends.cuda.matmul.allow_tf32 = True
+    enable_tf32(device)
     model = build_model(p, TokenInfo(G1_VOCAB, 0, 1, 2, 3), seed=0).to(device).train()
     set_training_attention(model, True)
     set_training_activation(model, True)
-    optimizer = make_optimizer(model, p)
-    working = bf16_working(p, model, d, print)  # pretrain.param_dtype bf16, as the stage does it
-    stepped = working.model if working else model
-    module = TrainingLoss(stepped, False, use_fused_loss(p, stepped, False, print))
     say = print if d.main else (lambda _msg: None)
-    if d.world > 1:
-        module = wrap_ddp(module, p, d, say)
-    runner, _ = compile_runner(module, p, d, say)  # as the stage compiles
+    # The stage's own step: the compiled model and loss, DDP, the bf16 working copy, clipping, AdamW.
+    train_step = build_step(model, make_optimizer(model, p), p, d, masked=False, say=say)
 
     cuda = device.type == "cuda"  # a CPU run only checks the code path (no kernel table)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step() -> None:
         x = torch.randint(4, G1_VOCAB, (p.batch_size, p.context), device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
-            loss = runner(x, x)
-        loss.backward()
-        update(model, optimizer, working, p)
-        optimizer.zero_grad(set_to_none=True)
+        train_step([(x, x)])
+        train_step.optimizer.zero_grad(set_to_none=True)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -184,7 +175,7 @@ def measure(name: str, p, d, steps: int, top: int, launchers: bool = False) -> d
             if cpu_prof is not None:
                 for who, ms_by in launched_by(cpu_prof, kernel)[:4]:
                     print(f"   {'':>10} {ms_by:6.2f} ms from {who}")
-    del model, optimizer, runner
+    del model, train_step
     torch.cuda.empty_cache()
     return result
 
@@ -275,7 +266,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench_gpu import G1_SHAPE
-    from lmforge.training.pretraining import setup_distributed
+    from lmforge.training.runtime import setup_distributed
 
     d = setup_distributed(args.device)  # one process, or one per GPU under torchrun
     if d.world == 1 and d.device.type == "cuda":

@@ -34,10 +34,10 @@ def evaluate(params, tokens_dir: Path, model_dir: Path) -> tuple[dict, list[dict
     from lmforge.training import batches
     from lmforge.evaluation import language_model as evaluation
     from lmforge.training.model import TokenInfo, check_compatible, is_masked
-    from lmforge.training.pretraining import pick_device
+    from lmforge.training.runtime import pick_device
 
     e = params.evaluate
-    device = pick_device(e.device)
+    device = pick_device(e.device, "evaluate.device")
     meta = batches.read_meta(tokens_dir)
     tok = TokenInfo.from_meta(meta)
     if not (model_dir / "config.json").exists():
@@ -138,4 +138,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from tasks._common import run_main
 
-    run_main("evaluate", main, ("DataError", "ModelConfigError"))
+    run_main("evaluate", main)

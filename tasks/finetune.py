@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> dict:
     from lmforge.evaluation.baseline import tfidf_baseline
     from lmforge.evaluation.classification_metrics import flat_metrics, majority_accuracy, plot_confusion_matrix
     from lmforge.config import load_params
-    from lmforge.training.finetuning import FinetuneConfig, finetune, read_split, save_model
+    from lmforge.training.finetuning import finetune, read_split, save_model
     from lmforge.training.base_models import resolve_base_model
     from lmforge.registry import tracking
 
@@ -58,7 +58,6 @@ def run(args: argparse.Namespace) -> dict:
     section, tuned = settings(params, Path(args.best))
     base = resolve_base_model(section.base_model)
     data = read_split(args.data)
-    cfg = FinetuneConfig.from_mapping(section.model_dump(), seed=params.seed)
     reports = Path(args.reports)
     reports.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -68,7 +67,8 @@ def run(args: argparse.Namespace) -> dict:
         def on_epoch_end(epoch: int, scores: dict) -> None:
             mlrun.log_metrics({"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}, step=epoch)
 
-        result = finetune(base, data, cfg, checkpoint_dir=args.checkpoints, on_epoch_end=on_epoch_end, log=log)
+        result = finetune(base, data, section, seed=params.seed, checkpoint_dir=args.checkpoints,
+                          on_epoch_end=on_epoch_end, log=log)
         out = Path(args.out)
         with atomic_dir(out) as tmp:
             save_model(result, tmp)
@@ -135,4 +135,4 @@ if __name__ == "__main__":
     from tasks._common import run_main
 
     # FinetuneError, BaseModelError: bad data or base model, one clear message, no retry.
-    run_main("finetune", main, ("FinetuneError", "BaseModelError"))
+    run_main("finetune", main)

@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 
 STARTED = time.perf_counter()
-# lmforge.training.batches.DataError, lmforge.training.checkpoint.CheckpointError, lmforge.training.model.ModelConfigError
-USER_ERRORS = ("DataError", "CheckpointError", "ModelConfigError")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,16 +118,16 @@ def main(argv: list[str] | None = None) -> int:
             p = p.model_copy(update={"init_from": str(resolve_base_model(p.init_from))})
 
     from lmforge.registry import tracking
-    from lmforge.training import pretraining as training
+    from lmforge.training import pretraining, runtime
 
-    training.start_cuda_init(p.device)
+    runtime.start_cuda_init(p.device)
     rank = int(os.environ.get("RANK", "0"))
     tokens_dir = Path(args.tokens)
     logged = {"seed": params.seed, "pretrain": p.model_dump()}
     lineage = tracking.input_hashes([args.tokens])
     runner = tracking.stage_run("pretrain", logged, tags=lineage) if rank == 0 else _no_run()
     with runner as run:
-        result = training.train(p, seed=params.seed, tokens_dir=tokens_dir, checkpoint_root=args.checkpoints,
+        result = pretraining.train(p, seed=params.seed, tokens_dir=tokens_dir, checkpoint_root=args.checkpoints,
                                  on_metrics=run.log_metrics)
         if result.dist.main:
             summary = result.summary()
@@ -171,4 +169,4 @@ class _no_run:
 if __name__ == "__main__":
     from tasks._common import run_main
 
-    run_main("pretrain", main, USER_ERRORS)
+    run_main("pretrain", main)

@@ -347,22 +347,22 @@ class _Killed(Exception):
 def test_pretraining_reads_token_shards_as_the_flat_split_and_resumes_exactly(tmp_path):
     import torch
 
-    from lmforge.training import pretraining as training
+    from lmforge.training import pretraining
     from tests import pretrain_fixtures as fx
 
     fx.make_tokens(tmp_path / "flat", n_docs=80)
     reshard(tmp_path / "flat", tmp_path / "sharded", cuts=(1_000, 1_017, 5_000))
     p = fx.params({"steps": 24, "warmup_steps": 3, "eval_every": 12, "checkpoint_every": 8, "log_every": 4}).pretrain
-    flat = training.train(p, seed=2, tokens_dir=tmp_path / "flat", checkpoint_root=tmp_path / "c1", progress=False)
-    sharded = training.train(p, seed=2, tokens_dir=tmp_path / "sharded", checkpoint_root=tmp_path / "c2", progress=False)
+    flat = pretraining.train(p, seed=2, tokens_dir=tmp_path / "flat", checkpoint_root=tmp_path / "c1", progress=False)
+    sharded = pretraining.train(p, seed=2, tokens_dir=tmp_path / "sharded", checkpoint_root=tmp_path / "c2", progress=False)
 
     def die_at_step_20(metrics, step):
         if step == 20:
             raise _Killed
     with pytest.raises(_Killed):
-        training.train(p, seed=2, tokens_dir=tmp_path / "sharded", checkpoint_root=tmp_path / "c3", progress=False,
+        pretraining.train(p, seed=2, tokens_dir=tmp_path / "sharded", checkpoint_root=tmp_path / "c3", progress=False,
                        on_metrics=die_at_step_20)
-    resumed = training.train(p, seed=2, tokens_dir=tmp_path / "sharded", checkpoint_root=tmp_path / "c3", progress=False)
+    resumed = pretraining.train(p, seed=2, tokens_dir=tmp_path / "sharded", checkpoint_root=tmp_path / "c3", progress=False)
     assert resumed.resumed_from == 16
     reference = flat.model.state_dict()
     for model in (sharded.model, resumed.model):

@@ -17,7 +17,7 @@ import pretrain_fixtures as fx  # noqa: E402
 
 from lmforge.training import batches
 from lmforge.evaluation import language_model as evaluation
-from lmforge.training import pretraining as training  # noqa: E402
+from lmforge.training import pretraining  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -95,7 +95,7 @@ def test_evaluate_a_masked_model_reports_accuracy_and_fills_masks(tmp_path, monk
                                           "checkpoint_every": 30}, {"samples": 2, "max_tokens": 2000})
     tokens = root / "data" / "tokens"
     params = fx.params({"arch": "bert", "steps": 30, "warmup_steps": 3, "eval_every": 30, "checkpoint_every": 30})
-    result = training.train(params.pretrain, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt",
+    result = pretraining.train(params.pretrain, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt",
                             progress=False)
     save_model(result.model, tokens, root / "models" / "pretrained", {"context": 32})
     monkeypatch.chdir(root)

@@ -15,9 +15,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_fixtures import params_file, tiny_base, tiny_causal_base, tiny_finetune, write_task  # noqa: E402
 
-from lmforge.config import ConfigError, load_params  # noqa: E402
+from lmforge.config import ConfigError, FinetuneParams, load_params  # noqa: E402
 from lmforge.training.finetuning import (  # noqa: E402
-    FinetuneConfig,
     FinetuneError,
     LabelledTexts,
     encode_texts,
@@ -26,6 +25,8 @@ from lmforge.training.finetuning import (  # noqa: E402
     save_model,
     train_batches,
 )
+
+SEED = 1337
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +101,8 @@ def test_stage_beats_majority_saves_a_loadable_model_and_logs_every_report(tmp_p
 
 def test_three_classes_work_unchanged(base, three_class, tmp_path):
     data = read_split(three_class)
-    cfg = FinetuneConfig.from_mapping(tiny_finetune(base))
-    result = finetune(base, data, cfg, log=lambda _m: None)
+    cfg = FinetuneParams.model_validate(tiny_finetune(base))
+    result = finetune(base, data, cfg, seed=SEED, log=lambda _m: None)
     assert result.labels == ["negative", "neutral", "positive"]
     assert result.model.config.num_labels == 3
     majority = max(data["test"].labels.count(name) for name in result.labels) / len(data["test"])
@@ -114,9 +115,9 @@ def test_three_classes_work_unchanged(base, three_class, tmp_path):
 
 def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(base, two_class, tmp_path):
     data = {k: v.sample(48 if k == "train" else 16, 0) for k, v in read_split(two_class).items()}
-    cfg = FinetuneConfig.from_mapping(tiny_finetune(base, epochs=2, checkpoint_every=2, batch_size=8))
+    cfg = FinetuneParams.model_validate(tiny_finetune(base, epochs=2, checkpoint_every=2, batch_size=8))
     quiet = lambda _m: None  # noqa: E731
-    straight = finetune(base, data, cfg, log=quiet)
+    straight = finetune(base, data, cfg, seed=SEED, log=quiet)
 
     class Killed(Exception):
         pass
@@ -126,8 +127,8 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(base, two_c
             raise Killed
 
     with pytest.raises(Killed):
-        finetune(base, data, cfg, checkpoint_dir=tmp_path / "ckpt", on_step=kill_at_7, log=quiet)
-    resumed = finetune(base, data, cfg, checkpoint_dir=tmp_path / "ckpt", log=quiet)
+        finetune(base, data, cfg, checkpoint_dir=tmp_path / "ckpt", on_step=kill_at_7, seed=SEED, log=quiet)
+    resumed = finetune(base, data, cfg, checkpoint_dir=tmp_path / "ckpt", seed=SEED, log=quiet)
     assert resumed.stats["resumed_from_step"] == 6
     assert resumed.stats["steps"] == straight.stats["steps"] == 12
     a, b = straight.model.state_dict(), resumed.model.state_dict()
@@ -136,9 +137,9 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(base, two_c
     assert [round(h["val_accuracy"], 6) for h in resumed.history] == [round(h["val_accuracy"], 6) for h in straight.history]
 
     # A checkpoint made under other settings is not resumed from.
-    other = FinetuneConfig.from_mapping(tiny_finetune(base, epochs=2, checkpoint_every=2, batch_size=8,
+    other = FinetuneParams.model_validate(tiny_finetune(base, epochs=2, checkpoint_every=2, batch_size=8,
                                                       learning_rate=1e-3))
-    fresh = finetune(base, data, other, checkpoint_dir=tmp_path / "ckpt", log=quiet)
+    fresh = finetune(base, data, other, checkpoint_dir=tmp_path / "ckpt", seed=SEED, log=quiet)
     assert fresh.stats["resumed_from_step"] is None
 
 
@@ -146,9 +147,9 @@ def test_lora_trains_and_saves_a_merged_plain_model(base, two_class, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     data = read_split(two_class)
-    cfg = FinetuneConfig.from_mapping(tiny_finetune(base, method="lora", learning_rate=1e-2,
+    cfg = FinetuneParams.model_validate(tiny_finetune(base, method="lora", learning_rate=1e-2,
                                                     lora={"r": 4, "alpha": 8, "dropout": 0.0}))
-    result = finetune(base, data, cfg, log=lambda _m: None)
+    result = finetune(base, data, cfg, seed=SEED, log=lambda _m: None)
     save_model(result, tmp_path / "lora")
     assert not (tmp_path / "lora/adapter_config.json").exists()
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora")
@@ -161,8 +162,8 @@ def test_a_causal_lm_without_pad_token_gets_a_classification_head(tmp_path_facto
 
     base = tiny_causal_base(tmp_path_factory.mktemp("causal") / "base")
     data = read_split(two_class)
-    result = finetune(base, data, FinetuneConfig.from_mapping(tiny_finetune(base, learning_rate=1e-2)),
-                      log=lambda _m: None)
+    result = finetune(base, data, FinetuneParams.model_validate(tiny_finetune(base, learning_rate=1e-2)),
+                      seed=SEED, log=lambda _m: None)
     assert type(result.model).__name__ == "LlamaForSequenceClassification"
     assert result.test["accuracy"] >= 0.8
     save_model(result, tmp_path / "causal")
@@ -206,10 +207,10 @@ def test_truncation_keeps_head_tail_or_both(base):
 def test_labels_come_from_train_and_unknown_ones_are_refused(base):
     data = {"train": LabelledTexts(["a", "b"], ["x", "x"]), "val": LabelledTexts(["c"], ["x"])}
     with pytest.raises(FinetuneError, match="at least 2"):
-        finetune(base, data, FinetuneConfig())
+        finetune(base, data, FinetuneParams(), seed=SEED)
     data = {"train": LabelledTexts(["a", "b"], ["x", "y"]), "val": LabelledTexts(["c"], ["z"])}
     with pytest.raises(FinetuneError, match="absent from train"):
-        finetune(base, data, FinetuneConfig())
+        finetune(base, data, FinetuneParams(), seed=SEED)
 
 
 def test_config_forbids_unknown_keys_and_bad_values(tmp_path):
@@ -289,8 +290,8 @@ def test_real_minilm_fine_tunes_a_few_steps(two_class, monkeypatch):
     config = json.loads((folder / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("bert", 6, 384)
     data = {k: v.sample(16, 0) for k, v in read_split(two_class).items()}
-    cfg = FinetuneConfig(max_length=32, batch_size=8, epochs=1, max_steps=2, device="cpu", compile=False)
-    result = finetune(folder, data, cfg, log=lambda _m: None)
+    cfg = FinetuneParams(max_length=32, batch_size=8, epochs=1, max_steps=2, device="cpu", compile=False)
+    result = finetune(folder, data, cfg, seed=SEED, log=lambda _m: None)
     assert result.stats["steps"] == 2
     assert result.model.config.id2label == {0: "negative", 1: "positive"}
     assert result.test["n"] == 16

@@ -70,10 +70,10 @@ def test_masters_gradients_reuse_their_buffers_from_step_to_step():
 
 
 def test_param_dtype_fp32_keeps_the_run_key_of_runs_made_before_it_existed():
-    from lmforge.training import pretraining as training
+    from lmforge.training import pretraining, runtime
 
     meta = {"splits": {}, "vocab_size": 300}
-    fp32 = training.run_fingerprint(fx.params({"param_dtype": "fp32"}).pretrain, 1, meta, 1)
-    bf16 = training.run_fingerprint(fx.params({"param_dtype": "bf16"}).pretrain, 1, meta, 1)
+    fp32 = pretraining.run_fingerprint(fx.params({"param_dtype": "fp32"}).pretrain, 1, meta, 1)
+    bf16 = pretraining.run_fingerprint(fx.params({"param_dtype": "bf16"}).pretrain, 1, meta, 1)
     assert "pretrain.param_dtype" not in fp32 and bf16["pretrain.param_dtype"] == "bf16"
-    assert training.run_key(fp32) != training.run_key(bf16)
+    assert runtime.run_key(fp32) != runtime.run_key(bf16)

@@ -21,7 +21,7 @@ import pretrain_fixtures as fx  # noqa: E402
 from lmforge.training import batches
 from lmforge.training import checkpoint
 from lmforge.evaluation import language_model as evaluation
-from lmforge.training import pretraining as training  # noqa: E402
+from lmforge.training import pretraining, runtime  # noqa: E402
 from lmforge.config import ConfigError  # noqa: E402
 from lmforge.training.model import ModelConfigError, TokenInfo, build_model  # noqa: E402
 
@@ -80,7 +80,7 @@ def test_context_longer_than_the_data_fails_early(tokens, tmp_path):
     val_tokens = batches.read_meta(tokens)["splits"]["val"]["tokens"]
     p = fx.params({"context": val_tokens + 10}).pretrain
     with pytest.raises(batches.DataError, match=r"context \(\d+\) is longer than the data: the val split"):
-        training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+        pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert not any(tmp_path.iterdir()), "nothing may be written before the check"
 
 
@@ -95,17 +95,17 @@ def test_vocab_mismatch_with_the_tokenizer_fails_early(tokens, tmp_path):
     (folder / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())
     cont = fx.params({"init_from": str(folder)}).pretrain
     with pytest.raises(ModelConfigError, match="vocabulary mismatch"):
-        training.train(cont, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False)
+        pretraining.train(cont, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False)
     # A model with fewer embeddings than the tokenizer has tokens.
     small = build_model(fx.params().pretrain, TokenInfo(20, 0, 1, 2, 3), seed=0)
     small.save_pretrained(tmp_path / "small")
     small_params = fx.params({"init_from": str(tmp_path / "small")}).pretrain
     # No tokenizer beside the weights: nothing proves the ids mean the same tokens.
     with pytest.raises(ModelConfigError, match="holds no tokenizer"):
-        training.train(small_params, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False)
+        pretraining.train(small_params, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False)
     (tmp_path / "small" / "tokenizer.json").write_bytes((tokens / "tokenizer.json").read_bytes())
-    with pytest.raises(ModelConfigError, match="has 20 token embeddings but the tokenizer of data/tokens has"):
-        training.train(small_params, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False)
+    with pytest.raises(ModelConfigError, match="has 20 token embeddings but the tokenizer of the token folder has"):
+        pretraining.train(small_params, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False)
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -119,7 +119,7 @@ def test_tiny_decoder_beats_unigram_reloads_and_generates(tokens, tmp_path):
 
     p = fx.params().pretrain
     seen: list[tuple[dict, int]] = []
-    result = training.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False,
+    result = pretraining.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False,
                             on_metrics=lambda m, s: seen.append((m, s)))
     assert result.history["val"][-1]["step"] == p.steps
     assert any("val_loss" in m for m, _ in seen) and any("tokens_per_s" in m for m, _ in seen)
@@ -134,7 +134,7 @@ def test_tiny_decoder_beats_unigram_reloads_and_generates(tokens, tmp_path):
     # Continued pretraining from our own saved model starts where it ended.
     cont = fx.params({"init_from": str(tmp_path / "pretrained"), "steps": 5, "warmup_steps": 1, "lr": 1e-5,
                       "eval_every": 5, "checkpoint_every": 5}).pretrain
-    resumed = training.train(cont, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt2", progress=False)
+    resumed = pretraining.train(cont, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt2", progress=False)
     assert resumed.history["val"][-1]["val_loss"] < result.history["val"][0]["val_loss"]
     ids = tokenizer("KING:\n", return_tensors="pt", add_special_tokens=False).input_ids
     out = model.generate(ids, max_new_tokens=12, do_sample=True, top_k=5, pad_token_id=tokenizer.pad_token_id)
@@ -147,7 +147,7 @@ def test_gpt2_style_decoder_trains(tokens, tmp_path):
 
     p = fx.params({"arch": "gpt2", "steps": 40, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 40,
                    "pad_vocab": 64}).pretrain
-    result = training.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    result = pretraining.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert type(result.model).__name__ == "GPT2LMHeadModel"
     assert result.model.config.vocab_size % 64 == 0 and result.model.config.vocab_size >= batches.read_meta(tokens)["vocab_size"]
     assert result.history["val"][-1]["val_loss"] < result.history["train"][0]["train_loss"]
@@ -169,7 +169,7 @@ def test_tiny_masked_lm_beats_unigram(tokens, tmp_path):
 
     p = fx.params({"arch": "bert", "steps": 300, "lr": 0.002, "warmup_steps": 30, "eval_every": 100,
                    "checkpoint_every": 300}).pretrain
-    result = training.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    result = pretraining.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert result.masked
     meta = batches.read_meta(tokens)
     log_probs = evaluation.unigram_log_probs(batches.open_split(tokens, "train", meta), meta["vocab_size"])
@@ -216,7 +216,7 @@ def test_a_fused_adamw_clips_through_its_grad_scale_as_clip_grad_norm_does():
             x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step))
             ((model(x) ** 2).sum() * (10.0 if step % 2 else 1e-3)).backward()  # clipped, then not
             norms.append(float(torch.nn.utils.get_total_norm([q.grad for q in model.parameters()])))
-            training.update(model, optimizer, None, p)
+            pretraining.update(model, optimizer, None, p)
             assert getattr(optimizer, "grad_scale", None) is None  # no clipping carried into the next step
             optimizer.zero_grad(set_to_none=True)
         weights[fused] = [q.detach().clone() for q in model.parameters()]
@@ -232,11 +232,11 @@ def test_a_state_resumed_from_an_unfused_adamw_still_clips():
 
     model = torch.nn.Linear(8, 8)
     saved = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}], lr=1e-2).state_dict()
-    optimizer = training.make_optimizer(model, SimpleNamespace(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1))
+    optimizer = pretraining.make_optimizer(model, SimpleNamespace(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1))
     optimizer.load_state_dict(saved)
     assert not optimizer.param_groups[0]["fused"] and optimizer.defaults["fused"]
     (model(torch.ones(4, 8)) * 100).sum().backward()
-    training.update(model, optimizer, None, SimpleNamespace(grad_clip=1.0))
+    pretraining.update(model, optimizer, None, SimpleNamespace(grad_clip=1.0))
     assert float(torch.nn.utils.get_total_norm([q.grad for q in model.parameters()])) == pytest.approx(1.0, rel=1e-4)
 
 
@@ -278,7 +278,7 @@ def test_training_leaves_the_model_on_plain_sdpa_and_its_own_gelu(tokens, tmp_pa
     # Compiled: the run that trains with SigmoidTanhGELU (an eager one keeps torch's one-kernel GELU).
     p = fx.params({"arch": "gpt2", "compile": True, "steps": 4, "warmup_steps": 1, "eval_every": 4,
                    "checkpoint_every": 4}).pretrain
-    result = training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    result = pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert result.model.config._attn_implementation == "sdpa"
     modules = [type(m) for m in result.model.modules()]
     assert GELUTanh in modules and SigmoidTanhGELU not in modules
@@ -298,7 +298,7 @@ def test_a_compiled_step_may_be_captured_and_keeps_the_batches_strides():
 def test_a_compiled_run_trains_in_one_process(tokens, tmp_path):
     p = fx.params({"compile": True, "steps": 6, "warmup_steps": 1, "log_every": 2, "eval_every": 6,
                    "checkpoint_every": 6}).pretrain
-    result = training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    result = pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert result.history["train"][-1]["train_loss"] < result.history["train"][0]["train_loss"]
 
 
@@ -309,7 +309,7 @@ def test_ddp_overlap_sets_how_dynamo_compiles_a_ddp_module():
     try:
         for overlap in (False, True):
             p = fx.params({"compile": True, "ddp_overlap": overlap}).pretrain
-            training.compile_runner(torch.nn.Linear(2, 2), p, training.Dist(world=2), print)
+            pretraining.compile_runner(torch.nn.Linear(2, 2), p, runtime.Dist(world=2), print)
             assert dynamo.config.optimize_ddp is overlap
     finally:
         dynamo.config.optimize_ddp = before
@@ -325,9 +325,9 @@ def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, param_dtyp
     common = {"device": "cuda", "steps": 60, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 30,
               "grad_accum": 2, "dropout": 0.0, "param_dtype": param_dtype, "compile": compiled,
               "fused_loss": compiled}
-    eager = training.train(fx.params(common).pretrain, seed=2, tokens_dir=tokens, checkpoint_root=tmp_path / "e",
+    eager = pretraining.train(fx.params(common).pretrain, seed=2, tokens_dir=tokens, checkpoint_root=tmp_path / "e",
                            progress=False)
-    graphed = training.train(fx.params({**common, "cuda_graph": True}).pretrain, seed=2, tokens_dir=tokens,
+    graphed = pretraining.train(fx.params({**common, "cuda_graph": True}).pretrain, seed=2, tokens_dir=tokens,
                              checkpoint_root=tmp_path / "g", progress=False)
     for a, b in zip(eager.history["val"], graphed.history["val"]):
         assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 0.02, (a, b)
@@ -337,10 +337,10 @@ def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, param_dtyp
 def test_a_run_with_the_fused_loss_trains_like_one_without(tokens, tmp_path):
     common = {"arch": "gpt2", "steps": 30, "warmup_steps": 3, "eval_every": 15, "checkpoint_every": 30}
     p = fx.params({**common, "fused_loss": True}).pretrain
-    assert training.use_fused_loss(p, build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0), False, print)
-    plain = training.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "p",
+    assert pretraining.use_fused_loss(p, build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0), False, print)
+    plain = pretraining.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "p",
                            progress=False)
-    fused = training.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "f", progress=False)
+    fused = pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "f", progress=False)
     assert [v["step"] for v in fused.history["val"]] == [15, 30]
     for a, b in zip(plain.history["val"], fused.history["val"]):
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-3, (a, b)
@@ -355,10 +355,10 @@ class _Killed(Exception):
 def test_bf16_working_weights_train_like_fp32_and_a_killed_run_resumes_exactly(tokens, tmp_path):
     common = {"arch": "gpt2", "steps": 30, "warmup_steps": 3, "eval_every": 15, "checkpoint_every": 10,
               "log_every": 5, "dropout": 0.0}
-    fp32 = training.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "fp32",
+    fp32 = pretraining.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "fp32",
                           progress=False)
     p = fx.params({**common, "param_dtype": "bf16"}).pretrain
-    bf16 = training.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "bf16", progress=False)
+    bf16 = pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "bf16", progress=False)
     assert {param.dtype for param in bf16.model.parameters()} == {torch.float32}  # the masters are what is kept
     for a, b in zip(fp32.history["val"], bf16.history["val"]):
         assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 0.05, (a, b)
@@ -368,9 +368,9 @@ def test_bf16_working_weights_train_like_fp32_and_a_killed_run_resumes_exactly(t
         if step == 25:
             raise _Killed
     with pytest.raises(_Killed):
-        training.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False,
+        pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False,
                        on_metrics=die_at_step_25)
-    resumed = training.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False)
+    resumed = pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False)
     assert resumed.resumed_from == 20  # the bf16 copy is rebuilt from the fp32 masters of step 20
     reference = bf16.model.state_dict()
     for name, value in resumed.model.state_dict().items():
@@ -417,7 +417,7 @@ def test_kill_and_resume_ends_bitwise_equal_to_an_uninterrupted_run(tokens, tmp_
 
     # The uninterrupted reference, in this process (one thread, like the stage).
     p = fx.params(overrides).pretrain
-    reference = training.train(p, seed=fx.params().seed, tokens_dir=tokens, checkpoint_root=tmp_path / "ref",
+    reference = pretraining.train(p, seed=fx.params().seed, tokens_dir=tokens, checkpoint_root=tmp_path / "ref",
                                progress=False)
     resumed = load_file(root / "models" / "pretrained" / "model.safetensors")
     ref_state = reference.model.state_dict()
@@ -432,10 +432,10 @@ def test_kill_and_resume_ends_bitwise_equal_to_an_uninterrupted_run(tokens, tmp_
 
 def test_corrupt_or_mismatched_checkpoint_is_an_error_not_a_restart(tokens, tmp_path):
     p = fx.params({"steps": 20, "warmup_steps": 2, "checkpoint_every": 10, "eval_every": 10}).pretrain
-    result = training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    result = pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     folder = checkpoint.latest_checkpoint(result.run_dir)
     # A finished run started again does no work and does not restart.
-    again = training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+    again = pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert again.resumed_from == 20
 
     weights = folder / "model.safetensors"
@@ -443,31 +443,31 @@ def test_corrupt_or_mismatched_checkpoint_is_an_error_not_a_restart(tokens, tmp_
     blob[-8:] = b"\xff" * 8
     weights.write_bytes(bytes(blob))
     with pytest.raises(checkpoint.CheckpointError, match="model.safetensors does not match its sha256"):
-        training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+        pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
 
     weights.unlink()
     with pytest.raises(checkpoint.CheckpointError, match="model.safetensors is missing"):
-        training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+        pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
 
     state = json.loads((folder / "state.json").read_text())
     state["files"].pop("model.safetensors")
     state["fingerprint"]["pretrain.d_model"] = 999
     (folder / "state.json").write_text(json.dumps(state))
     with pytest.raises(checkpoint.CheckpointError, match=r"another run configuration \(differs in: pretrain.d_model\)"):
-        training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+        pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
 
     (result.run_dir / "latest").write_text("step-000000999\n")
     with pytest.raises(checkpoint.CheckpointError, match="is corrupt"):
-        training.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
+        pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    f = [training.lr_factor(s, warmup=10, total=100, floor=0.1) for s in range(101)]
+    f = [runtime.warmup_cosine(s, warmup=10, total=100, floor=0.1) for s in range(101)]
     assert f[0] < f[5] < f[9] <= 1.0
     assert max(f) <= 1.0 and abs(f[10] - 1.0) < 1e-9
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert abs(f[100] - 0.1) < 1e-9
-    assert np.isclose(training.lr_factor(55, warmup=10, total=100, floor=0.0), 0.5)
+    assert np.isclose(runtime.warmup_cosine(55, warmup=10, total=100, floor=0.0), 0.5)
 
 
 def test_wrap_ddp_sets_the_bucket_size_and_keeps_fp32_gradients_on_gloo(tmp_path):
@@ -477,7 +477,7 @@ def test_wrap_ddp_sets_the_bucket_size_and_keeps_fp32_gradients_on_gloo(tmp_path
     try:
         notes: list[str] = []
         p = fx.params({"ddp_bucket_mb": 2, "ddp_comm_dtype": "bf16"}).pretrain
-        ddp = training.wrap_ddp(torch.nn.Linear(8, 8), p, training.Dist(world=1), notes.append)
+        ddp = pretraining.wrap_ddp(torch.nn.Linear(8, 8), p, runtime.Dist(world=1), notes.append)
         assert ddp.bucket_bytes_cap == 2 * 2**20
         assert notes == ["ddp_comm_dtype bf16 needs NCCL (GPUs); gloo sends the gradients as fp32"]
     finally:
@@ -495,9 +495,9 @@ import sys
 import torch
 sys.path.insert(0, {tests!r})
 import pretrain_fixtures as fx
-from lmforge.training import pretraining as training
+from lmforge.training import pretraining
 
-step_update = training.update
+step_update = pretraining.update
 
 
 def update_then_drift_on_rank_1(model, optimizer, working, p):
@@ -507,9 +507,9 @@ def update_then_drift_on_rank_1(model, optimizer, working, p):
             next(model.parameters()).view(-1)[0] += 1e-3
 
 
-training.update = update_then_drift_on_rank_1
+pretraining.update = update_then_drift_on_rank_1
 p = fx.params({{"steps": 20, "warmup_steps": 2, "eval_every": 10, "checkpoint_every": 10}}).pretrain
-training.train(p, seed=1, tokens_dir={tokens!r}, checkpoint_root={checkpoints!r}, progress=False)
+pretraining.train(p, seed=1, tokens_dir={tokens!r}, checkpoint_root={checkpoints!r}, progress=False)
 """
 
 
@@ -529,14 +529,14 @@ def test_replicas_that_drift_apart_stop_the_run_on_every_rank_before_a_checkpoin
 
 NAN_SCRIPT = """
 import torch
-from lmforge.training import pretraining as training
+from lmforge.training import pretraining, runtime
 
-d = training.setup_distributed("cpu")
+d = runtime.setup_distributed("cpu")
 torch.manual_seed(0)  # the same weights on both ranks
 model = torch.nn.Linear(4, 4)
 with torch.no_grad():
     model.weight[0, 0] = float("nan")  # a run that blew up: the same NaN on both ranks is no drift
-training.check_replicas_agree(model, d, step=5)
+pretraining.check_replicas_agree(model, d, step=5)
 print(f"rank {d.rank}: agree")
 torch.distributed.destroy_process_group()  # left to exit, gloo's threads can abort the process
 """

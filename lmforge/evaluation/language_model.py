@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.training import batches
+from lmforge.training import batches, runtime
 
 LN2 = math.log(2.0)
 
@@ -48,9 +48,8 @@ def unigram_loss(log_probs: np.ndarray, targets: np.ndarray) -> float:
 
 
 def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    """Scored as pretraining trains: bf16 on a GPU, fp32 on the CPU."""
+    return runtime.autocast(device, torch.bfloat16 if device.type == "cuda" else None)
 
 
 def _context_of(model, requested: int | None) -> int:

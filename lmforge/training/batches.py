@@ -1,4 +1,4 @@
-"""Training batches drawn from the memory-mapped token arrays of data/tokens.
+"""Training batches drawn from the memory-mapped token arrays of a token folder (tokenization.py writes them).
 
 A batch is a pure function of (seed, step, micro-step, rank): the window offsets come from a
 numpy generator seeded with those numbers. So the "data position" of a run is just its step, and
@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.errors import UserError
+
 IGNORE_INDEX = -100
 SAMPLER_VERSION = "uniform-windows-v1"
 _TRAIN_STREAM, _MASK_STREAM, _EVAL_STREAM = 0, 1, 2
@@ -29,7 +31,7 @@ _TRAIN_STREAM, _MASK_STREAM, _EVAL_STREAM = 0, 1, 2
 DEVICE_COPY_MAX_TOKENS = 512 * 1024 * 1024
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The token data cannot feed this run (missing, too short for the context)."""
 
 

@@ -1,6 +1,6 @@
 """Training checkpoints: written atomically, verified on load, never unpickled beyond tensors.
 
-One run's folder (models/checkpoints/<run key>/) holds
+One run's folder (<checkpoint root>/<run key>/) holds
   step-000150/          the last complete checkpoint
     model.safetensors   the weights (shared tensors stored once)
     optimizer.pt        optimizer + scheduler state dicts (loaded with weights_only=True)
@@ -30,13 +30,14 @@ from safetensors.torch import load_model, save_file, save_model
 
 from lmforge.atomic import replace_dir
 from lmforge.data.sources import sha256_of
+from lmforge.errors import UserError
 
 LATEST = "latest"
 BEST = "best"
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is corrupt or belongs to another run: delete it or point elsewhere."""
 
 

@@ -1,10 +1,13 @@
 """Fine-tune a transformers encoder or decoder for sequence classification, in a small torch loop.
 
-Why not transformers' Trainer: the loop here is the one knob-for-knob faster path the project
-needs (target G4, >= 1.5x the Trainer's samples/s): texts are tokenized once with no padding,
-batches are grouped by length and padded only to their own longest row (rounded to a multiple
-of 8), the forward runs under bf16 autocast and torch.compile on a GPU, the optimizer is fused
-AdamW, and the step loop never waits on the host (the loss is read every `log_every` steps).
+The loop runs on the training runtime it shares with pretraining (runtime.py: device choice,
+autocast, fused AdamW and its parameter groups, the warmup schedule, clipping, checkpoints).
+Why not transformers' Trainer: bench/finetune_g4.py measures both, the Trainer configured as
+fairly as it goes (length grouping, padding to a multiple of 8, bf16, torch.compile); the
+figures and the decision are in docs/performance.md. Here, texts are tokenized once with no
+padding, batches are grouped by length and padded only to their own longest row (rounded to a
+multiple of `pad_multiple`), the forward runs under bf16 autocast and torch.compile on a GPU,
+and the step loop never waits on the host (the loss is read every `log_every` steps).
 
 What it does:
 - labels: names (str); id2label / label2id come from the sorted distinct labels of the train
@@ -13,11 +16,12 @@ What it does:
   the saved folder is a plain transformers model);
 - truncation to `max_length` tokens keeping the head, the tail, or head + tail of long texts;
 - validation after every epoch, early stopping on the chosen val metric, the best weights kept
-  (in memory and, with a checkpoint folder, on disk);
+  (in memory, or with a checkpoint folder on disk);
 - resumable: with a checkpoint folder, weights, optimizer, scheduler, RNG states and the data
-  position are saved every `checkpoint_every` steps and at each epoch end; a killed run resumes
-  there and ends where an uninterrupted run ends (the batch order of an epoch depends only on
-  the seed and the epoch number). A checkpoint made under other settings or data is ignored.
+  position are saved every `checkpoint_every` steps and at each epoch end, in
+  <checkpoint folder>/<run key> like pretraining's; a killed run resumes there and ends where an
+  uninterrupted run ends (the batch order of an epoch depends only on the seed and the epoch
+  number). A run with other settings or data has another key, so it starts afresh.
 
 Imports at import time: torch, transformers, numpy, safetensors, sklearn (through the metrics
 module) and the standard library; peft only for LoRA, pyarrow or pandas only to read parquet.
@@ -26,79 +30,30 @@ module) and the standard library; peft only for LoRA, pyarrow or pandas only to 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from lmforge.errors import UserError
 from lmforge.evaluation.classification_metrics import classification_metrics
+from lmforge.training import checkpoint, runtime
 
 SPLITS = ("train", "val", "test")
+# finetune params that change how a run computes or is reported, not the weights it ends with.
+OPERATIONAL_KEYS = {"checkpoint_every", "log_every", "device", "eval_batch_size", "base_model", "use_tuned",
+                    "baseline_c"}
 
 
-class FinetuneError(RuntimeError):
+class FinetuneError(UserError, RuntimeError):
     """The data or the settings cannot be fine-tuned on (the message says why)."""
-
-
-# --- settings -------------------------------------------------------------------------------
-
-
-@dataclass
-class LoraSettings:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
-    target_modules: list[str] | None = None  # None: peft's default for the architecture
-
-
-@dataclass
-class FinetuneConfig:
-    """The loop's knobs; params.yaml's `finetune` section (lmforge.config.FinetuneParams) maps
-    onto it with `from_mapping`, keys the loop does not use (base_model, ...) are ignored."""
-
-    method: str = "full"  # full | lora
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    max_length: int = 128
-    truncation: str = "head"  # head | tail | head_tail
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    group_by_length: bool = True
-    metric: str = "accuracy"  # accuracy | macro_f1: early stopping, best checkpoint, tuning
-    early_stopping_patience: int = 2  # epochs without improvement; 0: never stop early
-    checkpoint_every: int = 100
-    max_train_rows: int | None = None
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on a GPU that has it) | fp32 | bf16
-    compile: bool | str = "auto"  # auto: on a GPU
-    seed: int = 1337
-    pad_multiple: int = 8
-    log_every: int = 50
-
-    @classmethod
-    def from_mapping(cls, values: Mapping, **overrides) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        merged = {k: v for k, v in {**dict(values), **overrides}.items() if k in known}
-        lora = merged.get("lora")
-        if isinstance(lora, Mapping):
-            merged["lora"] = LoraSettings(**dict(lora))
-        elif lora is not None and not isinstance(lora, LoraSettings):
-            merged["lora"] = LoraSettings(**lora.model_dump())  # a pydantic section
-        return cls(**merged)
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -238,7 +193,7 @@ def collate(encoded: Sequence[np.ndarray], rows: np.ndarray, pad_id: int, pad_mu
 # --- model ----------------------------------------------------------------------------------
 
 
-def load_model(base: Path | str, labels: Sequence[str], cfg: FinetuneConfig):
+def load_model(base: Path | str, labels: Sequence[str], params: Any):
     """The base model with a fresh classification head for `labels`, and its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:  # causal LMs ship without one
@@ -256,65 +211,23 @@ def load_model(base: Path | str, labels: Sequence[str], cfg: FinetuneConfig):
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.method == "lora":
+    if params.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
         lora = LoraConfig(
             task_type=TaskType.SEQ_CLS,
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
+            r=params.lora.r,
+            lora_alpha=params.lora.alpha,
+            lora_dropout=params.lora.dropout,
+            target_modules=params.lora.target_modules,
         )
         try:
             model = get_peft_model(model, lora)
         except ValueError as err:
             raise FinetuneError(f"LoRA: {err} (set finetune.lora.target_modules)") from err
-    elif cfg.method != "full":
-        raise FinetuneError(f"unknown method {cfg.method!r}: full or lora")
+    elif params.method != "full":
+        raise FinetuneError(f"unknown method {params.method!r}: full or lora")
     return model, tokenizer
-
-
-def _resolve_runtime(cfg: FinetuneConfig) -> tuple[torch.device, torch.dtype | None, bool]:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise FinetuneError("finetune.device is cuda but torch sees no GPU")
-        device = torch.device("cuda")
-    else:
-        device = torch.device("cpu")
-    if cfg.precision == "bf16":
-        dtype = torch.bfloat16
-    elif cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    else:
-        dtype = None
-    compile_ = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
-    return device, dtype, compile_
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)  # no decay on biases, norms
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device.type == "cuda")
-
-
-def _schedule(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @torch.inference_mode()
@@ -329,7 +242,7 @@ def predict(model: torch.nn.Module, encoded: Sequence[np.ndarray], *, pad_id: in
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask = collate(encoded, rows, pad_id, pad_multiple, max_length)
-        with _autocast(device, dtype):
+        with runtime.autocast(device, dtype):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         preds.append(logits.argmax(-1))
     model.train(was_training)
@@ -339,55 +252,222 @@ def predict(model: torch.nn.Module, encoded: Sequence[np.ndarray], *, pad_id: in
     return out
 
 
-# --- checkpoints ----------------------------------------------------------------------------
+# --- the run --------------------------------------------------------------------------------
 
 
-def _fingerprint(cfg: FinetuneConfig, base: Path | str, labels: Sequence[str], train: LabelledTexts,
-                 val: LabelledTexts) -> str:
+def fingerprint(params: Any, seed: int, base: Path | str, labels: Sequence[str], train: LabelledTexts,
+                val: LabelledTexts) -> dict[str, Any]:
+    """Everything that decides the weights a run ends with: its checkpoint folder's key."""
     digest = hashlib.sha256()
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "log_every", "device")}
-    digest.update(json.dumps([settings, str(base), list(labels)], sort_keys=True, default=str).encode())
     for split in (train, val):
         for text, label in zip(split.texts, split.labels):
             digest.update(text.encode("utf-8", "replace"))
             digest.update(b"\x00" + label.encode() + b"\x01")
-    return digest.hexdigest()
+    settings = {k: v for k, v in params.model_dump().items() if k not in OPERATIONAL_KEYS}
+    return {"seed": seed, "base": str(base), "labels": list(labels), "data": digest.hexdigest(),
+            **{f"finetune.{k}": v for k, v in sorted(settings.items())}}
 
 
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+@dataclass
+class EpochProgress:
+    """Where the run is; a checkpoint carries it across a kill."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    samples: int = 0
+    done: bool = False
 
 
-def _save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, progress: dict) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_cpu_state(model), tmp / "weights.safetensors")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng, "progress": progress}, tmp / "trainer.pt")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+@dataclass
+class Job:
+    """One fine-tuning run, built by `prepare` before its first step."""
+
+    params: Any
+    seed: int
+    labels: list[str]
+    tokenizer: Any
+    model: torch.nn.Module
+    forward: Callable
+    device: torch.device
+    dtype: torch.dtype | None
+    compiled: bool
+    train_ids: list[np.ndarray]
+    train_y: torch.Tensor
+    val_ids: list[np.ndarray]
+    val_labels: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_steps: int
+    checkpoints: runtime.RunCheckpoints | None
+    log: Callable[[str], None]
+    best_in_memory: dict[str, torch.Tensor] | None = None  # without a checkpoint folder
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def encode(self, split: LabelledTexts) -> list[np.ndarray]:
+        return encode_texts(self.tokenizer, split.texts, self.params.max_length, self.params.truncation)
+
+    def predict(self, encoded: Sequence[np.ndarray]) -> np.ndarray:
+        return predict(self.model, encoded, pad_id=self.pad_id, batch_size=self.params.eval_batch_size,
+                       device=self.device, dtype=self.dtype, pad_multiple=self.params.pad_multiple,
+                       max_length=self.params.max_length)
+
+    def score(self, encoded: Sequence[np.ndarray], truth: Sequence[str]) -> dict:
+        return classification_metrics(truth, [self.labels[i] for i in self.predict(encoded)], self.labels)
 
 
-def _load_checkpoint(folder: Path, fingerprint: str) -> dict | None:
-    try:
-        state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        return None
-    if state.get("progress", {}).get("fingerprint") != fingerprint:
-        return None
-    state["weights"] = load_file(folder / "weights.safetensors")
-    return state
+def prepare(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, seed: int,
+            checkpoint_dir: Path | str | None, log: Callable[[str], None]) -> Job:
+    """Labels, model and tokenizer, the encoded splits, optimizer, schedule and checkpoint folder."""
+    labels = label_names(data)
+    train = data["train"].sample(params.max_train_rows, seed)
+    val = data["val"]
+    if len(val) == 0:
+        raise FinetuneError("the val split is empty: early stopping and model selection need it")
+    device = runtime.pick_device(params.device, "finetune.device")
+    model, tokenizer = load_model(base, labels, params)
+    label_id = {name: i for i, name in enumerate(labels)}
+    model.to(device)
+    model.train()
+    runtime.enable_tf32(device)
+    compiled = params.compile is True or (params.compile == "auto" and device.type == "cuda")
+    optimizer = runtime.adamw(model, lr=params.learning_rate, weight_decay=params.weight_decay)
+    per_epoch = math.ceil(len(train) / params.batch_size)
+    total = per_epoch * params.epochs if params.max_steps is None else min(params.max_steps, per_epoch * params.epochs)
+    warmup = round(params.warmup_ratio * total)
+    scheduler = runtime.lr_scheduler(optimizer, partial(runtime.warmup_linear, warmup=warmup, total=total))
+    checkpoints = None
+    if checkpoint_dir is not None:
+        checkpoints = runtime.RunCheckpoints(checkpoint_dir, fingerprint(params, seed, base, labels, train, val),
+                                             runtime.Dist(device=device))
+    return Job(params=params, seed=seed, labels=labels, tokenizer=tokenizer, model=model,
+               # dynamic=True: length-grouped batches vary in width; one graph serves them all.
+               forward=torch.compile(model, dynamic=True) if compiled else model,
+               device=device, dtype=runtime.compute_dtype(params.precision, device), compiled=compiled,
+               train_ids=encode_texts(tokenizer, train.texts, params.max_length, params.truncation),
+               train_y=torch.tensor([label_id[v] for v in train.labels], dtype=torch.long),
+               val_ids=encode_texts(tokenizer, val.texts, params.max_length, params.truncation),
+               val_labels=val.labels, optimizer=optimizer, scheduler=scheduler, total_steps=total,
+               checkpoints=checkpoints, log=log)
 
 
-# --- the loop -------------------------------------------------------------------------------
+def resume(job: Job) -> tuple[EpochProgress, int | None]:
+    """The progress of the run's last checkpoint (weights, optimizer, RNG restored), or a fresh one."""
+    state = job.checkpoints.resume(job.model, job.optimizer, job.scheduler) if job.checkpoints else None
+    if state is None:
+        return EpochProgress(), None
+    progress = EpochProgress(**state["progress"])
+    job.log(f"finetune: resumed from step {progress.global_step} (epoch {progress.epoch})")
+    return progress, progress.global_step
+
+
+def save_checkpoint(job: Job, progress: EpochProgress) -> None:
+    if job.checkpoints is not None:
+        runtime.synchronize(job.device)
+        job.checkpoints.save(progress.global_step, job.model, job.optimizer, job.scheduler,
+                             {"progress": asdict(progress)})
+
+
+def train_epoch(job: Job, progress: EpochProgress, on_step: Callable[[int], None] | None) -> float:
+    """The rest of the current epoch's steps; returns its mean train loss."""
+    p = job.params
+    batches = train_batches(np.asarray([len(e) for e in job.train_ids]), p.batch_size, job.seed, progress.epoch,
+                            p.group_by_length)
+    running, counted = torch.zeros((), device=job.device), 0
+    runtime.synchronize(job.device)
+    started = time.perf_counter()
+    for rows in batches[progress.step_in_epoch :]:
+        if progress.global_step >= job.total_steps:
+            break
+        running += train_step(job, rows)
+        counted += 1
+        progress.global_step += 1
+        progress.step_in_epoch += 1
+        progress.samples += len(rows)
+        step = progress.global_step
+        if step % p.log_every == 0:
+            mean = finite_loss((running / counted).item(), f"step {step}")
+            job.log(f"finetune: epoch {progress.epoch + 1} step {step}/{job.total_steps} loss {mean:.4f} "
+                    f"lr {job.scheduler.get_last_lr()[0]:.2e}")
+        if step % p.checkpoint_every == 0 and job.checkpoints is not None:
+            runtime.synchronize(job.device)
+            progress.train_seconds += time.perf_counter() - started
+            save_checkpoint(job, progress)
+            started = time.perf_counter()
+        if on_step is not None:
+            on_step(step)
+    runtime.synchronize(job.device)
+    progress.train_seconds += time.perf_counter() - started
+    return finite_loss((running / counted).item(), f"epoch {progress.epoch + 1}") if counted else math.nan
+
+
+def train_step(job: Job, rows: np.ndarray) -> torch.Tensor:
+    """Forward, backward, clip and AdamW on one batch; returns the loss, still on the device."""
+    ids, mask = collate(job.train_ids, rows, job.pad_id, job.params.pad_multiple, job.params.max_length)
+    if job.device.type == "cuda":
+        ids, mask = ids.pin_memory().to(job.device, non_blocking=True), mask.pin_memory().to(job.device, non_blocking=True)
+    target = job.train_y[rows].to(job.device, non_blocking=True)
+    with runtime.autocast(job.device, job.dtype):
+        logits = job.forward(input_ids=ids, attention_mask=mask).logits
+    loss = F.cross_entropy(logits.float(), target)
+    loss.backward()
+    runtime.optimizer_step(job.model, job.optimizer, job.params.max_grad_norm)
+    job.scheduler.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def finite_loss(value: float, where: str) -> float:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"training loss is {value} at {where}")
+    return value
+
+
+def end_epoch(job: Job, progress: EpochProgress, train_loss: float, seconds_before: float,
+              samples_before: int) -> dict:
+    """Validate, keep the best weights, decide on early stopping, checkpoint; returns val scores."""
+    p, epoch = job.params, progress.epoch + 1
+    scores = job.score(job.val_ids, job.val_labels)
+    progress.history.append({"epoch": epoch, "step": progress.global_step, "train_loss": train_loss,
+                             "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
+                             "train_seconds": round(progress.train_seconds - seconds_before, 3),
+                             "train_samples": progress.samples - samples_before})
+    job.log(f"finetune: epoch {epoch} val accuracy {scores['accuracy']:.4f} macro F1 {scores['macro_f1']:.4f}")
+    value = scores[p.metric]
+    if progress.best is None or value > progress.best:
+        progress.best, progress.best_epoch, progress.bad_epochs = value, epoch, 0
+        keep_best(job, {"epoch": epoch, p.metric: value})
+    else:
+        progress.bad_epochs += 1
+    progress.epoch, progress.step_in_epoch = epoch, 0
+    stop = bool(p.early_stopping_patience and progress.bad_epochs >= p.early_stopping_patience)
+    if stop:
+        job.log(f"finetune: early stop after epoch {epoch}: no gain in {p.early_stopping_patience} epoch(s)")
+    progress.done = stop or progress.global_step >= job.total_steps or progress.epoch >= p.epochs
+    save_checkpoint(job, progress)
+    return scores
+
+
+def keep_best(job: Job, info: dict[str, Any]) -> None:
+    if job.checkpoints is not None:
+        job.checkpoints.save_best(checkpoint.snapshot(job.model), info)
+    else:
+        job.best_in_memory = {k: v.detach().to("cpu", copy=True) for k, v in job.model.state_dict().items()}
+
+
+def load_best(job: Job) -> None:
+    if job.checkpoints is not None:
+        job.checkpoints.load_best(job.model)
+    elif job.best_in_memory is not None:
+        job.model.load_state_dict(job.best_in_memory)
 
 
 @dataclass
@@ -402,199 +482,56 @@ class FinetuneResult:
     stats: dict  # steps, samples, seconds, samples/s, device, precision, compiled, resumed
 
 
-def finetune(
-    base: Path | str,
-    data: Mapping[str, LabelledTexts],
-    cfg: FinetuneConfig,
-    *,
-    checkpoint_dir: Path | str | None = None,
-    on_epoch_end: Callable[[int, dict], None] | None = None,
-    on_step: Callable[[int], None] | None = None,
-    log: Callable[[str], None] = print,
-) -> FinetuneResult:
+def finetune(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, *, seed: int,
+             checkpoint_dir: Path | str | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
+             on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> FinetuneResult:
     """Fine-tune `base` on data["train"], select on data["val"], score data["test"] if given.
 
+    params: the finetune section (lmforge.config.FinetuneParams).
     on_epoch_end(epoch, val_metrics) runs after each epoch's validation (the tuner reports to
     its pruner there and may raise to stop); on_step(global_step) after each optimizer step."""
-    torch.manual_seed(cfg.seed)
-    labels = label_names(data)
-    label_id = {name: i for i, name in enumerate(labels)}
-    train = data["train"].sample(cfg.max_train_rows, cfg.seed)
-    val = data["val"]
-    if len(val) == 0:
-        raise FinetuneError("the val split is empty: early stopping and model selection need it")
-    device, dtype, compile_ = _resolve_runtime(cfg)
-    model, tokenizer = load_model(base, labels, cfg)
-    pad_id = int(tokenizer.pad_token_id)
-    encode = lambda split: encode_texts(tokenizer, split.texts, cfg.max_length, cfg.truncation)  # noqa: E731
-    train_ids, val_ids = encode(train), encode(val)
-    train_y = torch.tensor([label_id[v] for v in train.labels], dtype=torch.long)
-    lengths = np.asarray([len(e) for e in train_ids])
-
-    model.to(device)
-    model.train()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    # dynamic=True: length-grouped batches vary in width; one graph serves them all.
-    forward = torch.compile(model, dynamic=True) if compile_ else model
-    optimizer = _optimizer(model, cfg, device)
-    per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
-    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    scheduler = _schedule(optimizer, round(cfg.warmup_ratio * total), total)
-
-    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": -1,
-                "bad_epochs": 0, "history": [], "train_seconds": 0.0, "samples": 0, "done": False}
-    best_state: dict[str, torch.Tensor] | None = None
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    fingerprint = _fingerprint(cfg, base, labels, train, val)
-    resumed_from = None
-    if folder is not None:
-        state = _load_checkpoint(folder / "last", fingerprint)
-        if state is not None:
-            model.load_state_dict(state["weights"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if "cuda" in state["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            progress = dict(state["progress"])
-            resumed_from = progress["global_step"]
-            if (folder / "best.safetensors").exists():
-                best_state = load_file(folder / "best.safetensors")
-            log(f"finetune: resumed from step {resumed_from} (epoch {progress['epoch']})")
-        else:
-            if (folder / "last").exists():
-                log("finetune: ignoring a checkpoint made under other settings or data")
-            (folder / "best.safetensors").unlink(missing_ok=True)  # another run's best
-    progress["fingerprint"] = fingerprint
-
-    def checkpoint() -> None:
-        if folder is not None:
-            _save_checkpoint(folder / "last", model, optimizer, scheduler, progress)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    clip = cfg.max_grad_norm > 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    log(f"finetune: {len(train_ids)} train / {len(val_ids)} val rows, {len(labels)} labels, "
-        f"{total} steps, device {device.type}, {'bf16' if dtype else 'fp32'}, compile {compile_}, "
-        f"{sum(p.numel() for p in params):,} trainable parameters")
-    stop = progress["done"]
-    while not stop and progress["epoch"] < cfg.epochs:
-        epoch = progress["epoch"]
-        batches = train_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
-        running = torch.zeros((), device=device)
-        counted = 0
-        epoch_start_seconds, epoch_start_samples = progress["train_seconds"], progress["samples"]
-        sync()
-        started = time.perf_counter()
-        for rows in batches[progress["step_in_epoch"] :]:
-            if progress["global_step"] >= total:
-                break
-            ids, mask = collate(train_ids, rows, pad_id, cfg.pad_multiple, cfg.max_length)
-            if device.type == "cuda":
-                ids, mask = ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
-            target = train_y[rows].to(device, non_blocking=True)
-            with _autocast(device, dtype):
-                logits = forward(input_ids=ids, attention_mask=mask).logits
-            loss = F.cross_entropy(logits.float(), target)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            running += loss.detach()
-            counted += 1
-            progress["global_step"] += 1
-            progress["step_in_epoch"] += 1
-            progress["samples"] += len(rows)
-            step = progress["global_step"]
-            if step % cfg.log_every == 0:
-                mean = (running / counted).item()
-                if not math.isfinite(mean):
-                    raise FloatingPointError(f"training loss is {mean} at step {step}")
-                log(f"finetune: epoch {epoch + 1} step {step}/{total} loss {mean:.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e}")
-            if folder is not None and step % cfg.checkpoint_every == 0:
-                sync()
-                progress["train_seconds"] += time.perf_counter() - started
-                checkpoint()
-                started = time.perf_counter()
-            if on_step is not None:
-                on_step(step)
-        sync()
-        progress["train_seconds"] += time.perf_counter() - started
-        train_loss = (running / counted).item() if counted else float("nan")
-        if counted and not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss is {train_loss} in epoch {epoch + 1}")
-
-        preds = predict(model, val_ids, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device,
-                        dtype=dtype, pad_multiple=cfg.pad_multiple, max_length=cfg.max_length)
-        scores = classification_metrics(val.labels, [labels[i] for i in preds], labels)
-        value = scores[cfg.metric]
-        row = {"epoch": epoch + 1, "step": progress["global_step"], "train_loss": train_loss,
-               "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
-               "train_seconds": round(progress["train_seconds"] - epoch_start_seconds, 3),
-               "train_samples": progress["samples"] - epoch_start_samples}
-        progress["history"].append(row)
-        log(f"finetune: epoch {epoch + 1} val accuracy {scores['accuracy']:.4f} macro F1 {scores['macro_f1']:.4f}")
-        if progress["best"] is None or value > progress["best"]:
-            progress["best"], progress["best_epoch"], progress["bad_epochs"] = value, epoch + 1, 0
-            best_state = _cpu_state(model)
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-                save_file(best_state, folder / "best.safetensors.tmp")
-                (folder / "best.safetensors.tmp").replace(folder / "best.safetensors")
-        else:
-            progress["bad_epochs"] += 1
-        progress["epoch"] = epoch + 1
-        progress["step_in_epoch"] = 0
-        patience = cfg.early_stopping_patience
-        if patience and progress["bad_epochs"] >= patience:
-            log(f"finetune: early stop after epoch {epoch + 1}: no gain in {patience} epoch(s)")
-            stop = True
-        if progress["global_step"] >= total:
-            stop = True
-        progress["done"] = stop or progress["epoch"] >= cfg.epochs
-        checkpoint()
+    torch.manual_seed(seed)
+    job = prepare(base, data, params, seed, checkpoint_dir, log)
+    progress, resumed_from = resume(job)
+    trainable = sum(q.numel() for q in job.model.parameters() if q.requires_grad)
+    log(f"finetune: {len(job.train_ids)} train / {len(job.val_ids)} val rows, {len(job.labels)} labels, "
+        f"{job.total_steps} steps, device {job.device.type}, {'bf16' if job.dtype else 'fp32'}, "
+        f"compile {job.compiled}, {trainable:,} trainable parameters")
+    while not progress.done and progress.epoch < params.epochs:
+        seconds_before, samples_before = progress.train_seconds, progress.samples
+        train_loss = train_epoch(job, progress, on_step)
+        scores = end_epoch(job, progress, train_loss, seconds_before, samples_before)
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, scores)
+            on_epoch_end(progress.epoch, scores)
+    return wrap_up(job, data, progress, resumed_from)
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    if cfg.method == "lora":
-        model = model.merge_and_unload()
-    model.eval()
-    val_scores = _score(model, val_ids, val.labels, labels, pad_id, cfg, device, dtype)
+
+def wrap_up(job: Job, data: Mapping[str, LabelledTexts], progress: EpochProgress,
+            resumed_from: int | None) -> FinetuneResult:
+    """The best weights, LoRA merged, scored on val and test, moved to the CPU."""
+    load_best(job)
+    if job.params.method == "lora":
+        job.model = job.model.merge_and_unload()
+    job.model.eval()
+    val_scores = job.score(job.val_ids, job.val_labels)
     test_scores = None
     if "test" in data and len(data["test"]):
-        test_ids = encode(data["test"])
-        test_scores = _score(model, test_ids, data["test"].labels, labels, pad_id, cfg, device, dtype)
-    model.to("cpu")
-    seconds = progress["train_seconds"]
+        test_scores = job.score(job.encode(data["test"]), data["test"].labels)
+    job.model.to("cpu")
+    seconds = progress.train_seconds
     stats = {
-        "steps": progress["global_step"],
-        "train_samples": progress["samples"],
+        "steps": progress.global_step,
+        "train_samples": progress.samples,
         "train_seconds": round(seconds, 3),
-        "samples_per_second": round(progress["samples"] / seconds, 2) if seconds > 0 else None,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "precision": "bf16" if dtype else "fp32",
-        "compiled": compile_,
+        "samples_per_second": round(progress.samples / seconds, 2) if seconds > 0 else None,
+        "device": torch.cuda.get_device_name() if job.device.type == "cuda" else "cpu",
+        "precision": "bf16" if job.dtype else "fp32",
+        "compiled": job.compiled,
         "resumed_from_step": resumed_from,
-        "train_rows": len(train_ids),
+        "train_rows": len(job.train_ids),
     }
-    return FinetuneResult(model=model, tokenizer=tokenizer, labels=labels, history=progress["history"],
-                          best_epoch=progress["best_epoch"], val=val_scores, test=test_scores, stats=stats)
-
-
-def _score(model, encoded, truth, labels, pad_id, cfg, device, dtype) -> dict:
-    preds = predict(model, encoded, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device,
-                    dtype=dtype, pad_multiple=cfg.pad_multiple, max_length=cfg.max_length)
-    return classification_metrics(truth, [labels[i] for i in preds], labels)
+    return FinetuneResult(model=job.model, tokenizer=job.tokenizer, labels=job.labels, history=progress.history,
+                          best_epoch=progress.best_epoch, val=val_scores, test=test_scores, stats=stats)
 
 
 def save_model(result: FinetuneResult, folder: Path | str) -> Path:

@@ -17,16 +17,18 @@ from typing import Any
 
 import torch
 
+from lmforge.errors import UserError
+
 MASKED_ARCHS = ("bert",)
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """The model cannot be built for this data: the message says what disagrees and how to fix it."""
 
 
 @dataclass(frozen=True)
 class TokenInfo:
-    """What the model needs to know about the tokenizer (from data/tokens/meta.json)."""
+    """What the model needs to know about the tokenizer (from the token folder's meta.json)."""
 
     vocab_size: int
     eos_id: int
@@ -146,7 +148,7 @@ def check_same_tokenizer(data_vocab: dict[str, int] | None, model_vocab: dict[st
         differ = sum(1 for t, i in data_vocab.items() if model_vocab.get(t) != i)
         raise ModelConfigError(
             f"vocabulary mismatch: the tokenizer saved with {source} maps {differ} of the "
-            f"{len(data_vocab)} tokens of data/tokens to other ids; the token arrays were made "
+            f"{len(data_vocab)} tokens of the token folder to other ids; the token arrays were made "
             f"with a different tokenizer"
         )
 
@@ -158,7 +160,7 @@ def check_compatible(model, tok: TokenInfo, context: int, *, data_vocab: dict[st
     if vocab < tok.vocab_size:
         raise ModelConfigError(
             f"vocabulary mismatch: {source} has {vocab} token embeddings but the tokenizer of "
-            f"data/tokens has {tok.vocab_size} tokens; retokenize with the model's tokenizer or "
+            f"the token folder has {tok.vocab_size} tokens; retokenize with the model's tokenizer or "
             f"train from scratch (pretrain.init_from: null)"
         )
     check_same_tokenizer(data_vocab, model_vocab, source)
@@ -173,7 +175,7 @@ def build_model(p: Any, tok: TokenInfo, seed: int, *, data_vocab: dict[str, int]
     """A model ready to train, on the CPU, in fp32.
 
     p: the pretrain params (attributes as in lmforge.config.PretrainParams).
-    data_vocab: the token->id map of data/tokens' tokenizer, compared with init_from's tokenizer.
+    data_vocab: the token->id map of the token folder's tokenizer, compared with init_from's tokenizer.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -194,7 +196,7 @@ def build_model(p: Any, tok: TokenInfo, seed: int, *, data_vocab: dict[str, int]
         if data_vocab is not None and model_vocab is None:
             raise ModelConfigError(
                 f"pretrain.init_from: {folder} holds no tokenizer (tokenizer.json or a GGUF file), so "
-                f"nothing shows that data/tokens was made with the model's tokenizer; add its tokenizer.json"
+                f"nothing shows that the token folder was made with the model's tokenizer; add its tokenizer.json"
             )
         check_same_tokenizer(data_vocab, model_vocab, f"init_from {folder}")  # before loading weights
         auto = AutoModelForMaskedLM if is_masked(config) else AutoModelForCausalLM

@@ -1,29 +1,29 @@
 """The pretraining loop: one code path for the CPU, one GPU and N GPUs (torchrun, DDP).
 
-- Fused AdamW, linear warmup then cosine decay to `min_lr_ratio * lr`, gradient
-  accumulation, clipping, bf16 autocast on CUDA and fp32 on the CPU, SDPA attention, optional
-  torch.compile.
+- Fused AdamW, linear warmup then cosine decay to `min_lr_ratio * lr`, gradient accumulation,
+  clipping, bf16 autocast on CUDA and fp32 on the CPU, SDPA attention, optional torch.compile
+  and CUDA graphs. What is not pretraining's own (devices, processes, the optimizer's groups,
+  schedules, clipping, the run's checkpoints) comes from runtime.py, shared with fine-tuning.
+- `build_step` makes the optimizer step (model and loss as one compiled module, DDP, the bf16
+  working copy); `train` only draws batches, steps, and logs, evaluates and checkpoints at their
+  intervals. bench/profile_step.py times the same `build_step`.
 - Validation every `eval_every` steps on fixed random val batches; the best weights and the last
   full checkpoint (model, optimizer, scheduler, step, RNG states, data position) are written
-  atomically (lmforge/training/checkpoint.py).
+  atomically (checkpoint.py).
 - Resumable: a run restarted with the same configuration continues from its last checkpoint and,
   because each batch is a function of (seed, step), ends with the same weights as an
   uninterrupted run (bitwise on the CPU). Checkpoints live in checkpoint_root/<run key>, the key a
   hash of everything that shapes the trajectory, so changing a knob starts a new run rather than
   resuming one that no longer fits.
 - The step loop never waits for the GPU except at log, eval and checkpoint steps.
-- A progress bar shows loss, tokens/s, MFU (against PEAK_FLOPS) and the ETA.
+- A progress bar shows loss, tokens/s, MFU (against runtime.PEAK_FLOPS) and the ETA.
 
-Imports only torch, numpy, transformers (via lmforge.training.model), safetensors, tokenizers and tqdm.
+Imports only torch, numpy, transformers (via model.py), safetensors, tokenizers and tqdm.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,32 +35,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmforge.training import batches
-from lmforge.training import checkpoint
-from lmforge.training import fused_loss
-from lmforge.training import master_weights
-from lmforge.training import step_graph
-from lmforge.training.model import (TokenInfo, build_model, count_params, flops_per_token, is_masked, set_training_activation,
-                           set_training_attention)
-
-# Dense bf16 FLOP/s per device, matched by substring of the device name, first match wins.
-# Hopper figures are the measured ceiling of a bf16 8192^3 matmul (BENCHMARKS.md, KINDS.md), the
-# others datasheet dense figures. LMFORGE_PEAK_TFLOPS overrides the table.
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("GH200", 801e12),
-    ("H200", 788e12),
-    ("H100", 801e12),
-    ("H800", 801e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("T4", 65e12),
-)
+from lmforge.training import batches, checkpoint, fused_loss, master_weights, runtime, step_graph
+from lmforge.training.model import (TokenInfo, build_model, count_params, flops_per_token, is_masked,
+                                    set_training_activation, set_training_attention)
+from lmforge.training.runtime import Dist
 
 # Knobs that change how a run computes, not what it trains (kernels, fusion and bf16 gradient
 # transfer move the last bits only): they stay out of the run key, so a resume may change them.
@@ -73,94 +51,13 @@ LATER_KEYS_AT_OLD_BEHAVIOUR = {"param_dtype": "fp32"}
 Metrics = Callable[[dict[str, float], int], None]
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Per-device dense bf16 FLOP/s for MFU, or None where there is no meaningful figure (CPU)."""
-    override = os.environ.get("LMFORGE_PEAK_TFLOPS")
-    if override:
-        return float(override) * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS:
-        if key in name:
-            return value
-    return None
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def pick_device(preference: str) -> torch.device:
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("pretrain.device is cuda but no CUDA device is visible")
-    if preference in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def start_cuda_init(preference: str) -> None:
-    """Create this process's CUDA context on a thread while the caller goes on importing and
-    building the model on the CPU: 0.3-0.4 s off the set-up on the lent H200 machines, whose set-up
-    is mostly imports (bench/startup_probe.py). torch's lazy initialisation is locked, so the main
-    thread's first CUDA call simply waits for it."""
-    if preference == "cpu" or not torch.cuda.is_available():
-        return
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    threading.Thread(target=torch.zeros, args=(1,), kwargs={"device": device}, daemon=True,
-                     name="cuda-init").start()
-
-
-def setup_distributed(preference: str) -> Dist:
-    """One process per GPU under torchrun (RANK/WORLD_SIZE set), else a single process."""
-    base = pick_device(preference)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        if base.type == "cuda":
-            torch.cuda.set_device(0)
-            return Dist(device=torch.device("cuda", 0))
-        return Dist(device=base)
-    import torch.distributed as dist
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if base.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = base
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return Dist(rank=rank, local_rank=local_rank, world=world, device=device)
-
-
-def lr_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
-    """Multiplier of the peak lr after `step` optimizer steps: linear warmup, then cosine to floor."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def compute_dtype(device: torch.device) -> torch.dtype | None:
+    """Pretraining runs its forward in bf16 on a GPU, in fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def make_optimizer(model, p: Any) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or 1-d tensors)."""
-    seen: set[int] = set()
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # Fused on the CPU too: one update path (clipping through grad_scale included) for every device.
-    return torch.optim.AdamW(groups, lr=p.lr, betas=(p.beta1, p.beta2), fused=True)
+    return runtime.adamw(model, lr=p.lr, weight_decay=p.weight_decay, betas=(p.beta1, p.beta2))
 
 
 def params_dict(p: Any) -> dict[str, Any]:
@@ -175,11 +72,6 @@ def run_fingerprint(p: Any, seed: int, meta: dict, world: int) -> dict[str, Any]
              if k not in OPERATIONAL_KEYS and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
     return {"seed": seed, "world_size": world, "data": meta["splits"], "vocab_size": meta["vocab_size"],
             "sampler": batches.SAMPLER_VERSION, **{f"pretrain.{k}": v for k, v in sorted(knobs.items())}}
-
-
-def run_key(fingerprint: dict[str, Any]) -> str:
-    text = json.dumps(fingerprint, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -282,27 +174,11 @@ def bf16_working(p: Any, model, d: "Dist", say: Callable[[str], None]) -> master
     return master_weights.BF16Working(model)
 
 
-def clip_gradients(model, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
-    """Scale the gradients down to `max_norm` where their norm exceeds it, as clip_grad_norm_ does.
-
-    A fused AdamW divides each gradient by its `grad_scale` (AMP's unscaling) as it reads it, so the
-    clipping rides on the update: clip_grad_norm_'s own pass over the fp32 gradients cost 0.28 ms of
-    G1's step on an H200. The optimizer step must follow, and unset grad_scale after it."""
-    if not all(group.get("fused") for group in optimizer.param_groups):  # a resumed state_dict sets it per group
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        return
-    norm = torch.nn.utils.get_total_norm([q.grad for q in model.parameters() if q.grad is not None])
-    optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # clip_grad_norm_'s 1e-6
-
-
 def update(model, optimizer: torch.optim.Optimizer, working: master_weights.BF16Working | None, p: Any) -> None:
     """After the backward: gradients onto the fp32 weights, clip, AdamW, then the bf16 copy refreshed."""
     if working:
         working.grads_to_masters()
-    if p.grad_clip > 0:
-        clip_gradients(model, optimizer, p.grad_clip)
-    optimizer.step()
-    optimizer.grad_scale = None  # this step's clipping only
+    runtime.optimizer_step(model, optimizer, p.grad_clip)
     if working:
         working.refresh()
 
@@ -355,24 +231,15 @@ def wrap_ddp(module: torch.nn.Module, p: Any, d: Dist, say: Callable[[str], None
     return ddp
 
 
-def _all_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(value)  # SUM: gloo (CPU) has no AVG
-        value = value / d.world
-    return value
-
-
 @torch.no_grad()
-def validate(model, tokens, p: Any, seed: int, d: Dist, masking: batches.Masking | None, autocast) -> float:
+def validate(model, tokens, p: Any, seed: int, d: Dist, masking: batches.Masking | None) -> float:
     """Mean loss over the fixed val batches (spread over the ranks)."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, device=d.device, dtype=torch.float64)
     for x, y in batches.eval_batches(tokens, p.context, p.batch_size, seed, d.device, p.eval_batches,
                                      masking=masking, rank=d.rank, world=d.world):
-        with autocast():
+        with runtime.autocast(d.device, compute_dtype(d.device)):
             loss = _loss(model, x, y, masking is not None)
         count = (y != batches.IGNORE_INDEX).sum()
         total[0] += loss.double() * count
@@ -417,22 +284,246 @@ def check_replicas_agree(model, d: Dist, step: int) -> None:
                 "train one model, so this checkpoint is not written (the last one stands)")
 
 
-def _gather_rng(d: Dist) -> list[dict[str, Any]]:
-    mine = checkpoint.rng_state()
-    if d.world == 1:
-        return [mine]
-    import torch.distributed as dist
-
-    everyone: list[Any] = [None] * d.world
-    dist.all_gather_object(everyone, mine)
-    return everyone
+# --- the step ------------------------------------------------------------------------------------
 
 
-def _barrier(d: Dist) -> None:
+@dataclass
+class TrainStep:
+    """One optimizer step: forward and backward over the micro-batches, clip, AdamW.
+
+    `module` is the model and its loss as one forward (under DDP when there are several
+    processes), `runner` the same compiled; `model` holds the fp32 weights the optimizer updates,
+    `working` their bf16 copy when pretrain.param_dtype is bf16. The mean loss of the steps since
+    the last read accumulates in `loss_sum` on the device, so a step never waits for the GPU."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    working: master_weights.BF16Working | None
+    module: torch.nn.Module
+    runner: Callable
+    cudagraphs: bool
+    dtype: torch.dtype | None
+    p: Any
+    world: int
+    loss_sum: torch.Tensor
+
+    def __call__(self, step_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for micro, (x, y) in enumerate(step_batches):
+            last = micro == len(step_batches) - 1
+            context = self.module.no_sync() if self.world > 1 and not last else nullcontext()
+            if self.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
+            with context:
+                with runtime.autocast(self.loss_sum.device, self.dtype):
+                    loss = self.runner(x, y)
+                (loss / len(step_batches)).backward()
+            self.loss_sum.add_(loss.detach() / len(step_batches))
+        update(self.model, self.optimizer, self.working, self.p)
+
+
+def build_step(model, optimizer: torch.optim.Optimizer, p: Any, d: Dist, masked: bool,
+               say: Callable[[str], None] = print) -> TrainStep:
+    """The step the pretrain stage runs, from a model already on its device (and resumed: the
+    bf16 working copy is made from the weights as they are now)."""
+    working = bf16_working(p, model, d, say)
+    stepped = working.model if working else model
+    module = TrainingLoss(stepped, masked, use_fused_loss(p, stepped, masked, say))
     if d.world > 1:
-        import torch.distributed as dist
+        module = wrap_ddp(module, p, d, say)
+    runner, cudagraphs = compile_runner(module, p, d, say) if p.compile else (module, False)
+    return TrainStep(model=model, optimizer=optimizer, working=working, module=module, runner=runner,
+                     cudagraphs=cudagraphs, dtype=compute_dtype(d.device), p=p, world=d.world,
+                     loss_sum=torch.zeros((), device=d.device))
 
-        dist.barrier()
+
+class StepRunner:
+    """Runs the steps eagerly or, with pretrain.cuda_graph, captured in one CUDA graph: the first
+    step_graph.WARMUP_STEPS run eagerly on a side stream (as capture requires), then the step is
+    captured once and replayed with each step's batches and learning rate."""
+
+    def __init__(self, step: TrainStep, graphed: bool, start: int, device: torch.device):
+        self.step, self.graphed, self.device = step, graphed, device
+        self.capture_at = start + step_graph.WARMUP_STEPS
+        self.captured: step_graph.CapturedStep | None = None
+        self.side_stream = step_graph.side_stream(device) if graphed else None
+        # Steps before this one pay for compilation, warm-up and capture: kept out of the throughput.
+        self.timed_from = self.capture_at + 1 if graphed else start + 1
+
+    def run(self, index: int, drawn: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> None:
+        if self.graphed and index >= self.capture_at:
+            if self.captured is None:
+                torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
+                self.captured = step_graph.CapturedStep(self.step, self.step.optimizer, drawn, lr)
+            self.captured.replay(drawn, lr)
+            return
+        with torch.cuda.stream(self.side_stream) if self.side_stream is not None else nullcontext():
+            self.step(drawn)
+            self.step.optimizer.zero_grad(set_to_none=True)
+        if self.side_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step; a checkpoint carries it across a kill."""
+
+    history: dict[str, list[dict[str, float]]]
+    best: float
+    last_train: float = math.nan
+    last_val: float = math.nan
+    loss_steps: int = 0  # steps in step.loss_sum since the last log
+    eval_sum: float = 0.0  # train loss summed over the steps since the last evaluation
+    eval_steps: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None  # kept on the device until the next checkpoint
+    best_info: dict[str, Any] = field(default_factory=dict)
+    # Throughput over every segment of a resumed run.
+    first_step_s: float = 0.0
+    train_s: float = 0.0
+    train_tokens: int = 0
+    tokens_per_s: float = 0.0
+    mfu: float | None = None
+    mark: float = field(default_factory=time.perf_counter)  # the clock runs from (mark, mark_step)
+    mark_step: int = 0
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], start: int) -> Progress:
+        history = state["history"]
+        timing = state.get("timing", {})
+        return cls(history=history, best=float(state["best_val_loss"]),
+                   last_train=history["train"][-1]["train_loss"] if history["train"] else math.nan,
+                   last_val=history["val"][-1]["val_loss"] if history["val"] else math.nan,
+                   first_step_s=float(timing.get("first_step_s", 0.0)), train_s=float(timing.get("train_s", 0.0)),
+                   train_tokens=int(timing.get("train_tokens", 0)), mark_step=start)
+
+    def restart_clock(self, done: int) -> None:
+        """Time spent since the mark (evaluation, checkpoint) is not training time."""
+        self.mark, self.mark_step = time.perf_counter(), done
+
+    def clock_in(self, done: int, tokens_per_step: int, flops_per_token_: float, peak: float | None, world: int) -> None:
+        now = time.perf_counter()
+        if done > self.mark_step:
+            span = now - self.mark
+            self.train_s += span
+            self.train_tokens += (done - self.mark_step) * tokens_per_step
+            self.tokens_per_s = (done - self.mark_step) * tokens_per_step / span
+            self.mfu = self.tokens_per_s * flops_per_token_ / (peak * world) if peak else None
+        self.mark, self.mark_step = now, done
+
+    def checkpoint_state(self, done: int) -> dict[str, Any]:
+        return {"data": {"sampler": batches.SAMPLER_VERSION, "next_step": done}, "best_val_loss": self.best,
+                "history": self.history,
+                "timing": {"first_step_s": self.first_step_s, "train_s": self.train_s, "train_tokens": self.train_tokens}}
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once by `train` before its first step."""
+
+    p: Any
+    seed: int
+    d: Dist
+    say: Callable[[str], None]
+    model: torch.nn.Module
+    masked: bool
+    masking: batches.Masking | None
+    val_tokens: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    checkpoints: runtime.RunCheckpoints
+    tokens_per_step: int
+    flops_per_token: float
+    peak: float | None
+    on_metrics: Metrics | None
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.d.main and self.on_metrics:
+            self.on_metrics(values, step)
+
+
+def open_model(p: Any, tokens_dir: Path, meta: dict, seed: int, d: Dist) -> tuple[torch.nn.Module, bool]:
+    """The model from the pretrain params, on its device, in training mode."""
+    data_vocab = None
+    if p.init_from:
+        from tokenizers import Tokenizer
+
+        data_vocab = Tokenizer.from_file(str(tokens_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    model = build_model(p, TokenInfo.from_meta(meta), seed, data_vocab=data_vocab)
+    masked = is_masked(model)
+    if masked and p.arch != "bert" and not p.init_from:
+        raise ValueError("internal: a masked model from a causal arch")
+    model.to(d.device)
+    model.train()
+    set_training_attention(model, True)
+    set_training_activation(model, p.compile)
+    return model, masked
+
+
+def masking_for(p: Any, meta: dict, masked: bool) -> batches.Masking | None:
+    if not masked:
+        return None
+    tok = TokenInfo.from_meta(meta)
+    special = tuple(sorted(meta["special_ids"].values()))
+    return batches.Masking(p.mlm_probability, tok.mask_id, tok.vocab_size, special)
+
+
+def start_or_resume(run: Run) -> tuple[Progress, int]:
+    """The progress of the run's last checkpoint, or a fresh one seeded for step 0."""
+    state = run.checkpoints.resume(run.model, run.optimizer, run.scheduler)
+    if state is not None:
+        start = int(state["step"])
+        run.say(f"resuming run {run.checkpoints.dir.name} from step-{start:09d} (step {start} of {run.p.steps})")
+        return Progress.from_state(state, start), start
+    torch.manual_seed(run.seed * 1000 + run.d.rank)  # dropout and other in-step randomness
+    run.say(f"run {run.checkpoints.dir.name}: no checkpoint yet, starting at step 0 of {run.p.steps}")
+    return Progress(history={"train": [], "val": []}, best=math.inf), 0
+
+
+def log_point(run: Run, step: TrainStep, progress: Progress, done: int, bar) -> None:
+    """Read the mean train loss (the one host sync of a log step), the throughput, and report."""
+    progress.last_train = float(runtime.all_mean(step.loss_sum / progress.loss_steps, run.d))
+    progress.eval_sum += progress.last_train * progress.loss_steps
+    progress.eval_steps += progress.loss_steps
+    step.loss_sum.zero_()
+    progress.loss_steps = 0
+    progress.clock_in(done, run.tokens_per_step, run.flops_per_token, run.peak, run.d.world)
+    progress.history["train"].append({"step": done, "train_loss": progress.last_train})
+    shown_val = "-" if math.isnan(progress.last_val) else f"{progress.last_val:.3f}"  # no evaluation yet
+    postfix = {"loss": f"{progress.last_train:.3f}", "val": shown_val, "tok/s": f"{progress.tokens_per_s:,.0f}"}
+    metrics = {"train_loss": progress.last_train, "lr": run.scheduler.get_last_lr()[0],
+               "tokens_per_s": progress.tokens_per_s}
+    if progress.mfu is not None:
+        postfix["mfu"] = f"{100 * progress.mfu:.1f}%"
+        metrics["mfu"] = progress.mfu
+    bar.set_postfix(postfix, refresh=False)
+    run.metrics(metrics, done)
+
+
+def eval_point(run: Run, progress: Progress, done: int) -> None:
+    """Validate; a new best is kept on the device and written with the next checkpoint (a disk
+    write per improvement cost more than the evaluation itself on a small model)."""
+    progress.last_val = validate(run.model, run.val_tokens, run.p, run.seed, run.d, run.masking)
+    mean_train = progress.eval_sum / progress.eval_steps if progress.eval_steps else progress.last_train
+    progress.eval_sum, progress.eval_steps = 0.0, 0
+    progress.history["val"].append({"step": done, "train_loss": mean_train, "val_loss": progress.last_val})
+    if progress.last_val < progress.best:
+        progress.best = progress.last_val
+        if run.d.main:
+            progress.best_weights = checkpoint.snapshot(run.model)
+            progress.best_info = {"step": done, "val_loss": progress.best}
+    run.metrics({"val_loss": progress.last_val, "best_val_loss": progress.best}, done)
+    progress.restart_clock(done)
+
+
+def checkpoint_point(run: Run, progress: Progress, done: int) -> None:
+    check_replicas_agree(run.model, run.d, done)
+    if progress.best_weights is not None:  # before the checkpoint that records its loss
+        run.checkpoints.save_best(progress.best_weights, progress.best_info)
+        progress.best_weights = None
+    run.checkpoints.save(done, run.model, run.optimizer, run.scheduler, progress.checkpoint_state(done))
+    progress.restart_clock(done)
 
 
 def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | str,
@@ -443,228 +534,94 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     on_metrics(metrics, step): called on rank 0 at every log and eval step.
     """
     started = time.perf_counter()
-    d = setup_distributed(p.device)
+    run, train_tokens, setup_marks = prepare_run(p, seed, Path(tokens_dir), checkpoint_root, on_metrics, log)
+    d, say = run.d, run.say
+    state, start = start_or_resume(run)
+    runtime.barrier(d)
+    sampler = batches.BatchSampler(train_tokens, p.context, p.batch_size, seed, d.device, masking=run.masking,
+                                   rank=d.rank, on_device=p.data_on_device)
+    runtime.enable_tf32(d.device)
+    step = build_step(run.model, run.optimizer, p, d, run.masked, say)
+    runner = StepRunner(step, use_cuda_graph(p, d, say), start, d.device)
+    say(f"model {type(run.model).__name__}: {count_params(run.model) / 1e6:.2f}M parameters, "
+        f"{run.tokens_per_step} tokens/step, device {d.device} x{d.world}, compile={p.compile}")
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+    schedule = partial(runtime.warmup_cosine, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio)
+    setup_s = time.perf_counter() - started
+    devices_ready, model_ready = setup_marks
+    say(f"set-up {setup_s:.1f}s (devices {devices_ready - started:.1f}s, model {model_ready - devices_ready:.1f}s, "
+        f"data and the rest {started + setup_s - model_ready:.1f}s)")
+    bar = tqdm(total=p.steps, initial=start, disable=not (progress and d.main), unit="step",
+               dynamic_ncols=True, mininterval=1.0, desc="pretraining")
+    state.restart_clock(start)
+    with attention_backends(p.attention, d.device):
+        for index in range(start, p.steps):
+            runner.run(index, [sampler.get(index, micro) for micro in range(p.grad_accum)], p.lr * schedule(index))
+            run.scheduler.step()
+            state.loss_steps += 1
+            done = index + 1
+            bar.update(1)
+            final = done == p.steps
+            if done == runner.timed_from:
+                runtime.synchronize(d.device)
+                state.first_step_s = max(state.first_step_s, time.perf_counter() - state.mark)
+                state.restart_clock(done)
+            if done % p.log_every == 0 or final:
+                log_point(run, step, state, done, bar)
+            if done % p.eval_every == 0 or final:
+                eval_point(run, state, done)
+            if done % p.checkpoint_every == 0 or final:
+                checkpoint_point(run, state, done)
+    bar.close()
+    return finish(run, state, start, started, setup_s)
+
+
+def prepare_run(p: Any, seed: int, tokens_dir: Path, checkpoint_root: Path | str, on_metrics: Metrics | None,
+                log: Callable[[str], None]) -> tuple[Run, Any, tuple[float, float]]:
+    """Processes and devices, the data, the model, its optimizer and schedule, the checkpoint
+    folder: everything but the step. Also returns the train tokens and two set-up time marks."""
+    d = runtime.setup_distributed(p.device, "pretrain.device")
     devices_ready = time.perf_counter()
     say = log if d.main else (lambda _msg: None)
-    tokens_dir = Path(tokens_dir)
     meta = batches.read_meta(tokens_dir)
-    tok = TokenInfo.from_meta(meta)
     train_tokens = batches.open_split(tokens_dir, "train", meta)
     val_tokens = batches.open_split(tokens_dir, "val", meta)
     batches.check_length(train_tokens, p.context, "train")
     batches.check_length(val_tokens, p.context, "val")
-    data_vocab = None
-    if p.init_from:
-        from tokenizers import Tokenizer
-
-        data_vocab = Tokenizer.from_file(str(tokens_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
-    model = build_model(p, tok, seed, data_vocab=data_vocab)
-    masked = is_masked(model)
-    if masked and p.arch != "bert" and not p.init_from:
-        raise ValueError("internal: a masked model from a causal arch")
-    model.to(d.device)
-    model.train()
-    set_training_attention(model, True)
-    set_training_activation(model, p.compile)
+    model, masked = open_model(p, tokens_dir, meta, seed, d)
     model_ready = time.perf_counter()
     optimizer = make_optimizer(model, p)
-    schedule = partial(lr_factor, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
+    schedule = partial(runtime.warmup_cosine, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio)
     fingerprint = run_fingerprint(p, seed, meta, d.world)
-    run_dir = Path(checkpoint_root) / run_key(fingerprint)
-    state: dict[str, Any] = {"best_val_loss": math.inf, "history": {"train": [], "val": []}}
-    start = 0
-    latest = checkpoint.latest_checkpoint(run_dir)
-    if latest is not None:
-        state = checkpoint.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler,
-                                           rank=d.rank, world_size=d.world, fingerprint=fingerprint)
-        start = int(state["step"])
-        for group in optimizer.param_groups:  # a captured run saves its lr as a device tensor
-            group["lr"], group["capturable"] = float(group["lr"]), False
-        say(f"resuming run {run_dir.name} from {latest.name} (step {start} of {p.steps})")
-    else:
-        torch.manual_seed(seed * 1000 + d.rank)  # dropout and other in-step randomness
-        say(f"run {run_dir.name}: no checkpoint yet, starting at step 0 of {p.steps}")
-    _barrier(d)
+    run = Run(p=p, seed=seed, d=d, say=say, model=model, masked=masked, masking=masking_for(p, meta, masked),
+              val_tokens=val_tokens, optimizer=optimizer, scheduler=runtime.lr_scheduler(optimizer, schedule),
+              checkpoints=runtime.RunCheckpoints(checkpoint_root, fingerprint, d),
+              tokens_per_step=p.batch_size * p.context * p.grad_accum * d.world,
+              flops_per_token=flops_per_token(model, p.context), peak=runtime.peak_flops(d.device),
+              on_metrics=on_metrics)
+    return run, train_tokens, (devices_ready, model_ready)
 
-    masking = None
-    if masked:
-        special = tuple(sorted(meta["special_ids"].values()))
-        masking = batches.Masking(p.mlm_probability, tok.mask_id, tok.vocab_size, special)
-    sampler = batches.BatchSampler(train_tokens, p.context, p.batch_size, seed, d.device, masking=masking,
-                                   rank=d.rank, on_device=p.data_on_device)
 
-    if d.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-        def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-    else:
-        autocast = nullcontext
-
-    # The model that runs forward and backward: `model` itself, or its bf16 copy (pretrain.param_dtype).
-    working = bf16_working(p, model, d, say)
-    stepped = working.model if working else model
-    wrapped = TrainingLoss(stepped, masked, use_fused_loss(p, stepped, masked, say))
-    if d.world > 1:
-        wrapped = wrap_ddp(wrapped, p, d, say)
-    runner, cudagraphs = compile_runner(wrapped, p, d, say) if p.compile else (wrapped, False)
-
-    n_params = count_params(model)
-    fpt = flops_per_token(model, p.context)
-    peak = peak_flops(d.device)
-    tokens_per_step = p.batch_size * p.context * p.grad_accum * d.world
-    say(f"model {type(model).__name__}: {n_params / 1e6:.2f}M parameters, {tokens_per_step} tokens/step, "
-        f"device {d.device} x{d.world}, compile={p.compile}")
-    if d.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(d.device)
-
-    history = state["history"]
-    best = float(state["best_val_loss"])
-    last_val = history["val"][-1]["val_loss"] if history["val"] else math.nan
-    last_train = history["train"][-1]["train_loss"] if history["train"] else math.nan
-    loss_sum = torch.zeros((), device=d.device)
-    loss_steps = 0
-    eval_sum, eval_steps = 0.0, 0
-    best_weights, best_info = None, {}
-    # Throughput totals run over every segment of a resumed run (kept in the checkpoint).
-    timing = state.get("timing", {})
-    first_step_s = float(timing.get("first_step_s", 0.0))
-    train_s, train_tokens_done = float(timing.get("train_s", 0.0)), int(timing.get("train_tokens", 0))
-    tok_s, mfu = 0.0, None
-    mark, mark_step = time.perf_counter(), start
-    bar = tqdm(total=p.steps, initial=start, disable=not (progress and d.main), unit="step",
-               dynamic_ncols=True, mininterval=1.0, desc="pretrain")
-
-    def one_step(step_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Forward and backward over the micro-batches, clip, update: eager, or recorded by CapturedStep."""
-        for micro, (x, y) in enumerate(step_batches):
-            last = micro == len(step_batches) - 1
-            context = wrapped.no_sync() if d.world > 1 and not last else nullcontext()
-            if cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
-            with context:
-                with autocast():
-                    loss = runner(x, y)
-                (loss / len(step_batches)).backward()
-            loss_sum.add_(loss.detach() / len(step_batches))
-        update(model, optimizer, working, p)
-
-    graphed = use_cuda_graph(p, d, say)
-    captured: step_graph.CapturedStep | None = None
-    capture_at = start + step_graph.WARMUP_STEPS
-    warm_stream = step_graph.side_stream(d.device) if graphed else None
-    # Steps before this one pay for compilation, warm-up and capture: kept out of the throughput.
-    timed_from = capture_at + 1 if graphed else start + 1
-
-    def step_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [sampler.get(step, micro) for micro in range(p.grad_accum)]
-
-    setup_s = time.perf_counter() - started
-    say(f"set-up {setup_s:.1f}s (devices {devices_ready - started:.1f}s, model {model_ready - devices_ready:.1f}s, "
-        f"data and the rest {started + setup_s - model_ready:.1f}s)")
-    with attention_backends(p.attention, d.device):
-        for step in range(start, p.steps):
-            if graphed and step >= capture_at:
-                drawn, step_lr = step_batches(step), p.lr * schedule(step)
-                if captured is None:
-                    torch.cuda.current_stream(d.device).wait_stream(warm_stream)
-                    captured = step_graph.CapturedStep(one_step, optimizer, drawn, step_lr)
-                captured.replay(drawn, step_lr)
-            else:
-                with torch.cuda.stream(warm_stream) if warm_stream is not None else nullcontext():
-                    one_step(step_batches(step))
-                    optimizer.zero_grad(set_to_none=True)
-                if warm_stream is not None:
-                    torch.cuda.current_stream(d.device).wait_stream(warm_stream)
-            scheduler.step()
-            loss_steps += 1
-            done = step + 1
-            bar.update(1)
-            final = done == p.steps
-
-            if done == timed_from:
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize(d.device)
-                first_step_s = max(first_step_s, time.perf_counter() - mark)
-                mark, mark_step = time.perf_counter(), done
-
-            if done % p.log_every == 0 or final:
-                mean = _all_mean(loss_sum / loss_steps, d)
-                last_train = float(mean)  # the one host sync of a log step
-                eval_sum, eval_steps = eval_sum + last_train * loss_steps, eval_steps + loss_steps
-                loss_sum.zero_()
-                loss_steps = 0
-                now = time.perf_counter()
-                if done > mark_step:
-                    span = now - mark
-                    train_s += span
-                    train_tokens_done += (done - mark_step) * tokens_per_step
-                    tok_s = (done - mark_step) * tokens_per_step / span
-                    mfu = tok_s * fpt / (peak * d.world) if peak else None
-                mark, mark_step = now, done
-                lr = scheduler.get_last_lr()[0]
-                history["train"].append({"step": done, "train_loss": last_train})
-                shown_val = "-" if math.isnan(last_val) else f"{last_val:.3f}"  # no evaluation yet
-                postfix = {"loss": f"{last_train:.3f}", "val": shown_val, "tok/s": f"{tok_s:,.0f}"}
-                if mfu is not None:
-                    postfix["mfu"] = f"{100 * mfu:.1f}%"
-                bar.set_postfix(postfix, refresh=False)
-                if d.main and on_metrics:
-                    metrics = {"train_loss": last_train, "lr": lr, "tokens_per_s": tok_s}
-                    if mfu is not None:
-                        metrics["mfu"] = mfu
-                    on_metrics(metrics, done)
-
-            if done % p.eval_every == 0 or final:
-                last_val = validate(model, val_tokens, p, seed, d, masking, autocast)
-                mean_train = eval_sum / eval_steps if eval_steps else last_train
-                eval_sum, eval_steps = 0.0, 0
-                history["val"].append({"step": done, "train_loss": mean_train, "val_loss": last_val})
-                if last_val < best:
-                    best = last_val
-                    if d.main:  # kept on the device, written with the next checkpoint (a disk write per
-                        # improvement cost more than the evaluation itself on a small model)
-                        best_weights, best_info = checkpoint.snapshot(model), {"step": done, "val_loss": best}
-                if d.main and on_metrics:
-                    on_metrics({"val_loss": last_val, "best_val_loss": best}, done)
-                mark, mark_step = time.perf_counter(), done
-
-            if done % p.checkpoint_every == 0 or final:
-                check_replicas_agree(model, d, done)
-                rngs = _gather_rng(d)
-                if d.main and best_weights is not None:  # before the checkpoint that records its loss
-                    checkpoint.save_best(run_dir, best_weights, best_info)
-                    best_weights = None
-                if d.main:
-                    checkpoint.save_checkpoint(
-                        run_dir, step=done, model=model, optimizer=optimizer, scheduler=scheduler, rng_states=rngs,
-                        state={"fingerprint": fingerprint, "data": {"sampler": batches.SAMPLER_VERSION, "next_step": done},
-                               "best_val_loss": best, "history": history,
-                               "timing": {"first_step_s": first_step_s, "train_s": train_s, "train_tokens": train_tokens_done}})
-                _barrier(d)
-                mark, mark_step = time.perf_counter(), done
-    bar.close()
+def finish(run: Run, state: Progress, start: int, started: float, setup_s: float) -> TrainResult:
+    """Back to inference attention, the best weights loaded when pretrain.save is best, the figures."""
+    p, d, model = run.p, run.d, run.model
     set_training_attention(model, False)
     set_training_activation(model, False)
-
-    resumed = start
     if start >= p.steps:
-        say(f"run {run_dir.name} was already complete at step {start}")
-    if p.save == "best" and (run_dir / checkpoint.BEST).exists():
-        best_dir = run_dir / checkpoint.BEST
-        checkpoint.read_state(best_dir)
-        checkpoint.load_weights(best_dir, model)
+        run.say(f"run {run.checkpoints.dir.name} was already complete at step {start}")
+    if p.save == "best":
+        run.checkpoints.load_best(model)
     peak_mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
-    final_val = history["val"][-1]["val_loss"] if history["val"] else math.nan
+    history = state.history
+    tokens_per_s = state.train_tokens / state.train_s if state.train_s else 0.0
     return TrainResult(
-        model=model, masked=masked, device=str(d.device), run_dir=run_dir, steps=p.steps, resumed_from=resumed,
-        best_val_loss=best, final_val_loss=final_val, final_train_loss=last_train,
-        tokens_per_step=tokens_per_step, tokens_per_s=train_tokens_done / train_s if train_s else 0.0,
-        mfu=(train_tokens_done / train_s * fpt / (peak * d.world)) if (peak and train_s) else None,
-        params=n_params, flops_per_token=fpt, setup_s=setup_s, first_step_s=first_step_s, train_s=train_s,
-        wall_s=time.perf_counter() - started,
+        model=model, masked=run.masked, device=str(d.device), run_dir=run.checkpoints.dir, steps=p.steps,
+        resumed_from=start, best_val_loss=state.best,
+        final_val_loss=history["val"][-1]["val_loss"] if history["val"] else math.nan,
+        final_train_loss=state.last_train, tokens_per_step=run.tokens_per_step, tokens_per_s=tokens_per_s,
+        mfu=tokens_per_s * run.flops_per_token / (run.peak * d.world) if (run.peak and state.train_s) else None,
+        params=count_params(model), flops_per_token=run.flops_per_token, setup_s=setup_s,
+        first_step_s=state.first_step_s, train_s=state.train_s, wall_s=time.perf_counter() - started,
         peak_memory_gb=peak_mem, history=history, dist=d,
     )
