@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "promote" and args.force and not (args.reason and args.reason.strip()):
         _parser().error("--force needs --reason TEXT: a forced promotion records why")
-    from lmforge.registry import registration as registry
     from lmforge.config import ConfigError, load_params
+    from lmforge.registry import registration as registry
+    from tasks import lineage
+    from tasks.register import MODELS
 
     params = None
     if args.command == "promote" or Path(args.params).exists():
@@ -55,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with registry.using(uri) as client:
             if args.command == "trace":
-                print(registry.trace(args.uri, client=client))
+                print(registry.trace(args.uri, client=client, inputs=lineage.trace_inputs,
+                                     rebuild=lineage.trace_rebuild))
                 return 0
-            models = {m.name: (key, m) for key, m in ((k, getattr(params.register_, k)) for k in registry.SPECS)}
+            models = {m.name: (key, m) for key, m in ((k, getattr(params.register_, k)) for k in MODELS)}
             if args.name not in models:
                 return _error(f"{args.name!r} is not a model of params.yaml (register.*.name: {', '.join(sorted(models))})")
             _, model = models[args.name]

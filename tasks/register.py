@@ -2,10 +2,10 @@
 
     python -m tasks.register [--only sentiment|lm]
 
-Each model becomes a pyfunc (lmforge/registry/serving.py) with a signature and an input example, registered
-under its name from params.yaml (register.<model>.name) with the alias `challenger`, and with its
-lineage as tags: git commit and dirty flag, the dvc.lock hashes of its stages' inputs, params,
-metrics and the datasets (mlflow.log_input). Rerunning on unchanged inputs registers nothing new.
+Each model of MODELS below becomes a pyfunc (lmforge/registry/serving.py) with a
+signature and an input example, registered under its name from params.yaml (register.<model>.name)
+with the alias `challenger`, and with its lineage as tags: git commit and dirty flag, the dvc.lock
+hashes of its stages' inputs (tasks/lineage.py), params, metrics and the datasets (mlflow.log_input). Rerunning on unchanged inputs registers nothing new.
 Writes reports/register.json (names, versions, aliases, run ids). `lmforge promote` moves
 `champion`; this stage never does.
 
@@ -19,15 +19,43 @@ import sys
 from pathlib import Path
 
 from lmforge.atomic import write_json
+from lmforge.registry.registration import DataInput, ModelSpec
+from tasks import layout, lineage
 from tasks._common import fail, params_or_exit, timed
 
-REPORT = Path("reports/register.json")
+REPORT = layout.REGISTER_REPORT
+# The models this stage files, each with the stages and params sections that made it.
+MODELS = {
+    "sentiment": ModelSpec(
+        key="sentiment", kind="classifier", folder=str(layout.FINETUNED), metrics=str(layout.FINETUNE_METRICS),
+        params_sections=("seed", "clean.task", "split.task", "tune", "finetune", "register.sentiment",
+                         "register.serving"),
+        datasets=str(layout.TASK_SPLIT), rebuild=("finetune",), build_hint="run `dvc repro finetune` first"),
+    "lm": ModelSpec(
+        key="lm", kind="generator", folder=str(layout.PRETRAINED), metrics=str(layout.EVALUATE_METRICS),
+        params_sections=("seed", "clean.corpus", "split.corpus", "tokenize", "pretrain", "evaluate", "register.lm",
+                         "register.serving"),
+        datasets=str(layout.CORPUS_SPLIT), rebuild=("pretrain", "evaluate"),
+        build_hint="run `dvc repro pretrain evaluate` first"),
+}
+
+
+def data_inputs(lineage_tags: dict[str, str]) -> list[DataInput]:
+    """The data folders among a model's dvc.dep.* tags, for MLflow where no split files are at
+    hand: named by their path below data/ ("data/tokens" -> "tokens"), digested by their DVC md5."""
+    found = []
+    for key, md5 in sorted(lineage_tags.items()):
+        path = key.removeprefix(lineage.DEP_TAG)
+        if key.startswith(lineage.DEP_TAG) and path.startswith(layout.DATA):
+            name = path.removeprefix(layout.DATA).replace("/", "-")
+            found.append(DataInput(name=name, path=path, digest=md5.removesuffix(".dir")[:36]))
+    return found
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.register", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
-    parser.add_argument("--only", choices=["sentiment", "lm"], action="append",
+    parser.add_argument("--only", choices=list(MODELS), action="append",
                         help="register only this model (repeatable; default: both)")
     parser.add_argument("--report", default=str(REPORT), help="where to write the report (default: %(default)s)")
     return parser.parse_args(argv)
@@ -40,12 +68,15 @@ def main(argv: list[str] | None = None) -> None:
 
     root = Path.cwd()
     uri = registry.resolve_tracking_uri(params, root)
-    keys = args.only or list(registry.SPECS)
+    keys = args.only or list(MODELS)
     report: dict = {"tracking_uri": uri, "models": {}}
     with timed("register"), registry.using(uri):
         for key in keys:
+            spec = MODELS[key]
+            built_by = lineage.model_lineage(root, [spec.folder, spec.metrics])
             try:
-                report["models"][key] = registry.register_model(registry.SPECS[key], params, root)
+                report["models"][key] = registry.register_model(spec, params, root, lineage=built_by,
+                                                                data_inputs=data_inputs(built_by))
             except registry.NotServable as err:
                 print(f"warning: register {key}: skipped: {err}", file=sys.stderr)
                 report["models"][key] = {"skipped": str(err)}

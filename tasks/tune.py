@@ -16,12 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from tasks.layout import PRETRAINED, TASK_SPLIT, TUNE_REPORTS
+
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.tune", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/split/task")
-    parser.add_argument("--reports", default="reports/tune")
+    parser.add_argument("--data", default=str(TASK_SPLIT))
+    parser.add_argument("--reports", default=str(TUNE_REPORTS))
     return parser.parse_args(argv)
 
 
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     from lmforge.training.tuning import run_study
 
     params = load_params(args.params)
-    base = resolve_base_model(params.finetune.base_model)
+    base = resolve_base_model(params.finetune.base_model, pretrained_dir=PRETRAINED)
     data = read_split(args.data, splits=("train", "val"))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     with tracking.stage_run("tune", {"seed": params.seed, "tune": params.tune.model_dump(),
@@ -94,5 +96,4 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     from tasks._common import run_main
 
-    # FinetuneError, BaseModelError: bad data or base model, one clear message, no retry.
-    run_main("tune", main, ("FinetuneError", "BaseModelError"))
+    run_main("tune", main)

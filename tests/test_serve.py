@@ -79,6 +79,7 @@ def champion(tmp_path: Path, monkeypatch) -> str:
 
     from lmforge.registry import registration as registry
     from lmforge.config import load_params
+    from tasks.register import MODELS
     from tests.test_register import make_project
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -90,7 +91,7 @@ def champion(tmp_path: Path, monkeypatch) -> str:
         "sentiment": params.register_.sentiment.model_copy(update={"name": "lmforge-sentiment"}),
         "serving": params.register_.serving.model_copy(update={"max_texts": 8, "max_chars": 2000})})})
     with registry.using(uri) as client:
-        registry.register_model(registry.SPECS["sentiment"], params, root, log=lambda _: None)
+        registry.register_model(MODELS["sentiment"], params, root, log=lambda _: None)
         decision = registry.promote("lmforge-sentiment", params.register_.sentiment.gate, client=client)
     assert decision.promoted
     return uri

@@ -1,15 +1,18 @@
 """The MLflow model registry side of lmforge: register with lineage, gated promotion, tracing.
 
-    register_model(spec, params, root)   log one model folder as a pyfunc, register it, alias @challenger
+    register_model(spec, params, root, lineage=...)   log one model folder as a pyfunc, register it, alias @challenger
     promote(name, gate, force=..., reason=...)   move @champion to @challenger behind the gate
     trace("models:/lmforge-sentiment@champion")   commit, data hashes, params, metrics, rebuild commands
 
 Registration is idempotent: each version carries a fingerprint (the hash of every file of the model
 folder and of the params that made it); when the latest version of the name carries the same
-fingerprint, nothing is logged or registered. Lineage (git commit and dirty flag, the dvc.lock
-hashes of the inputs of the stages that built the model, params, metrics, gate figure) goes on
-the run and, as tags, on the version, so `models:/NAME@ALIAS` alone leads back to all of it. The
-datasets are logged with `mlflow.log_input` (digest: the md5 of the parquet file, as DVC spells it).
+fingerprint, nothing is logged or registered. Lineage (git commit and dirty flag, the caller's
+build tags such as the hashes of the inputs that built the model, params, metrics, gate figure)
+goes on the run and, as tags, on the version, so `models:/NAME@ALIAS` alone leads back to all of
+it. The datasets are logged with `mlflow.log_input` (digest: the md5 of the parquet file).
+
+This module knows no pipeline layout: where a model, its metrics and its data lie comes in a
+ModelSpec, and the build system's lineage comes in as tags and DataInputs.
 
 Promotion only moves aliases; MLflow's deprecated stages are never used. mlflow is imported inside
 the functions: this module is not on the training path.
@@ -27,10 +30,9 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import yaml
-
+from lmforge.errors import UserError
 from lmforge.registry import tracking
 
 CHALLENGER = "challenger"
@@ -41,7 +43,7 @@ _UNSAFE = re.compile(r"[^\w./\- :]")
 _PREFIXES = ("", "test.", "test_", "eval_", "eval.", "val.", "val_", "validation.", "validation_")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError):
     """A user-facing failure: a missing input, an unknown name or alias, a missing gate metric."""
 
 
@@ -54,25 +56,25 @@ class NotServable(RegistryError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model of the pipeline as the register stage sees it."""
+    """One model to register; every path is relative to the project root given beside it."""
 
-    key: str  # "sentiment" | "lm": its section under register in params.yaml
+    key: str  # its section under `register` in the params ("sentiment", "lm")
     kind: str  # "classifier" | "generator": the pyfunc that serves it
-    folder: str  # the transformers folder, relative to the repo root
-    metrics: str  # the metrics JSON of the stage that scored it
-    params_sections: tuple[str, ...]  # dotted params.yaml sections that made it
-    datasets: str  # the split folder it was trained and scored on
-    rebuild: tuple[str, ...] = field(default=())  # the dvc stages to name in rebuild commands
+    folder: str  # the transformers folder
+    metrics: str  # the metrics JSON that scored it
+    params_sections: tuple[str, ...]  # dotted params sections that made it
+    datasets: str  # the folder of {train,val,test}.parquet it was trained and scored on
+    rebuild: tuple[str, ...] = field(default=())  # the build steps that make it, kept as a tag
+    build_hint: str = "build it first"  # what a user runs when the folder holds no model yet
 
 
-SPECS = {
-    "sentiment": ModelSpec("sentiment", "classifier", "models/finetuned", "reports/finetune/metrics.json",
-                           ("seed", "clean.task", "split.task", "tune", "finetune", "register.sentiment",
-                            "register.serving"), "data/split/task", ("finetune",)),
-    "lm": ModelSpec("lm", "generator", "models/pretrained", "reports/evaluate/metrics.json",
-                    ("seed", "clean.corpus", "split.corpus", "tokenize", "pretrain", "evaluate", "register.lm",
-                     "register.serving"), "data/split/corpus", ("pretrain", "evaluate")),
-}
+@dataclass(frozen=True)
+class DataInput:
+    """A dataset known only by its hash (no files at hand), logged as a meta-only MLflow dataset."""
+
+    name: str
+    path: str  # relative to the project root
+    digest: str
 
 
 def resolve_tracking_uri(params=None, root: Path | str | None = None) -> str:
@@ -146,39 +148,6 @@ def fingerprint(folder: Path, params_payload: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def dvc_lineage(root: Path, outputs: list[str]) -> dict[str, str]:
-    """Tags from dvc.lock: the md5 of every dep of the stages that wrote `outputs`, and of those outputs.
-
-    `dvc.dep.<path>` / `dvc.out.<path>` -> md5 and `dvc.stages` -> the stage names; `dvc.lock` says
-    "present", or why there is nothing (no lock file, or no stage wrote these outputs yet).
-    """
-    lock = root / "dvc.lock"
-    if not lock.exists():
-        return {"dvc.lock": "absent: no dvc.lock (the models were not built by `dvc repro`)"}
-    try:
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
-    except yaml.YAMLError as err:
-        return {"dvc.lock": f"unreadable: {err}"[:500]}
-    wanted = {o.rstrip("/") for o in outputs}
-    tags: dict[str, str] = {}
-    names = []
-    for name, stage in stages.items():
-        outs = {str(o.get("path", "")).rstrip("/"): o for o in stage.get("outs") or []}
-        hit = wanted & set(outs)
-        if not hit:
-            continue
-        names.append(name)
-        for dep in stage.get("deps") or []:
-            if dep.get("md5"):
-                tags[f"dvc.dep.{dep['path']}"] = str(dep["md5"])
-        for path in hit:
-            if outs[path].get("md5"):
-                tags[f"dvc.out.{path}"] = str(outs[path]["md5"])
-    if not names:
-        return {"dvc.lock": f"present, but no stage in it wrote {', '.join(sorted(wanted))}"}
-    return {"dvc.lock": "present", "dvc.stages": ",".join(sorted(names)), **tags}
-
-
 def flat_metrics(payload: Any, prefix: str = "") -> dict[str, float]:
     """Numbers of a metrics JSON, nested keys joined with dots; booleans and text left out."""
     out: dict[str, float] = {}
@@ -204,13 +173,11 @@ def _git_lineage(root: Path) -> dict[str, str]:
     return tracking.git_facts(root)
 
 
-def _datasets(root: Path, folder: str, dvc_tags: Mapping[str, str]) -> list[tuple[Any, str]]:
+def _datasets(root: Path, folder: str, known_by_hash: Sequence[DataInput]) -> list[tuple[Any, str]]:
     """(mlflow dataset, context) for each split parquet (digest: the file's md5); when there are none,
-    a meta-only dataset for each data dependency in dvc.lock (digest: its DVC md5)."""
+    a meta-only dataset for each of `known_by_hash` (a fresh checkout, a remote cache)."""
     import mlflow.data
     import pandas as pd
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
 
     split_dir = root / folder
     name = Path(folder).name
@@ -227,16 +194,18 @@ def _datasets(root: Path, folder: str, dvc_tags: Mapping[str, str]) -> list[tupl
                                                   targets=targets, digest=_file_hash(path, "md5"))
             found.append((dataset, context))
     if not found:
-        # No split files here (a fresh checkout, a remote cache): name the data deps by their dvc.lock hash.
-        for key, md5 in sorted(dvc_tags.items()):
-            path = key[len("dvc.dep."):] if key.startswith("dvc.dep.data/") else None
-            if path:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="The specified dataset source", category=UserWarning)
-                    source = resolve_dataset_source(str((root / path).resolve()))
-                label = path.removeprefix("data/").replace("/", "-")
-                found.append((MetaDataset(source, name=label, digest=md5.removesuffix(".dir")[:36]), "training"))
+        found = [(_meta_dataset(root, data), "training") for data in known_by_hash]
     return found
+
+
+def _meta_dataset(root: Path, data: DataInput):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The specified dataset source", category=UserWarning)
+        source = resolve_dataset_source(str((root / data.path).resolve()))
+    return MetaDataset(source, name=data.name, digest=data.digest)
 
 
 # --- register -----------------------------------------------------------------------------------
@@ -262,8 +231,7 @@ def latest_version(client, name: str):
 
 def _check_folder(folder: Path, spec: ModelSpec) -> None:
     if not (folder / "config.json").exists():
-        stage = " / ".join(spec.rebuild)
-        raise RegistryError(f"{folder} holds no transformers model (no config.json): run `dvc repro {stage}` first")
+        raise RegistryError(f"{folder} holds no transformers model (no config.json): {spec.build_hint}")
     if spec.kind == "generator":
         config = json.loads((folder / "config.json").read_text())
         architectures = config.get("architectures") or []
@@ -272,8 +240,13 @@ def _check_folder(folder: Path, spec: ModelSpec) -> None:
                               "not a causal LM: the generator pyfunc serves causal LMs only")
 
 
-def register_model(spec: ModelSpec, params, root: Path | str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+def register_model(spec: ModelSpec, params, root: Path | str, *, lineage: Mapping[str, str] | None = None,
+                   data_inputs: Sequence[DataInput] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
     """Log `spec`'s folder as a pyfunc with lineage and register it as a new @challenger version.
+
+    lineage: the build system's tags (the hashes of what built the model), set on the run and the
+    version beside the git facts; data_inputs: the datasets to log when `spec.datasets` holds no
+    split files here.
 
     Returns the report entry: name, version, aliases, run id, fingerprint and `registered` (False
     when the latest version already holds this fingerprint: then nothing was logged).
@@ -312,9 +285,10 @@ def register_model(spec: ModelSpec, params, root: Path | str, *, log: Callable[[
             f"(fingerprint {print_[:12]}): nothing new registered")
         return _entry(client, name, latest, registered=False, fingerprint_=print_)
 
+    build_tags = lineage or {}
     lineage = {
         **_git_lineage(root),
-        **dvc_lineage(root, [spec.folder, spec.metrics]),
+        **build_tags,
         FINGERPRINT: print_,
         "lmforge.model_key": spec.key,
         "lmforge.model_folder": spec.folder,
@@ -335,7 +309,7 @@ def register_model(spec: ModelSpec, params, root: Path | str, *, log: Callable[[
                             log=log) as run:
         run.log_metrics(metrics)
         run.log_dict({"params": payload, "lineage": lineage, "metrics": metrics}, "lineage.json")
-        for dataset, context in _datasets(root, spec.datasets, lineage):
+        for dataset, context in _datasets(root, spec.datasets, data_inputs):
             mlflow.log_input(dataset, context=context)
         if spec.kind == "classifier":
             model, signature = serving.TextClassifier(), serving.classifier_signature()
@@ -431,7 +405,7 @@ def promote(name: str, gate, *, force: bool = False, reason: str | None = None, 
         raise RegistryError(f"no registered model named {name!r} in this registry") from None
     challenger = by_alias(client, name, CHALLENGER)
     if challenger is None:
-        raise RegistryError(f"{name} has no @{CHALLENGER}: register a model first (dvc repro register)")
+        raise RegistryError(f"{name} has no @{CHALLENGER}: register a model first")
     champion = by_alias(client, name, CHAMPION)
     ch, cp = f"version {challenger.version}", f"version {champion.version}" if champion else None
     if champion is not None and str(champion.version) == str(challenger.version):
@@ -492,8 +466,14 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise RegistryError(f"{uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
-def trace(uri: str, client=None) -> str:
-    """A readable account of where a registered version came from and how to rebuild it."""
+TraceSection = Callable[[Mapping[str, str]], Sequence[str]]
+
+
+def trace(uri: str, client=None, *, inputs: TraceSection | None = None, rebuild: TraceSection | None = None) -> str:
+    """A readable account of where a registered version came from and how to rebuild it.
+
+    inputs and rebuild turn the version's tags into the lines of those two sections: the build
+    system that wrote the lineage tags knows how to show them and how to rerun itself."""
     if client is None:
         from mlflow import MlflowClient
 
@@ -520,41 +500,35 @@ def trace(uri: str, client=None) -> str:
     for key in ("promoted_at", "promoted_by", "forced_by", "force_reason"):
         if key in tags:
             lines.append(f"  {key + ':':<13} {tags[key]}")
-    lines.append("data and inputs (dvc.lock md5):")
-    lines.append(f"  dvc.lock: {tags.get('dvc.lock', 'not recorded')}")
-    for key in sorted(k for k in tags if k.startswith(("dvc.dep.", "dvc.out."))):
-        lines.append(f"  {key[4:]}: {tags[key]}")
-    if run is not None and run.inputs and run.inputs.dataset_inputs:
-        lines.append("datasets (mlflow.log_input):")
-        for item in run.inputs.dataset_inputs:
-            ctx = next((t.value for t in item.tags if t.key == "mlflow.data.context"), "")
-            ds = item.dataset
-            source = json.loads(ds.source).get("uri", ds.source) if ds.source.startswith("{") else ds.source
-            lines.append(f"  {ds.name} [{ctx}] digest {ds.digest}  {source}")
-    lines.append("params:")
+    if inputs is not None:
+        lines.extend(inputs(tags))
+    lines.extend(_dataset_lines(run))
+    lines.extend(_params_lines(tags, run))
+    lines.append("metrics:")
+    gate_key = tags.get("gate.metric_key")
+    for key, value in sorted(version_metrics(client, version).items()):
+        lines.append(f"  {key} = {value:.6g}" + ("   <- gate" if key == gate_key else ""))
+    if rebuild is not None:
+        lines.extend(rebuild(tags))
+    return "\n".join(lines)
+
+
+def _dataset_lines(run) -> list[str]:
+    if run is None or not run.inputs or not run.inputs.dataset_inputs:
+        return []
+    lines = ["datasets (mlflow.log_input):"]
+    for item in run.inputs.dataset_inputs:
+        ctx = next((t.value for t in item.tags if t.key == "mlflow.data.context"), "")
+        ds = item.dataset
+        source = json.loads(ds.source).get("uri", ds.source) if ds.source.startswith("{") else ds.source
+        lines.append(f"  {ds.name} [{ctx}] digest {ds.digest}  {source}")
+    return lines
+
+
+def _params_lines(tags: Mapping[str, str], run) -> list[str]:
     try:
         params = json.loads(tags.get("params", "{}"))
     except json.JSONDecodeError:
         params = {}
     flat = tracking.flatten(params) if params else (dict(run.data.params) if run else {})
-    lines.extend(f"  {key} = {value}" for key, value in sorted(flat.items()))
-    lines.append("metrics:")
-    gate_key = tags.get("gate.metric_key")
-    for key, value in sorted(version_metrics(client, version).items()):
-        lines.append(f"  {key} = {value:.6g}" + ("   <- gate" if key == gate_key else ""))
-    stages = [s for s in tags.get("lmforge.rebuild_stages", "").split(",") if s]
-    lines.append("rebuild:")
-    if commit in ("unknown", "uncommitted"):
-        lines.append("  (no git commit recorded: this version cannot be rebuilt from git)")
-    else:
-        lines.append(f"  git checkout {commit}")
-        lines.append("  dvc pull            # only where a DVC remote holds the cached data and models")
-        rebuilt = f" rebuilds {', '.join(stages)} and any upstream stage that is missing or stale" if stages else ""
-        lines.append(f"  dvc repro register  #{rebuilt or ' reruns every stage whose inputs differ'}")
-        lines.append(f"  # or in one line: git checkout {commit} && dvc repro register")
-        if dirty == "true":
-            lines.append("  # warning: registered from a dirty tree; the commit alone may not reproduce it")
-        fp = tags.get(FINGERPRINT)
-        if fp:
-            lines.append(f"  # a bit-identical rebuild carries fingerprint {fp} (tag {FINGERPRINT})")
-    return "\n".join(lines)
+    return ["params:", *(f"  {key} = {value}" for key, value in sorted(flat.items()))]

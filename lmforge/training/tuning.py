@@ -6,9 +6,9 @@
   the key path.
 - TPE sampler (seeded by the params seed and the number of trials already in the study, so a
   rerun proposes new points), a pruner fed by each epoch's val metric.
-- Storage: LMFORGE_OPTUNA_STORAGE if set, else tune.storage, else SQLite at
-  reports/tune/study.db. Any SQLAlchemy URL works (PostgreSQL for workers on several machines);
-  the study is created with load_if_exists, so a rerun or a second worker adds trials to it. A
+- Storage: LMFORGE_OPTUNA_STORAGE if set, else tune.storage, else SQLite at study.db in the
+  reports folder the caller passes. Any SQLAlchemy URL works (PostgreSQL for workers on several
+  machines); the study is created with load_if_exists, so a rerun or a second worker adds trials to it. A
   heartbeat marks trials of a killed worker as failed.
 - A trial that raises is recorded as failed (its error kept as a user attribute) and the study
   goes on; only a trial that could not sample its space stops the study.
@@ -30,10 +30,9 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from lmforge.config import ConfigError, FinetuneParams, Params, TuneParams
-from lmforge.training.finetuning import FinetuneConfig, LabelledTexts, finetune
+from lmforge.training.finetuning import LabelledTexts, finetune
 
 STORAGE_ENV = "LMFORGE_OPTUNA_STORAGE"
-DEFAULT_DIR = Path("reports/tune")
 BEST_FILE = "best.yaml"
 TRIALS_FILE = "trials.csv"
 HISTORY_PLOT = "optimization_history.png"
@@ -48,7 +47,7 @@ class TrialFailed(Exception):
     """A trial raised; Optuna records it as failed and the study goes on."""
 
 
-def storage_url(tune: TuneParams, out_dir: Path | str = DEFAULT_DIR) -> str:
+def storage_url(tune: TuneParams, out_dir: Path | str) -> str:
     env = os.environ.get(STORAGE_ENV, "").strip()
     if env:
         return env
@@ -129,7 +128,7 @@ def _pruner(tune: TuneParams, max_epochs: int):
     return optuna.pruners.NopPruner()
 
 
-def open_study(params: Params, out_dir: Path | str = DEFAULT_DIR):
+def open_study(params: Params, out_dir: Path | str):
     """Create or load the study named in params, with a seeded TPE sampler and the pruner."""
     import optuna
 
@@ -158,7 +157,7 @@ def run_study(
     params: Params,
     base: Path | str,
     data: Mapping[str, LabelledTexts],
-    out_dir: Path | str = DEFAULT_DIR,
+    out_dir: Path | str,
     *,
     on_trial_end: Callable[[Any, Any], None] | None = None,
     log: Callable[[str], None] = print,
@@ -193,8 +192,8 @@ def run_study(
         chosen = suggest(trial, tune.space)
         try:
             section = apply_overrides(params.finetune, nest(chosen), f"trial {trial.number}")
-            cfg = FinetuneConfig.from_mapping(section.model_dump(), seed=params.seed,
-                                              max_train_rows=None, log_every=10**9)
+            # The trial's subsample is already cut; no step log between epochs.
+            cfg = section.model_copy(update={"max_train_rows": None, "log_every": 10**9})
 
             def report(epoch: int, scores: dict) -> None:
                 value = float(scores[tune.metric])
@@ -203,7 +202,7 @@ def run_study(
                 if epoch < cfg.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch}: val {tune.metric} {value:.4f}")
 
-            result = finetune(base, subset, cfg, on_epoch_end=report, log=lambda _msg: None)
+            result = finetune(base, subset, cfg, seed=params.seed, on_epoch_end=report, log=lambda _msg: None)
             trial.set_user_attr("best_epoch", result.best_epoch)
             trial.set_user_attr("train_seconds", result.stats["train_seconds"])
             value = float(result.val[tune.metric])
@@ -260,8 +259,8 @@ def write_reports(study, params: Params, url: str, out_dir: Path | str, new_tria
         "new_trials": new_trials,
         "params": nest(best.params),
     }
-    header = ("# Written by the tune stage (tasks/tune.py) from the Optuna study below; the finetune\n"
-              "# stage merges `params` into its section when finetune.use_tuned is true.\n")
+    header = ("# Written from the Optuna study below; fine-tuning merges `params` into its section\n"
+              "# when finetune.use_tuned is true.\n")
     with atomic_path(out_dir / BEST_FILE) as tmp:
         tmp.write_text(header + yaml.safe_dump(summary, sort_keys=False))
     _write_trials_table(study, out_dir / TRIALS_FILE)
