@@ -30,11 +30,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from lmforge.config import parse_override  # noqa: E402
 
 PROFILED_STEPS = 3  # steps under torch.profiler per variant; the kernel table is per step
 
@@ -63,9 +63,9 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
     name, _, body = text.partition(":")
     params, compiler = {}, {}
     for item in filter(None, body.split(",")):
-        key, _, value = item.partition("=")
+        key, value = parse_override(item)
         target = compiler if key.startswith(("inductor.", "dynamo.")) else params
-        target[key] = yaml.safe_load(value)
+        target[key] = value
     return name, params, compiler
 
 
@@ -80,10 +80,11 @@ def compiler_configs(settings: dict) -> list[tuple[object, str, object]]:
 
 def run_variant(name: str, overrides: dict, compiler: dict, d, steps: int, top: int, launchers: bool = False) -> dict:
     """One variant: pretrain overrides over G1's shape, compiler settings restored afterwards."""
-    from bench_gpu import G1_SHAPE
+    from bench_gpu import G1_SHAPE, base_params
     from lmforge.config import PretrainParams
 
-    base = yaml.safe_load((ROOT / "configs" / "gpu.yaml").read_text())["pretrain"]
+    # The stage's GPU settings: params.yaml with the configs/gpu.yaml overlay merged over it.
+    base = base_params(ROOT / "params.yaml", ROOT / "configs" / "gpu.yaml", seed=None)["pretrain"]
     p = PretrainParams(**{**base, **G1_SHAPE, "pad_vocab": 1, **overrides})
     settings = compiler_configs(compiler)
     saved = [(config, key, getattr(config, key)) for config, key, _ in settings]
