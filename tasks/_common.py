@@ -53,13 +53,10 @@ def timed(stage: str) -> Iterator[None]:
     write_json(TIMINGS / f"{stage}.json", {"stage": stage, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def run_main(stage: str, main: Callable[[], object], user_errors: tuple[str, ...] = ()) -> NoReturn:
+def run_main(stage: str, main: Callable[[], object]) -> NoReturn:
     """Run a stage's main under `timed` and exit with its code. A UserError (lmforge.errors) is the
     user's to fix: its message alone on stderr and exit code 2, which orchestrators never retry;
-    any other exception is a bug and keeps its traceback.
-
-    user_errors is ignored: it is accepted only until tasks/pretrain.py, tasks/finetune.py and
-    tasks/evaluate.py stop passing the class names they used to match."""
+    any other exception is a bug and keeps its traceback."""
     try:
         with timed(stage):
             code = main()
