@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     from lmforge.registry import tracking
+    from tasks.lineage import input_hashes
 
-    lineage = tracking.input_hashes([args.tokens, args.model])
+    lineage = input_hashes([args.tokens, args.model])
     with tracking.stage_run("evaluate", {"seed": params.seed, "evaluate": params.evaluate.model_dump()},
                             tags=lineage) as run:
         metrics, samples, positions, masked = evaluate(params, Path(args.tokens), Path(args.model))

@@ -52,11 +52,12 @@ def run(args: argparse.Namespace) -> dict:
     from lmforge.config import load_params
     from lmforge.training.finetuning import finetune, read_split, save_model
     from lmforge.training.base_models import resolve_base_model
+    from tasks import layout
     from lmforge.registry import tracking
 
     params = load_params(args.params)
     section, tuned = settings(params, Path(args.best))
-    base = resolve_base_model(section.base_model)
+    base = resolve_base_model(section.base_model, pretrained_dir=layout.PRETRAINED)
     data = read_split(args.data)
     reports = Path(args.reports)
     reports.mkdir(parents=True, exist_ok=True)

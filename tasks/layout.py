@@ -18,3 +18,12 @@ TUNE_REPORTS = Path("reports/tune")
 FINETUNE_METRICS = Path("reports/finetune/metrics.json")
 EVALUATE_METRICS = Path("reports/evaluate/metrics.json")
 REGISTER_REPORT = Path("reports/register.json")
+
+
+def repo_root(start: Path | str | None = None) -> Path:
+    """The folder holding dvc.yaml or .git, from `start` (default: the working folder) upwards."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
+            return folder
+    return here

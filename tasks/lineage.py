@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from lmforge.registry import tracking
+from tasks import layout
 
 LOCK_FILE = "dvc.lock"
 LINEAGE_STATUS = "dvc.lock"  # the tag that says whether (and why not) the hashes are there
@@ -57,7 +57,7 @@ def lock_stages(root: Path) -> dict[str, Any]:
 def input_hashes(paths: list[str], root: Path | str | None = None) -> dict[str, str]:
     """{"input.<path>": md5} for each path that some stage of dvc.lock lists as an output: the
     data a run read, as DVC versioned it (empty where there is no dvc.lock yet)."""
-    root = tracking.repo_root(root)
+    root = layout.repo_root(root)
     if not (root / LOCK_FILE).exists():
         return {}
     try:

@@ -118,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             p = p.model_copy(update={"init_from": str(resolve_base_model(p.init_from))})
 
     from lmforge.registry import tracking
+    from tasks.lineage import input_hashes
     from lmforge.training import pretraining, runtime
 
     runtime.start_cuda_init(p.device)
     rank = int(os.environ.get("RANK", "0"))
     tokens_dir = Path(args.tokens)
     logged = {"seed": params.seed, "pretrain": p.model_dump()}
-    lineage = tracking.input_hashes([args.tokens])
+    lineage = input_hashes([args.tokens])
     runner = tracking.stage_run("pretrain", logged, tags=lineage) if rank == 0 else _no_run()
     with runner as run:
         result = pretraining.train(p, seed=params.seed, tokens_dir=tokens_dir, checkpoint_root=args.checkpoints,

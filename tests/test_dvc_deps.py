@@ -143,6 +143,16 @@ def test_deps_cover_every_project_file_the_stage_imports(name):
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_code_dep_is_code_the_stage_runs(name):
+    """A listed source file the stage never imports reruns it for nothing when that file changes."""
+    stage = STAGES[name]
+    module = STAGE_MODULE.search(stage["cmd"]).group(1)
+    imported = {p.relative_to(ROOT).as_posix() for p in import_closure(module)}
+    stale = [dep for dep in stage["deps"] if dep.endswith(".py") and dep not in imported]
+    assert not stale, f"stage {name} lists code it does not import: {', '.join(stale)}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
 def test_every_dep_exists_or_is_written_by_a_stage(name):
     written = {out.rstrip("/") for stage in STAGES.values() for out in stage["outs"]}
     absent = [dep for dep in STAGES[name]["deps"] if not (ROOT / dep).exists() and dep.rstrip("/") not in written]

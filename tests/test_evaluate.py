@@ -120,15 +120,16 @@ def test_evaluate_without_a_model_says_so(tmp_path, monkeypatch):
 
 def test_tracking_helpers_flatten_params_and_read_input_hashes(tmp_path, monkeypatch, capsys):
     from lmforge.registry import tracking
+    from tasks.lineage import input_hashes
 
     assert tracking.flatten({"pretrain": {"lr": 0.1, "prompts": ["a"]}, "seed": 1}) == {
         "pretrain.lr": "0.1", "pretrain.prompts": "['a']", "seed": "1"}
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  tokenize:\n    outs:\n    - path: data/tokens\n      md5: abc.dir\n")
-    assert tracking.input_hashes(["data/tokens", "models/pretrained"], tmp_path) == {"input.data/tokens": "abc.dir"}
+    assert input_hashes(["data/tokens", "models/pretrained"], tmp_path) == {"input.data/tokens": "abc.dir"}
     (tmp_path / "dvc.lock").write_text("stages:\n  tokenize: [unclosed\n")
-    assert tracking.input_hashes(["data/tokens"], tmp_path) == {}
+    assert input_hashes(["data/tokens"], tmp_path) == {}
     assert "dvc.lock does not parse, so this run records no input hashes" in capsys.readouterr().err
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"

@@ -416,7 +416,7 @@ def clean_corpus(raw_dir: Path, params: CleanDocuments, out_dir: Path, work_dir:
     part = [f"part-{i:05d}" for i in range(len(shards))]
     jobs = [(str(raw_dir), files, params, str(scratch / f"{p}.kept.parquet"), str(scratch / f"{p}.quarantine.parquet"),
              str(scratch / f"{p}.hashes.npy")) for p, files in zip(part, shards)]
-    shard_reports = run_shards(clean_document_shard, jobs, work_dir / "clean", engine=engine, desc="clean",
+    shard_reports = run_shards(clean_document_shard, jobs, work_dir / "cleaning", engine=engine, desc="cleaning",
                                bytes_key="text_bytes", progress=progress)
     drops = [{row: ("exact duplicate", fs, fr) for row, fs, fr in zip(*(a.tolist() for a in found))}
              for found in find_duplicates([job[5] for job in jobs])]

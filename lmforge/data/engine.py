@@ -8,7 +8,7 @@ resumes), and a task is a plain function of its rank. The number of tasks is fix
 parallelism.
 
 A shard task is `ShardTask(function, jobs)`: rank r calls `function(*jobs[r])`, which writes its
-own outputs and returns a small JSON-able report, kept as `reports/<rank>.json` in the work folder.
+own outputs and returns a small JSON-able report, kept in the work folder as one JSON file per rank.
 """
 
 from __future__ import annotations

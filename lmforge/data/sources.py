@@ -162,7 +162,7 @@ def fetch_hf(name: str, revision: str | None, dest: Path, rows_per_shard: int = 
     return {"uri": f"hf:{name}", "revision": revision, "bytes": sum(f["bytes"] for f in files), "files": files}
 
 
-def write_jsonl_shards(rows, dest: Path, rows_per_shard: int, desc: str = "ingest") -> list[dict]:
+def write_jsonl_shards(rows, dest: Path, rows_per_shard: int, desc: str = "fetching") -> list[dict]:
     """Write an iterable of records (dicts) into dest/part-NNNNN.jsonl.gz, `rows_per_shard` each."""
     import gzip
 

@@ -353,7 +353,7 @@ def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bp
             name = f"{split}/{Path(entry['file']).stem}.bin"
             names.append((split, name))
             jobs.append((str(out_dir / "tokenizer.json"), str(split_dir / entry["file"]), str(out_dir / name), meta["dtype"]))
-    reports = run_shards(encode_shard, jobs, Path(work_dir) / "encode", engine=engine, desc="tokenize", progress=progress)
+    reports = run_shards(encode_shard, jobs, Path(work_dir) / "encode", engine=engine, desc="encoding", progress=progress)
     for split in SPLITS:
         mine = [(name, r) for (s, name), r in zip(names, reports) if s == split]
         meta["splits"][split] = {

@@ -252,10 +252,7 @@ def register_model(spec: ModelSpec, params, root: Path | str, *, lineage: Mappin
     when the latest version already holds this fingerprint: then nothing was logged).
     Call it inside `using(uri)`.
     """
-    import mlflow
     from mlflow import MlflowClient
-
-    from lmforge.registry import serving
 
     if not tracking.enabled():
         raise RegistryError("MLflow tracking is off (LMFORGE_TRACKING=off or mlflow missing): nothing to register to")
@@ -264,16 +261,7 @@ def register_model(spec: ModelSpec, params, root: Path | str, *, lineage: Mappin
     model_params = getattr(params.register_, spec.key)
     name, gate = model_params.name, model_params.gate
     _check_folder(folder, spec)
-
-    metrics_path = root / spec.metrics
-    if not metrics_path.exists():
-        raise RegistryError(f"{spec.metrics} is missing: the model has no evaluation to register it with")
-    metrics = flat_metrics(json.loads(metrics_path.read_text()))
-    gate_figure = find_metric(metrics, gate.metric)
-    if gate_figure is None:
-        shown = ", ".join(sorted(metrics)) or "none"
-        raise RegistryError(f"{spec.metrics} has no gate metric {gate.metric!r} (register.{spec.key}.gate.metric; "
-                            f"looked for {', '.join(p + gate.metric for p in _PREFIXES)}); its numeric keys: {shown}")
+    metrics, gate_figure = _gate_metrics(root, spec, gate)
 
     payload = relevant_params(params, spec)
     # The gate and the name say how the model is judged and filed, not what it is: left out.
@@ -285,52 +273,97 @@ def register_model(spec: ModelSpec, params, root: Path | str, *, lineage: Mappin
             f"(fingerprint {print_[:12]}): nothing new registered")
         return _entry(client, name, latest, registered=False, fingerprint_=print_)
 
-    build_tags = lineage or {}
-    lineage = {
-        **_git_lineage(root),
-        **build_tags,
-        FINGERPRINT: print_,
-        "lmforge.model_key": spec.key,
-        "lmforge.model_folder": spec.folder,
-        "lmforge.rebuild_stages": ",".join(spec.rebuild),
-        "gate.metric": gate.metric,
-        "gate.metric_key": gate_figure[0],
-        "gate.value": repr(gate_figure[1]),
-        "gate.direction": gate.direction,
-    }
-    serving_config = {**params.register_.serving.model_dump()}
+    tags = {**_git_lineage(root), **(lineage or {}), FINGERPRINT: print_, "lmforge.model_key": spec.key,
+            "lmforge.model_folder": spec.folder, "lmforge.rebuild_stages": ",".join(spec.rebuild),
+            "gate.metric": gate.metric, "gate.metric_key": gate_figure[0], "gate.value": repr(gate_figure[1]),
+            "gate.direction": gate.direction}
+    logged = LoggedModel(spec=spec, name=name, folder=folder, payload=payload, metrics=metrics, tags=tags,
+                         fingerprint=print_, serving_config=serving_config(params, spec))
+    version, run_id = _log_and_register(logged, params, root, data_inputs, log)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    log(f"register {spec.key}: {name} version {version} @{CHALLENGER} (run {run_id}, "
+        f"{gate_figure[0]} {gate_figure[1]:.6g}, fingerprint {print_[:12]})")
+    return _entry(client, name, client.get_model_version(name, version), registered=True, fingerprint_=print_)
+
+
+def _gate_metrics(root: Path, spec: ModelSpec, gate) -> tuple[dict[str, float], tuple[str, float]]:
+    """The model's metrics, flattened, and the one its gate is judged on (key, value)."""
+    metrics_path = root / spec.metrics
+    if not metrics_path.exists():
+        raise RegistryError(f"{spec.metrics} is missing: the model has no evaluation to register it with")
+    metrics = flat_metrics(json.loads(metrics_path.read_text()))
+    gate_figure = find_metric(metrics, gate.metric)
+    if gate_figure is None:
+        shown = ", ".join(sorted(metrics)) or "none"
+        raise RegistryError(f"{spec.metrics} has no gate metric {gate.metric!r} (register.{spec.key}.gate.metric; "
+                            f"looked for {', '.join(p + gate.metric for p in _PREFIXES)}); its numeric keys: {shown}")
+    return metrics, gate_figure
+
+
+def serving_config(params, spec: ModelSpec) -> dict[str, Any]:
+    """register.serving, plus the max_length the model was trained with where one of the params
+    sections that made it sets one (the classifier truncates requests as it was fine-tuned)."""
+    config = {**params.register_.serving.model_dump()}
     if spec.kind == "classifier":
-        finetune = getattr(params, "finetune", None)
-        if finetune is not None and getattr(finetune, "max_length", None):
-            serving_config["max_length"] = int(finetune.max_length)
+        dump = params.model_dump(by_alias=True)
+        for dotted in spec.params_sections:
+            length = (section(dump, dotted) or {}).get("max_length")
+            if length:
+                config["max_length"] = int(length)
+    return config
+
+
+@dataclass
+class LoggedModel:
+    """What one registration logs: the model folder and everything recorded beside it."""
+
+    spec: ModelSpec
+    name: str
+    folder: Path
+    payload: dict[str, Any]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    fingerprint: str
+    serving_config: dict[str, Any]
+
+
+def _pyfunc(spec: ModelSpec, params):
+    """The pyfunc wrapper, its signature and an input example for the model's kind."""
     import pandas as pd
 
-    with tracking.stage_run(f"register-{spec.key}", payload, tags={**lineage, "register.model": name}, root=root,
-                            log=log) as run:
-        run.log_metrics(metrics)
-        run.log_dict({"params": payload, "lineage": lineage, "metrics": metrics}, "lineage.json")
+    from lmforge.registry import serving
+
+    if spec.kind == "classifier":
+        example = ["A wonderful film, I loved it.", "A dull, tedious film."]
+        return serving.TextClassifier(), serving.classifier_signature(), pd.DataFrame({serving.TEXT_COLUMN: example})
+    signature = serving.generator_signature(params.register_.serving.max_new_tokens)
+    return serving.TextGenerator(), signature, pd.DataFrame({serving.TEXT_COLUMN: ["ROMEO:"]})
+
+
+def _log_and_register(logged: LoggedModel, params, root: Path, data_inputs: Sequence[DataInput],
+                      log: Callable[[str], None]) -> tuple[str, str]:
+    """One MLflow run: metrics, lineage, datasets and the pyfunc model, registered as a new
+    version. Returns (version, run id)."""
+    import mlflow
+
+    spec = logged.spec
+    with tracking.stage_run(f"register-{spec.key}", logged.payload, tags={**logged.tags, "register.model": logged.name},
+                            root=root, log=log) as run:
+        run.log_metrics(logged.metrics)
+        run.log_dict({"params": logged.payload, "lineage": logged.tags, "metrics": logged.metrics}, "lineage.json")
         for dataset, context in _datasets(root, spec.datasets, data_inputs):
             mlflow.log_input(dataset, context=context)
-        if spec.kind == "classifier":
-            model, signature = serving.TextClassifier(), serving.classifier_signature()
-            example = pd.DataFrame({serving.TEXT_COLUMN: ["A wonderful film, I loved it.", "A dull, tedious film."]})
-        else:
-            model = serving.TextGenerator()
-            signature = serving.generator_signature(params.register_.serving.max_new_tokens)
-            example = pd.DataFrame({serving.TEXT_COLUMN: ["ROMEO:"]})
+        model, signature, example = _pyfunc(spec, params)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=model, artifacts={"model": str(folder)}, signature=signature,
-            input_example=example, pip_requirements=_requirements(), model_config=serving_config,
-            tags={FINGERPRINT: print_})
-        version_tags = {**lineage, "params": json.dumps(payload, sort_keys=True, default=str),
-                        SERVING: json.dumps(serving_config, sort_keys=True),
-                        **{f"metric.{k}": repr(v) for k, v in sorted(metrics.items())[:200]}}
-        version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in version_tags.items()})
-        client.set_registered_model_alias(name, CHALLENGER, version.version)
+            name="model", python_model=model, artifacts={"model": str(logged.folder)}, signature=signature,
+            input_example=example, pip_requirements=_requirements(), model_config=logged.serving_config,
+            tags={FINGERPRINT: logged.fingerprint})
+        version_tags = {**logged.tags, "params": json.dumps(logged.payload, sort_keys=True, default=str),
+                        SERVING: json.dumps(logged.serving_config, sort_keys=True),
+                        **{f"metric.{k}": repr(v) for k, v in sorted(logged.metrics.items())[:200]}}
+        version = mlflow.register_model(info.model_uri, logged.name, tags={k: str(v) for k, v in version_tags.items()})
         run.set_tags({"register.version": version.version})
-    log(f"register {spec.key}: {name} version {version.version} @{CHALLENGER} (run {run.run_id}, "
-        f"{gate_figure[0]} {gate_figure[1]:.6g}, fingerprint {print_[:12]})")
-    return _entry(client, name, client.get_model_version(name, version.version), registered=True, fingerprint_=print_)
+    return version.version, run.run_id
 
 
 def _entry(client, name: str, version, *, registered: bool, fingerprint_: str) -> dict[str, Any]:

@@ -23,22 +23,19 @@ from typing import Any, Iterator, Mapping
 EXPERIMENT = "lmforge"
 
 
-def repo_root(start: Path | str | None = None) -> Path:
-    """The folder holding dvc.yaml or .git, from `start` (default: the working folder) upwards."""
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
-            return folder
-    return here
+def project_root(root: Path | str | None = None) -> Path:
+    """The project folder the MLflow store and git facts belong to: `root`, else the working folder
+    (where the pipeline runs its stages)."""
+    return Path(root or Path.cwd()).resolve()
 
 
 def tracking_uri(root: Path | str | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(root) / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
 
 
 def git_facts(root: Path | str | None = None) -> dict[str, str]:
     """The commit ("uncommitted" before the first one) and whether the tree has changes."""
-    cwd = repo_root(root)
+    cwd = project_root(root)
 
     def git(*args: str) -> str | None:
         try:
@@ -64,14 +61,6 @@ def system_facts() -> dict[str, str]:
         else:
             facts["device"] = "cpu"
     return facts
-
-
-def input_hashes(paths: list[str], root: Path | str | None = None) -> dict[str, str]:
-    """Transitional: moved to tasks.lineage.input_hashes (reading the build system's lock file is
-    pipeline code). Kept only until tasks/pretrain.py and tasks/evaluate.py call it there."""
-    from tasks.lineage import input_hashes as from_lock_file
-
-    return from_lock_file(paths, root)
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -38,7 +38,7 @@ class DataError(UserError, ValueError):
 def read_meta(tokens_dir: Path | str) -> dict:
     path = Path(tokens_dir) / "meta.json"
     if not path.exists():
-        raise DataError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)")
+        raise DataError(f"{path} not found: the token folder has not been written yet (tokenize the corpus first)")
     return json.loads(path.read_text())
 
 
