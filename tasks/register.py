@@ -30,7 +30,8 @@ MODELS = {
         key="sentiment", kind="classifier", folder=str(layout.FINETUNED), metrics=str(layout.FINETUNE_METRICS),
         params_sections=("seed", "clean.task", "split.task", "tune", "finetune", "register.sentiment",
                          "register.serving"),
-        datasets=str(layout.TASK_SPLIT), rebuild=("finetune",), build_hint="run `dvc repro finetune` first"),
+        datasets=str(layout.TASK_SPLIT), rebuild=("finetune",), build_hint="run `dvc repro finetune` first",
+        max_length_key="finetune.max_length"),
     "lm": ModelSpec(
         key="lm", kind="generator", folder=str(layout.PRETRAINED), metrics=str(layout.EVALUATE_METRICS),
         params_sections=("seed", "clean.corpus", "split.corpus", "tokenize", "pretrain", "evaluate", "register.lm",

@@ -287,11 +287,11 @@ def test_a_clean_killed_mid_way_resumes_from_its_finished_shards(dvc_repo, sourc
     deadline = time.time() + 120
     marks: list[Path] = []
     while time.time() < deadline and not marks:
-        marks = list((dvc_repo / "data/.work").glob("clean-corpus-*/clean/datatrove/completions/*"))
+        marks = list((dvc_repo / "data/.work").glob("clean-corpus-*/cleaning/datatrove/completions/*"))
         time.sleep(0.01)
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
-    finished = sorted((dvc_repo / "data/.work").glob("clean-corpus-*/clean/reports/*.json"))
+    finished = sorted((dvc_repo / "data/.work").glob("clean-corpus-*/cleaning/reports/*.json"))
     assert 0 < len(finished) < 10, "the run was killed after its first shard and before its last"
 
     run(["python", "-m", "tasks.clean", "corpus"], dvc_repo)

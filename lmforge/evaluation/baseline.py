@@ -18,10 +18,10 @@ def tfidf_baseline(
     evaluate: dict[str, tuple[Sequence[str], Sequence[str]]],
     *,
     labels: Sequence[str] | None = None,
-    c: float = 4.0,
+    c: float,
     min_df: int = 2,
     max_features: int | None = 200_000,
-    seed: int = 0,
+    seed: int,
 ) -> dict:
     """Fit on train, score each named (texts, labels) pair in `evaluate`.
 

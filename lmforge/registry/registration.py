@@ -66,6 +66,9 @@ class ModelSpec:
     datasets: str  # the folder of {train,val,test}.parquet it was trained and scored on
     rebuild: tuple[str, ...] = field(default=())  # the build steps that make it, kept as a tag
     build_hint: str = "build it first"  # what a user runs when the folder holds no model yet
+    # The dotted params key of the length the model was trained to read: served requests are cut
+    # to it (None: the serving default).
+    max_length_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -301,15 +304,12 @@ def _gate_metrics(root: Path, spec: ModelSpec, gate) -> tuple[dict[str, float], 
 
 
 def serving_config(params, spec: ModelSpec) -> dict[str, Any]:
-    """register.serving, plus the max_length the model was trained with where one of the params
-    sections that made it sets one (the classifier truncates requests as it was fine-tuned)."""
+    """register.serving, plus the length the model was trained to read (spec.max_length_key), so a
+    served classifier truncates requests as it was fine-tuned."""
     config = {**params.register_.serving.model_dump()}
-    if spec.kind == "classifier":
-        dump = params.model_dump(by_alias=True)
-        for dotted in spec.params_sections:
-            length = (section(dump, dotted) or {}).get("max_length")
-            if length:
-                config["max_length"] = int(length)
+    length = section(params.model_dump(by_alias=True), spec.max_length_key) if spec.max_length_key else None
+    if length:
+        config["max_length"] = int(length)
     return config
 
 

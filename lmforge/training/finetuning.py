@@ -128,7 +128,7 @@ def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head",
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int, truncation: str,
                  chunk: int = 2048) -> list[np.ndarray]:
     """Token ids per text, special tokens included, at most max_length long, unpadded.
 
@@ -158,7 +158,7 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int, truncation: s
 
 
 def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
-                  group_by_length: bool = True, megabatch: int = 50) -> list[np.ndarray]:
+                  group_by_length: bool, megabatch: int = 50) -> list[np.ndarray]:
     """The batches of one epoch, a pure function of (seed, epoch): a resumed run sees the same.
 
     With group_by_length, a random permutation is cut into megabatches of `megabatch` batches,
@@ -232,8 +232,7 @@ def load_model(base: Path | str, labels: Sequence[str], params: Any):
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, encoded: Sequence[np.ndarray], *, pad_id: int, batch_size: int,
-            device: torch.device, dtype: torch.dtype | None = None, pad_multiple: int = 8,
-            max_length: int = 1 << 30) -> np.ndarray:
+            device: torch.device, dtype: torch.dtype | None, pad_multiple: int, max_length: int) -> np.ndarray:
     """Predicted class ids, in input order (batched by length for speed)."""
     was_training = model.training
     model.eval()
