@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("--force needs --reason TEXT: a forced promotion records why")
     from lmforge.config import ConfigError, load_params
     from lmforge.registry import registration as registry
-    from tasks import lineage
+    from tasks import layout, lineage
     from tasks.register import MODELS
 
     params = None
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             params = load_params(args.params)
         except ConfigError as err:
             return _error(str(err))
-    uri = registry.resolve_tracking_uri(params, Path.cwd())
+    uri = registry.resolve_tracking_uri(params, layout.repo_root())
     try:
         with registry.using(uri) as client:
             if args.command == "trace":

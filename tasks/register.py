@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from lmforge.atomic import write_json
+from lmforge.errors import UserError
 from lmforge.registry.registration import DataInput, ModelSpec
 from tasks import layout, lineage
 from tasks._common import fail, params_or_exit, timed
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     params = params_or_exit(args.params)
     from lmforge.registry import registration as registry
 
-    root = Path.cwd()
+    root = layout.repo_root()
     uri = registry.resolve_tracking_uri(params, root)
     keys = args.only or list(MODELS)
     report: dict = {"tracking_uri": uri, "models": {}}
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             except registry.NotServable as err:
                 print(f"warning: register {key}: skipped: {err}", file=sys.stderr)
                 report["models"][key] = {"skipped": str(err)}
-            except registry.RegistryError as err:
+            except UserError as err:
                 fail(f"register {key}: {err}")
     write_json(args.report, report)
     for key, entry in report["models"].items():

@@ -38,7 +38,7 @@ from lmforge.registry import tracking
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 FINGERPRINT = "lmforge.fingerprint"
-SERVING = "lmforge.registry.serving"
+SERVING = "lmforge.serving"  # a version tag's key: unchanged since the first registrations
 _UNSAFE = re.compile(r"[^\w./\- :]")
 _PREFIXES = ("", "test.", "test_", "eval_", "eval.", "val.", "val_", "validation.", "validation_")
 
