@@ -157,6 +157,31 @@ def test_lora_trains_and_saves_a_merged_plain_model(base, two_class, tmp_path):
     assert result.test["accuracy"] >= 0.5
 
 
+def test_a_killed_lora_run_resumes_through_the_shared_checkpoints(base, two_class, tmp_path):
+    """LoRA's wrapped model goes through the same checkpoint files as full fine-tuning."""
+    data = {k: v.sample(32 if k == "train" else 16, 0) for k, v in read_split(two_class).items()}
+    cfg = FinetuneParams.model_validate(tiny_finetune(base, method="lora", learning_rate=1e-2, epochs=2,
+                                                      checkpoint_every=2, batch_size=8,
+                                                      lora={"r": 4, "alpha": 8, "dropout": 0.0}))
+    quiet = lambda _m: None  # noqa: E731
+    straight = finetune(base, data, cfg, seed=SEED, log=quiet)
+
+    def kill_at_5(step: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(base, data, cfg, seed=SEED, checkpoint_dir=tmp_path / "ckpt", on_step=kill_at_5, log=quiet)
+    (run_dir,) = (tmp_path / "ckpt").iterdir()
+    assert (run_dir / "latest").read_text().strip() == "step-000000004" and (run_dir / "best").is_dir()
+    resumed = finetune(base, data, cfg, seed=SEED, checkpoint_dir=tmp_path / "ckpt", log=quiet)
+    assert resumed.stats["resumed_from_step"] == 4 and resumed.stats["steps"] == straight.stats["steps"] == 8
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and not any("lora" in key for key in a)
+    for key in a:
+        assert np.allclose(a[key].numpy(), b[key].numpy(), atol=1e-6), key
+
+
 def test_a_causal_lm_without_pad_token_gets_a_classification_head(tmp_path_factory, two_class, tmp_path):
     from transformers import pipeline
 

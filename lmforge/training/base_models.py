@@ -106,7 +106,7 @@ def _pretrained_folder(root: Path, pretrained_dir: Path | str | None) -> Path:
         raise BaseModelError("finetune.base_model: pretrained: no folder of a pretrained model was given here")
     path = root / pretrained_dir
     if not (path / "config.json").exists():
-        raise BaseModelError(f"finetune.base_model: pretrained: {path} holds no model yet; pretrain it first")
+        raise BaseModelError(f"finetune.base_model: pretrained: {path} holds no model yet")
     return path
 
 

@@ -86,7 +86,7 @@ def read_split(folder: Path | str, splits: Sequence[str] = SPLITS) -> dict[str, 
     for name in splits:
         path = folder / f"{name}.parquet"
         if not path.exists():
-            raise FinetuneError(f"{path} not found: run the split stage for the task dataset first")
+            raise FinetuneError(f"{path} not found: a split folder holds train, val and test parquet files")
         try:
             import pyarrow.parquet as pq
 

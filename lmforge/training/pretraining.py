@@ -51,7 +51,7 @@ LATER_KEYS_AT_OLD_BEHAVIOUR = {"param_dtype": "fp32"}
 Metrics = Callable[[dict[str, float], int], None]
 
 
-def compute_dtype(device: torch.device) -> torch.dtype | None:
+def forward_dtype(device: torch.device) -> torch.dtype | None:
     """Pretraining runs its forward in bf16 on a GPU, in fp32 on the CPU."""
     return torch.bfloat16 if device.type == "cuda" else None
 
@@ -239,7 +239,7 @@ def validate(model, tokens, p: Any, seed: int, d: Dist, masking: batches.Masking
     total = torch.zeros(2, device=d.device, dtype=torch.float64)
     for x, y in batches.eval_batches(tokens, p.context, p.batch_size, seed, d.device, p.eval_batches,
                                      masking=masking, rank=d.rank, world=d.world):
-        with runtime.autocast(d.device, compute_dtype(d.device)):
+        with runtime.autocast(d.device, forward_dtype(d.device)):
             loss = _loss(model, x, y, masking is not None)
         count = (y != batches.IGNORE_INDEX).sum()
         total[0] += loss.double() * count
@@ -323,8 +323,8 @@ class TrainStep:
 
 def build_step(model, optimizer: torch.optim.Optimizer, p: Any, d: Dist, masked: bool,
                say: Callable[[str], None] = print) -> TrainStep:
-    """The step the pretrain stage runs, from a model already on its device (and resumed: the
-    bf16 working copy is made from the weights as they are now)."""
+    """The optimizer step `train` runs, from a model already on its device (and resumed: the bf16
+    working copy is made from the weights as they are now)."""
     working = bf16_working(p, model, d, say)
     stepped = working.model if working else model
     module = TrainingLoss(stepped, masked, use_fused_loss(p, stepped, masked, say))
@@ -332,7 +332,7 @@ def build_step(model, optimizer: torch.optim.Optimizer, p: Any, d: Dist, masked:
         module = wrap_ddp(module, p, d, say)
     runner, cudagraphs = compile_runner(module, p, d, say) if p.compile else (module, False)
     return TrainStep(model=model, optimizer=optimizer, working=working, module=module, runner=runner,
-                     cudagraphs=cudagraphs, dtype=compute_dtype(d.device), p=p, world=d.world,
+                     cudagraphs=cudagraphs, dtype=forward_dtype(d.device), p=p, world=d.world,
                      loss_sum=torch.zeros((), device=d.device))
 
 
@@ -431,6 +431,7 @@ class Run:
     masking: batches.Masking | None
     val_tokens: Any
     optimizer: torch.optim.Optimizer
+    schedule: Callable[[int], float]  # the peak lr's multiplier after a number of steps
     scheduler: Any
     checkpoints: runtime.RunCheckpoints
     tokens_per_step: int
@@ -547,7 +548,6 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
         f"{run.tokens_per_step} tokens/step, device {d.device} x{d.world}, compile={p.compile}")
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
-    schedule = partial(runtime.warmup_cosine, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio)
     setup_s = time.perf_counter() - started
     devices_ready, model_ready = setup_marks
     say(f"set-up {setup_s:.1f}s (devices {devices_ready - started:.1f}s, model {model_ready - devices_ready:.1f}s, "
@@ -557,7 +557,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     state.restart_clock(start)
     with attention_backends(p.attention, d.device):
         for index in range(start, p.steps):
-            runner.run(index, [sampler.get(index, micro) for micro in range(p.grad_accum)], p.lr * schedule(index))
+            runner.run(index, [sampler.get(index, micro) for micro in range(p.grad_accum)], p.lr * run.schedule(index))
             run.scheduler.step()
             state.loss_steps += 1
             done = index + 1
@@ -595,7 +595,8 @@ def prepare_run(p: Any, seed: int, tokens_dir: Path, checkpoint_root: Path | str
     schedule = partial(runtime.warmup_cosine, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio)
     fingerprint = run_fingerprint(p, seed, meta, d.world)
     run = Run(p=p, seed=seed, d=d, say=say, model=model, masked=masked, masking=masking_for(p, meta, masked),
-              val_tokens=val_tokens, optimizer=optimizer, scheduler=runtime.lr_scheduler(optimizer, schedule),
+              val_tokens=val_tokens, optimizer=optimizer, schedule=schedule,
+              scheduler=runtime.lr_scheduler(optimizer, schedule),
               checkpoints=runtime.RunCheckpoints(checkpoint_root, fingerprint, d),
               tokens_per_step=p.batch_size * p.context * p.grad_accum * d.world,
               flops_per_token=flops_per_token(model, p.context), peak=runtime.peak_flops(d.device),

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import threading
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -164,9 +163,10 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """A context running the forward in `dtype` (None: as the weights are)."""
+    """A context running the forward in `dtype`; None runs it as the weights are, even inside
+    an autocast a caller entered."""
     if dtype is None:
-        return nullcontext()
+        return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
 
 
