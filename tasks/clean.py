@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from lmforge.atomic import atomic_dir, write_json
-from lmforge.data.cleaning import CleanError, clean_corpus, clean_examples
+from lmforge.data.cleaning import clean_corpus, clean_examples
 from lmforge.config import CleanDocuments
-from lmforge.data.documents import CorpusFormatError
 from lmforge.data.engine import peak_child_rss_mb, peak_rss_mb
+from lmforge.errors import UserError
 from tasks._common import fail, params_or_exit, stage_args, timed
 from tasks._data_plane import data_engine, remove_work_dir, work_dir_for
 
@@ -38,7 +38,7 @@ def main() -> None:
                     report = clean_corpus(raw_dir, section, out, work, data_engine(params))
                 else:
                     report = _clean_labelled(raw_dir, section, args.dataset, out)
-        except (CleanError, CorpusFormatError) as err:
+        except UserError as err:
             fail(str(err))
         seconds = time.perf_counter() - start
         report = {**report, "seconds": round(seconds, 3),

@@ -16,12 +16,14 @@ import json
 import sys
 from pathlib import Path
 
+from tasks import layout
+
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--tokens", default="data/tokens")
-    parser.add_argument("--model", default="models/pretrained")
+    parser.add_argument("--model", default=str(layout.PRETRAINED))
     parser.add_argument("--reports", default="reports/evaluate")
     return parser.parse_args(argv)
 

@@ -20,15 +20,17 @@ import sys
 import time
 from pathlib import Path
 
+from tasks import layout
+
 STARTED = time.perf_counter()
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.finetune", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/split/task")
-    parser.add_argument("--best", default="reports/tune/best.yaml")
-    parser.add_argument("--out", default="models/finetuned")
+    parser.add_argument("--data", default=str(layout.TASK_SPLIT))
+    parser.add_argument("--best", default=str(layout.TUNE_REPORTS / "best.yaml"))
+    parser.add_argument("--out", default=str(layout.FINETUNED))
     parser.add_argument("--checkpoints", default="models/finetune-checkpoints")
     parser.add_argument("--reports", default="reports/finetune")
     return parser.parse_args(argv)
@@ -52,7 +54,6 @@ def run(args: argparse.Namespace) -> dict:
     from lmforge.config import load_params
     from lmforge.training.finetuning import finetune, read_split, save_model
     from lmforge.training.base_models import resolve_base_model
-    from tasks import layout
     from lmforge.registry import tracking
 
     params = load_params(args.params)
@@ -135,5 +136,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     from tasks._common import run_main
 
-    # FinetuneError, BaseModelError: bad data or base model, one clear message, no retry.
+    # A UserError (bad data, params or base model): one clear message, exit 2, no retry.
     run_main("finetune", main)

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from lmforge.atomic import atomic_dir, write_json
-from lmforge.data.sources import SourceError, fetch
+from lmforge.data.sources import fetch
+from lmforge.errors import UserError
 from tasks._common import fail, params_or_exit, stage_args, timed
 
 
@@ -28,7 +29,7 @@ def main() -> None:
                 manifest = fetch(source.uri, source.sha256, out, previous=_previous_manifest(target),
                                  revision=source.revision)
                 write_json(out / "manifest.json", manifest)
-        except SourceError as err:
+        except UserError as err:
             fail(str(err))
     seconds = time.perf_counter() - start
     print(f"ingest {args.dataset}: {len(manifest['files'])} files, {manifest['bytes']:,} bytes from {source.uri} "

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from tasks import layout
+
 STARTED = time.perf_counter()
 
 
@@ -26,7 +28,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--tokens", default="data/tokens")
-    parser.add_argument("--out", default="models/pretrained")
+    parser.add_argument("--out", default=str(layout.PRETRAINED))
     parser.add_argument("--checkpoints", default="models/checkpoints")
     parser.add_argument("--reports", default="reports/pretrain")
     return parser.parse_args(argv)

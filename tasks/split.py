@@ -15,6 +15,7 @@ from lmforge.atomic import atomic_dir, write_json
 from lmforge.config import CleanDocuments
 from lmforge.data.engine import peak_child_rss_mb, peak_rss_mb, run_shards
 from lmforge.data.splitting import SPLITS, SplitError, split_frame, split_report, split_shard
+from lmforge.errors import UserError
 from tasks._common import fail, params_or_exit, stage_args, timed
 from tasks._data_plane import data_engine, remove_work_dir, work_dir_for
 
@@ -38,7 +39,7 @@ def main() -> None:
                 else:
                     report = _split_in_memory(kept, out, section, params.seed, documents)
                 _check_not_empty(report, section)
-        except SplitError as err:
+        except UserError as err:
             fail(f"split.{args.dataset}: {err}")
         seconds = time.perf_counter() - start
         rows = sum(report[s]["rows"] for s in SPLITS)

@@ -10,6 +10,7 @@ from pathlib import Path
 from lmforge.atomic import atomic_dir, write_json
 from lmforge.data.engine import peak_child_rss_mb, peak_rss_mb
 from lmforge.data.tokenization import SPLITS, write_token_shards
+from lmforge.errors import UserError
 from tasks._common import fail, params_or_exit, stage_args, timed
 from tasks._data_plane import data_engine, remove_work_dir, work_dir_for
 
@@ -28,7 +29,7 @@ def main() -> None:
             with atomic_dir("data/tokens") as out:
                 meta = write_token_shards(split_dir, out, params.kind, params.vocab_size, params.min_frequency,
                                           params.sample_mb, all_params.seed, work, data_engine(all_params))
-        except ValueError as err:
+        except (UserError, ValueError) as err:  # ValueError: the tokenizers library's complaints
             fail(f"tokenize: {err}")
         remove_work_dir(work)
         seconds = time.perf_counter() - start
