@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# Offline switches: no hub calls, no telemetry (../shared/STACK.md explains each one).
+# Offline switches: no hub calls, no telemetry (the README's environment table explains each one).
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export DO_NOT_TRACK := true

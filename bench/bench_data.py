@@ -1,4 +1,4 @@
-"""C2/C3 of ../shared/BENCHMARKS.md: clean throughput, BPE tokenization throughput, no-op repro.
+"""C2/C3 (docs/performance.md): clean throughput, BPE tokenization throughput, no-op repro.
 
 Run from the project root after `make run` has built data/ (the default sources):
     .venv/bin/python bench/bench_data.py [--record bench/results/<date>-<card>.json]

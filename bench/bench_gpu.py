@@ -1,4 +1,4 @@
-"""G1, G2 and G3 of ../shared/BENCHMARKS.md through the real pretrain stage, in one call.
+"""G1, G2 and G3 (docs/performance.md) through the real pretrain stage, in one call.
 
     python bench/bench_gpu.py                         # every case the visible GPUs allow
     python bench/bench_gpu.py --cases g2 --set g2.steps=3500 --record bench/results/X.json
@@ -69,7 +69,7 @@ def write_random_tokens(out: Path, vocab: int, train_tokens: int, seed: int = 0)
 
 
 def write_shakespeare_tokens(corpus: Path, out: Path) -> dict:
-    """BENCHMARKS.md's G2 split: the first 90% of the characters train, the last 10% validate."""
+    """G2's split: the first 90% of the characters train, the last 10% validate."""
     from lmforge.data.tokenization import write_tokens
 
     text = corpus.read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""C2 of ../shared/BENCHMARKS.md: what the Prefect flow adds over `dvc repro` on a cached graph.
+"""C2 (docs/performance.md): what the Prefect flow adds over `dvc repro` on a cached graph.
 
     .venv/bin/python bench/bench_pipeline.py [--target tokenize --target split@task] [--record FILE]
 
