@@ -40,13 +40,13 @@ def main() -> None:
 
 def apply_overlay(params_path: Path, overlay_path: Path, *, write: bool = True) -> list[str]:
     """Merge the overlay into the params file; return the changed keys as `dotted: old -> new`."""
-    base_text = _read_text(params_path)
-    base, overlay = _mapping(base_text, params_path), _mapping(_read_text(overlay_path), overlay_path)
+    base_text, overlay_text = _read_text(params_path), _read_text(overlay_path)
+    base, overlay = _mapping(base_text, params_path), _mapping(overlay_text, overlay_path)
     merged = merge_overlay(base, overlay, where=str(params_path))
     validate_params(merged)
     changes = changed_keys(base, merged)
     if write and changes:
-        _write_keeping_mode(params_path, overlaid_text(base_text, _read_text(overlay_path), merged))
+        _write_keeping_mode(params_path, overlaid_text(base_text, overlay_text, merged))
     return changes
 
 

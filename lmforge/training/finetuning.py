@@ -312,7 +312,7 @@ class Job:
         return int(self.tokenizer.pad_token_id)
 
     def encode(self, split: LabelledTexts) -> list[np.ndarray]:
-        return encode_texts(self.tokenizer, split.texts, self.params.max_length, self.params.truncation)
+        return encode_split(self.tokenizer, split, self.params)
 
     def predict(self, encoded: Sequence[np.ndarray]) -> np.ndarray:
         return predict(self.model, encoded, pad_id=self.pad_id, batch_size=self.params.eval_batch_size,
@@ -321,6 +321,10 @@ class Job:
 
     def score(self, encoded: Sequence[np.ndarray], truth: Sequence[str]) -> dict:
         return classification_metrics(truth, [self.labels[i] for i in self.predict(encoded)], self.labels)
+
+
+def encode_split(tokenizer, split: LabelledTexts, params: Any) -> list[np.ndarray]:
+    return encode_texts(tokenizer, split.texts, params.max_length, params.truncation)
 
 
 def prepare(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, seed: int,
@@ -351,9 +355,9 @@ def prepare(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, se
                # dynamic=True: length-grouped batches vary in width; one graph serves them all.
                forward=torch.compile(model, dynamic=True) if compiled else model,
                device=device, dtype=runtime.compute_dtype(params.precision, device), compiled=compiled,
-               train_ids=encode_texts(tokenizer, train.texts, params.max_length, params.truncation),
+               train_ids=encode_split(tokenizer, train, params),
                train_y=torch.tensor([label_id[v] for v in train.labels], dtype=torch.long),
-               val_ids=encode_texts(tokenizer, val.texts, params.max_length, params.truncation),
+               val_ids=encode_split(tokenizer, val, params),
                val_labels=val.labels, optimizer=optimizer, scheduler=scheduler, total_steps=total,
                checkpoints=checkpoints, log=log)
 
