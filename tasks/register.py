@@ -5,7 +5,10 @@
 Each model of MODELS below becomes a pyfunc (lmforge/registry/serving.py) with a
 signature and an input example, registered under its name from params.yaml (register.<model>.name)
 with the alias `challenger`, and with its lineage as tags: git commit and dirty flag, the dvc.lock
-hashes of its stages' inputs (tasks/lineage.py), params, metrics and the datasets (mlflow.log_input). Rerunning on unchanged inputs registers nothing new.
+hashes of its stages' inputs (tasks/lineage.py), params, metrics, the baseline's figure it must beat
+(the classifier's TF-IDF baseline) and the datasets (mlflow.log_input). Rerunning on unchanged
+inputs registers nothing new. A version carries the pyfunc's code and pinned requirements: it
+loads and serves where lmforge is not installed.
 Writes reports/register.json (names, versions, aliases, run ids). `lmforge promote` moves
 `champion`; this stage never does.
 
@@ -32,7 +35,10 @@ MODELS = {
         params_sections=("seed", "clean.task", "split.task", "tune", "finetune", "register.sentiment",
                          "register.serving"),
         datasets=str(layout.TASK_SPLIT), rebuild=("finetune",), build_hint="run `dvc repro finetune` first",
-        max_length_key="finetune.max_length"),
+        max_length_key="finetune.max_length",
+        # finetune scores a TF-IDF + logistic regression baseline beside the model: promotion needs
+        # the model to beat it (lmforge/registry/registration.py, the gate)
+        baseline="baseline_tfidf", baseline_name="TF-IDF baseline"),
     "lm": ModelSpec(
         key="lm", kind="generator", folder=str(layout.PRETRAINED), metrics=str(layout.EVALUATE_METRICS),
         params_sections=("seed", "clean.corpus", "split.corpus", "tokenize", "pretrain", "evaluate", "register.lm",

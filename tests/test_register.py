@@ -84,9 +84,11 @@ def make_project(root: Path, name: str, *, accuracy: float = 0.8, lock: bool = T
     return root
 
 
-def write_metrics(root: Path, accuracy_or_payload) -> None:
+def write_metrics(root: Path, accuracy_or_payload, baseline: float = 0.6) -> None:
+    """reports/finetune/metrics.json: the model's accuracy, with the TF-IDF baseline's beside it."""
     payload = accuracy_or_payload if isinstance(accuracy_or_payload, dict) else \
-        {"test_accuracy": accuracy_or_payload, "val_accuracy": accuracy_or_payload - 0.01, "test_macro_f1": 0.7}
+        {"test_accuracy": accuracy_or_payload, "val_accuracy": accuracy_or_payload - 0.01, "test_macro_f1": 0.7,
+         "baseline_tfidf": {"test": {"accuracy": baseline}}}
     (root / "reports/finetune").mkdir(parents=True, exist_ok=True)
     (root / "reports/finetune/metrics.json").write_text(json.dumps(payload))
 
@@ -228,7 +230,7 @@ def test_a_masked_lm_is_skipped_not_failed(store, tmp_path, monkeypatch, capsys)
 def test_promotion_gate_both_ways_and_forced(store, tmp_path, monkeypatch, capsys):
     # the finetune stage's layout: nested per split, with other accuracies beside (baseline, majority)
     nested = lambda acc: {"test": {"accuracy": acc, "macro_f1": acc - 0.1}, "majority_test_accuracy": 0.5,
-                          "baseline_tfidf": {"test": {"accuracy": 0.99}}}
+                          "baseline_tfidf": {"test": {"accuracy": 0.70}}}
     root = make_project(tmp_path / "proj", "gate", metrics=nested(0.80))
     name = "gate-sentiment"
     mlflow_client = client(store)
@@ -274,6 +276,54 @@ def test_promotion_gate_both_ways_and_forced(store, tmp_path, monkeypatch, capsy
     assert cli(root, monkeypatch, capsys, "promote", "no-such-model")[0] == 2
 
 
+def test_a_challenger_that_does_not_beat_its_baseline_is_never_promoted(store, tmp_path, monkeypatch, capsys):
+    """The classifier's TF-IDF baseline figure is recorded at registration; promote refuses a
+    challenger at or below it (even with no champion, even one the champion trails), --force overrides."""
+    scored = lambda acc, baseline: {"test": {"accuracy": acc}, "baseline_tfidf": {"test": {"accuracy": baseline}}}
+    root = make_project(tmp_path / "proj", "base", metrics=scored(0.79, 0.82))
+    name = "base-sentiment"
+    mlflow_client = client(store)
+    register(root, monkeypatch, "sentiment")
+    tags = mlflow_client.get_model_version(name, "1").tags
+    assert (tags["baseline.name"], tags["baseline.metric_key"]) == ("TF-IDF baseline", "baseline_tfidf.test.accuracy")
+    assert float(tags["baseline.value"]) == pytest.approx(0.82)
+
+    code, _, err = cli(root, monkeypatch, capsys, "promote", name)  # no champion: still refused
+    assert code == 1
+    assert "does not beat its TF-IDF baseline" in err and "accuracy 0.79 vs 0.82" in err
+    assert client(store).get_registered_model(name).aliases.get("champion") is None
+
+    code, out, _ = cli(root, monkeypatch, capsys, "promote", name, "--force", "--reason", "demo of a forced loser")
+    assert code == 0 and "forced" in out and "does not beat its TF-IDF baseline" in out
+    forced = mlflow_client.get_model_version_by_alias(name, "champion")
+    assert forced.tags["force_reason"] == "demo of a forced loser"
+    assert float(forced.tags["gate.baseline_value"]) == pytest.approx(0.82)
+
+    # above its baseline and above the champion: promoted, the message shows both comparisons
+    make_project(root, "base", metrics=scored(0.85, 0.82), lr=1e-4)
+    register(root, monkeypatch, "sentiment")
+    code, out, _ = cli(root, monkeypatch, capsys, "promote", name)
+    assert code == 0 and "beats its TF-IDF baseline (0.85 vs 0.82)" in out and "gate passes" in out
+    assert str(mlflow_client.get_model_version_by_alias(name, "champion").version) == "2"
+
+    # better than the champion but not than its own baseline: refused all the same
+    make_project(root, "base", metrics=scored(0.86, 0.90), lr=2e-4)
+    register(root, monkeypatch, "sentiment")
+    code, _, err = cli(root, monkeypatch, capsys, "promote", name)
+    assert code == 1 and "does not beat its TF-IDF baseline" in err and "0.86 vs 0.9" in err
+    assert str(mlflow_client.get_model_version_by_alias(name, "champion").version) == "2"
+
+
+def test_a_missing_baseline_figure_fails_registration(store, tmp_path, monkeypatch, capsys):
+    root = make_project(tmp_path / "proj", "nobase", metrics={"test": {"accuracy": 0.8}, "baseline_tfidf": {"seconds": 2}})
+    with pytest.raises(SystemExit) as stop:
+        register(root, monkeypatch, "sentiment")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "no TF-IDF baseline figure for 'accuracy'" in err and "baseline_tfidf.test.accuracy" in err
+    assert client(store).search_model_versions("name = 'nobase-sentiment'") == []
+
+
 def test_min_gain_and_min_direction(store, tmp_path, monkeypatch, capsys):
     """The gate's direction and minimum gain, on the LM (lower perplexity is better)."""
     root = make_project(tmp_path / "proj", "lmgate")
@@ -282,7 +332,7 @@ def test_min_gain_and_min_direction(store, tmp_path, monkeypatch, capsys):
     assert cli(root, monkeypatch, capsys, "promote", name)[0] == 0
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["register"]["lm"]["gate"]["min_gain"] = 5.0
-    params["pretrain"] = {**(params.get("pretrain") or {}), "lr": 0.001}  # another model: a new version
+    params["pretrain"] = {**(params.get("pretrain") or {}), "learning_rate": 0.001}  # another model: a new version
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "reports/evaluate/metrics.json").write_text(json.dumps({"test": {"perplexity": 25.0}}))
     register(root, monkeypatch, "lm")

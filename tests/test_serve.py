@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -18,6 +19,9 @@ import pytest
 from tests.conftest import BIN
 from tests.tiny_models import NEGATIVE, POSITIVE
 
+MAX_TEXTS, MAX_CHARS = 8, 2000  # the served champion's caps
+LIMIT = MAX_TEXTS * (MAX_CHARS * 6 + 16) + 4096  # its body cap: room for 8 texts of 2000 escaped characters
+
 # --- request checks (no server) -----------------------------------------------------------------
 
 
@@ -27,7 +31,8 @@ from tests.tiny_models import NEGATIVE, POSITIVE
     (["fine", "  "], "text 1 is empty"),
     (["x"] * 5, "5 texts; the limit is 4"),
     (["y" * 101], "101 characters; the limit is 100"),
-    (pd.DataFrame({"a": ["x"], "b": ["y"]}), "expected a `text` column"),
+    (pd.DataFrame({"a": ["x"], "b": ["y"]}), "expected a `text` column, got 2 other columns"),
+    ({"secret_a": ["x"], "secret_b": ["y"]}, "expected a `text` field, got 2 other fields"),
     (42, "expected a list of texts"),
 ])
 def test_bad_requests_raise_invalid_parameter_value(request_input, message):
@@ -39,6 +44,8 @@ def test_bad_requests_raise_invalid_parameter_value(request_input, message):
         texts_from(request_input, max_texts=4, max_chars=100)
     assert err.value.error_code == "INVALID_PARAMETER_VALUE"
     assert err.value.get_http_status_code() == 400
+    assert "secret" not in err.value.message and "'x'" not in err.value.message  # says what is wrong, quotes nothing
+    assert err.value.json_kwargs["reason"] == err.value.message  # what the request guard answers with
 
 
 @pytest.mark.parametrize("request_input", [
@@ -63,13 +70,44 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def post(url: str, body: bytes) -> tuple[int, dict]:
+def post_raw(url: str, body: bytes) -> tuple[int, bytes]:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, json.loads(answer.read())
+            return answer.status, answer.read()
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+        return err.code, err.read()
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    status, raw = post_raw(url, body)
+    return status, json.loads(raw or b"{}")
+
+
+def announce_only(port: int, length: int) -> tuple[int, bytes]:
+    """POST headers that announce a `length`-byte body, send none of it, and read the answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest("POST", "/invocations")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(length))
+        connection.endheaders()
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
+
+
+def post_chunked(port: int, body: bytes) -> tuple[int, bytes]:
+    """POST `body` with chunked transfer encoding (no Content-Length)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("POST", "/invocations", body=iter([body]), encode_chunked=True,
+                           headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
 
 
 @pytest.fixture
@@ -89,7 +127,7 @@ def champion(tmp_path: Path, monkeypatch) -> str:
     params = load_params(root / "params.yaml")
     params = params.model_copy(update={"register_": params.register_.model_copy(update={
         "sentiment": params.register_.sentiment.model_copy(update={"name": "lmforge-sentiment"}),
-        "serving": params.register_.serving.model_copy(update={"max_texts": 8, "max_chars": 2000})})})
+        "serving": params.register_.serving.model_copy(update={"max_texts": MAX_TEXTS, "max_chars": MAX_CHARS})})})
     with registry.using(uri) as client:
         registry.register_model(MODELS["sentiment"], params, root, log=lambda _: None)
         decision = registry.promote("lmforge-sentiment", params.register_.sentiment.gate, client=client)
@@ -130,16 +168,33 @@ def test_served_champion_labels_reviews_and_rejects_bad_requests(champion, tmp_p
         status, body = post(f"{base}/invocations", json.dumps({"dataframe_records": [{"text": POSITIVE}]}).encode())
         assert status == 200 and body["predictions"][0]["label"] == "positive"
 
+        # each rejection says what is wrong and quotes nothing of the request (MLflow's own
+        # messages would: "Failed to predict data '<the data>'", "Input: <the body>")
         for bad, expected in (
-            (b"not json", "JSON"),
-            (json.dumps({"texts": ["a"]}).encode(), "input fields"),
+            (b"not json SECRET", "not valid JSON"),
+            (json.dumps({"texts": ["SECRET"]}).encode(), "exactly one of the fields"),
             (json.dumps({"inputs": []}).encode(), "no texts"),
-            (json.dumps({"inputs": ["fine"] * 9}).encode(), "the limit is 8"),
-            (json.dumps({"inputs": ["long " * 500]}).encode(), "the limit is 2000"),
+            (json.dumps({"inputs": ["SECRET"] * 9}).encode(), "holds 9 texts; the limit is 8"),
+            (json.dumps({"inputs": ["fine", "SECRET " * 500]}).encode(), "text 1 has 3500 characters; the limit is 2000"),
+            (json.dumps({"dataframe_records": [{"SECRET": "x", "other": "y"}]}).encode(), "one `text` column"),
+            (json.dumps({"inputs": "SECRET"}).encode(), "one `text` column"),
         ):
-            status, body = post(f"{base}/invocations", bad)
-            assert 400 <= status < 500, (bad[:60], status, body)
-            assert expected in body.get("message", ""), (bad[:60], body)
+            status, raw = post_raw(f"{base}/invocations", bad)
+            assert status == 400, (bad[:60], status, raw)
+            assert expected in json.loads(raw)["message"], (bad[:60], raw)
+            assert b"SECRET" not in raw and b"Traceback" not in raw, (bad[:60], raw)
+
+        # the body is capped before it is read: a request announcing 50 MB is answered 413 at once,
+        # though not one byte of its body was sent (a server reading it would wait for the bytes)
+        status, raw = announce_only(port, 50_000_000)
+        assert status == 413, raw
+        assert json.loads(raw)["message"] == f"the request body has 50,000,000 bytes; the limit is {LIMIT:,}"
+        too_big = json.dumps({"inputs": ["SECRET"] * (LIMIT // 8)}).encode()
+        assert len(too_big) > LIMIT
+        status, raw = post_raw(f"{base}/invocations", too_big)
+        assert status == 413 and b"SECRET" not in raw
+        status, raw = post_chunked(port, json.dumps({"inputs": [POSITIVE]}).encode())
+        assert status == 411 and "Content-Length" in json.loads(raw)["message"]
         # still serving after the bad requests
         assert post(f"{base}/invocations", json.dumps({"inputs": [NEGATIVE]}).encode())[1]["predictions"][0]["label"] == "negative"
     finally:

@@ -14,6 +14,16 @@ it. The datasets are logged with `mlflow.log_input` (digest: the md5 of the parq
 This module knows no pipeline layout: where a model, its metrics and its data lie comes in a
 ModelSpec, and the build system's lineage comes in as tags and DataInputs.
 
+A registered version is self-contained: the pyfunc's modules travel in it (code_paths: the
+closure of lmforge/registry/serving.py, see PYFUNC_MODULES) and its requirements.txt pins the
+installed versions of what loading and predicting import, so `mlflow.pyfunc.load_model` and
+`mlflow models serve` work in an environment without lmforge.
+
+The gate: a model whose spec names a baseline (the classifier's TF-IDF baseline) has that
+baseline's figure recorded on its version at registration, and `promote` never promotes a
+challenger that does not beat it, whatever the champion; then the challenger must beat the
+champion by the gate's minimum gain.
+
 Promotion only moves aliases; MLflow's deprecated stages are never used. mlflow is imported inside
 the functions: this module is not on the training path.
 """
@@ -69,6 +79,10 @@ class ModelSpec:
     # The dotted params key of the length the model was trained to read: served requests are cut
     # to it (None: the serving default).
     max_length_key: str | None = None
+    # The section of the metrics JSON holding the figures of the baseline this model must beat
+    # (None: no baseline); its gate metric is looked up there as in the model's own metrics.
+    baseline: str | None = None
+    baseline_name: str = "baseline"  # how messages and the summary call it ("TF-IDF baseline")
 
 
 @dataclass(frozen=True)
@@ -214,16 +228,42 @@ def _meta_dataset(root: Path, data: DataInput):
 # --- register -----------------------------------------------------------------------------------
 
 
-def _requirements() -> list[str]:
+# What a registered pyfunc imports to load and predict (cloudpickle unpickles the wrapper): pinned
+# at the installed versions in its requirements.txt.
+PYFUNC_REQUIREMENTS = ("mlflow", "cloudpickle", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy")
+# The modules the pyfunc runs (the wrappers, the request guard, their packages): copied into the
+# model, so that lmforge.registry.serving, the module path its wrapper class is pickled by, resolves
+# where lmforge is not installed. serving.py and guard.py import nothing else of lmforge.
+PYFUNC_MODULES = ("lmforge", "lmforge.registry", "lmforge.registry.serving", "lmforge.registry.guard")
+
+
+def requirements() -> list[str]:
+    """PYFUNC_REQUIREMENTS as `name==version` (a local build tag such as torch's +cpu dropped:
+    an index serves the plain version)."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for package in ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy"):
+    for package in PYFUNC_REQUIREMENTS:
         try:
             pins.append(f"{package}=={version(package).split('+')[0]}")
         except PackageNotFoundError:
-            pins.append(package)
+            raise RegistryError(f"{package} is not installed: a registered model pins it as a requirement") from None
     return pins
+
+
+def stage_pyfunc_code(into: Path) -> Path:
+    """Copy PYFUNC_MODULES into `into`/lmforge (package layout kept); returns that folder, the
+    model's one code path."""
+    import importlib.util
+    import shutil
+
+    package_root = Path(importlib.util.find_spec("lmforge").origin).parent.parent
+    for module in PYFUNC_MODULES:
+        source = Path(importlib.util.find_spec(module).origin)
+        target = into / source.relative_to(package_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    return into / "lmforge"
 
 
 def latest_version(client, name: str):
@@ -265,6 +305,7 @@ def register_model(spec: ModelSpec, params, root: Path | str, *, lineage: Mappin
     name, gate = model_params.name, model_params.gate
     _check_folder(folder, spec)
     metrics, gate_figure = _gate_metrics(root, spec, gate)
+    baseline = _baseline_figure(metrics, spec, gate)
 
     payload = relevant_params(params, spec)
     # The gate and the name say how the model is judged and filed, not what it is: left out.
@@ -279,13 +320,15 @@ def register_model(spec: ModelSpec, params, root: Path | str, *, lineage: Mappin
     tags = {**_git_lineage(root), **(lineage or {}), FINGERPRINT: print_, "lmforge.model_key": spec.key,
             "lmforge.model_folder": spec.folder, "lmforge.rebuild_stages": ",".join(spec.rebuild),
             "gate.metric": gate.metric, "gate.metric_key": gate_figure[0], "gate.value": repr(gate_figure[1]),
-            "gate.direction": gate.direction}
+            "gate.direction": gate.direction,
+            **(_baseline_tags(spec, baseline) if baseline else {})}
     logged = LoggedModel(spec=spec, name=name, folder=folder, payload=payload, metrics=metrics, tags=tags,
                          fingerprint=print_, serving_config=serving_config(params, spec))
     version, run_id = _log_and_register(logged, params, root, data_inputs, log)
     client.set_registered_model_alias(name, CHALLENGER, version)
+    against = f" vs {spec.baseline_name} {baseline[1]:.6g}" if baseline else ""
     log(f"register {spec.key}: {name} version {version} @{CHALLENGER} (run {run_id}, "
-        f"{gate_figure[0]} {gate_figure[1]:.6g}, fingerprint {print_[:12]})")
+        f"{gate_figure[0]} {gate_figure[1]:.6g}{against}, fingerprint {print_[:12]})")
     return _entry(client, name, client.get_model_version(name, version), registered=True, fingerprint_=print_)
 
 
@@ -303,13 +346,38 @@ def _gate_metrics(root: Path, spec: ModelSpec, gate) -> tuple[dict[str, float], 
     return metrics, gate_figure
 
 
+BASELINE_NAME, BASELINE_KEY, BASELINE_VALUE = "baseline.name", "baseline.metric_key", "baseline.value"
+
+
+def _baseline_figure(metrics: Mapping[str, float], spec: ModelSpec, gate) -> tuple[str, float] | None:
+    """(key, value) of the gate metric in the spec's baseline section; None when it names none."""
+    if spec.baseline is None:
+        return None
+    prefix = f"{spec.baseline}."
+    inside = {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
+    found = find_metric(inside, gate.metric)
+    if found is None:
+        raise RegistryError(f"{spec.metrics} has no {spec.baseline_name} figure for {gate.metric!r} (looked for "
+                            f"{', '.join(prefix + p + gate.metric for p in _PREFIXES[:3])}): the gate cannot check "
+                            f"that the model beats its {spec.baseline_name}")
+    return prefix + found[0], found[1]
+
+
+def _baseline_tags(spec: ModelSpec, baseline: tuple[str, float]) -> dict[str, str]:
+    return {BASELINE_NAME: spec.baseline_name, BASELINE_KEY: baseline[0], BASELINE_VALUE: repr(baseline[1])}
+
+
 def serving_config(params, spec: ModelSpec) -> dict[str, Any]:
     """register.serving, plus the length the model was trained to read (spec.max_length_key), so a
-    served classifier truncates requests as it was fine-tuned."""
+    served classifier truncates requests as it was fine-tuned, and the request body cap the
+    scoring server applies (lmforge/registry/guard.py)."""
+    from lmforge.registry import serving
+
     config = {**params.register_.serving.model_dump()}
     length = section(params.model_dump(by_alias=True), spec.max_length_key) if spec.max_length_key else None
     if length:
         config["max_length"] = int(length)
+    config["max_body_bytes"] = serving.body_limit(config)
     return config
 
 
@@ -344,10 +412,12 @@ def _log_and_register(logged: LoggedModel, params, root: Path, data_inputs: Sequ
                       log: Callable[[str], None]) -> tuple[str, str]:
     """One MLflow run: metrics, lineage, datasets and the pyfunc model, registered as a new
     version. Returns (version, run id)."""
+    import tempfile
+
     import mlflow
 
     spec = logged.spec
-    with tracking.stage_run(f"register-{spec.key}", logged.payload, tags={**logged.tags, "register.model": logged.name},
+    with tempfile.TemporaryDirectory(prefix="lmforge-pyfunc-") as staging, tracking.stage_run(f"register-{spec.key}", logged.payload, tags={**logged.tags, "register.model": logged.name},
                             root=root, log=log) as run:
         run.log_metrics(logged.metrics)
         run.log_dict({"params": logged.payload, "lineage": logged.tags, "metrics": logged.metrics}, "lineage.json")
@@ -356,8 +426,8 @@ def _log_and_register(logged: LoggedModel, params, root: Path, data_inputs: Sequ
         model, signature, example = _pyfunc(spec, params)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=model, artifacts={"model": str(logged.folder)}, signature=signature,
-            input_example=example, pip_requirements=_requirements(), model_config=logged.serving_config,
-            tags={FINGERPRINT: logged.fingerprint})
+            input_example=example, pip_requirements=requirements(), model_config=logged.serving_config,
+            code_paths=[str(stage_pyfunc_code(Path(staging)))], tags={FINGERPRINT: logged.fingerprint})
         version_tags = {**logged.tags, "params": json.dumps(logged.payload, sort_keys=True, default=str),
                         SERVING: json.dumps(logged.serving_config, sort_keys=True),
                         **{f"metric.{k}": repr(v) for k, v in sorted(logged.metrics.items())[:200]}}
@@ -421,15 +491,48 @@ def _figure(client, version, metric: str) -> tuple[str, float] | None:
     return find_metric(version_metrics(client, version), metric)
 
 
-def promote(name: str, gate, *, force: bool = False, reason: str | None = None, user: str | None = None,
-            client=None) -> Decision:
-    """Move `name@champion` to `name@challenger` when the gate passes (or when forced, with a reason)."""
-    if client is None:
-        from mlflow import MlflowClient
+@dataclass
+class Standing:
+    """Where `name@challenger` stands against its baseline and `name@champion`, and the gate's verdict."""
 
-        client = MlflowClient()
-    if force and not (reason and reason.strip()):
-        raise RegistryError("a forced promotion needs a reason (--reason TEXT)")
+    name: str
+    metric: str
+    direction: str
+    challenger: Any  # the MLflow ModelVersion behind each alias (champion: None when unset)
+    champion: Any
+    challenger_figure: tuple[str, float] | None  # (metric key, value) recorded on each version
+    champion_figure: tuple[str, float] | None
+    baseline: tuple[str, float] | None  # (the baseline's name, its figure) recorded on the challenger
+    passed: bool
+    why: str
+
+    @property
+    def beats_baseline(self) -> bool | None:
+        """None: no baseline (or no figure) to compare with."""
+        if self.baseline is None or self.challenger_figure is None:
+            return None
+        return _better(self.challenger_figure[1], self.baseline[1], self.direction) > 0
+
+    @property
+    def is_champion(self) -> bool:
+        return self.champion is not None and str(self.champion.version) == str(self.challenger.version)
+
+
+def _better(value: float, than: float, direction: str) -> float:
+    """How much better `value` is than `than` (negative: worse), for the gate's direction."""
+    return value - than if direction == "max" else than - value
+
+
+def recorded_baseline(version) -> tuple[str, float] | None:
+    """(name, figure) of the baseline recorded on a version at registration, or None."""
+    if version is None or BASELINE_VALUE not in version.tags:
+        return None
+    return version.tags.get(BASELINE_NAME, "baseline"), float(version.tags[BASELINE_VALUE])
+
+
+def standing(client, name: str, gate) -> Standing:
+    """Judge `name@challenger` by `gate` without moving anything: first against its baseline
+    (never promoted unless it beats it), then against the champion."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -440,35 +543,70 @@ def promote(name: str, gate, *, force: bool = False, reason: str | None = None, 
     if challenger is None:
         raise RegistryError(f"{name} has no @{CHALLENGER}: register a model first")
     champion = by_alias(client, name, CHAMPION)
-    ch, cp = f"version {challenger.version}", f"version {champion.version}" if champion else None
-    if champion is not None and str(champion.version) == str(challenger.version):
-        return Decision(False, True, f"{name}: {ch} is already @{CHAMPION}; nothing to do", ch, cp)
-
     figure_ch = _figure(client, challenger, gate.metric)
     figure_cp = _figure(client, champion, gate.metric) if champion is not None else None
-    if champion is None:
-        passed, why = True, f"no @{CHAMPION} yet: the first challenger becomes champion"
-    elif figure_ch is None or figure_cp is None:
-        missing = ch if figure_ch is None else cp
-        passed, why = False, f"gate metric {gate.metric!r} is not recorded on {missing}: cannot compare"
-    else:
-        gain = figure_ch[1] - figure_cp[1] if gate.direction == "max" else figure_cp[1] - figure_ch[1]
-        passed = gain >= gate.min_gain
-        verdict = "passes" if passed else "fails"
-        better = "higher" if gate.direction == "max" else "lower"
-        why = (f"gate {verdict}: {gate.metric} challenger ({ch}) {figure_ch[1]:.6g} vs champion ({cp}) "
-               f"{figure_cp[1]:.6g}; gain {gain:+.6g} ({better} is better), minimum gain {gate.min_gain:g}")
-    if not passed and not force:
+    found = Standing(name, gate.metric, gate.direction, challenger, champion, figure_ch, figure_cp,
+                     recorded_baseline(challenger), False, "")
+    found.passed, found.why = _verdict(found, gate)
+    return found
+
+
+def _verdict(found: Standing, gate) -> tuple[bool, str]:
+    ch = f"version {found.challenger.version}"
+    cp = f"version {found.champion.version}" if found.champion is not None else None
+    better = "higher" if gate.direction == "max" else "lower"
+    if found.baseline is not None:
+        if found.challenger_figure is None:
+            return False, f"gate metric {gate.metric!r} is not recorded on {ch}: cannot compare with its {found.baseline[0]}"
+        figure, (baseline_name, baseline) = found.challenger_figure[1], found.baseline
+        if not found.beats_baseline:
+            return False, (f"the challenger ({ch}) does not beat its {baseline_name}: {gate.metric} {figure:.6g} vs "
+                           f"{baseline:.6g} ({better} is better)")
+    if found.champion is None:
+        return True, f"no @{CHAMPION} yet: the first challenger becomes champion"
+    if found.challenger_figure is None or found.champion_figure is None:
+        missing = ch if found.challenger_figure is None else cp
+        return False, f"gate metric {gate.metric!r} is not recorded on {missing}: cannot compare"
+    gain = _better(found.challenger_figure[1], found.champion_figure[1], gate.direction)
+    verdict = "passes" if gain >= gate.min_gain else "fails"
+    return gain >= gate.min_gain, (
+        f"gate {verdict}: {gate.metric} challenger ({ch}) {found.challenger_figure[1]:.6g} vs champion ({cp}) "
+        f"{found.champion_figure[1]:.6g}; gain {gain:+.6g} ({better} is better), minimum gain {gate.min_gain:g}")
+
+
+def _baseline_clause(found: Standing) -> str:
+    if not found.beats_baseline:
+        return ""
+    name, figure = found.baseline
+    return f"beats its {name} ({found.challenger_figure[1]:.6g} vs {figure:.6g}); "
+
+
+def promote(name: str, gate, *, force: bool = False, reason: str | None = None, user: str | None = None,
+            client=None) -> Decision:
+    """Move `name@champion` to `name@challenger` when the gate passes (or when forced, with a reason)."""
+    if client is None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+    if force and not (reason and reason.strip()):
+        raise RegistryError("a forced promotion needs a reason (--reason TEXT)")
+    found = standing(client, name, gate)
+    challenger, champion = found.challenger, found.champion
+    ch, cp = f"version {challenger.version}", f"version {champion.version}" if champion else None
+    if found.is_champion:
+        return Decision(False, True, f"{name}: {ch} is already @{CHAMPION}; nothing to do", ch, cp)
+    why = _baseline_clause(found) + found.why
+    if not found.passed and not force:
         return Decision(False, False, f"{name}: not promoted; {why}", ch, cp)
 
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     who = user or getpass.getuser()
     tags = {"promoted_at": now, "promoted_by": who, "promoted_over": champion.version if champion else "none",
             "gate.result": ("forced" if force else "passed") + f": {why}"}
-    if figure_ch is not None:
-        tags["gate.challenger_value"] = repr(figure_ch[1])
-    if figure_cp is not None:
-        tags["gate.champion_value"] = repr(figure_cp[1])
+    for key, figure in (("gate.challenger_value", found.challenger_figure), ("gate.champion_value", found.champion_figure),
+                        ("gate.baseline_value", found.baseline)):
+        if figure is not None:
+            tags[key] = repr(figure[1])
     if force:
         tags.update({"forced": "true", "force_reason": reason.strip(), "forced_by": who})
     for key, value in tags.items():

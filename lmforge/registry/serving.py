@@ -10,10 +10,14 @@ generated continuation per prompt. Both load the folder logged as the artifact "
 `save_pretrained` folder, so the registry holds exactly what the pipeline built) and check every
 request before touching the model: no texts, a non-text entry, too many texts or a text that is
 too long raise `MlflowException(INVALID_PARAMETER_VALUE)`, which the scoring server answers with
-a 400 and the message, never a crash. The caps come from the logged `model_config`.
+a 400 and the message, never a crash. A message says what is wrong (a type, a count, a length)
+and never quotes the input. The caps come from the logged `model_config`; under the scoring
+server, lmforge/registry/guard.py also caps the request body (`max_body_bytes`) before it is read
+and keeps MLflow's own messages from quoting the request.
 
-This module is imported by the scoring process (`--env-manager local` uses the current
-environment, where lmforge is installed); torch and transformers are imported in `load_context`.
+A registered model carries this module, guard.py and the two package `__init__` files
+(code_paths: lmforge/registry/registration.py), so it loads where lmforge is not installed: this
+module imports nothing else of lmforge, and torch and transformers only in `load_context`.
 """
 
 from __future__ import annotations
@@ -28,11 +32,30 @@ DEFAULT_MAX_NEW_TOKENS = 64
 TEXT_COLUMN = "text"
 
 
+# Bytes a request may need per character of text: JSON writes a non-ASCII character as \uXXXX.
+JSON_BYTES_PER_CHAR = 6
+REQUEST_OVERHEAD_BYTES = 4096  # the JSON around the texts: field names, brackets, params
+
+
 def invalid(message: str) -> Exception:
+    """A 400 for a bad request. The message also goes in the error's `reason` field, which the
+    request guard answers with in place of the scoring server's own wording (which quotes the data)."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    from lmforge.registry.guard import REASON_FIELD
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE, **{REASON_FIELD: message})
+
+
+def body_limit(config: dict) -> int:
+    """The largest request body served: `max_body_bytes` of the model config, else room for
+    max_texts texts of max_chars characters each, every one of them escaped."""
+    if config.get("max_body_bytes"):
+        return int(config["max_body_bytes"])
+    texts = int(config.get("max_texts", DEFAULT_MAX_TEXTS))
+    chars = int(config.get("max_chars", DEFAULT_MAX_CHARS))
+    return texts * (chars * JSON_BYTES_PER_CHAR + 16) + REQUEST_OVERHEAD_BYTES
 
 
 def texts_from(model_input: Any, max_texts: int, max_chars: int) -> list[str]:
@@ -53,14 +76,14 @@ def texts_from(model_input: Any, max_texts: int, max_chars: int) -> list[str]:
         elif len(data) == 1:
             data = next(iter(data.values()))
         else:
-            raise invalid(f"expected a `{TEXT_COLUMN}` field, got fields {sorted(map(str, data))}")
+            raise invalid(f"expected a `{TEXT_COLUMN}` field, got {len(data)} other fields")
     if isinstance(data, pd.DataFrame):
         if TEXT_COLUMN in data.columns:
             data = data[TEXT_COLUMN]
         elif data.shape[1] == 1:
             data = data.iloc[:, 0]
         else:
-            raise invalid(f"expected a `{TEXT_COLUMN}` column, got columns {[str(c) for c in data.columns]}")
+            raise invalid(f"expected a `{TEXT_COLUMN}` column, got {data.shape[1]} other columns")
     if isinstance(data, (str, np.str_)):
         data = [data]
     if isinstance(data, (pd.Series, np.ndarray)):
@@ -94,8 +117,11 @@ class _Base(mlflow.pyfunc.PythonModel):
     def _setup(self, context) -> None:
         import torch
 
+        from lmforge.registry import guard
+
         self.max_texts, self.max_chars = self._caps(context)
         self.config = dict(getattr(context, "model_config", None) or {})
+        guard.install_when_served(body_limit(self.config))
         self.folder = context.artifacts["model"]
         self.torch = torch
 
@@ -161,10 +187,10 @@ class TextGenerator(_Base):
         params = dict(params or {})
         new_tokens = int(params.get("max_new_tokens") or self.max_new_tokens)
         if not 1 <= new_tokens <= self.max_new_tokens:
-            raise invalid(f"max_new_tokens must be between 1 and {self.max_new_tokens}, got {new_tokens}")
+            raise invalid(f"max_new_tokens must be between 1 and {self.max_new_tokens}")
         temperature = float(params.get("temperature") or 0.0)
         if not 0.0 <= temperature <= 10.0:
-            raise invalid(f"temperature must be between 0 and 10, got {temperature:g}")
+            raise invalid("temperature must be between 0 and 10")
         seed = params.get("seed")
         outputs = []
         context_len = getattr(self.model.config, "max_position_embeddings", None)
