@@ -66,11 +66,11 @@ def evaluate(params, tokens_dir: Path, model_dir: Path) -> tuple[dict, list[dict
         if masked:
             result = evaluation.masked_split_metrics(
                 model, tokens, log_probs, masking, context=context, batch_size=e.batch_size, device=device,
-                seed=params.seed, max_tokens=e.max_tokens)
+                seed=params.seed, max_tokens=e.max_tokens, desc=f"evaluate {split}")
         else:
             result = evaluation.causal_split_metrics(
                 model, tokens, log_probs, n_bytes, context=context, batch_size=e.batch_size, device=device,
-                max_tokens=e.max_tokens)
+                max_tokens=e.max_tokens, desc=f"evaluate {split}")
             positions[split] = result.pop("loss_by_position")
         metrics[split] = result
 

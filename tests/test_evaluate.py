@@ -41,6 +41,35 @@ def test_sequential_windows_cover_every_target_once():
     assert list(batches.sequential_windows(tokens, context=8, batch_size=4, max_tokens=16))[0].shape == (2, 9)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_progress_total_is_the_number_of_batches_scored(masked):
+    for n_tokens in (0, 8, 9, 10, 100, 257):
+        for max_tokens in (None, 16, 1000):
+            windows = list(batches.sequential_windows(np.zeros(n_tokens, dtype=np.uint16), context=8, batch_size=3,
+                                                      max_tokens=max_tokens, masked=masked))
+            assert evaluation.window_batches(n_tokens, 8, 3, max_tokens, masked=masked) == len(windows), \
+                (n_tokens, max_tokens)
+
+
+def test_scoring_a_split_shows_a_progress_bar_on_stderr(capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    tokens = np.random.default_rng(0).integers(0, 40, size=200).astype(np.uint16)
+    log_probs = evaluation.unigram_log_probs(tokens, 40)
+    score = lambda **kw: evaluation.causal_split_metrics(  # noqa: E731
+        model, tokens, log_probs, 200, context=8, batch_size=4, device=torch.device("cpu"), **kw)
+    quiet = score(progress=False)
+    assert capsys.readouterr().err == ""
+    shown = score(desc="evaluate val")
+    err = capsys.readouterr().err
+    total = evaluation.window_batches(200, 8, 4)
+    assert total == 6 and "evaluate val" in err and f"{total}/{total}" in err, err
+    assert shown["loss"] == quiet["loss"]  # the bar only watches
+
+
 def test_pretrain_then_evaluate_through_the_stages_with_mlflow(tmp_path, monkeypatch):
     import mlflow
 

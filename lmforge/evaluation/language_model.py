@@ -9,8 +9,10 @@
   most frequent token, on the same tokens the model is scored on.
 - Samples: text generated from prompts with temperature and top-k (causal), or masked tokens
   filled in (masked).
+- A split is scored under a tqdm bar on stderr (one tick per batch, redrawn at most once a
+  second), as pretraining's steps are; progress=False leaves it out.
 
-Imports only torch, numpy and transformers.
+Imports only torch, numpy, transformers and tqdm.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from lmforge.training import batches, runtime
 
@@ -52,6 +55,24 @@ def _autocast(device: torch.device):
     return runtime.autocast(device, torch.bfloat16 if device.type == "cuda" else None)
 
 
+def window_batches(n_tokens: int, context: int, batch_size: int, max_tokens: int | None = None,
+                   *, masked: bool = False) -> int:
+    """How many batches batches.sequential_windows yields for a split of n_tokens (the bar's total)."""
+    n = n_tokens if max_tokens is None else min(n_tokens, max_tokens + 1)
+    span = context if masked else context + 1
+    windows = len(range(0, max(n - span, 0) + 1, context))
+    return -(-windows // batch_size)
+
+
+def _scored_batches(tokens, context: int, batch_size: int, max_tokens: int | None, masked: bool,
+                    desc: str, progress: bool):
+    """The split's window batches, under a progress bar on stderr when `progress`."""
+    total = window_batches(len(tokens), context, batch_size, max_tokens, masked=masked)
+    windows = batches.sequential_windows(tokens, context, batch_size, max_tokens, masked=masked)
+    return tqdm(windows, total=total, desc=desc, unit="batch", disable=not progress, mininterval=1.0,
+                dynamic_ncols=True)
+
+
 def _context_of(model, requested: int | None) -> int:
     c = model.config
     limit = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 512
@@ -60,14 +81,15 @@ def _context_of(model, requested: int | None) -> int:
 
 @torch.no_grad()
 def causal_split_metrics(model, tokens: np.ndarray, train_log_probs: np.ndarray, n_bytes: int, *, context: int,
-                         batch_size: int, device: torch.device, max_tokens: int | None = None) -> dict[str, Any]:
+                         batch_size: int, device: torch.device, max_tokens: int | None = None,
+                         desc: str = "scoring", progress: bool = True) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of a causal LM over a split, with the unigram baseline."""
     model.eval()
     total_nll, total_tokens = 0.0, 0
     by_position = torch.zeros(context, dtype=torch.float64)
     windows_seen = 0
     unigram_sum = 0.0
-    for windows in batches.sequential_windows(tokens, context, batch_size, max_tokens):
+    for windows in _scored_batches(tokens, context, batch_size, max_tokens, False, desc, progress):
         x = torch.from_numpy(windows[:, :-1]).to(device)
         y = torch.from_numpy(windows[:, 1:]).to(device)
         with _autocast(device):
@@ -100,14 +122,15 @@ def causal_split_metrics(model, tokens: np.ndarray, train_log_probs: np.ndarray,
 @torch.no_grad()
 def masked_split_metrics(model, tokens: np.ndarray, train_log_probs: np.ndarray, masking: batches.Masking, *,
                          context: int, batch_size: int, device: torch.device, seed: int,
-                         max_tokens: int | None = None) -> dict[str, Any]:
+                         max_tokens: int | None = None, desc: str = "scoring",
+                         progress: bool = True) -> dict[str, Any]:
     """Loss and accuracy on masked positions, against the unigram guess."""
     model.eval()
     rng = np.random.default_rng([seed, 7])
     total_nll, correct, count = 0.0, 0, 0
     unigram_sum, unigram_correct = 0.0, 0
     top = int(np.argmax(train_log_probs))
-    for windows in batches.sequential_windows(tokens, context, batch_size, max_tokens, masked=True):
+    for windows in _scored_batches(tokens, context, batch_size, max_tokens, True, desc, progress):
         inputs, labels = masking.apply(windows, rng)
         chosen = labels != batches.IGNORE_INDEX
         if not chosen.any():
