@@ -6,8 +6,8 @@ Reads params.yaml (seed, finetune), data/split/task/{train,val,test}.parquet and
 finetune.use_tuned is true and it exists, reports/tune/best.yaml (the tune stage's best trial,
 merged over the finetune section). Writes models/finetuned/ (save_pretrained + tokenizer, labels
 in the config), models/finetune-checkpoints/ (kept between runs, for resuming),
-reports/finetune/ (metrics.json with the TF-IDF baseline beside, confusion_matrix.png,
-history.csv for a DVC plot) and one MLflow run.
+reports/finetune/ (metrics.json with the TF-IDF baseline beside, confusion_matrix.png, and for
+dvc.yaml's charts history.csv and predictions.csv) and one MLflow run.
 """
 
 from __future__ import annotations
@@ -45,6 +45,41 @@ def settings(params, best_path: Path):
     if tuned:
         section = apply_overrides(section, tuned, str(best_path))
     return section, tuned
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """One row per epoch: the finetune curves of dvc.yaml's charts."""
+    from lmforge.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["epoch", "step", "train_loss", "val_accuracy", "val_macro_f1",
+                                                "train_seconds", "train_samples"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def confusion_rows(matrix: list[list[int]], labels: list[str]) -> list[tuple[str, str]]:
+    """One (actual, predicted) pair per test example, rebuilt from the confusion matrix.
+
+    The matrix (rows: actual, columns: predicted, in `labels` order) is all DVC's confusion
+    template counts, so these rows chart exactly what the PNG shows; the examples' order is
+    not kept (grouped by actual, then predicted label)."""
+    if len(matrix) != len(labels) or any(len(row) != len(labels) for row in matrix):
+        raise ValueError(f"a confusion matrix for {len(labels)} labels must be {len(labels)} x {len(labels)}")
+    return [(actual, predicted)
+            for actual, row in zip(labels, matrix)
+            for predicted, count in zip(labels, row)
+            for _ in range(int(count))]
+
+
+def write_predictions(path: Path, pairs: list[tuple[str, str]]) -> None:
+    """predictions.csv (columns actual, predicted; label names): dvc.yaml's confusion chart."""
+    from lmforge.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows(pairs)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -95,11 +130,8 @@ def run(args: argparse.Namespace) -> dict:
             "seconds": round(time.perf_counter() - STARTED, 1),
         }
         write_json(reports / "metrics.json", metrics)
-        with atomic_path(reports / "history.csv") as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["epoch", "step", "train_loss", "val_accuracy", "val_macro_f1",
-                                                    "train_seconds", "train_samples"], extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(result.history)
+        write_history(reports / "history.csv", result.history)
+        write_predictions(reports / "predictions.csv", confusion_rows(result.test["confusion_matrix"], result.labels))
         with atomic_path(reports / "confusion_matrix.png") as tmp:
             plot_confusion_matrix(result.test["confusion_matrix"], result.labels, tmp,
                                   title=f"finetune ({section.base_model}) on test")
@@ -112,6 +144,7 @@ def run(args: argparse.Namespace) -> dict:
         mlrun.log_artifact(reports / "metrics.json")
         mlrun.log_artifact(reports / "confusion_matrix.png")
         mlrun.log_artifact(reports / "history.csv")
+        mlrun.log_artifact(reports / "predictions.csv")
         if Path(args.best).exists() and tuned:
             mlrun.log_artifact(args.best)
 

@@ -1,0 +1,168 @@
+"""dvc.yaml's charts through real `dvc plots diff` in a temp git + DVC project.
+
+The charts are the project's own (the top-level `plots:` of dvc.yaml, loaded, not copied), and
+the files they read are written by the stages' own report writers, so a chart whose file,
+column or template drifts from what the stages write fails here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, run
+from tests.test_dvc_deps import dvc_stages
+
+LABELS = ["negative", "neutral", "positive"]
+# Two experiments' test confusion matrices (rows: actual, columns: predicted, in LABELS order).
+BEFORE = [[5, 2, 1], [1, 4, 3], [0, 2, 6]]
+AFTER = [[7, 1, 0], [0, 7, 1], [0, 1, 7]]
+
+
+def project_charts() -> dict[str, dict]:
+    """dvc.yaml's top-level plots, chart id -> definition (each is a data chart with an id)."""
+    entries = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    return {name: definition for entry in entries for name, definition in entry.items()}
+
+
+def charted_files() -> set[str]:
+    return {path for definition in project_charts().values() for path in definition["y"]}
+
+
+def test_every_chart_reads_a_file_a_stage_writes():
+    outputs = {path for stage in dvc_stages().values() for path in stage["outs"]}
+    assert charted_files() and charted_files() <= outputs, charted_files() - outputs
+    assert project_charts()["finetune_confusion"]["template"] == "confusion"
+
+
+def test_confusion_rows_rebuild_the_matrix_and_a_wrong_shape_is_refused():
+    from sklearn.metrics import confusion_matrix
+
+    from tasks.finetune import confusion_rows
+
+    rows = confusion_rows(BEFORE, LABELS)
+    assert len(rows) == sum(map(sum, BEFORE))
+    actual, predicted = zip(*rows)
+    assert confusion_matrix(actual, predicted, labels=LABELS).tolist() == BEFORE
+    with pytest.raises(ValueError, match="must be 3 x 3"):
+        confusion_rows([[1, 2], [3, 4]], LABELS)
+
+
+# --- one experiment's reports, written by the stages' writers ----------------------------------
+
+
+def write_pretrain(repo: Path, offset: float) -> None:
+    from tasks.pretrain import write_reports
+
+    train = [{"step": s, "train_loss": 6.0 - s / 100 + offset} for s in range(10, 101, 10)]
+    val = [{"step": s, "train_loss": 6.0 - s / 100 + offset, "val_loss": 6.2 - s / 100 + offset} for s in (50, 100)]
+    write_reports(SimpleNamespace(history={"train": train, "val": val}), repo / "reports/pretrain", {"steps": 100})
+
+
+def write_finetune(repo: Path, matrix: list[list[int]], accuracy: float) -> None:
+    from tasks.finetune import confusion_rows, write_history, write_predictions
+
+    reports = repo / "reports/finetune"
+    reports.mkdir(parents=True, exist_ok=True)
+    history = [{"epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "val_accuracy": accuracy + e / 100,
+                "val_macro_f1": accuracy + e / 200, "train_seconds": 1.0, "train_samples": 24} for e in (1, 2)]
+    write_history(reports / "history.csv", history)
+    write_predictions(reports / "predictions.csv", confusion_rows(matrix, LABELS))
+
+
+def write_tune(repo: Path, values: list[float]) -> None:
+    import optuna
+
+    from lmforge.training.tuning import TRIALS_FILE, _write_trials_table
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for value in values:
+        study.enqueue_trial({"learning_rate": value / 1000})
+        study.optimize(lambda trial, v=value: trial.suggest_float("learning_rate", 1e-5, 1e-2) * 0 + v, n_trials=1)
+    pruned = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-2)})
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)  # a trial with no value: a gap, not a zero
+    (repo / "reports/tune").mkdir(parents=True, exist_ok=True)
+    _write_trials_table(study, repo / "reports/tune" / TRIALS_FILE)
+
+
+@pytest.fixture(scope="module")
+def two_experiments(tmp_path_factory) -> Path:
+    """A git + DVC project with the project's charts and two commits of every charted file."""
+    repo = tmp_path_factory.mktemp("plots")
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["dvc", "config", "core.analytics", "false"], repo)
+    charts = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": charts}, sort_keys=False))
+    for offset, matrix, accuracy, trials in ((0.5, BEFORE, 0.6, [0.55, 0.6]), (0.0, AFTER, 0.8, [0.7, 0.8, 0.75])):
+        write_pretrain(repo, offset)
+        write_finetune(repo, matrix, accuracy)
+        write_tune(repo, trials)
+        run(["git", "add", "-A"], repo)
+        run(["git", "commit", "-q", "-m", f"experiment at accuracy {accuracy}"], repo)
+    return repo
+
+
+def diff_charts(repo: Path) -> dict[str, dict]:
+    """`dvc plots diff HEAD~1 HEAD --json`: chart id -> its one rendered Vega-Lite chart."""
+    result = run(["dvc", "plots", "diff", "HEAD~1", "HEAD", "--json"], repo)
+    payload = json.loads(result.stdout)
+    assert not payload.get("errors"), payload["errors"]
+    charts = {}
+    for name, rendered in payload["data"].items():
+        assert len(rendered) == 1, f"{name} renders as {len(rendered)} charts, not one"
+        assert set(rendered[0]["revisions"]) == {"HEAD~1", "HEAD"}, name
+        charts[name] = rendered[0]["content"]
+    return charts
+
+
+def series(content: dict) -> Counter:
+    """(revision, line) -> points, for a line chart's data; a line is named by the field DVC dashes
+    lines by ("file::column" across files, "column" within one; absent for a single line)."""
+    dashed_by = content["encoding"].get("strokeDash", {}).get("field")
+    return Counter((point["rev"], point.get(dashed_by, "")) for point in content["data"]["values"])
+
+
+def test_plots_diff_overlays_two_experiments(two_experiments: Path):
+    charts = diff_charts(two_experiments)
+    assert set(charts) == set(project_charts())
+
+    # Train and val loss in one chart, for both experiments.
+    assert series(charts["pretrain_loss"]) == {
+        (rev, name): n for rev in ("HEAD~1", "HEAD")
+        for name, n in (("train_loss.csv::train_loss", 10), ("loss.csv::val_loss", 2))}
+    assert series(charts["finetune_val"]) == {
+        (rev, column): 2 for rev in ("HEAD~1", "HEAD") for column in ("val_accuracy", "val_macro_f1")}
+    assert series(charts["finetune_loss"]) == {(rev, ""): 2 for rev in ("HEAD~1", "HEAD")}
+    assert {p["train_loss"] for p in charts["finetune_loss"]["data"]["values"]} == {"1.0", "0.5"}
+
+    # The confusion template: one cell count per (actual, predicted), one panel per experiment.
+    confusion = charts["finetune_confusion"]
+    assert confusion["facet"]["column"]["field"] == "rev"
+    assert confusion["spec"]["encoding"]["x"]["field"] == "actual"
+    assert confusion["spec"]["encoding"]["y"]["field"] == "predicted"
+    cells = Counter((p["rev"], p["actual"], p["predicted"]) for p in confusion["data"]["values"])
+    for rev, matrix in (("HEAD~1", BEFORE), ("HEAD", AFTER)):
+        assert [[cells[(rev, a, p)] for p in LABELS] for a in LABELS] == matrix, rev
+
+    # Tune's trials: the pruned trial carries no value (Vega leaves a gap), the others theirs.
+    values = {rev: [p["value"] for p in charts["tune_trials"]["data"]["values"] if p["rev"] == rev]
+              for rev in ("HEAD~1", "HEAD")}
+    assert values == {"HEAD~1": ["0.55", "0.6", ""], "HEAD": ["0.7", "0.8", "0.75", ""]}
+
+
+def test_plots_show_writes_one_html_page_with_every_chart(two_experiments: Path):
+    out = two_experiments / "dvc_plots"
+    run(["dvc", "plots", "show", "-o", str(out)], two_experiments)
+    page = (out / "index.html").read_text()
+    for name, definition in project_charts().items():
+        assert definition["title"] in page, name
+    rows = list(csv.DictReader((two_experiments / "reports/finetune/predictions.csv").open()))
+    assert len(rows) == sum(map(sum, AFTER)) and set(rows[0]) == {"actual", "predicted"}
