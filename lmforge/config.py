@@ -94,11 +94,27 @@ class CleanDocuments(Section):
     text_field: str = Field("text", min_length=1)  # the JSON field / parquet column holding the text
     shard_mb: float = Field(16.0, gt=0.0)  # input files are grouped into shards of about this size (the unit of parallel work)
     near_dedup: NearDedupParams | None = None  # null: exact duplicates only
+    # A plain-text file longer than this is cut into documents of about this many characters, at
+    # blank lines (lmforge/data/cleaning.py: cutting_for); null, the schema's default so that a config
+    # written before cutting existed reads as it did: a file is one document, whatever its length...
+    chunk_chars: int | None = Field(None, ge=1)
+    # ...and a corpus too small for that many is cut finer, into about this many documents.
+    min_documents: int = Field(200, ge=1)
 
     @model_validator(mode="after")
     def _bounds(self) -> CleanDocuments:
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) exceeds max_chars ({self.max_chars})")
+        if self.chunk_chars is None:
+            return self
+        if self.chunk_chars < 2 * self.min_chars:
+            raise ValueError(f"chunk_chars ({self.chunk_chars}) must be at least twice min_chars ({self.min_chars}), "
+                             "or the pieces of a cut file could be quarantined as too short")
+        # A piece ends by twice the target plus its last line; a short last piece may join it.
+        longest_piece = 3 * self.chunk_chars + self.max_line_chars
+        if longest_piece > self.max_chars:
+            raise ValueError(f"chunk_chars ({self.chunk_chars}) is too large for max_chars ({self.max_chars}): a piece "
+                             f"of a cut file reaches 3 x chunk_chars + max_line_chars = {longest_piece} chars")
         return self
 
 

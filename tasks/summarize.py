@@ -1,7 +1,10 @@
 """summarize: gather the run's figures into reports/summary.md (and log it to MLflow).
 
 Not a DVC stage: it reports the registry as it is now (after `lmforge promote` moved aliases),
-so `make run` and the pipeline flow call it last. Safe to run at any time.
+so `make run` and the pipeline flow call it last. Safe to run at any time. Each registered
+model's challenger is judged as `lmforge promote` would judge it (the gates of params.yaml):
+its figure beside the champion's and its baseline's, and in words whether it beats its baseline
+and whether it was or would be promoted.
 """
 
 from __future__ import annotations
@@ -14,6 +17,47 @@ from lmforge.atomic import atomic_path
 from tasks.summary import build_summary
 
 SUMMARY = Path("reports/summary.md")
+
+
+def standing_entry(found) -> dict:
+    """A registration.Standing as the plain figures tasks/summary.py:verdict words."""
+    figure = lambda pair: pair[1] if pair else None  # noqa: E731
+    return {
+        "metric": found.challenger_figure[0] if found.challenger_figure else found.metric,
+        "challenger": found.challenger.version, "challenger_value": figure(found.challenger_figure),
+        "champion": found.champion.version if found.champion is not None else None,
+        "champion_value": figure(found.champion_figure),
+        "baseline_name": found.baseline[0] if found.baseline else None, "baseline_value": figure(found.baseline),
+        "beats_baseline": found.beats_baseline, "passed": found.passed, "is_champion": found.is_champion,
+        "forced": found.is_champion and found.champion.tags.get("forced") == "true",
+    }
+
+
+def standings(report: Path, params_path: Path) -> dict[str, dict] | None:
+    """Model name -> its challenger's standing under the gate of params.yaml (register.<key>.gate),
+    judged now as `lmforge promote` would, for the models in reports/register.json."""
+    import json
+
+    if not report.exists() or not params_path.exists() or not tracking.enabled():
+        return None
+    from mlflow import MlflowClient
+
+    from lmforge.config import load_params
+    from lmforge.registry import registration as registry
+
+    params = load_params(params_path)
+    registered = json.loads(report.read_text())
+    client = MlflowClient(tracking_uri=registered.get("tracking_uri"), registry_uri=registered.get("tracking_uri"))
+    found = {}
+    for key, entry in registered.get("models", {}).items():
+        model = getattr(params.register_, key, None)
+        if "name" not in entry or model is None:
+            continue
+        try:
+            found[entry["name"]] = standing_entry(registry.standing(client, entry["name"], model.gate))
+        except registry.RegistryError:
+            continue  # no challenger (a registry since cleared): the table above says what there is
+    return found
 
 
 def current_aliases(report: Path) -> dict[str, dict[str, str]] | None:
@@ -37,9 +81,11 @@ def current_aliases(report: Path) -> dict[str, dict[str, str]] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reports", default="reports", help="the reports folder (default: %(default)s)")
+    parser.add_argument("--params", default="params.yaml", help="the params file, for the gates (default: %(default)s)")
     args = parser.parse_args()
     reports = Path(args.reports)
-    text = build_summary(reports, current_aliases(reports / "register.json"))
+    report = reports / "register.json"
+    text = build_summary(reports, current_aliases(report), standings(report, Path(args.params)))
     with atomic_path(reports / "summary.md") as tmp:
         tmp.write_text(text)
     if (reports / "register.json").exists():  # a tracking store exists: keep the page beside the models

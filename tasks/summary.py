@@ -93,9 +93,46 @@ def samples_section(reports: Path) -> list[str]:
     return ["## Samples", ""] + [("#" + line if line.startswith("#") else line) for line in body] + [""]
 
 
-def registry_section(reports: Path, aliases: dict[str, dict[str, str]] | None) -> list[str]:
-    """`aliases` (model name -> alias -> version) is read from the registry at summary time,
-    since promotion moves aliases after the register stage wrote its report."""
+def _figure(version: object, value: object) -> str:
+    return f"v{version}: {_fmt(value)}" if version is not None and value is not None else "-"
+
+
+def verdict(standing: dict) -> str:
+    """One sentence: the challenger's figure against its baseline (when it has one) and whether it
+    was, or would be, promoted. `standing` is tasks/summarize.py:standings's entry for one model."""
+    s = standing
+    line = f"The challenger (v{s['challenger']}, {s['metric']} {_fmt(s['challenger_value'])})"
+    if s.get("baseline_value") is not None:
+        beats = "beats" if s["beats_baseline"] else "does not beat"
+        line += f" {beats} its {s['baseline_name']} ({_fmt(s['baseline_value'])})"
+    if s["is_champion"]:
+        return line + (": it is @champion, promoted by force." if s.get("forced") else ": it was promoted and is @champion.")
+    if s["passed"]:
+        return line + ": it would be promoted (`lmforge promote` passes the gate)."
+    if s.get("baseline_value") is not None and not s["beats_baseline"]:
+        return line + ": it will not be promoted."
+    joint = " but" if s.get("baseline_value") is not None else ""
+    return line + (f"{joint} does not beat the champion (v{s['champion']}, {_fmt(s['champion_value'])}) by the gate: "
+                   "it will not be promoted.")
+
+
+def standings_lines(standings: dict[str, dict] | None) -> list[str]:
+    """The gate figures of each model's challenger, champion and baseline, and the verdict in words."""
+    if not standings:
+        return []
+    lines = ["", "| model | gate metric | challenger | champion | baseline |", "|---|---|---:|---:|---:|"]
+    for name, s in standings.items():
+        baseline = f"{s['baseline_name']}: {_fmt(s['baseline_value'])}" if s.get("baseline_value") is not None else "none"
+        lines.append(f"| {name} | {s['metric']} | {_figure(s['challenger'], s['challenger_value'])} | "
+                     f"{_figure(s['champion'], s['champion_value'])} | {baseline} |")
+    return lines + [""] + [f"{name}: {verdict(s)}" for name, s in standings.items()]
+
+
+def registry_section(reports: Path, aliases: dict[str, dict[str, str]] | None,
+                     standings: dict[str, dict] | None = None) -> list[str]:
+    """`aliases` (model name -> alias -> version) and `standings` (model name -> gate figures, see
+    verdict) are read from the registry at summary time, since promotion moves aliases after the
+    register stage wrote its report."""
     registered = _load(reports / "register.json")
     if registered is None:
         return ["## Registry", ""] + _missing("register") + [""]
@@ -108,6 +145,7 @@ def registry_section(reports: Path, aliases: dict[str, dict[str, str]] | None) -
         now = (aliases or {}).get(name) or {a: entry.get("version") for a in entry.get("aliases", [])}
         lines.append(f"| {name} | {entry.get('version')} | {entry.get('registered')} | "
                      f"{', '.join(f'@{a} = v{v}' for a, v in sorted(now.items())) or 'none'} |")
+    lines += standings_lines(standings)
     return lines + ["", f"Tracking URI: `{registered.get('tracking_uri', '?')}`", ""]
 
 
@@ -122,7 +160,8 @@ def timing_section(reports: Path) -> list[str]:
     return ["## Time per stage (last run of each)", ""] + _table(seconds, ("stage", "seconds")) + [""]
 
 
-def build_summary(reports: Path | str = "reports", aliases: dict[str, dict[str, str]] | None = None) -> str:
+def build_summary(reports: Path | str = "reports", aliases: dict[str, dict[str, str]] | None = None,
+                  standings: dict[str, dict] | None = None) -> str:
     reports = Path(reports)
     lines = ["# lmforge run summary", ""]
     lines += data_section(reports)
@@ -133,6 +172,6 @@ def build_summary(reports: Path | str = "reports", aliases: dict[str, dict[str, 
                              ["tune/optimization_history.png", "tune/param_importances.png"], reports)
     lines += metrics_section("Fine-tuning (against TF-IDF + logistic regression)", reports / "finetune" / "metrics.json",
                              ["finetune/confusion_matrix.png"], reports)
-    lines += registry_section(reports, aliases)
+    lines += registry_section(reports, aliases, standings)
     lines += timing_section(reports)
     return "\n".join(lines).rstrip() + "\n"

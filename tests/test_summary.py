@@ -23,3 +23,57 @@ def test_summary_shows_live_aliases_over_the_report(tmp_path):
     }))
     text = build_summary(reports, aliases={"lmforge-sentiment": {"champion": "2", "challenger": "2"}})
     assert "| lmforge-sentiment | 2 | True | @challenger = v2, @champion = v2 |" in text
+
+
+def standing(**changes) -> dict:
+    below = {"metric": "test.accuracy", "challenger": "2", "challenger_value": 0.79, "champion": None,
+             "champion_value": None, "baseline_name": "TF-IDF baseline", "baseline_value": 0.8167,
+             "beats_baseline": False, "passed": False, "is_champion": False, "forced": False}
+    return {**below, **changes}
+
+
+def test_the_verdict_says_in_words_whether_the_challenger_beats_its_baseline_and_is_promoted():
+    from tasks.summary import verdict
+
+    assert verdict(standing()) == ("The challenger (v2, test.accuracy 0.7900) does not beat its TF-IDF baseline "
+                                   "(0.8167): it will not be promoted.")
+    above = dict(challenger_value=0.85, beats_baseline=True)
+    assert verdict(standing(**above, passed=True)) == ("The challenger (v2, test.accuracy 0.8500) beats its TF-IDF "
+                                                        "baseline (0.8167): it would be promoted (`lmforge promote` "
+                                                        "passes the gate).")
+    assert verdict(standing(**above, passed=True, is_champion=True, champion="2", champion_value=0.85)).endswith(
+        "beats its TF-IDF baseline (0.8167): it was promoted and is @champion.")
+    assert verdict(standing(**above, champion="1", champion_value=0.9)).endswith(
+        "beats its TF-IDF baseline (0.8167) but does not beat the champion (v1, 0.9000) by the gate: "
+        "it will not be promoted.")
+    assert verdict(standing(is_champion=True, forced=True, champion="2")).endswith(": it is @champion, promoted by force.")
+    no_baseline = standing(metric="test.perplexity", challenger_value=25.0, baseline_name=None, baseline_value=None,
+                           beats_baseline=None, champion="1", champion_value=24.0)
+    assert verdict(no_baseline) == ("The challenger (v2, test.perplexity 25.0000) does not beat the champion "
+                                    "(v1, 24.0000) by the gate: it will not be promoted.")
+
+
+def test_the_summary_shows_a_refused_challenger_beside_its_baseline(tmp_path, monkeypatch, capsys):
+    """A real registry: the classifier scores below its TF-IDF baseline, promote refuses it, and
+    the summary (read back from the registry) shows both figures and says so."""
+    import mlflow
+
+    from tasks import summarize
+    from tests.test_register import cli, make_project, register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("LMFORGE_EXPERIMENT", raising=False)
+    monkeypatch.delenv("LMFORGE_TRACKING", raising=False)
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment("lmforge", artifact_location=str(tmp_path / "artifacts"))
+    root = make_project(tmp_path / "proj", "summary", metrics={"test": {"accuracy": 0.79},
+                                                                "baseline_tfidf": {"test": {"accuracy": 0.8167}}})
+    register(root, monkeypatch, "sentiment")
+    assert cli(root, monkeypatch, capsys, "promote", "summary-sentiment")[0] == 1
+
+    report = root / "reports/register.json"
+    text = build_summary(root / "reports", summarize.current_aliases(report),
+                         summarize.standings(report, root / "params.yaml"))
+    assert "| summary-sentiment | test.accuracy | v1: 0.7900 | - | TF-IDF baseline: 0.8167 |" in text
+    assert ("summary-sentiment: The challenger (v1, test.accuracy 0.7900) does not beat its TF-IDF baseline "
+            "(0.8167): it will not be promoted.") in text
