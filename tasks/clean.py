@@ -4,7 +4,8 @@ reason), with the counts, in total and per shard, in reports/clean/<dataset>.jso
 
 A corpus (kind: documents) is cleaned shard by shard on the data engine, `workers` at a time, with
 scratch files under data/.work/: a killed run, rerun with the same inputs, skips the shards it
-finished. Labelled examples are small and cleaned in one piece (one part)."""
+finished. A plain-text file longer than clean.<dataset>.chunk_chars is cut into documents (the
+report's `cutting` says how). Labelled examples are small and cleaned in one piece (one part)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def main() -> None:
     print(f"clean {args.dataset}: {report['rows_in']} rows in = {report['rows_kept']} kept + "
           f"{report['rows_quarantined']} quarantined ({report.get('shards', 1)} shards, {report['mb_per_s']} MB/s, "
           f"peak {report['peak_rss_mb']:.0f} MB)")
+    if report.get("cutting", {}).get("files_cut"):
+        cut = report["cutting"]
+        print(f"  cut {cut['files_cut']} long text files into {cut['documents_from_cut_files']} documents of about "
+              f"{cut['target_chars']} chars: {cut['cuts_at_blank_lines']} cuts at blank lines, "
+              f"{cut['cuts_at_line_breaks']} at line breaks")
     for reason, count in report["quarantine_by_reason"].items():
         print(f"  quarantined {count:>6}  {reason[:100]}")
 

@@ -38,7 +38,7 @@ def main() -> None:
                     report = _split_by_hash(kept, out, params, section, args.dataset)
                 else:
                     report = _split_in_memory(kept, out, section, params.seed, documents)
-                _check_not_empty(report, section)
+                _check_not_empty(report, section, args.dataset, documents)
         except UserError as err:
             fail(f"split.{args.dataset}: {err}")
         seconds = time.perf_counter() - start
@@ -82,11 +82,13 @@ def _split_in_memory(kept: Path, out: Path, section, seed: int, documents: bool)
     return split_report(splits)
 
 
-def _check_not_empty(report: dict, section) -> None:
+def _check_not_empty(report: dict, section, dataset: str, documents: bool) -> None:
+    # A corpus's plain-text files are cut into more documents when clean's min_documents is higher.
+    finer = f"raise clean.{dataset}.min_documents, " if documents else ""
     for split, fraction in (("train", 1.0), ("val", section.val), ("test", section.test)):
         if fraction > 0 and report[split]["rows"] == 0:
             raise SplitError(f"the {split} split came out empty ({sum(report[s]['rows'] for s in SPLITS)} rows in all); "
-                             "add data, raise its fraction, or use mode: random for a handful of documents")
+                             f"add data, raise its fraction, {finer}or use mode: random for a handful of documents")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from lmforge.data.cleaning import CleanError, clean_documents, clean_examples, n
 from lmforge.config import CleanDocuments, CleanLabelled
 from tests.conftest import play
 
-DOCS = CleanDocuments(min_chars=50, max_chars=100_000, max_line_chars=500)
+# Whole-file rules: no file is cut into pieces here (tests/test_corpus_files.py cuts them).
+DOCS = CleanDocuments(min_chars=50, max_chars=100_000, max_line_chars=500, chunk_chars=None)
 LABELLED = CleanLabelled(labels={"0": "negative", "1": "positive"}, min_chars=10, max_chars=5_000)
 
 

@@ -9,7 +9,8 @@ rules and are counted:
   - text: Unicode NFC; CRLF and CR become LF; HTML line breaks (`<br />`) become line breaks,
     other HTML tags are dropped and entities unescaped; exotic spaces become plain spaces;
   - documents: Project Gutenberg licence header, footer and notice blocks are stripped; trailing
-    spaces go and runs of blank lines shrink to one;
+    spaces go and runs of blank lines shrink to one; a plain-text file longer than the cutting
+    target becomes several documents (`cutting_for`, lmforge/data/documents.py: `cut_lines`);
   - labelled examples: all whitespace folds to single spaces; labels like "1.0" read as "1".
 """
 
@@ -33,7 +34,7 @@ from pandera.errors import SchemaErrors
 from pandera.typing import Series
 
 from lmforge.config import CleanDocuments, CleanLabelled
-from lmforge.data.documents import RawDocument, corpus_files, plan_shards, read_documents
+from lmforge.data.documents import Cutting, RawDocument, corpus_files, plan_shards, read_documents
 from lmforge.data.engine import Engine, run_shards
 from lmforge.errors import UserError
 
@@ -234,11 +235,56 @@ def _dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def clean_documents(raw_dir: Path, params: CleanDocuments) -> CleanResult:
     """Clean a small corpus in memory (every file of `raw_dir`): the tests' and notebooks' view of
     what the sharded run (`clean_document_shard` + `find_duplicates`) writes."""
-    repairs = Repairs()
-    records = [r for name in corpus_files(raw_dir) for r in read_documents(raw_dir, name, params.text_field)]
+    repairs, cut_counts = Repairs(), Counter()
+    files = corpus_files(raw_dir)
+    cutting = cutting_for(params, corpus_bytes(raw_dir, files))
+    records = [r for name in files for r in read_documents(raw_dir, name, params.text_field, cutting, cut_counts)]
+    repairs.add("boilerplate_stripped", cut_counts.pop("boilerplate_stripped", 0))
     kept, quarantined = clean_document_batch(records, params, repairs)
     kept, duplicates = _dedupe(kept)
-    return _finish(kept, [quarantined, duplicates], len(records), repairs, DOCUMENT_COLUMNS)
+    result = _finish(kept, [quarantined, duplicates], len(records), repairs, DOCUMENT_COLUMNS)
+    result.report["cutting"] = cutting_report(cutting, params, [cut_counts])
+    return result
+
+
+# --- long plain-text files --------------------------------------------------------------------
+
+
+def corpus_bytes(raw_dir: Path, files: list[str]) -> int:
+    return sum((Path(raw_dir) / name).stat().st_size for name in files)
+
+
+def _line_pattern(pattern: re.Pattern[str]) -> re.Pattern[bytes]:
+    """A marker pattern for one raw line (the cutter reads bytes, a line at a time)."""
+    return re.compile(pattern.pattern.encode("utf-8"), re.IGNORECASE)
+
+
+def cutting_for(params: CleanDocuments, corpus_size: int) -> Cutting | None:
+    """How a corpus of `corpus_size` bytes cuts its long plain-text files. The target is
+    `chunk_chars`, lowered for a small corpus so that it still makes about `min_documents`
+    documents (a hash split of a 10 kB file then fills val and test), but never below twice
+    `min_chars`, so that what normalising removes cannot leave a piece under `min_chars`. A line
+    is read up to 4 bytes a character past `max_line_chars`: longer, it fails that check anyway.
+    None (no file is cut) when `chunk_chars` is null."""
+    if params.chunk_chars is None:
+        return None
+    target = max(2 * params.min_chars, min(params.chunk_chars, corpus_size // params.min_documents))
+    markers = (_line_pattern(_GUTENBERG_START), _line_pattern(_GUTENBERG_END)) if params.strip_boilerplate else (None, None)
+    return Cutting(target, 4 * (params.max_line_chars + 1), *markers)
+
+
+CUT_COUNTS = ("files_cut", "documents_from_cut_files", "cuts_at_blank_lines", "cuts_at_line_breaks",
+              "long_lines_cut_short")
+
+
+def cutting_report(cutting: Cutting | None, params: CleanDocuments, counts: list[dict]) -> dict:
+    """How the plain-text files were cut, summed over shards; a cut file of n documents has n - 1
+    cuts, so documents_from_cut_files = files_cut + cuts_at_blank_lines + cuts_at_line_breaks."""
+    total = {key: sum(c.get(key, 0) for c in counts) for key in CUT_COUNTS}
+    if total["documents_from_cut_files"] != total["files_cut"] + total["cuts_at_blank_lines"] + total["cuts_at_line_breaks"]:
+        raise AssertionError(f"cut accounting broke: {total}")
+    return {"target_chars": cutting.target_chars if cutting else None, "chunk_chars": params.chunk_chars,
+            "min_documents": params.min_documents, **total}
 
 
 DOCUMENT_COLUMNS = ["id", "source", "text"]
@@ -290,14 +336,16 @@ def text_hash(text: str) -> int:
 
 
 def clean_document_shard(raw_dir: str, files: list[str], params: CleanDocuments, kept_path: str,
-                         quarantine_path: str, hashes_path: str, batch_bytes: int = 8 << 20) -> dict:
+                         quarantine_path: str, hashes_path: str, batch_bytes: int = 8 << 20,
+                         cutting: Cutting | None = None) -> dict:
     """Clean one shard's files, a batch of documents at a time, into two parquet files (kept,
-    quarantined) and the kept texts' hashes (for `find_duplicates`). Memory holds one batch."""
-    repairs, counts = Repairs(), Counter()
+    quarantined) and the kept texts' hashes (for `find_duplicates`). Memory holds one batch.
+    Plain-text files longer than `cutting`'s target are cut into documents (none without it)."""
+    repairs, counts, cut_counts = Repairs(), Counter(), Counter()
     hashes: list[int] = []
     totals = Counter()
     with _writer(kept_path, KEPT_SCHEMA) as kept_out, _writer(quarantine_path, QUARANTINE_SCHEMA) as bad_out:
-        for batch in _batches(raw_dir, files, params.text_field, batch_bytes, totals):
+        for batch in _batches(raw_dir, files, params.text_field, batch_bytes, totals, cutting, cut_counts):
             kept, quarantined = clean_document_batch(batch, params, repairs)
             kept_out.write_table(pa_arrow.Table.from_pandas(kept[DOCUMENT_COLUMNS], schema=KEPT_SCHEMA, preserve_index=False))
             bad_out.write_table(pa_arrow.Table.from_pandas(quarantined[QUARANTINE_COLUMNS], schema=QUARANTINE_SCHEMA, preserve_index=False))
@@ -307,6 +355,7 @@ def clean_document_shard(raw_dir: str, files: list[str], params: CleanDocuments,
             totals["rows_kept"] += len(kept)
             totals["chars_kept"] += int(kept["text"].str.len().sum()) if len(kept) else 0
     np.save(hashes_path, np.asarray(hashes, dtype=np.uint64))
+    repairs.add("boilerplate_stripped", cut_counts.pop("boilerplate_stripped", 0))
     return {
         "files": len(files),
         "bytes_in": sum((Path(raw_dir) / f).stat().st_size for f in files),
@@ -317,13 +366,15 @@ def clean_document_shard(raw_dir: str, files: list[str], params: CleanDocuments,
         "quarantine_by_reason": dict(counts.most_common()),
         "repairs": dict(repairs.counts),
         "chars_kept": totals["chars_kept"],
+        "cutting": dict(cut_counts),
     }
 
 
-def _batches(raw_dir: str, files: list[str], text_field: str, batch_bytes: int, totals: Counter):
+def _batches(raw_dir: str, files: list[str], text_field: str, batch_bytes: int, totals: Counter,
+             cutting: Cutting | None, cut_counts: Counter):
     batch, size = [], 0
     for name in files:
-        for record in read_documents(Path(raw_dir), name, text_field):
+        for record in read_documents(Path(raw_dir), name, text_field, cutting, cut_counts):
             batch.append(record)
             nbytes = len(record.payload) if isinstance(record.payload, bytes) else len(record.payload.encode("utf-8"))
             totals["text_bytes"] += nbytes
@@ -408,14 +459,16 @@ def clean_corpus(raw_dir: Path, params: CleanDocuments, out_dir: Path, work_dir:
     per shard; the scratch files and the engine's completion marks live in `work_dir`, so a
     killed run picks up at the first unfinished shard. Returns the totals and each shard's counts."""
     raw_dir, out_dir, work_dir = Path(raw_dir), Path(out_dir), Path(work_dir)
-    shards = plan_shards(raw_dir, corpus_files(raw_dir), int(params.shard_mb * 1e6))
+    files = corpus_files(raw_dir)
+    shards = plan_shards(raw_dir, files, int(params.shard_mb * 1e6))
     if not shards:
         raise CleanError(f"{raw_dir}: no data files to clean")
+    cutting = cutting_for(params, corpus_bytes(raw_dir, files))
     scratch = work_dir / "shards"
     scratch.mkdir(parents=True, exist_ok=True)
     part = [f"part-{i:05d}" for i in range(len(shards))]
     jobs = [(str(raw_dir), files, params, str(scratch / f"{p}.kept.parquet"), str(scratch / f"{p}.quarantine.parquet"),
-             str(scratch / f"{p}.hashes.npy")) for p, files in zip(part, shards)]
+             str(scratch / f"{p}.hashes.npy"), 8 << 20, cutting) for p, files in zip(part, shards)]
     shard_reports = run_shards(clean_document_shard, jobs, work_dir / "cleaning", engine=engine, desc="cleaning",
                                bytes_key="text_bytes", progress=progress)
     drops = [{row: ("exact duplicate", fs, fr) for row, fs, fr in zip(*(a.tolist() for a in found))}
@@ -433,7 +486,9 @@ def clean_corpus(raw_dir: Path, params: CleanDocuments, out_dir: Path, work_dir:
     run_shards(drop_duplicates, finals, work_dir / "dedup", engine=engine, desc="dedup", progress=False)
     for report, shard_drops in zip(shard_reports, drops):
         _count_duplicates(report, [reason for reason, _, _ in shard_drops.values()])
-    return corpus_report(shard_reports)
+    report = corpus_report(shard_reports)
+    report["cutting"] = cutting_report(cutting, params, [shard.get("cutting", {}) for shard in shard_reports])
+    return report
 
 
 def _add_near_duplicates(drops: list[dict], scratch: Path, shards: int, work_dir: Path, engine: Engine,
