@@ -3,7 +3,7 @@ definition of the stages and owns the cache.
 
     python -m flows.pipeline                          # everything
     python -m flows.pipeline --target tokenize        # a stage and what it needs
-    python -m flows.pipeline -S pretrain.max_steps=50 # an override, recorded as a DVC experiment
+    python -m flows.pipeline -S split.task.max_rows=1000   # overrides: a DVC experiment
 
 Each task asks DVC in-process whether its stage is up to date (cheap) and, only if not, runs
 `dvc repro --single-item <stage>` so that the stage's own output lands in the task log. Stages
@@ -16,6 +16,12 @@ slot of the Prefect global concurrency limit `lmforge-accelerator` while it runs
 default, so on one GPU they take turns where the graph would start them side by side. The limit
 is the server's, shared by every flow run on it (see and change it under Concurrency in the UI);
 `--accelerator-slots 0` turns it off.
+
+With overrides (`-S key.path=value`, checked against params.yaml first) the graph runs as one
+DVC experiment, `dvc exp run --temp`, in a temporary copy of the project: the workspace's
+params.yaml, dvc.lock and outputs stay as they were, so flow runs with different overrides can
+run at the same time. The experiment's name and metrics go to the log and to an artifact; `dvc
+exp show` lists it beside the others and `dvc exp apply <name>` brings it into the workspace.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
 from lmforge.config import apply_overrides as override_params
+from lmforge.config import parse_yaml
 from lmforge.errors import UserError
 from lmforge.registry import tracking
 from tasks._common import USER_ERROR_EXIT  # what tasks/_common.py:fail() exits with
@@ -57,7 +64,7 @@ MEMORY_KNOBS = {
     "clean": "`workers` (fewer shards at once)",
     "split": "`workers` (fewer shards at once)",
     "tokenize": "tokenize.sample_mb (the tokenizer's training sample) or `workers`",
-    "pretrain": "pretrain.batch_size (with grad_accum to keep the tokens per step) or pretrain.context",
+    "pretrain": "pretrain.batch_size (with gradient_accumulation_steps to keep the tokens per step) or pretrain.context",
     "evaluate": "evaluate.batch_size",
     "tune": "tune.space's batch_size choices or finetune.max_length",
     "finetune": "finetune.batch_size or finetune.max_length",
@@ -147,11 +154,6 @@ def stage_metrics(root: Path, addr: str) -> dict[str, object]:
         if path.suffix == ".json" and path.exists():
             _flatten(json.loads(path.read_text()), path.stem, flat)
     return flat
-
-
-def uncached_outputs(root: Path, addrs: list[str]) -> list[Path]:
-    with locked_dvc_repo(root) as repo:
-        return [Path(out.fs_path) for s in repo.index.stages if s.name in addrs for out in s.outs if not out.use_cache]
 
 
 def _flatten(node: object, prefix: str, into: dict[str, object]) -> None:
@@ -278,54 +280,115 @@ def _artifact_key(addr: str) -> str:
 
 
 # --- parameter overrides as a DVC experiment ---------------------------------------------------
+# `dvc exp run --temp` runs the overridden graph in a temporary copy of the project under
+# .dvc/tmp/exps, commits the result as an experiment and deletes the copy: the workspace's
+# params.yaml, dvc.lock and outputs are never written, so two flow runs with overrides can run at
+# once. DVC holds its repo lock only while it sets the copy up; the stages of two experiments
+# then run side by side, sharing the cache.
+
+_RAN = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
+_SKIPPED = re.compile(r"^Stage '([^']+)' (?:didn't change|is cached)", re.MULTILINE)
+_EXPERIMENT_NAME = re.compile(r"Ran experiment\(s\): (\S+)")
+_FAILED_STAGE = re.compile(r"failed to reproduce '([^']+)'")
 
 
-def apply_overrides(params_path: Path, overrides: list[str]) -> None:
-    """Write `key.path=value` overrides into the params file; an unknown key is a ConfigError."""
-    import yaml
+def check_overrides(root: Path, overrides: list[str]) -> None:
+    """Refuse an override of a key params.yaml does not have (a ConfigError naming it), before
+    DVC runs anything: DVC would add the key, and no stage would read it."""
+    params_path = root / "params.yaml"
+    override_params(parse_yaml(params_path.read_text(), params_path.name), overrides, where=params_path.name)
 
-    params = override_params(yaml.safe_load(params_path.read_text()), overrides, where=params_path.name)
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+def require_git_commit(root: Path) -> None:
+    head = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=root, capture_output=True)
+    if head.returncode != 0:
+        raise UserError(f"overrides run as a DVC experiment, which starts from a git commit, and {root} has "
+                        "none: commit the project first (git add ..., git commit)")
 
 
-class ExperimentWorkspace:
-    """Run with overridden params, save the result as a DVC experiment, then put the workspace
-    (params.yaml, dvc.lock and the outputs, from the cache) back as it was."""
+def experiment_command(root: Path, targets: list[str] | None, overrides: list[str], copy_paths: list[str],
+                       name: str | None) -> list[str]:
+    command = [dvc_executable(), "--wait-for-lock", "exp", "run", "--temp"]
+    for override in overrides:
+        command += ["--set-param", override]
+    # The copy is made from git, which may not hold dvc.lock: without it every stage would rerun.
+    for path in (["dvc.lock"] if (root / "dvc.lock").is_file() else []) + copy_paths:
+        command += ["--copy-paths", path]
+    if name:
+        command += ["--name", name]
+    return command + list(targets or [])
 
-    def __init__(self, root: Path, overrides: list[str], stages: list[str]):
-        self.root, self.overrides, self.stages = root, overrides, stages
-        self.saved: dict[Path, bytes | None] = {}
 
-    def __enter__(self) -> ExperimentWorkspace:
-        # `dvc checkout` restores cached outputs; files DVC does not cache (metrics with
-        # cache: false) and the two pipeline files are put back from this copy.
-        for path in [self.root / "params.yaml", self.root / "dvc.lock", *uncached_outputs(self.root, self.stages)]:
-            self.saved[path] = path.read_bytes() if path.is_file() else None
-        apply_overrides(self.root / "params.yaml", self.overrides)
-        return self
+def experiment_env(root: Path) -> dict[str, str]:
+    """stage_env(), with MLflow pointed at the project's store: the stages run in the temporary
+    copy, whose own store would be deleted with it."""
+    return {**stage_env(), "MLFLOW_TRACKING_URI": tracking.tracking_uri(root)}
 
-    def save_experiment(self, stages: list[str]) -> str:
-        # Only the stages this run built: the rest of the graph may have no outputs yet.
-        command = [dvc_executable(), "exp", "save", "--json", "--include-untracked", "dvc.lock", *stages]
-        result = subprocess.run(command, cwd=self.root, capture_output=True, text=True, env=stage_env())
-        if result.returncode != 0:
-            detail = result.stderr.strip() or result.stdout.strip()
-            if "user name and email" in detail:  # retrying cannot help: the user must configure git
-                raise UserError(f"dvc exp save needs a git identity: run `git config user.name ...` and "
-                                f"`git config user.email ...` in {self.root}\n{detail}")
-            raise StageFailed(f"dvc exp save failed: {detail}")
-        try:
-            return json.loads(result.stdout).get("ref", "saved").rsplit("/", 1)[-1]
-        except (json.JSONDecodeError, AttributeError):
-            return result.stdout.strip() or "saved"
 
-    def __exit__(self, *exc) -> None:
-        for path, content in self.saved.items():
-            if content is None:
-                path.unlink(missing_ok=True)
-            else:
-                path.write_bytes(content)
-        subprocess.run([dvc_executable(), "checkout", "--force", "--quiet"], cwd=self.root, capture_output=True)
+def experiment_failure(output: str) -> Exception:
+    """The error for a failed `dvc exp run`: as stage_failure() says for the stage that failed."""
+    if "user.name" in output or "user name and email" in output:  # retrying cannot help
+        return UserError(f"a DVC experiment is a git commit and needs a git identity: run `git config "
+                         f"user.name ...` and `git config user.email ...`\n\n{output}")
+    failed = _FAILED_STAGE.search(output)
+    return stage_failure(failed.group(1) if failed else "the experiment", output)
+
+
+def stage_statuses(output: str, addrs: list[str]) -> dict[str, str]:
+    """Which stages `dvc exp run` ran and which it skipped (up to date, or restored from the run
+    cache), read from what it printed."""
+    ran = set(_RAN.findall(output))
+    return {addr: "ran" if addr in ran else "skipped" for addr in addrs}
+
+
+def experiment_metrics(root: Path, name: str) -> dict[str, object]:
+    """The experiment's metrics as `dvc exp show` has them, flattened: {"<file>.<key>": value}."""
+    result = subprocess.run([dvc_executable(), "exp", "show", "--json"], cwd=root, capture_output=True,
+                            text=True, env=stage_env())
+    if result.returncode != 0:
+        return {}
+    for baseline in json.loads(result.stdout):
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                if rev.get("name") == name:
+                    flat: dict[str, object] = {}
+                    for path, record in ((rev.get("data") or {}).get("metrics") or {}).items():
+                        _flatten(record.get("data") or {}, path, flat)
+                    return flat
+    return {}
+
+
+@task(task_run_name="experiment", retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+      retry_condition_fn=_retry_unless_user_error)
+def run_experiment(root: Path, addrs: list[str], targets: list[str] | None, overrides: list[str],
+                   copy_paths: list[str], name: str | None, accelerator: bool) -> dict:
+    """`dvc exp run --temp` of the targets with the overrides; accelerator: hold an accelerator
+    slot meanwhile. Gives the experiment's name, its metrics and what became of each stage."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    with accelerator_slot("experiment", logger) if accelerator else nullcontext(0.0) as waited:
+        result = subprocess.run(experiment_command(root, targets, overrides, copy_paths, name), cwd=root,
+                                capture_output=True, text=True, env=experiment_env(root))
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode != 0:
+        raise experiment_failure(output)
+    logger.info("%s", output)
+    found = _EXPERIMENT_NAME.search(output)
+    experiment = found.group(1) if found else name or "unnamed"
+    return {"name": experiment, "overrides": overrides, "metrics": experiment_metrics(root, experiment),
+            "stages": stage_statuses(output, addrs), "seconds": round(time.perf_counter() - start, 2),
+            "waited": waited}
+
+
+def publish_experiment(experiment: dict) -> None:
+    name, metrics = experiment["name"], experiment["metrics"]
+    if metrics:
+        rows = [{"metric": k, "value": v} for k, v in metrics.items()]
+        create_table_artifact(rows, key="experiment-" + _artifact_key(name),
+                              description=f"Metrics of DVC experiment {name} ({' '.join(experiment['overrides'])})")
+    shown = ", ".join(f"{k}={v}" for k, v in metrics.items()) or "none"
+    print(f"overrides {experiment['overrides']} ran as DVC experiment {name} in {experiment['seconds']} s; "
+          f"params.yaml and the workspace unchanged (`dvc exp show`, `dvc exp apply {name}`). Metrics: {shown}")
 
 
 # --- the flow ---------------------------------------------------------------------------------
@@ -340,30 +403,36 @@ def pipeline(
     root: str = ".",
     accelerator_slots: int = 1,
     accelerator_stages: list[str] | None = None,
+    experiment_name: str | None = None,
+    copy_paths: list[str] | None = None,
 ) -> list[dict]:
     """Run the DVC stages (all, or `targets` and their upstream) as Prefect tasks.
 
+    overrides: `key.path=value` params; the graph then runs as one DVC experiment (`dvc exp run
+    --temp`, named `experiment_name` or by DVC) in a temporary copy of the project, which holds
+    what git tracks plus dvc.lock and `copy_paths` (untracked files the stages need).
     accelerator_slots: how many of the `accelerator_stages` (stage names, default TRAINING_STAGES)
     may run at once, server-wide; 0 for no limit.
     """
     if accelerator_slots < 0:
         raise ValueError(f"accelerator_slots must be 0 (no limit) or more, not {accelerator_slots}")
     root_path = Path(root).resolve()
-    per_stage = {**DEFAULT_RETRIES, **(stage_retries or {})}
+    if overrides:
+        check_overrides(root_path, overrides)
+        require_git_commit(root_path)
     upstream = stage_graph(root_path, targets)
     tracking.prepare_store(root_path)  # before stages that log to it start side by side
     heavy = set(TRAINING_STAGES if accelerator_stages is None else accelerator_stages) if accelerator_slots else set()
     if heavy:
         set_accelerator_slots(accelerator_slots)
     if overrides:
-        with ExperimentWorkspace(root_path, overrides, list(upstream)) as workspace:
-            results = _run_graph(root_path, upstream, retries, per_stage, heavy)
-            experiment = workspace.save_experiment(list(upstream))
-        print(f"overrides {overrides} recorded as DVC experiment {experiment}; params.yaml unchanged")
+        results = _run_as_experiment(root_path, targets, upstream, overrides, retries, heavy,
+                                     experiment_name, copy_paths or [])
     else:
-        results = _run_graph(root_path, upstream, retries, per_stage, heavy)
+        results = _run_graph(root_path, upstream, retries, {**DEFAULT_RETRIES, **(stage_retries or {})}, heavy)
     _publish_summary(results)
-    summarize(root_path, rebuild=any(r["status"] == "ran" for r in results))
+    # An experiment leaves the workspace as it was, and so its summary.
+    summarize(root_path, rebuild=not overrides and any(r["status"] == "ran" for r in results))
     return results
 
 
@@ -381,14 +450,32 @@ def _run_graph(root: Path, upstream: dict[str, list[str]], retries: int, per_sta
     return [f.result() for f in futures.values()]  # raises the first failure, failing the flow
 
 
+def _run_as_experiment(root: Path, targets: list[str] | None, upstream: dict[str, list[str]], overrides: list[str],
+                       retries: int, heavy: set[str], name: str | None, copy_paths: list[str]) -> list[dict]:
+    """One task for the whole experiment (DVC runs its stages); a row per stage, as _run_graph gives."""
+    addrs = topological(upstream)
+    accelerator = any(addr.split("@")[0] in heavy for addr in addrs)
+    experiment = run_experiment.with_options(retries=retries)(root, addrs, targets, overrides, copy_paths, name,
+                                                              accelerator)
+    publish_experiment(experiment)
+    return [{"stage": addr, "status": status, "seconds": None, "waited": None, "experiment": experiment["name"]}
+            for addr, status in experiment["stages"].items()]
+
+
 def _publish_summary(results: list[dict]) -> None:
     lines = ["# lmforge pipeline run", "", "| stage | status | seconds | of which waiting for the accelerator |",
              "|---|---|---:|---:|"]
-    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['waited']} |" for r in results]
+    lines += [f"| {r['stage']} | {r['status']} | {_cell(r['seconds'])} | {_cell(r['waited'])} |" for r in results]
     ran = sum(r["status"] == "ran" for r in results)
     lines += ["", f"{ran} stage(s) ran, {len(results) - ran} skipped (up to date in the DVC cache)."]
+    experiments = {r["experiment"] for r in results if r.get("experiment")}
+    lines += [f"Ran as DVC experiment {name}; the workspace is unchanged." for name in experiments]
     create_markdown_artifact("\n".join(lines), key="pipeline-summary", description="Stages of this run")
     print("\n".join(lines[2:]))
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else str(value)  # an experiment's stages are timed together, not one by one
 
 
 @task(task_run_name="summarize")
@@ -410,12 +497,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", "-t", action="append", dest="targets", help="a stage to build (repeatable)")
     parser.add_argument("--set-param", "-S", action="append", dest="overrides", default=[],
                         help="a param override key.path=value, run as a DVC experiment (repeatable)")
+    parser.add_argument("--name", "-n", dest="experiment_name", help="the DVC experiment's name, with -S")
+    parser.add_argument("--copy-path", "-C", action="append", dest="copy_paths", default=[],
+                        help="an untracked file or folder the experiment's stages need, with -S (repeatable)")
     parser.add_argument("--retries", type=int, default=1, help="retries for a transient stage failure")
     parser.add_argument("--accelerator-slots", type=int, default=1,
                         help=f"how many of {', '.join(TRAINING_STAGES)} may run at once (0: no limit)")
     args = parser.parse_args(argv)
     pipeline(targets=args.targets, overrides=args.overrides or None, retries=args.retries,
-             accelerator_slots=args.accelerator_slots)
+             accelerator_slots=args.accelerator_slots, experiment_name=args.experiment_name,
+             copy_paths=args.copy_paths or None)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """The Prefect pipeline flow over a real DVC project, on Prefect's test harness."""
 
+import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +16,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.deployments import build_deployments
 from flows.pipeline import killed_message, pipeline, stage_is_current, stage_metrics
 from tasks import lineage
-from tests.conftest import run, write_params
+from tests.conftest import ROOT, run, write_params
 
 DATA = ["tokenize", "split@task"]
 FLAKY_STAGE = {
@@ -55,6 +59,18 @@ def add_stages(repo: Path, stages: dict[str, dict]) -> None:
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
 
 
+def experiments(repo: Path) -> dict[str, tuple[dict, dict]]:
+    """`dvc exp show`'s experiments: name -> (params.yaml, the task split's metrics)."""
+    found = {}
+    for baseline in json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout):
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment["revs"]:
+                data = rev["data"]
+                found[rev["name"]] = (data["params"]["params.yaml"]["data"],
+                                      data["metrics"]["reports/split/task.json"]["data"])
+    return found
+
+
 def commit_all(repo: Path) -> None:
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "baseline"], repo)
@@ -74,8 +90,8 @@ def test_flow_runs_the_graph_then_skips_it_then_reruns_only_an_override(dvc_repo
     third = pipeline(targets=DATA, overrides=["split.task.val=0.2"], root=str(dvc_repo))
     assert [s for s, status in statuses(third).items() if status == "ran"] == ["split@task"]
     assert (dvc_repo / "params.yaml").read_text() == params_before
-    experiments = run(["dvc", "exp", "show", "--json"], dvc_repo).stdout
-    assert '"val": 0.2' in experiments.replace("\n", "").replace("  ", " ") or "0.2" in experiments
+    params, metrics = experiments(dvc_repo)[third[0]["experiment"]]
+    assert params["split"]["task"]["val"] == 0.2 and metrics["val"]["rows"] == 24  # 20% of 120 reviews
     assert run(["dvc", "status", *DATA], dvc_repo).stdout.strip().endswith("up to date.")
 
 
@@ -237,6 +253,46 @@ def test_bad_override_is_a_clear_user_error(dvc_repo):
     with pytest.raises(Exception, match="no key 'split.task.nope'"):
         state.result()
     assert "nope" not in (dvc_repo / "params.yaml").read_text()
+
+
+def test_overrides_in_a_project_without_a_commit_ask_for_one(dvc_repo):
+    state = pipeline(targets=["split@task"], overrides=["split.task.val=0.2"], root=str(dvc_repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="starts from a git commit, and .* has none: commit the project first"):
+        state.result()
+
+
+def start_flow_run(repo: Path, *args: str) -> subprocess.Popen:
+    """`python -m flows.pipeline ARGS` in its own process, reporting to this test's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_API_URL": PREFECT_API_URL.value()}
+    return subprocess.Popen([sys.executable, "-m", "flows.pipeline", *args], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_flow_runs_with_overrides_at_once_each_keep_their_own_params(dvc_repo):
+    shutil.copytree(ROOT / "flows", dvc_repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    pipeline(targets=["split@task"], root=str(dvc_repo))
+    commit_all(dvc_repo)
+    before = {path: (dvc_repo / path).read_bytes() for path in ("params.yaml", "dvc.lock", "reports/split/task.json")}
+
+    runs = {val: start_flow_run(dvc_repo, "-t", "split@task", "-S", f"split.task.val={val}", "--accelerator-slots", "0")
+            for val in (0.2, 0.3)}
+    logs = {val: process.communicate(timeout=600)[0] for val, process in runs.items()}
+    for val, process in runs.items():
+        assert process.returncode == 0, logs[val][-3000:]
+
+    assert {path: (dvc_repo / path).read_bytes() for path in before} == before
+    assert run(["dvc", "status", "split@task"], dvc_repo).stdout.strip().endswith("up to date.")
+    recorded = experiments(dvc_repo)
+    for val, val_rows in ((0.2, 24), (0.3, 36)):  # of 120 reviews
+        name = re.search(r"ran as DVC experiment (\S+) in", logs[val]).group(1)
+        params, metrics = recorded[name]
+        assert params["split"]["task"]["val"] == val and metrics["val"]["rows"] == val_rows, (name, recorded)
+        assert f"reports/split/task.json.val.rows={val_rows}" in logs[val]  # the metrics, in the run's log
 
 
 HOLD_DVC_LOCK = """
