@@ -1,6 +1,7 @@
 """The deployments: the pipeline (nightly, paused until someone turns it on in the UI), tuning
-workers and promotion. `python -m flows.deployments` serves them from this process; with a
-work pool, `prefect deploy` reads the same definitions from prefect.yaml."""
+workers and promotion. `python -m flows.deployments` serves them from this process; for workers
+of the process pool lmforge-process, `prefect deploy --all` reads the same definitions from
+prefect.yaml at the repository root (tests/test_flows.py keeps the two alike)."""
 
 from __future__ import annotations
 
