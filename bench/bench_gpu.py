@@ -1,7 +1,7 @@
 """G1, G2 and G3 (docs/performance.md) through the real pretrain stage, in one call.
 
     python bench/bench_gpu.py                         # every case the visible GPUs allow
-    python bench/bench_gpu.py --cases g2 --set g2.steps=3500 --record bench/results/X.json
+    python bench/bench_gpu.py --cases g2 --set g2.max_steps=3500 --record bench/results/X.json
 
 Each case writes a params file (params.yaml with the configs/gpu.yaml overlay merged over it, then
 the case's pretrain overrides) and its token data into a scratch folder, then runs
@@ -45,9 +45,9 @@ sys.path.insert(0, str(ROOT))
 from lmforge.config import ConfigError, merge_overlay, parse_override, parse_yaml, validate_params  # noqa: E402
 
 G1_SHAPE = dict(arch="gpt2", n_layer=12, n_head=6, d_model=768, context=1024, batch_size=32, dropout=0.0,
-                lr=6e-4, warmup_steps=10, steps=120, eval_every=120, eval_batches=2, checkpoint_every=100_000,
-                log_every=20, compile=True, compile_mode="default", cuda_graph=False, fused_loss=True,
-                param_dtype="bf16", ddp_overlap=False)
+                learning_rate=6e-4, warmup_steps=10, max_steps=120, eval_steps=120, eval_batches=2,
+                save_steps=100_000, logging_steps=20, compile=True, compile_mode="default", cuda_graph=False,
+                fused_loss=True, param_dtype="bf16", ddp_overlap=False)
 G1_VOCAB = 50_304  # GPT-2's 50,257 padded to a multiple of 64
 TARGETS = {"g1_tokens_per_s": 565_000, "g2_wall_s": 60.0, "g2_val_loss": 1.294, "g3_scaling_2": 1.95,
            "g3_scaling_4": 3.85, "g3_tokens_per_s_4": 2_150_000}

@@ -28,35 +28,35 @@ from lmforge.training.finetuning import LabelledTexts, finetune, read_split  # n
 
 CASES = {
     # name: (runner, settings)
-    "trainer": ("trainer", {"max_length": 512, "batch_size": 32, "learning_rate": 5e-5, "epochs": 1}),
-    "lmforge-eager": ("lmforge", {"max_length": 512, "batch_size": 32, "learning_rate": 1e-4, "epochs": 1,
+    "trainer": ("trainer", {"max_length": 512, "batch_size": 32, "learning_rate": 5e-5, "num_train_epochs": 1}),
+    "lmforge-eager": ("lmforge", {"max_length": 512, "batch_size": 32, "learning_rate": 1e-4, "num_train_epochs": 1,
                                   "compile": False}),
-    "lmforge": ("lmforge", {"max_length": 512, "batch_size": 32, "learning_rate": 1e-4, "epochs": 3}),
-    "lmforge-headtail": ("lmforge", {"max_length": 512, "batch_size": 32, "learning_rate": 1e-4, "epochs": 3,
+    "lmforge": ("lmforge", {"max_length": 512, "batch_size": 32, "learning_rate": 1e-4, "num_train_epochs": 3}),
+    "lmforge-headtail": ("lmforge", {"max_length": 512, "batch_size": 32, "learning_rate": 1e-4, "num_train_epochs": 3,
                                      "truncation": "head_tail"}),
     # accuracy levers, eager (a cold compile costs about 70 s, more than these runs gain from it)
-    "headtail-5e-5-x4": ("lmforge", {"max_length": 512, "batch_size": 32, "learning_rate": 5e-5, "epochs": 4,
+    "headtail-5e-5-x4": ("lmforge", {"max_length": 512, "batch_size": 32, "learning_rate": 5e-5, "num_train_epochs": 4,
                                      "truncation": "head_tail", "compile": False}),
-    "headtail-1e-4-x4": ("lmforge", {"max_length": 512, "batch_size": 32, "learning_rate": 1e-4, "epochs": 4,
+    "headtail-1e-4-x4": ("lmforge", {"max_length": 512, "batch_size": 32, "learning_rate": 1e-4, "num_train_epochs": 4,
                                      "truncation": "head_tail", "compile": False}),
-    "headtail-16-5e-5-x3": ("lmforge", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "epochs": 3,
+    "headtail-16-5e-5-x3": ("lmforge", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 3,
                                         "truncation": "head_tail", "compile": False}),
     # G4 in one configuration: the batch-16 accuracy config above, compiled (the speed lever).
     # A "seed" key overrides --seed for that case.
     "headtail-16-5e-5-x3-compiled": ("lmforge", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5,
-                                                 "epochs": 3, "truncation": "head_tail", "compile": True}),
+                                                 "num_train_epochs": 3, "truncation": "head_tail", "compile": True}),
     "headtail-16-5e-5-x3-compiled-s2": ("lmforge", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5,
-                                                    "epochs": 3, "truncation": "head_tail", "compile": True,
+                                                    "num_train_epochs": 3, "truncation": "head_tail", "compile": True,
                                                     "seed": 2}),
     "headtail-16-5e-5-x3-compiled-s3": ("lmforge", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5,
-                                                    "epochs": 3, "truncation": "head_tail", "compile": True,
+                                                    "num_train_epochs": 3, "truncation": "head_tail", "compile": True,
                                                     "seed": 3}),
     # the Trainer on the same batch as the batch-16 configs (its speed reference at that batch)
-    "trainer-16": ("trainer", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "epochs": 1}),
+    "trainer-16": ("trainer", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 1}),
     # The fair pair (issue #20): the same knobs on both sides, compile included in both.
-    "trainer-fair": ("trainer", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "epochs": 2,
+    "trainer-fair": ("trainer", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 2,
                                  "fair": True}),
-    "lmforge-fair": ("lmforge", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "epochs": 2,
+    "lmforge-fair": ("lmforge", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 2,
                                  "truncation": "head", "compile": True}),
 }
 
@@ -93,7 +93,7 @@ def table(rows: list[dict]) -> str:
         st = r["settings"]
         hist = r.get("history") or []
         lines.append(" | ".join(str(x) for x in (
-            r["case"], r.get("seed"), st["batch_size"], st["learning_rate"], st["epochs"], r.get("compiled", "-"),
+            r["case"], r.get("seed"), st["batch_size"], st["learning_rate"], st["num_train_epochs"], r.get("compiled", "-"),
             round(r["test_accuracy"], 4), round(r["val_accuracy"], 4) if "val_accuracy" in r else "-",
             r.get("best_epoch", "-"), r["train_samples_per_second"], r.get("steady_samples_per_second", "-"),
             "/".join(str(round(h["train_seconds"], 1)) for h in hist) or r.get("train_seconds"))))
@@ -101,7 +101,7 @@ def table(rows: list[dict]) -> str:
 
 
 def run_lmforge(model: Path, data, settings: dict, seed: int) -> dict:
-    params = FinetuneParams(eval_batch_size=256, log_every=100, early_stopping_patience=2, **settings)
+    params = FinetuneParams(eval_batch_size=256, logging_steps=100, early_stopping_patience=2, **settings)
     start = time.perf_counter()
     result = finetune(model, data, params, seed=seed, log=lambda m: print(m, file=sys.stderr, flush=True))
     wall = time.perf_counter() - start
@@ -148,7 +148,7 @@ def run_trainer(model: Path, data, settings: dict, seed: int) -> dict:
     args = TrainingArguments(
         output_dir="/tmp/g4-trainer", per_device_train_batch_size=settings["batch_size"],
         per_device_eval_batch_size=256, learning_rate=settings["learning_rate"],
-        num_train_epochs=settings["epochs"], bf16=torch.cuda.is_available(), eval_strategy="no", save_strategy="no",
+        num_train_epochs=settings["num_train_epochs"], bf16=torch.cuda.is_available(), eval_strategy="no", save_strategy="no",
         logging_strategy="no", report_to="none", seed=seed, weight_decay=0.01, **warmup, **fair,
     )
     collator = DataCollatorWithPadding(tok, pad_to_multiple_of=8 if settings.get("fair") else None)
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; later cases are skipped past it")
     parser.add_argument("--limit", type=int, default=None, help="train rows (val/test: a quarter); smoke tests")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting in every case (smoke tests: --set compile=false --set epochs=1)")
+                        help="override a setting in every case (smoke tests: --set compile=false --set num_train_epochs=1)")
     args = parser.parse_args()
     overrides = dict(parse_override(item) for item in args.set)
     import torch
@@ -191,7 +191,7 @@ def main() -> None:
             settings = {**settings, **overrides}
             seed = settings.pop("seed", args.seed)
             if runner == "trainer":
-                settings = {k: settings[k] for k in ("max_length", "batch_size", "learning_rate", "epochs", "fair")
+                settings = {k: settings[k] for k in ("max_length", "batch_size", "learning_rate", "num_train_epochs", "fair")
                             if k in settings}
             try:
                 fn = run_trainer if runner == "trainer" else run_lmforge

@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from lmforge.errors import UserError
 
@@ -171,6 +172,64 @@ class TokenizeParams(Section):
 
 # --- training stages: see the modules that use them -------------------------------------------
 
+# Knobs renamed to the name transformers' TrainingArguments gives the same knob: old -> new key path.
+# An old name is refused with its new one, never read: a params file written before the rename
+# stops with the fix instead of training on defaults. The batch sizes keep lmforge's names: they
+# count rows per process, and TrainingArguments' per_device_* names would suggest otherwise.
+RENAMED_KEYS = {
+    "pretrain.lr": "pretrain.learning_rate",
+    "pretrain.steps": "pretrain.max_steps",
+    "pretrain.grad_clip": "pretrain.max_grad_norm",
+    "pretrain.grad_accum": "pretrain.gradient_accumulation_steps",
+    "pretrain.beta1": "pretrain.adam_beta1",
+    "pretrain.beta2": "pretrain.adam_beta2",
+    "pretrain.eval_every": "pretrain.eval_steps",
+    "pretrain.checkpoint_every": "pretrain.save_steps",
+    "pretrain.log_every": "pretrain.logging_steps",
+    "finetune.epochs": "finetune.num_train_epochs",
+    "finetune.checkpoint_every": "finetune.save_steps",
+    "finetune.log_every": "finetune.logging_steps",
+}
+_SPACE = "tune.space"  # its keys name finetune knobs, so they follow finetune's renames
+
+
+def renamed_key_hint(dotted: str) -> str | None:
+    """For a key path that uses a knob's old name, the sentence naming its new one; else None."""
+    where, _, knob = dotted.rpartition(".")
+    new = RENAMED_KEYS.get(f"{'finetune' if where == _SPACE else where}.{knob}")
+    if new is None:
+        return None
+    return f"{dotted} was renamed {where}.{new.rpartition('.')[2]} (the name transformers' TrainingArguments uses)"
+
+
+def reject_renamed_keys(tree: object, source: str, path: tuple[str, ...] = ()) -> None:
+    """ConfigError naming every key path in `tree` (a mapping found at `path`) that uses an old
+    knob name, with its new name; `source` says where the tree came from."""
+    hints = _renamed_hints(tree, path)
+    if hints:
+        raise ConfigError("\n".join(f"{source}: {hint}" for hint in hints))
+
+
+def _renamed_hints(tree: object, path: tuple[str, ...]) -> list[str]:
+    return [hint for dotted in _key_paths(tree, path) if (hint := renamed_key_hint(dotted))]
+
+
+def _key_paths(tree: object, path: tuple[str, ...]):
+    """Every key path in a tree of mappings (a path joined with dots), parents before children."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            dotted = (*path, str(key))
+            yield ".".join(dotted)
+            yield from _key_paths(value, dotted)
+
+
+def _refuse_renamed_knobs(data: object, section: str) -> object:
+    """A section validated on its own (a trial's or best.yaml's finetune overrides) gets the hint too."""
+    hints = _renamed_hints(data, (section,))
+    if hints:
+        raise PydanticCustomError("renamed_key", "{hints}", {"hints": "; ".join(hints)})
+    return data
+
 
 class PretrainParams(Section):
     """lmforge/training/model.py builds the model, lmforge/training/pretraining.py runs the loop (see their docs)."""
@@ -190,22 +249,22 @@ class PretrainParams(Section):
     init_from: str | None = None
     gguf_file: str | None = None
     # optimisation
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(3e-3, gt=0.0, le=1.0)
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)  # per process: lmforge's name, kept (see RENAMED_KEYS)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(3e-3, gt=0.0, le=1.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.1, ge=0.0)
-    beta1: Fraction = 0.9
-    beta2: Fraction = 0.95
-    grad_clip: float = Field(1.0, ge=0.0)
+    adam_beta1: Fraction = 0.9
+    adam_beta2: Fraction = 0.95
+    max_grad_norm: float = Field(1.0, ge=0.0)
     # evaluation, checkpoints, runtime
-    eval_every: int = Field(50, ge=1)
+    eval_steps: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
-    checkpoint_every: int = Field(50, ge=1)
+    save_steps: int = Field(50, ge=1)
     save: Literal["best", "last"] = "best"
-    log_every: int = Field(10, ge=1)
+    logging_steps: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     # reduce-overhead adds CUDA graphs (one GPU): it pays for small models, whose steps are launch-bound
@@ -223,6 +282,11 @@ class PretrainParams(Section):
     # overlaps the rest of the backward (Dynamo's DDPOptimizer); false keeps one graph, whose fusions
     # then match one GPU's, and all-reduces once the backward is done. Eager DDP always overlaps.
     ddp_overlap: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_old_names(cls, data: object) -> object:
+        return _refuse_renamed_knobs(data, "pretrain")
 
     @model_validator(mode="after")
     def _shapes(self) -> PretrainParams:
@@ -242,8 +306,8 @@ class PretrainParams(Section):
                              "max-autotune-no-cudagraphs with cuda_graph")
         if self.gguf_file is not None and self.init_from is None:
             raise ValueError("gguf_file names a file inside init_from: set init_from too")
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
 
 
@@ -337,6 +401,8 @@ class TuneParams(Section):
         fields = FinetuneParams.model_fields
         for key, dim in self.space.items():
             head, _, rest = key.partition(".")
+            if hint := renamed_key_hint(f"{_SPACE}.{key}"):
+                raise ValueError(hint)
             if head not in fields or (rest and head != "lora"):
                 raise ValueError(f"space.{key}: not a finetune knob")
             if rest and rest not in FinetuneParams.Lora.model_fields:
@@ -365,7 +431,7 @@ class FinetuneParams(Section):
     lora: Lora = Lora()
     max_length: int = Field(128, ge=8, le=32_768)
     truncation: Literal["head", "tail", "head_tail"] = "head"
-    epochs: int = Field(1, ge=1, le=1000)
+    num_train_epochs: int = Field(1, ge=1, le=1000)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1, le=65_536)
     eval_batch_size: int = Field(64, ge=1, le=65_536)
@@ -376,15 +442,20 @@ class FinetuneParams(Section):
     group_by_length: bool = True
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     early_stopping_patience: int = Field(2, ge=0)
-    checkpoint_every: int = Field(100, ge=1)
+    save_steps: int = Field(100, ge=1)
     max_train_rows: int | None = Field(None, ge=2)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool | Literal["auto"] = "auto"
     pad_multiple: int = Field(8, ge=1, le=128)  # batch widths rounded up to a multiple (tensor-core friendly)
-    log_every: int = Field(50, ge=1)
+    logging_steps: int = Field(50, ge=1)
     use_tuned: bool = True
     baseline_c: float = Field(4.0, gt=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_old_names(cls, data: object) -> object:
+        return _refuse_renamed_knobs(data, "finetune")
 
 
 class RegisterParams(Section):
@@ -478,10 +549,12 @@ def _dotted(location: tuple) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def validate_params(raw: object) -> Params:
-    """Validate a parsed params mapping; raise ConfigError naming each bad key path."""
+def validate_params(raw: object, source: str = "params") -> Params:
+    """Validate a parsed params mapping; raise ConfigError naming each bad key path (and, for a
+    knob's old name, its new one). `source` names the file in that message."""
     if not isinstance(raw, dict):
         raise ConfigError(f"params must be a mapping at the top level, got {type(raw).__name__}")
+    reject_renamed_keys(raw, source)
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
@@ -493,7 +566,7 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found: run from the project root or pass --params")
-    return validate_params(parse_yaml(path.read_text(), str(path)))
+    return validate_params(parse_yaml(path.read_text(), str(path)), str(path))
 
 
 def parse_yaml(text: str, source: str) -> object:
@@ -539,9 +612,13 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def apply_overrides(tree: dict, overrides: list[str], *, where: str = "params") -> dict:
     """Set each `dotted.key=value` in a parsed params mapping (in place, and returned). Only keys
-    that already exist can be set, so a typo is an error, not a new knob nobody reads."""
+    that already exist can be set, so a typo is an error, not a new knob nobody reads; a knob's
+    old name, in the tree or an override, is an error naming its new one."""
+    reject_renamed_keys(tree, where)
     for text in overrides:
         dotted, value = parse_override(text)
+        if hint := renamed_key_hint(dotted):
+            raise ConfigError(f"override {text!r}: {hint}")
         node = tree
         *parents, leaf = dotted.split(".")
         for key in parents:
@@ -563,7 +640,9 @@ def merge_overlay(base: dict, overlay: dict, *, where: str = "params", schema: t
     here instead of adding a knob nobody reads; unless `schema` (default: Params, the whole file)
     has a place for it: a field that the base leaves to its default (finetune.pad_multiple), or a
     new key of a free-form mapping (tune.space, data_engine.slurm.sbatch_args). Validate the
-    result (validate_params): the merge checks key paths, not values."""
+    result (validate_params): the merge checks key paths, not values. A knob's old name in the
+    overlay is an error naming its new one."""
+    reject_renamed_keys(overlay, "overlay")
     return _merge(copy.deepcopy(base), overlay, (), where, schema or Params)
 
 

@@ -96,9 +96,9 @@ def params_file(path: Path, **sections) -> Path:
 def tiny_finetune(base: Path, **overrides) -> dict:
     """A finetune section sized for the tiny model: a few seconds on one CPU thread."""
     section = {
-        "base_model": str(base), "max_length": 64, "epochs": 6, "batch_size": 8, "eval_batch_size": 64,
+        "base_model": str(base), "max_length": 64, "num_train_epochs": 6, "batch_size": 8, "eval_batch_size": 64,
         "learning_rate": 3e-3, "warmup_ratio": 0.1, "weight_decay": 0.0, "early_stopping_patience": 0,
-        "checkpoint_every": 5, "device": "cpu", "compile": False, "use_tuned": True,
+        "save_steps": 5, "device": "cpu", "compile": False, "use_tuned": True,
     }
     section.update(overrides)
     return section

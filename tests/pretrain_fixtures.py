@@ -40,9 +40,9 @@ def make_tokens(out_dir: Path, kind: str = "char", vocab_size: int = 300, n_docs
 
 
 TINY = {
-    "arch": "llama", "n_layer": 2, "n_head": 4, "d_model": 64, "context": 32, "steps": 120, "batch_size": 16,
-    "lr": 0.01, "warmup_steps": 10, "eval_every": 40, "eval_batches": 4, "checkpoint_every": 40, "log_every": 10,
-    "device": "cpu",
+    "arch": "llama", "n_layer": 2, "n_head": 4, "d_model": 64, "context": 32, "max_steps": 120, "batch_size": 16,
+    "learning_rate": 0.01, "warmup_steps": 10, "eval_steps": 40, "eval_batches": 4, "save_steps": 40,
+    "logging_steps": 10, "device": "cpu",
 }
 
 

@@ -8,7 +8,7 @@ import yaml
 from pydantic import BaseModel
 
 import lmforge.config
-from lmforge.config import ConfigError, load_params, merge_overlay, validate_params
+from lmforge.config import ConfigError, apply_overrides, load_params, merge_overlay, validate_params
 from lmforge.errors import UserError
 from tests.conftest import ROOT, run
 
@@ -92,7 +92,16 @@ def test_gpu_overlay_over_params_is_the_measured_gpu_recipe():
     shown = subprocess.run(["git", "show", FULL_GPU_CONFIG], cwd=ROOT, capture_output=True, text=True)
     if shown.returncode:
         pytest.skip(f"no git history here ({shown.stderr.strip()})")
-    assert validate_params(gpu_params()) == validate_params(yaml.safe_load(shown.stdout))
+    assert validate_params(gpu_params()) == validate_params(with_new_names(yaml.safe_load(shown.stdout)))
+
+
+def with_new_names(params: dict) -> dict:
+    """A params tree written before the rename to TrainingArguments' names, with the new names."""
+    for old, new in lmforge.config.RENAMED_KEYS.items():
+        (section, old_knob), new_knob = old.split("."), new.split(".")[1]
+        if old_knob in params.get(section, {}):
+            params[section][new_knob] = params[section].pop(old_knob)
+    return params
 
 
 def test_overlay_lists_only_changes():
@@ -108,18 +117,19 @@ def test_overlay_lists_only_changes():
 
 
 def test_merge_overlay_merges_mappings_and_replaces_the_rest():
-    merged = merge_overlay(DEFAULT, {"pretrain": {"steps": 70}, "evaluate": {"splits": ["val"]},
+    merged = merge_overlay(DEFAULT, {"pretrain": {"max_steps": 70}, "evaluate": {"splits": ["val"]},
                                      "clean": {"corpus": {"near_dedup": {"n_grams": 3}}}})
-    assert merged["pretrain"]["steps"] == 70 and merged["pretrain"]["lr"] == DEFAULT["pretrain"]["lr"]
+    assert merged["pretrain"]["max_steps"] == 70
+    assert merged["pretrain"]["learning_rate"] == DEFAULT["pretrain"]["learning_rate"]
     assert merged["evaluate"]["splits"] == ["val"]  # a list is replaced, not extended
     assert merged["clean"]["corpus"]["near_dedup"] == {"n_grams": 3}  # null takes the mapping whole
-    assert DEFAULT["pretrain"]["steps"] != 70  # the base is not changed
+    assert DEFAULT["pretrain"]["max_steps"] != 70  # the base is not changed
     validate_params(merged)
 
 
 @pytest.mark.parametrize("overlay, dotted", [
     ({"pretrain": {"stpes": 3}}, "pretrain.stpes"),
-    ({"pretrian": {"steps": 3}}, "pretrian"),
+    ({"pretrian": {"max_steps": 3}}, "pretrian"),
     ({"register": {"lm": {"gate": {"metrc": "loss"}}}}, "register.lm.gate.metrc"),
 ])
 def test_merge_overlay_rejects_a_key_params_has_no_place_for(overlay, dotted):
@@ -131,10 +141,10 @@ def test_merge_overlay_accepts_schema_fields_and_free_form_keys():
     # Fields params.yaml leaves to their default, and new keys of free-form mappings, have a place.
     merged = merge_overlay(DEFAULT, {"finetune": {"pad_multiple": 16},
                                      "data_engine": {"slurm": {"sbatch_args": {"account": "lm"}}},
-                                     "tune": {"space": {"epochs": {"type": "int", "low": 1, "high": 3}}}})
+                                     "tune": {"space": {"num_train_epochs": {"type": "int", "low": 1, "high": 3}}}})
     params = validate_params(merged)
     assert params.finetune.pad_multiple == 16 and params.data_engine.slurm.sbatch_args == {"account": "lm"}
-    assert set(params.tune.space) == {*DEFAULT["tune"]["space"], "epochs"}
+    assert set(params.tune.space) == {*DEFAULT["tune"]["space"], "num_train_epochs"}
 
 
 def test_params_task_merges_the_overlay_keeping_comments(tmp_path: Path):
@@ -151,7 +161,8 @@ def test_params_task_merges_the_overlay_keeping_comments(tmp_path: Path):
     assert apply_overlay(target, ROOT / "configs/gpu.yaml") == []  # applying it again changes nothing
 
 
-@pytest.mark.parametrize("overlay", ["pretrain:\n  stpes: 3\n", "pretrain:\n  steps: -3\n", "- a list\n"])
+@pytest.mark.parametrize("overlay", ["pretrain:\n  stpes: 3\n", "pretrain:\n  max_steps: -3\n", "- a list\n",
+                                     "pretrain:\n  lr: 0.1\n"])
 def test_params_task_leaves_the_file_alone_on_a_bad_overlay(tmp_path: Path, overlay: str):
     from tasks.params import apply_overlay
 
@@ -193,6 +204,109 @@ def test_user_errors_share_one_base(dotted: str):
 def test_a_key_written_twice_is_an_error_not_a_silent_drop(tmp_path: Path):
     # PyYAML keeps the last of two equal keys; the first section's settings would vanish unseen.
     target = tmp_path / "params.yaml"
-    target.write_text((ROOT / "params.yaml").read_text() + "pretrain:\n  steps: 5\n")
+    target.write_text((ROOT / "params.yaml").read_text() + "pretrain:\n  max_steps: 5\n")
     with pytest.raises(ConfigError, match=r"'pretrain' appears twice(.|\n)*params.yaml\", line"):
         load_params(target)
+
+
+# --- knobs renamed to TrainingArguments' names: the old name stops with the new one -------------
+
+HINT = "(the name transformers' TrainingArguments uses)"
+
+
+def with_old_name(old: str, new: str) -> dict:
+    """params.yaml with the knob `new` written under its old name `old` (both dotted paths)."""
+    params = copy.deepcopy(DEFAULT)
+    (section, old_knob), new_knob = old.split("."), new.split(".")[1]
+    default = getattr(getattr(validate_params(DEFAULT), section), new_knob)  # not every knob is in params.yaml
+    params[section][old_knob] = params[section].pop(new_knob, default)
+    return params
+
+
+@pytest.mark.parametrize("old, new", sorted(lmforge.config.RENAMED_KEYS.items()))
+def test_a_params_file_with_an_old_name_stops_with_the_new_one(tmp_path: Path, old: str, new: str):
+    target = tmp_path / "params.yaml"
+    target.write_text(yaml.safe_dump(with_old_name(old, new), sort_keys=False))
+    with pytest.raises(ConfigError) as err:
+        load_params(target)
+    assert str(err.value) == f"{target}: {old} was renamed {new} {HINT}"
+
+
+def test_every_old_name_in_a_file_is_named_at_once():
+    params = with_old_name("finetune.epochs", "finetune.num_train_epochs")
+    params["pretrain"]["lr"] = params["pretrain"].pop("learning_rate")
+    with pytest.raises(ConfigError) as err:
+        validate_params(params)
+    assert str(err.value).splitlines() == [f"params: pretrain.lr was renamed pretrain.learning_rate {HINT}",
+                                           f"params: finetune.epochs was renamed finetune.num_train_epochs {HINT}"]
+
+
+def test_an_overlay_with_an_old_name_stops_with_the_new_one():
+    with pytest.raises(ConfigError, match=r"^overlay: finetune\.epochs was renamed finetune\.num_train_epochs \("):
+        merge_overlay(DEFAULT, {"finetune": {"epochs": 3}})
+    with pytest.raises(ConfigError, match=r"^overlay: pretrain\.eval_every was renamed pretrain\.eval_steps \("):
+        merge_overlay(DEFAULT, {"pretrain": {"eval_every": 50}})
+
+
+def test_an_override_with_an_old_name_stops_with_the_new_one(tmp_path: Path):
+    from flows.pipeline import check_overrides
+
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(copy.deepcopy(DEFAULT), ["pretrain.steps=50"])
+    assert str(err.value) == f"override 'pretrain.steps=50': pretrain.steps was renamed pretrain.max_steps {HINT}"
+    # The new names are the ones that are set.
+    tree = apply_overrides(copy.deepcopy(DEFAULT), ["pretrain.max_steps=50", "finetune.num_train_epochs=2"])
+    params = validate_params(tree)
+    assert params.pretrain.max_steps == 50 and params.finetune.num_train_epochs == 2
+    # The flow's -S goes through the same check before DVC runs anything.
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"finetune\.checkpoint_every was renamed finetune\.save_steps"):
+        check_overrides(tmp_path, ["finetune.checkpoint_every=5"])
+    check_overrides(tmp_path, ["finetune.save_steps=5", "pretrain.logging_steps=5"])
+
+
+def test_an_override_into_a_file_with_an_old_name_names_the_file_s_key():
+    # An old params.yaml: the -S key is right, the file is not; the message says which to fix.
+    with pytest.raises(ConfigError, match=r"^params\.yaml: pretrain\.grad_clip was renamed pretrain\.max_grad_norm"):
+        apply_overrides(with_old_name("pretrain.grad_clip", "pretrain.max_grad_norm"), ["pretrain.max_steps=5"],
+                        where="params.yaml")
+
+
+def test_a_tune_space_key_with_an_old_name_stops_with_the_new_one():
+    params = copy.deepcopy(DEFAULT)
+    params["tune"]["space"]["epochs"] = {"type": "int", "low": 1, "high": 3}
+    with pytest.raises(ConfigError, match=r"^params: tune\.space\.epochs was renamed tune\.space\.num_train_epochs \("):
+        validate_params(params)
+    with pytest.raises(ValueError, match=r"tune\.space\.epochs was renamed tune\.space\.num_train_epochs"):
+        lmforge.config.TuneParams.model_validate({"space": params["tune"]["space"]})
+
+
+def test_tuned_overrides_with_an_old_name_stop_with_the_new_one(tmp_path: Path):
+    # reports/tune/best.yaml from a study run before the rename, merged into finetune by the finetune stage.
+    from lmforge.training.tuning import apply_overrides as merge_tuned, load_best
+
+    best = tmp_path / "best.yaml"
+    best.write_text(yaml.safe_dump({"params": {"learning_rate": 1e-4, "epochs": 2}}))
+    section = validate_params(DEFAULT).finetune
+    with pytest.raises(ConfigError) as err:
+        merge_tuned(section, load_best(best), str(best))
+    assert f"finetune.epochs was renamed finetune.num_train_epochs {HINT}" in str(err.value)
+    assert str(best) in str(err.value)
+    tuned = merge_tuned(section, {"learning_rate": 1e-4, "num_train_epochs": 2}, str(best))
+    assert tuned.num_train_epochs == 2 and tuned.learning_rate == 1e-4
+
+
+def test_the_new_names_load():
+    params = load_params(ROOT / "params.yaml")
+    p, f = params.pretrain, params.finetune
+    assert (p.learning_rate, p.max_steps, p.max_grad_norm, p.gradient_accumulation_steps) == (
+        DEFAULT["pretrain"]["learning_rate"], DEFAULT["pretrain"]["max_steps"], DEFAULT["pretrain"]["max_grad_norm"],
+        DEFAULT["pretrain"]["gradient_accumulation_steps"])
+    assert (p.adam_beta1, p.adam_beta2, p.eval_steps, p.save_steps, p.logging_steps) == (
+        DEFAULT["pretrain"]["adam_beta1"], DEFAULT["pretrain"]["adam_beta2"], DEFAULT["pretrain"]["eval_steps"],
+        DEFAULT["pretrain"]["save_steps"], DEFAULT["pretrain"]["logging_steps"])
+    assert (f.num_train_epochs, f.save_steps) == (DEFAULT["finetune"]["num_train_epochs"], DEFAULT["finetune"]["save_steps"])
+    # Every new name is a field of its section: the table names no knob that does not exist.
+    for new in lmforge.config.RENAMED_KEYS.values():
+        section, knob = new.split(".")
+        assert knob in type(getattr(params, section)).model_fields, new

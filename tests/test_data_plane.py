@@ -352,7 +352,7 @@ def test_pretraining_reads_token_shards_as_the_flat_split_and_resumes_exactly(tm
 
     fx.make_tokens(tmp_path / "flat", n_docs=80)
     reshard(tmp_path / "flat", tmp_path / "sharded", cuts=(1_000, 1_017, 5_000))
-    p = fx.params({"steps": 24, "warmup_steps": 3, "eval_every": 12, "checkpoint_every": 8, "log_every": 4}).pretrain
+    p = fx.params({"max_steps": 24, "warmup_steps": 3, "eval_steps": 12, "save_steps": 8, "logging_steps": 4}).pretrain
     flat = pretraining.train(p, seed=2, tokens_dir=tmp_path / "flat", checkpoint_root=tmp_path / "c1", progress=False)
     sharded = pretraining.train(p, seed=2, tokens_dir=tmp_path / "sharded", checkpoint_root=tmp_path / "c2", progress=False)
 

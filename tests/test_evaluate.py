@@ -76,7 +76,7 @@ def test_pretrain_then_evaluate_through_the_stages_with_mlflow(tmp_path, monkeyp
     from tasks import evaluate as evaluate_stage
     from tasks import pretrain as pretrain_stage
 
-    root = fx.project(tmp_path / "proj", {"steps": 100, "eval_every": 50, "checkpoint_every": 50},
+    root = fx.project(tmp_path / "proj", {"max_steps": 100, "eval_steps": 50, "save_steps": 50},
                       {"prompts": ["KING:"], "samples": 2})
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -120,10 +120,10 @@ def test_evaluate_a_masked_model_reports_accuracy_and_fills_masks(tmp_path, monk
     from tasks import evaluate as evaluate_stage
     from tasks.pretrain import save_model
 
-    root = fx.project(tmp_path / "proj", {"arch": "bert", "steps": 30, "warmup_steps": 3, "eval_every": 30,
-                                          "checkpoint_every": 30}, {"samples": 2, "max_tokens": 2000})
+    root = fx.project(tmp_path / "proj", {"arch": "bert", "max_steps": 30, "warmup_steps": 3, "eval_steps": 30,
+                                          "save_steps": 30}, {"samples": 2, "max_tokens": 2000})
     tokens = root / "data" / "tokens"
-    params = fx.params({"arch": "bert", "steps": 30, "warmup_steps": 3, "eval_every": 30, "checkpoint_every": 30})
+    params = fx.params({"arch": "bert", "max_steps": 30, "warmup_steps": 3, "eval_steps": 30, "save_steps": 30})
     result = pretraining.train(params.pretrain, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt",
                             progress=False)
     save_model(result.model, tokens, root / "models" / "pretrained", {"context": 32})
@@ -151,8 +151,8 @@ def test_tracking_helpers_flatten_params_and_read_input_hashes(tmp_path, monkeyp
     from lmforge.registry import tracking
     from tasks.lineage import input_hashes
 
-    assert tracking.flatten({"pretrain": {"lr": 0.1, "prompts": ["a"]}, "seed": 1}) == {
-        "pretrain.lr": "0.1", "pretrain.prompts": "['a']", "seed": "1"}
+    assert tracking.flatten({"pretrain": {"learning_rate": 0.1, "prompts": ["a"]}, "seed": 1}) == {
+        "pretrain.learning_rate": "0.1", "pretrain.prompts": "['a']", "seed": "1"}
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  tokenize:\n    outs:\n    - path: data/tokens\n      md5: abc.dir\n")

@@ -115,7 +115,7 @@ def test_three_classes_work_unchanged(base, three_class, tmp_path):
 
 def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(base, two_class, tmp_path):
     data = {k: v.sample(48 if k == "train" else 16, 0) for k, v in read_split(two_class).items()}
-    cfg = FinetuneParams.model_validate(tiny_finetune(base, epochs=2, checkpoint_every=2, batch_size=8))
+    cfg = FinetuneParams.model_validate(tiny_finetune(base, num_train_epochs=2, save_steps=2, batch_size=8))
     quiet = lambda _m: None  # noqa: E731
     straight = finetune(base, data, cfg, seed=SEED, log=quiet)
 
@@ -137,7 +137,7 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(base, two_c
     assert [round(h["val_accuracy"], 6) for h in resumed.history] == [round(h["val_accuracy"], 6) for h in straight.history]
 
     # A checkpoint made under other settings is not resumed from.
-    other = FinetuneParams.model_validate(tiny_finetune(base, epochs=2, checkpoint_every=2, batch_size=8,
+    other = FinetuneParams.model_validate(tiny_finetune(base, num_train_epochs=2, save_steps=2, batch_size=8,
                                                       learning_rate=1e-3))
     fresh = finetune(base, data, other, checkpoint_dir=tmp_path / "ckpt", seed=SEED, log=quiet)
     assert fresh.stats["resumed_from_step"] is None
@@ -160,8 +160,8 @@ def test_lora_trains_and_saves_a_merged_plain_model(base, two_class, tmp_path):
 def test_a_killed_lora_run_resumes_through_the_shared_checkpoints(base, two_class, tmp_path):
     """LoRA's wrapped model goes through the same checkpoint files as full fine-tuning."""
     data = {k: v.sample(32 if k == "train" else 16, 0) for k, v in read_split(two_class).items()}
-    cfg = FinetuneParams.model_validate(tiny_finetune(base, method="lora", learning_rate=1e-2, epochs=2,
-                                                      checkpoint_every=2, batch_size=8,
+    cfg = FinetuneParams.model_validate(tiny_finetune(base, method="lora", learning_rate=1e-2, num_train_epochs=2,
+                                                      save_steps=2, batch_size=8,
                                                       lora={"r": 4, "alpha": 8, "dropout": 0.0}))
     quiet = lambda _m: None  # noqa: E731
     straight = finetune(base, data, cfg, seed=SEED, log=quiet)
@@ -253,7 +253,7 @@ def test_config_forbids_unknown_keys_and_bad_values(tmp_path):
 def test_default_params_are_valid_and_small_enough_for_cpu():
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     assert params.finetune.base_model == "minilm"
-    assert params.finetune.max_length <= 256 and params.finetune.epochs <= 2
+    assert params.finetune.max_length <= 256 and params.finetune.num_train_epochs <= 2
     assert params.tune.n_trials <= 5 and params.tune.max_train_rows and params.tune.max_train_rows <= 1000
 
 
@@ -315,7 +315,7 @@ def test_real_minilm_fine_tunes_a_few_steps(two_class, monkeypatch):
     config = json.loads((folder / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("bert", 6, 384)
     data = {k: v.sample(16, 0) for k, v in read_split(two_class).items()}
-    cfg = FinetuneParams(max_length=32, batch_size=8, epochs=1, max_steps=2, device="cpu", compile=False)
+    cfg = FinetuneParams(max_length=32, batch_size=8, num_train_epochs=1, max_steps=2, device="cpu", compile=False)
     result = finetune(folder, data, cfg, seed=SEED, log=lambda _m: None)
     assert result.stats["steps"] == 2
     assert result.model.config.id2label == {0: "negative", 1: "positive"}

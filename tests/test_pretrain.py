@@ -51,9 +51,9 @@ def _val_metrics(model, tokens: Path) -> dict:
     [
         ({"n_head": 3}, "n_head (3) does not divide d_model (64)"),
         ({"n_kv_head": 3}, "n_kv_head (3) does not divide n_head (4)"),
-        ({"warmup_steps": 500}, "warmup_steps (500) must be below steps"),
+        ({"warmup_steps": 500}, "warmup_steps (500) must be below max_steps"),
         ({"n_layers": 2}, "pretrain.n_layers"),
-        ({"lr": -1.0}, "pretrain.lr"),
+        ({"learning_rate": -1.0}, "pretrain.learning_rate"),
         ({"arch": "mamba"}, "pretrain.arch"),
         ({"gguf_file": "x.gguf"}, "set init_from too"),
         ({"compile": True, "cuda_graph": True, "compile_mode": "reduce-overhead"}, "CUDA graphs of its own"),
@@ -121,7 +121,7 @@ def test_tiny_decoder_beats_unigram_reloads_and_generates(tokens, tmp_path):
     seen: list[tuple[dict, int]] = []
     result = pretraining.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False,
                             on_metrics=lambda m, s: seen.append((m, s)))
-    assert result.history["val"][-1]["step"] == p.steps
+    assert result.history["val"][-1]["step"] == p.max_steps
     assert any("val_loss" in m for m, _ in seen) and any("tokens_per_s" in m for m, _ in seen)
     metrics = _val_metrics(result.model, tokens)
     assert metrics["bits_per_byte"] < 0.6 * metrics["unigram_bits_per_byte"], metrics
@@ -132,8 +132,8 @@ def test_tiny_decoder_beats_unigram_reloads_and_generates(tokens, tmp_path):
     for name, value in result.model.state_dict().items():
         assert torch.equal(value, model.state_dict()[name]), name
     # Continued pretraining from our own saved model starts where it ended.
-    cont = fx.params({"init_from": str(tmp_path / "pretrained"), "steps": 5, "warmup_steps": 1, "lr": 1e-5,
-                      "eval_every": 5, "checkpoint_every": 5}).pretrain
+    cont = fx.params({"init_from": str(tmp_path / "pretrained"), "max_steps": 5, "warmup_steps": 1,
+                      "learning_rate": 1e-5, "eval_steps": 5, "save_steps": 5}).pretrain
     resumed = pretraining.train(cont, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt2", progress=False)
     assert resumed.history["val"][-1]["val_loss"] < result.history["val"][0]["val_loss"]
     ids = tokenizer("KING:\n", return_tensors="pt", add_special_tokens=False).input_ids
@@ -145,7 +145,7 @@ def test_tiny_decoder_beats_unigram_reloads_and_generates(tokens, tmp_path):
 def test_gpt2_style_decoder_trains(tokens, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    p = fx.params({"arch": "gpt2", "steps": 40, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 40,
+    p = fx.params({"arch": "gpt2", "max_steps": 40, "warmup_steps": 5, "eval_steps": 20, "save_steps": 40,
                    "pad_vocab": 64}).pretrain
     result = pretraining.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert type(result.model).__name__ == "GPT2LMHeadModel"
@@ -167,8 +167,8 @@ def test_gpt2_style_decoder_trains(tokens, tmp_path):
 def test_tiny_masked_lm_beats_unigram(tokens, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    p = fx.params({"arch": "bert", "steps": 300, "lr": 0.002, "warmup_steps": 30, "eval_every": 100,
-                   "checkpoint_every": 300}).pretrain
+    p = fx.params({"arch": "bert", "max_steps": 300, "learning_rate": 0.002, "warmup_steps": 30, "eval_steps": 100,
+                   "save_steps": 300}).pretrain
     result = pretraining.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert result.masked
     meta = batches.read_meta(tokens)
@@ -206,7 +206,7 @@ def test_a_fused_adamw_clips_through_its_grad_scale_as_clip_grad_norm_does():
 
     torch.manual_seed(0)
     start = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
-    p = SimpleNamespace(grad_clip=1.0)
+    p = SimpleNamespace(max_grad_norm=1.0)
     weights = {}
     for fused in (False, True):  # fused AdamW runs on the CPU too: the GPU's code path, here
         model = copy.deepcopy(start)
@@ -232,11 +232,12 @@ def test_a_state_resumed_from_an_unfused_adamw_still_clips():
 
     model = torch.nn.Linear(8, 8)
     saved = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}], lr=1e-2).state_dict()
-    optimizer = pretraining.make_optimizer(model, SimpleNamespace(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1))
+    knobs = SimpleNamespace(learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.1)
+    optimizer = pretraining.make_optimizer(model, knobs)
     optimizer.load_state_dict(saved)
     assert not optimizer.param_groups[0]["fused"] and optimizer.defaults["fused"]
     (model(torch.ones(4, 8)) * 100).sum().backward()
-    pretraining.update(model, optimizer, None, SimpleNamespace(grad_clip=1.0))
+    pretraining.update(model, optimizer, None, SimpleNamespace(max_grad_norm=1.0))
     assert float(torch.nn.utils.get_total_norm([q.grad for q in model.parameters()])) == pytest.approx(1.0, rel=1e-4)
 
 
@@ -276,8 +277,8 @@ def test_training_leaves_the_model_on_plain_sdpa_and_its_own_gelu(tokens, tmp_pa
     from lmforge.training.model import SigmoidTanhGELU
 
     # Compiled: the run that trains with SigmoidTanhGELU (an eager one keeps torch's one-kernel GELU).
-    p = fx.params({"arch": "gpt2", "compile": True, "steps": 4, "warmup_steps": 1, "eval_every": 4,
-                   "checkpoint_every": 4}).pretrain
+    p = fx.params({"arch": "gpt2", "compile": True, "max_steps": 4, "warmup_steps": 1, "eval_steps": 4,
+                   "save_steps": 4}).pretrain
     result = pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert result.model.config._attn_implementation == "sdpa"
     modules = [type(m) for m in result.model.modules()]
@@ -296,8 +297,8 @@ def test_a_compiled_step_may_be_captured_and_keeps_the_batches_strides():
 
 
 def test_a_compiled_run_trains_in_one_process(tokens, tmp_path):
-    p = fx.params({"compile": True, "steps": 6, "warmup_steps": 1, "log_every": 2, "eval_every": 6,
-                   "checkpoint_every": 6}).pretrain
+    p = fx.params({"compile": True, "max_steps": 6, "warmup_steps": 1, "logging_steps": 2, "eval_steps": 6,
+                   "save_steps": 6}).pretrain
     result = pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert result.history["train"][-1]["train_loss"] < result.history["train"][0]["train_loss"]
 
@@ -322,8 +323,8 @@ def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, param_dtyp
     # Same seed and batches: the replayed graph must train like the eager loop (bf16, so close, not equal).
     # With param_dtype bf16 the graph also holds the copies between the bf16 weights and their fp32 masters;
     # compiled, it holds Inductor's kernels and the fused loss (G1's setting).
-    common = {"device": "cuda", "steps": 60, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 30,
-              "grad_accum": 2, "dropout": 0.0, "param_dtype": param_dtype, "compile": compiled,
+    common = {"device": "cuda", "max_steps": 60, "warmup_steps": 5, "eval_steps": 20, "save_steps": 30,
+              "gradient_accumulation_steps": 2, "dropout": 0.0, "param_dtype": param_dtype, "compile": compiled,
               "fused_loss": compiled}
     eager = pretraining.train(fx.params(common).pretrain, seed=2, tokens_dir=tokens, checkpoint_root=tmp_path / "e",
                            progress=False)
@@ -335,7 +336,7 @@ def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, param_dtyp
 
 
 def test_a_run_with_the_fused_loss_trains_like_one_without(tokens, tmp_path):
-    common = {"arch": "gpt2", "steps": 30, "warmup_steps": 3, "eval_every": 15, "checkpoint_every": 30}
+    common = {"arch": "gpt2", "max_steps": 30, "warmup_steps": 3, "eval_steps": 15, "save_steps": 30}
     p = fx.params({**common, "fused_loss": True}).pretrain
     assert pretraining.use_fused_loss(p, build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0), False, print)
     plain = pretraining.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "p",
@@ -353,8 +354,8 @@ class _Killed(Exception):
 
 
 def test_bf16_working_weights_train_like_fp32_and_a_killed_run_resumes_exactly(tokens, tmp_path):
-    common = {"arch": "gpt2", "steps": 30, "warmup_steps": 3, "eval_every": 15, "checkpoint_every": 10,
-              "log_every": 5, "dropout": 0.0}
+    common = {"arch": "gpt2", "max_steps": 30, "warmup_steps": 3, "eval_steps": 15, "save_steps": 10,
+              "logging_steps": 5, "dropout": 0.0}
     fp32 = pretraining.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "fp32",
                           progress=False)
     p = fx.params({**common, "param_dtype": "bf16"}).pretrain
@@ -394,7 +395,7 @@ def test_batches_depend_only_on_seed_and_step(tokens):
 def test_kill_and_resume_ends_bitwise_equal_to_an_uninterrupted_run(tokens, tmp_path):
     from safetensors.torch import load_file
 
-    overrides = {"steps": 300, "checkpoint_every": 20, "eval_every": 100, "save": "last", "dropout": 0.1}
+    overrides = {"max_steps": 300, "save_steps": 20, "eval_steps": 100, "save": "last", "dropout": 0.1}
     root = fx.project(tmp_path / "proj", overrides, tokens=tokens)
     command = [sys.executable, "-m", "tasks.pretrain"]
     proc = subprocess.Popen(command, cwd=root, env=fx.stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -431,7 +432,7 @@ def test_kill_and_resume_ends_bitwise_equal_to_an_uninterrupted_run(tokens, tmp_
 
 
 def test_corrupt_or_mismatched_checkpoint_is_an_error_not_a_restart(tokens, tmp_path):
-    p = fx.params({"steps": 20, "warmup_steps": 2, "checkpoint_every": 10, "eval_every": 10}).pretrain
+    p = fx.params({"max_steps": 20, "warmup_steps": 2, "save_steps": 10, "eval_steps": 10}).pretrain
     result = pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     folder = checkpoint.latest_checkpoint(result.run_dir)
     # A finished run started again does no work and does not restart.
@@ -508,7 +509,7 @@ def update_then_drift_on_rank_1(model, optimizer, working, p):
 
 
 pretraining.update = update_then_drift_on_rank_1
-p = fx.params({{"steps": 20, "warmup_steps": 2, "eval_every": 10, "checkpoint_every": 10}}).pretrain
+p = fx.params({{"max_steps": 20, "warmup_steps": 2, "eval_steps": 10, "save_steps": 10}}).pretrain
 pretraining.train(p, seed=1, tokens_dir={tokens!r}, checkpoint_root={checkpoints!r}, progress=False)
 """
 
@@ -558,8 +559,8 @@ def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp)
     # asks for bf16 gradients (NCCL only, so refused with a note) in the smallest buckets allowed;
     # the third wraps the bf16 working copy (param_dtype bf16), whose gradients DDP sums in bf16;
     # the fourth compiles the DDP module as one graph (ddp_overlap false), G3's setting.
-    root = fx.project(tmp_path / "proj", {"steps": 20, "warmup_steps": 2, "eval_every": 10, "checkpoint_every": 10,
-                                          "grad_accum": 2, **ddp}, tokens=tokens)
+    root = fx.project(tmp_path / "proj", {"max_steps": 20, "warmup_steps": 2, "eval_steps": 10, "save_steps": 10,
+                                          "gradient_accumulation_steps": 2, **ddp}, tokens=tokens)
     done = run_two_ranks("-m", "tasks.pretrain", cwd=root, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((root / "reports" / "pretrain" / "metrics.json").read_text())
@@ -571,3 +572,33 @@ def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp)
     assert train[-1]["train_loss"] < train[0]["train_loss"], train  # the averaged gradients still train
     if ddp.get("ddp_comm_dtype") == "bf16":  # bf16 needs NCCL: on gloo the run says so and goes on in fp32
         assert "ddp_comm_dtype bf16 needs NCCL" in done.stdout + done.stderr
+
+
+# --- the progress bar; the run key across the rename to TrainingArguments' names ----------------
+
+
+def test_the_bar_shows_no_val_field_before_the_first_evaluation():
+    progress = pretraining.Progress(history={"train": [], "val": []}, best=float("inf"))
+    assert pretraining.bar_fields(progress) == {}
+    progress.last_train, progress.tokens_per_s = 2.5, 1234.0
+    assert pretraining.bar_fields(progress) == {"loss": "2.500", "tok/s": "1,234"}  # no val=nan, no placeholder
+    progress.last_val, progress.mfu = 2.25, 0.5
+    assert pretraining.bar_fields(progress) == {"loss": "2.500", "val": "2.250", "tok/s": "1,234", "mfu": "50.0%"}
+
+
+def test_a_run_shows_its_last_val_loss_on_the_bar(tokens, tmp_path, capsys):
+    p = fx.params({"max_steps": 6, "warmup_steps": 1, "logging_steps": 1, "eval_steps": 3, "save_steps": 6}).pretrain
+    result = pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", log=lambda _m: None)
+    bar = capsys.readouterr().err
+    # The closed bar's line carries the val loss of the last evaluation (taken after the last log).
+    assert f"val={result.history['val'][-1]['val_loss']:.3f}" in bar.splitlines()[-1] and "nan" not in bar, bar
+
+
+def test_renamed_knobs_keep_the_run_key_runs_had_before_the_rename():
+    # A run checkpointed before lr became learning_rate (and steps max_steps, ...) still resumes.
+    from lmforge.config import PretrainParams
+
+    fingerprint = pretraining.run_fingerprint(PretrainParams(), 1, {"splits": {}, "vocab_size": 300}, 1)
+    assert {"pretrain.lr", "pretrain.steps", "pretrain.grad_accum", "pretrain.grad_clip"} <= set(fingerprint)
+    assert "pretrain.learning_rate" not in fingerprint
+    assert runtime.run_key(fingerprint) == "d36c717a4e1e"  # these defaults' key, computed before the rename

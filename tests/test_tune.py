@@ -39,7 +39,7 @@ def tune_section(**overrides) -> dict:
 
 
 def _params(tmp: Path, base: Path, tune: dict, **finetune) -> Path:
-    return params_file(tmp / "params.yaml", tune=tune, finetune=tiny_finetune(base, epochs=5, **finetune))
+    return params_file(tmp / "params.yaml", tune=tune, finetune=tiny_finetune(base, num_train_epochs=5, **finetune))
 
 
 def _run(tmp: Path, params: Path, data: Path) -> dict:
@@ -102,7 +102,7 @@ def test_three_trials_write_best_yaml_and_a_rerun_adds_to_the_same_study(tmp_pat
     assert tuned == best["params"]
     assert section.learning_rate == best["params"]["learning_rate"]
     assert section.batch_size == best["params"]["batch_size"]
-    assert section.epochs == 5  # untouched knobs keep the section's value
+    assert section.num_train_epochs == 5  # untouched knobs keep the section's value
 
 
 def test_pruned_trials_are_recorded_as_pruned(tmp_path, base, data, monkeypatch):

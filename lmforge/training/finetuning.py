@@ -7,7 +7,7 @@ fairly as it goes (length grouping, padding to a multiple of 8, bf16, torch.comp
 figures and the decision are in docs/performance.md. Here, texts are tokenized once with no
 padding, batches are grouped by length and padded only to their own longest row (rounded to a
 multiple of `pad_multiple`), the forward runs under bf16 autocast and torch.compile on a GPU,
-and the step loop never waits on the host (the loss is read every `log_every` steps).
+and the step loop never waits on the host (the loss is read every `logging_steps` steps).
 
 What it does:
 - labels: names (str); id2label / label2id come from the sorted distinct labels of the train
@@ -18,7 +18,7 @@ What it does:
 - validation after every epoch, early stopping on the chosen val metric, the best weights kept
   (in memory, or with a checkpoint folder on disk);
 - resumable: with a checkpoint folder, weights, optimizer, scheduler, RNG states and the data
-  position are saved every `checkpoint_every` steps and at each epoch end, in
+  position are saved every `save_steps` steps and at each epoch end, in
   <checkpoint folder>/<run key> like pretraining's; a killed run resumes there and ends where an
   uninterrupted run ends (the batch order of an epoch depends only on the seed and the epoch
   number). A run with other settings or data has another key, so it starts afresh.
@@ -48,7 +48,7 @@ from lmforge.training import checkpoint, runtime
 
 SPLITS = ("train", "val", "test")
 # finetune params that change how a run computes or is reported, not the weights it ends with.
-OPERATIONAL_KEYS = {"checkpoint_every", "log_every", "device", "eval_batch_size", "base_model", "use_tuned",
+OPERATIONAL_KEYS = {"save_steps", "logging_steps", "device", "eval_batch_size", "base_model", "use_tuned",
                     "baseline_c"}
 
 
@@ -344,7 +344,8 @@ def prepare(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, se
     compiled = params.compile is True or (params.compile == "auto" and device.type == "cuda")
     optimizer = runtime.adamw(model, lr=params.learning_rate, weight_decay=params.weight_decay)
     per_epoch = math.ceil(len(train) / params.batch_size)
-    total = per_epoch * params.epochs if params.max_steps is None else min(params.max_steps, per_epoch * params.epochs)
+    total = (per_epoch * params.num_train_epochs if params.max_steps is None
+             else min(params.max_steps, per_epoch * params.num_train_epochs))
     warmup = round(params.warmup_ratio * total)
     scheduler = runtime.lr_scheduler(optimizer, partial(runtime.warmup_linear, warmup=warmup, total=total))
     checkpoints = None
@@ -396,11 +397,11 @@ def train_epoch(job: Job, progress: EpochProgress, on_step: Callable[[int], None
         progress.step_in_epoch += 1
         progress.samples += len(rows)
         step = progress.global_step
-        if step % p.log_every == 0:
+        if step % p.logging_steps == 0:
             mean = finite_loss((running / counted).item(), f"step {step}")
             job.log(f"finetune: epoch {progress.epoch + 1} step {step}/{job.total_steps} loss {mean:.4f} "
                     f"lr {job.scheduler.get_last_lr()[0]:.2e}")
-        if step % p.checkpoint_every == 0 and job.checkpoints is not None:
+        if step % p.save_steps == 0 and job.checkpoints is not None:
             runtime.synchronize(job.device)
             progress.train_seconds += time.perf_counter() - started
             save_checkpoint(job, progress)
@@ -454,7 +455,7 @@ def end_epoch(job: Job, progress: EpochProgress, train_loss: float, seconds_befo
     stop = bool(p.early_stopping_patience and progress.bad_epochs >= p.early_stopping_patience)
     if stop:
         job.log(f"finetune: early stop after epoch {epoch}: no gain in {p.early_stopping_patience} epoch(s)")
-    progress.done = stop or progress.global_step >= job.total_steps or progress.epoch >= p.epochs
+    progress.done = stop or progress.global_step >= job.total_steps or progress.epoch >= p.num_train_epochs
     save_checkpoint(job, progress)
     return scores
 
@@ -500,7 +501,7 @@ def finetune(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, *
     log(f"finetune: {len(job.train_ids)} train / {len(job.val_ids)} val rows, {len(job.labels)} labels, "
         f"{job.total_steps} steps, device {job.device.type}, {'bf16' if job.dtype else 'fp32'}, "
         f"compile {job.compiled}, {trainable:,} trainable parameters")
-    while not progress.done and progress.epoch < params.epochs:
+    while not progress.done and progress.epoch < params.num_train_epochs:
         seconds_before, samples_before = progress.train_seconds, progress.samples
         train_loss = train_epoch(job, progress, on_step)
         scores = end_epoch(job, progress, train_loss, seconds_before, samples_before)

@@ -1,13 +1,13 @@
 """The pretraining loop: one code path for the CPU, one GPU and N GPUs (torchrun, DDP).
 
-- Fused AdamW, linear warmup then cosine decay to `min_lr_ratio * lr`, gradient accumulation,
+- Fused AdamW, linear warmup then cosine decay to `min_lr_ratio * learning_rate`, gradient accumulation,
   clipping, bf16 autocast on CUDA and fp32 on the CPU, SDPA attention, optional torch.compile
   and CUDA graphs. What is not pretraining's own (devices, processes, the optimizer's groups,
   schedules, clipping, the run's checkpoints) comes from runtime.py, shared with fine-tuning.
 - `build_step` makes the optimizer step (model and loss as one compiled module, DDP, the bf16
   working copy); `train` only draws batches, steps, and logs, evaluates and checkpoints at their
   intervals. bench/profile_step.py times the same `build_step`.
-- Validation every `eval_every` steps on fixed random val batches; the best weights and the last
+- Validation every `eval_steps` steps on fixed random val batches; the best weights and the last
   full checkpoint (model, optimizer, scheduler, step, RNG states, data position) are written
   atomically (checkpoint.py).
 - Resumable: a run restarted with the same configuration continues from its last checkpoint and,
@@ -18,7 +18,8 @@
 - The step loop never waits for the GPU except at log, eval and checkpoint steps.
 - A progress bar shows loss, tokens/s, MFU (against runtime.PEAK_FLOPS) and the ETA.
 
-Imports only torch, numpy, transformers (via model.py), safetensors, tokenizers and tqdm.
+Imports only torch, numpy, transformers (via model.py), safetensors, tokenizers, tqdm and
+lmforge.config (for its table of renamed knobs; pydantic and PyYAML, which every stage loads anyway).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lmforge.config import RENAMED_KEYS
 from lmforge.training import batches, checkpoint, fused_loss, master_weights, runtime, step_graph
 from lmforge.training.model import (TokenInfo, build_model, count_params, flops_per_token, is_masked,
                                     set_training_activation, set_training_attention)
@@ -42,12 +44,16 @@ from lmforge.training.runtime import Dist
 
 # Knobs that change how a run computes, not what it trains (kernels, fusion and bf16 gradient
 # transfer move the last bits only): they stay out of the run key, so a resume may change them.
-OPERATIONAL_KEYS = {"eval_every", "checkpoint_every", "log_every", "compile", "compile_mode", "attention", "cuda_graph",
+OPERATIONAL_KEYS = {"eval_steps", "save_steps", "logging_steps", "compile", "compile_mode", "attention", "cuda_graph",
                     "fused_loss", "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype",
                     "ddp_overlap"}
 # Keys added after runs were already checkpointed, at the value that reproduces how those runs
 # trained: left out of the run key at that value, so the older runs keep their key and resume.
 LATER_KEYS_AT_OLD_BEHAVIOUR = {"param_dtype": "fp32"}
+# Knobs renamed to TrainingArguments' names (lr -> learning_rate, ...) keep their old names in the
+# run key, so a run checkpointed before the rename still resumes: new name -> old name.
+NAMES_BEFORE_THE_RENAME = {new.removeprefix("pretrain."): old.removeprefix("pretrain.")
+                           for old, new in RENAMED_KEYS.items() if old.startswith("pretrain.")}
 Metrics = Callable[[dict[str, float], int], None]
 
 
@@ -57,7 +63,7 @@ def forward_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def make_optimizer(model, p: Any) -> torch.optim.AdamW:
-    return runtime.adamw(model, lr=p.lr, weight_decay=p.weight_decay, betas=(p.beta1, p.beta2))
+    return runtime.adamw(model, lr=p.learning_rate, weight_decay=p.weight_decay, betas=(p.adam_beta1, p.adam_beta2))
 
 
 def params_dict(p: Any) -> dict[str, Any]:
@@ -71,7 +77,8 @@ def run_fingerprint(p: Any, seed: int, meta: dict, world: int) -> dict[str, Any]
     knobs = {k: v for k, v in params_dict(p).items()
              if k not in OPERATIONAL_KEYS and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
     return {"seed": seed, "world_size": world, "data": meta["splits"], "vocab_size": meta["vocab_size"],
-            "sampler": batches.SAMPLER_VERSION, **{f"pretrain.{k}": v for k, v in sorted(knobs.items())}}
+            "sampler": batches.SAMPLER_VERSION,
+            **{f"pretrain.{NAMES_BEFORE_THE_RENAME.get(k, k)}": v for k, v in sorted(knobs.items())}}
 
 
 @dataclass
@@ -178,7 +185,7 @@ def update(model, optimizer: torch.optim.Optimizer, working: master_weights.BF16
     """After the backward: gradients onto the fp32 weights, clip, AdamW, then the bf16 copy refreshed."""
     if working:
         working.grads_to_masters()
-    runtime.optimizer_step(model, optimizer, p.grad_clip)
+    runtime.optimizer_step(model, optimizer, p.max_grad_norm)
     if working:
         working.refresh()
 
@@ -475,10 +482,10 @@ def start_or_resume(run: Run) -> tuple[Progress, int]:
     state = run.checkpoints.resume(run.model, run.optimizer, run.scheduler)
     if state is not None:
         start = int(state["step"])
-        run.say(f"resuming run {run.checkpoints.dir.name} from step-{start:09d} (step {start} of {run.p.steps})")
+        run.say(f"resuming run {run.checkpoints.dir.name} from step-{start:09d} (step {start} of {run.p.max_steps})")
         return Progress.from_state(state, start), start
     torch.manual_seed(run.seed * 1000 + run.d.rank)  # dropout and other in-step randomness
-    run.say(f"run {run.checkpoints.dir.name}: no checkpoint yet, starting at step 0 of {run.p.steps}")
+    run.say(f"run {run.checkpoints.dir.name}: no checkpoint yet, starting at step 0 of {run.p.max_steps}")
     return Progress(history={"train": [], "val": []}, best=math.inf), 0
 
 
@@ -491,18 +498,30 @@ def log_point(run: Run, step: TrainStep, progress: Progress, done: int, bar) -> 
     progress.loss_steps = 0
     progress.clock_in(done, run.tokens_per_step, run.flops_per_token, run.peak, run.d.world)
     progress.history["train"].append({"step": done, "train_loss": progress.last_train})
-    shown_val = "-" if math.isnan(progress.last_val) else f"{progress.last_val:.3f}"  # no evaluation yet
-    postfix = {"loss": f"{progress.last_train:.3f}", "val": shown_val, "tok/s": f"{progress.tokens_per_s:,.0f}"}
     metrics = {"train_loss": progress.last_train, "lr": run.scheduler.get_last_lr()[0],
                "tokens_per_s": progress.tokens_per_s}
     if progress.mfu is not None:
-        postfix["mfu"] = f"{100 * progress.mfu:.1f}%"
         metrics["mfu"] = progress.mfu
-    bar.set_postfix(postfix, refresh=False)
+    bar.set_postfix(bar_fields(progress), refresh=False)
     run.metrics(metrics, done)
 
 
-def eval_point(run: Run, progress: Progress, done: int) -> None:
+def bar_fields(progress: Progress) -> dict[str, str]:
+    """The figures the progress bar shows: only those measured so far (no `val` field before the
+    first evaluation, rather than a nan or a placeholder)."""
+    fields = {}
+    if not math.isnan(progress.last_train):
+        fields["loss"] = f"{progress.last_train:.3f}"
+    if not math.isnan(progress.last_val):
+        fields["val"] = f"{progress.last_val:.3f}"
+    if progress.tokens_per_s:
+        fields["tok/s"] = f"{progress.tokens_per_s:,.0f}"
+    if progress.mfu is not None:
+        fields["mfu"] = f"{100 * progress.mfu:.1f}%"
+    return fields
+
+
+def eval_point(run: Run, progress: Progress, done: int, bar) -> None:
     """Validate; a new best is kept on the device and written with the next checkpoint (a disk
     write per improvement cost more than the evaluation itself on a small model)."""
     progress.last_val = validate(run.model, run.val_tokens, run.p, run.seed, run.d, run.masking)
@@ -515,6 +534,7 @@ def eval_point(run: Run, progress: Progress, done: int) -> None:
             progress.best_weights = checkpoint.snapshot(run.model)
             progress.best_info = {"step": done, "val_loss": progress.best}
     run.metrics({"val_loss": progress.last_val, "best_val_loss": progress.best}, done)
+    bar.set_postfix(bar_fields(progress), refresh=False)  # the new val loss, not at the next log only
     progress.restart_clock(done)
 
 
@@ -552,26 +572,27 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     devices_ready, model_ready = setup_marks
     say(f"set-up {setup_s:.1f}s (devices {devices_ready - started:.1f}s, model {model_ready - devices_ready:.1f}s, "
         f"data and the rest {started + setup_s - model_ready:.1f}s)")
-    bar = tqdm(total=p.steps, initial=start, disable=not (progress and d.main), unit="step",
+    bar = tqdm(total=p.max_steps, initial=start, disable=not (progress and d.main), unit="step",
                dynamic_ncols=True, mininterval=1.0, desc="pretraining")
     state.restart_clock(start)
     with attention_backends(p.attention, d.device):
-        for index in range(start, p.steps):
-            runner.run(index, [sampler.get(index, micro) for micro in range(p.grad_accum)], p.lr * run.schedule(index))
+        for index in range(start, p.max_steps):
+            runner.run(index, [sampler.get(index, micro) for micro in range(p.gradient_accumulation_steps)],
+                       p.learning_rate * run.schedule(index))
             run.scheduler.step()
             state.loss_steps += 1
             done = index + 1
             bar.update(1)
-            final = done == p.steps
+            final = done == p.max_steps
             if done == runner.timed_from:
                 runtime.synchronize(d.device)
                 state.first_step_s = max(state.first_step_s, time.perf_counter() - state.mark)
                 state.restart_clock(done)
-            if done % p.log_every == 0 or final:
+            if done % p.logging_steps == 0 or final:
                 log_point(run, step, state, done, bar)
-            if done % p.eval_every == 0 or final:
-                eval_point(run, state, done)
-            if done % p.checkpoint_every == 0 or final:
+            if done % p.eval_steps == 0 or final:
+                eval_point(run, state, done, bar)
+            if done % p.save_steps == 0 or final:
                 checkpoint_point(run, state, done)
     bar.close()
     return finish(run, state, start, started, setup_s)
@@ -592,13 +613,13 @@ def prepare_run(p: Any, seed: int, tokens_dir: Path, checkpoint_root: Path | str
     model, masked = open_model(p, tokens_dir, meta, seed, d)
     model_ready = time.perf_counter()
     optimizer = make_optimizer(model, p)
-    schedule = partial(runtime.warmup_cosine, warmup=p.warmup_steps, total=p.steps, floor=p.min_lr_ratio)
+    schedule = partial(runtime.warmup_cosine, warmup=p.warmup_steps, total=p.max_steps, floor=p.min_lr_ratio)
     fingerprint = run_fingerprint(p, seed, meta, d.world)
     run = Run(p=p, seed=seed, d=d, say=say, model=model, masked=masked, masking=masking_for(p, meta, masked),
               val_tokens=val_tokens, optimizer=optimizer, schedule=schedule,
               scheduler=runtime.lr_scheduler(optimizer, schedule),
               checkpoints=runtime.RunCheckpoints(checkpoint_root, fingerprint, d),
-              tokens_per_step=p.batch_size * p.context * p.grad_accum * d.world,
+              tokens_per_step=p.batch_size * p.context * p.gradient_accumulation_steps * d.world,
               flops_per_token=flops_per_token(model, p.context), peak=runtime.peak_flops(d.device),
               on_metrics=on_metrics)
     return run, train_tokens, (devices_ready, model_ready)
@@ -609,7 +630,7 @@ def finish(run: Run, state: Progress, start: int, started: float, setup_s: float
     p, d, model = run.p, run.d, run.model
     set_training_attention(model, False)
     set_training_activation(model, False)
-    if start >= p.steps:
+    if start >= p.max_steps:
         run.say(f"run {run.checkpoints.dir.name} was already complete at step {start}")
     if p.save == "best":
         run.checkpoints.load_best(model)
@@ -617,7 +638,7 @@ def finish(run: Run, state: Progress, start: int, started: float, setup_s: float
     history = state.history
     tokens_per_s = state.train_tokens / state.train_s if state.train_s else 0.0
     return TrainResult(
-        model=model, masked=run.masked, device=str(d.device), run_dir=run.checkpoints.dir, steps=p.steps,
+        model=model, masked=run.masked, device=str(d.device), run_dir=run.checkpoints.dir, steps=p.max_steps,
         resumed_from=start, best_val_loss=state.best,
         final_val_loss=history["val"][-1]["val_loss"] if history["val"] else math.nan,
         final_train_loss=state.last_train, tokens_per_step=run.tokens_per_step, tokens_per_s=tokens_per_s,

@@ -143,8 +143,8 @@ def open_study(params: Params, out_dir: Path | str):
                                    direction="maximize", load_if_exists=True)
     sampler = optuna.samplers.TPESampler(seed=params.seed + len(existing.trials),
                                          n_startup_trials=tune.startup_trials)
-    max_epochs = params.finetune.epochs
-    epoch_dim = tune.space.get("epochs")
+    max_epochs = params.finetune.num_train_epochs
+    epoch_dim = tune.space.get("num_train_epochs")
     if epoch_dim is not None:
         max_epochs = int(max(epoch_dim.candidates()))
     study = optuna.load_study(study_name=tune.study_name, storage=storage, sampler=sampler,
@@ -193,13 +193,13 @@ def run_study(
         try:
             section = apply_overrides(params.finetune, nest(chosen), f"trial {trial.number}")
             # The trial's subsample is already cut; no step log between epochs.
-            cfg = section.model_copy(update={"max_train_rows": None, "log_every": 10**9})
+            cfg = section.model_copy(update={"max_train_rows": None, "logging_steps": 10**9})
 
             def report(epoch: int, scores: dict) -> None:
                 value = float(scores[tune.metric])
                 trial.report(value, step=epoch)
                 # After the last epoch there is nothing left to save: the trial completes.
-                if epoch < cfg.epochs and trial.should_prune():
+                if epoch < cfg.num_train_epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch}: val {tune.metric} {value:.4f}")
 
             result = finetune(base, subset, cfg, seed=params.seed, on_epoch_end=report, log=lambda _msg: None)
