@@ -6,7 +6,9 @@
 
 Exit status: 0 done (or nothing to do), 1 the gate refused the promotion, 2 a user error (unknown
 name or alias, bad params). The gate (metric, direction, min_gain) is register.<model>.gate of
-params.yaml for the model registered under NAME. The registry is MLFLOW_TRACKING_URI, else
+params.yaml for the model registered under NAME; a challenger that does not beat the baseline
+recorded on its version (the classifier's TF-IDF baseline) is refused before any champion is
+compared. --force with --reason overrides either refusal, recorded on the version. The registry is MLFLOW_TRACKING_URI, else
 register.tracking_uri of params.yaml, else sqlite:///<repo>/mlflow.db.
 """
 
