@@ -570,8 +570,9 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
 
 
 def parse_yaml(text: str, source: str) -> object:
-    """yaml.safe_load, except that a key written twice in one mapping is a ConfigError: PyYAML
-    would keep the last one and silently drop the first (two `pretrain:` sections, say)."""
+    """yaml.safe_load with YAML 1.2 scalars (see _UniqueKeyLoader), except that a key written
+    twice in one mapping is a ConfigError: PyYAML would keep the last one and silently drop the
+    first (two `pretrain:` sections, say)."""
     stream = io.StringIO(text)
     stream.name = source  # PyYAML's error marks name the stream: `in "params.yaml", line 3`
     try:
@@ -581,7 +582,23 @@ def parse_yaml(text: str, source: str) -> object:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    pass
+    """PyYAML's safe loader with YAML 1.2's scalars, as DVC reads params.yaml and writes it back
+    after `dvc exp run -S`. YAML 1.1 would read an unquoted 4:00:00 (a Slurm time DVC leaves
+    unquoted) as the number 14400, and yes / no / on / off as booleans."""
+
+
+_YAML_1_2_SCALARS = {
+    "tag:yaml.org,2002:bool": (r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    "tag:yaml.org,2002:int": (r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    "tag:yaml.org,2002:float": (r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+0123456789."),
+}
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _YAML_1_2_SCALARS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, (_pattern, _first) in _YAML_1_2_SCALARS.items():
+    _UniqueKeyLoader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
 
 
 def _unique_key_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -607,7 +624,7 @@ def parse_override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} must read dotted.key=value")
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), parse_yaml(value, f"override {text!r}")
 
 
 def apply_overrides(tree: dict, overrides: list[str], *, where: str = "params") -> dict:

@@ -8,7 +8,7 @@ import yaml
 from pydantic import BaseModel
 
 import lmforge.config
-from lmforge.config import ConfigError, apply_overrides, load_params, merge_overlay, validate_params
+from lmforge.config import ConfigError, apply_overrides, load_params, merge_overlay, parse_override, parse_yaml, validate_params
 from lmforge.errors import UserError
 from tests.conftest import ROOT, run
 
@@ -207,6 +207,23 @@ def test_a_key_written_twice_is_an_error_not_a_silent_drop(tmp_path: Path):
     target.write_text((ROOT / "params.yaml").read_text() + "pretrain:\n  max_steps: 5\n")
     with pytest.raises(ConfigError, match=r"'pretrain' appears twice(.|\n)*params.yaml\", line"):
         load_params(target)
+
+
+def test_params_read_as_yaml_1_2_as_dvc_writes_them(tmp_path: Path):
+    # `dvc exp run -S` rewrites params.yaml with YAML 1.2 rules, which leave 4:00:00 unquoted;
+    # YAML 1.1 would read it as 14400 seconds and yes/no as booleans.
+    from ruamel.yaml import YAML
+
+    yaml12 = YAML()
+    tree = yaml12.load((ROOT / "params.yaml").read_text())
+    target = tmp_path / "params.yaml"
+    with open(target, "w") as fh:
+        yaml12.dump(tree, fh)
+    assert "time: 4:00:00" in target.read_text()
+    assert load_params(target).data_engine.slurm.time == "4:00:00"
+    assert parse_yaml("a: yes\nb: 1e-3\nc: 0x10\nd: .inf\ne: False", "x") == {
+        "a": "yes", "b": 0.001, "c": 16, "d": float("inf"), "e": False}
+    assert parse_override("data_engine.slurm.time=4:00:00") == ("data_engine.slurm.time", "4:00:00")
 
 
 # --- knobs renamed to TrainingArguments' names: the old name stops with the new one -------------
