@@ -392,6 +392,10 @@ class TuneParams(Section):
     heartbeat_interval: int | None = Field(60, ge=1)
     max_train_rows: int | None = Field(400, ge=2)
     max_val_rows: int | None = Field(200, ge=2)
+    max_length: int | None = Field(None, ge=8, le=32_768)  # trials' max_length (null: finetune's)
+    # The study's first trial runs finetune's own values (the untuned default); fine-tuning
+    # takes the best trial only when it beats that trial by at least this much.
+    min_gain: float = Field(0.01, ge=0.0, le=1.0)
     space: dict[str, Dimension] = Field(default_factory=dict)
 
     @model_validator(mode="after")

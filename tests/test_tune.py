@@ -64,9 +64,15 @@ def test_three_trials_write_best_yaml_and_a_rerun_adds_to_the_same_study(tmp_pat
     reports = tmp_path / "reports/tune"
     best = yaml.safe_load((reports / "best.yaml").read_text())
     assert best["trials"] == {"complete": 3}
-    assert set(best["params"]) == {"learning_rate", "batch_size"}
-    assert 2e-3 <= best["params"]["learning_rate"] <= 6e-3 and best["params"]["batch_size"] in (8, 16)
     assert best["best_value"] == summary["best_value"] > 0.5
+    # Trial 0 ran finetune's own values; the best is taken only when it beats that by min_gain.
+    study = _study(tmp_path)
+    assert study.trials[0].user_attrs["untuned_default"] and study.trials[0].params == {
+        "learning_rate": 3e-3, "batch_size": 8}
+    assert best["untuned_trial"] == 0 and best["untuned_value"] == study.trials[0].value
+    assert best["gain"] == pytest.approx(best["best_value"] - study.trials[0].value)
+    assert best["tuned"] == (best["best_trial"] != 0 and best["gain"] >= 0.01)
+    assert best["params"] == (study.best_trial.params if best["tuned"] else {})
     rows = list(csv.DictReader((reports / "trials.csv").open()))
     assert [r["state"] for r in rows] == ["COMPLETE"] * 3
     assert {"number", "value", "learning_rate", "batch_size", "error"} <= set(rows[0])
@@ -89,6 +95,7 @@ def test_three_trials_write_best_yaml_and_a_rerun_adds_to_the_same_study(tmp_pat
     _run(tmp_path, params, data)
     study = _study(tmp_path)
     assert len(study.trials) == 5
+    assert [t.number for t in study.trials if t.user_attrs.get("untuned_default")] == [0]  # run once a study
     first = {t.params["learning_rate"] for t in study.trials[:3]}
     assert not first & {t.params["learning_rate"] for t in study.trials[3:]}
     best = yaml.safe_load((reports / "best.yaml").read_text())
@@ -100,6 +107,8 @@ def test_three_trials_write_best_yaml_and_a_rerun_adds_to_the_same_study(tmp_pat
 
     section, tuned = settings(load_params(params), reports / "best.yaml")
     assert tuned == best["params"]
+    if not tuned:
+        return
     assert section.learning_rate == best["params"]["learning_rate"]
     assert section.batch_size == best["params"]["batch_size"]
     assert section.num_train_epochs == 5  # untouched knobs keep the section's value
@@ -114,7 +123,7 @@ def test_pruned_trials_are_recorded_as_pruned(tmp_path, base, data, monkeypatch)
     # each trial after its first epoch. With no trial complete there is no best to write.
     hopeless = {"learning_rate": {"type": "float", "low": 1e-9, "high": 2e-9, "log": True}}
     params = _params(tmp_path, base, tune_section(n_trials=2, pruner="threshold", pruner_threshold=0.9,
-                                                  space=hopeless))
+                                                  space=hopeless), learning_rate=1.5e-9)
     with pytest.raises(RuntimeError, match="no trial .* completed"):
         _run(tmp_path, params, data)
     study = _study(tmp_path)
@@ -126,8 +135,40 @@ def test_pruned_trials_are_recorded_as_pruned(tmp_path, base, data, monkeypatch)
     _run(tmp_path, params, data)
     best = yaml.safe_load((tmp_path / "reports/tune/best.yaml").read_text())
     assert best["trials"] == {"pruned": 2, "complete": 1} and best["best_trial"] == 2
+    assert best["untuned_trial"] == 2  # finetune's values changed: a new untuned default ran
     states = [r["state"] for r in csv.DictReader((tmp_path / "reports/tune/trials.csv").open())]
     assert states == ["PRUNED", "PRUNED", "COMPLETE"]
+
+
+def test_the_best_trial_is_taken_only_when_it_beats_the_untuned_default_by_min_gain():
+    import optuna
+
+    from types import SimpleNamespace
+
+    from lmforge.config import FinetuneParams, TuneParams
+    from lmforge.training.tuning import UNTUNED, verdict
+
+    params = SimpleNamespace(tune=TuneParams.model_validate(tune_section(min_gain=0.02)),
+                             finetune=FinetuneParams(learning_rate=1e-4, batch_size=16))
+    distributions = {"learning_rate": optuna.distributions.FloatDistribution(5e-5, 6e-3, log=True),
+                     "batch_size": optuna.distributions.CategoricalDistribution([8, 16])}
+
+    def trial(number: int, value: float, lr: float, batch: int, untuned: bool = False):
+        return optuna.trial.create_trial(value=value, params={"learning_rate": lr, "batch_size": batch},
+                                         distributions=distributions, user_attrs={UNTUNED: True} if untuned else {})
+
+    default = trial(0, 0.80, 1e-4, 16, untuned=True)
+    default._number = 0
+    close, clear = trial(1, 0.81, 3e-3, 8), trial(2, 0.85, 4e-3, 8)
+    close._number, clear._number = 1, 2
+    within = verdict([default, close], close, params)
+    assert not within["tuned"] and within["params"] == {} and within["gain"] == pytest.approx(0.01)
+    assert "no trial beats the untuned default (0.8000) by min_gain 0.02" in within["verdict"]
+    beats = verdict([default, close, clear], clear, params)
+    assert beats["tuned"] and beats["params"] == {"learning_rate": 4e-3, "batch_size": 8}
+    assert beats["untuned_trial"] == 0 and beats["gain"] == pytest.approx(0.05)
+    alone = verdict([default], default, params)
+    assert not alone["tuned"] and alone["params"] == {}
 
 
 def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(tmp_path, base, data, monkeypatch):

@@ -37,6 +37,7 @@ BEST_FILE = "best.yaml"
 TRIALS_FILE = "trials.csv"
 HISTORY_PLOT = "optimization_history.png"
 IMPORTANCE_PLOT = "param_importances.png"
+UNTUNED = "untuned_default"  # user attribute of the trial that ran finetune's own values
 
 
 class SpaceError(ConfigError):
@@ -97,6 +98,17 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def untuned_values(section: FinetuneParams, space: Mapping[str, Any]) -> dict[str, Any]:
+    """finetune's own value of every searched key ("lora.r" read from the lora section)."""
+    values = {}
+    for key in space:
+        node: Any = section
+        for part in key.split("."):
+            node = getattr(node, part)
+        values[key] = node
+    return values
+
+
 def apply_overrides(section: FinetuneParams, overrides: Mapping[str, Any], origin: str) -> FinetuneParams:
     """finetune params with `overrides` (nested) merged in and validated again."""
     from pydantic import ValidationError
@@ -110,7 +122,8 @@ def apply_overrides(section: FinetuneParams, overrides: Mapping[str, Any], origi
     try:
         return FinetuneParams.model_validate(merged)
     except ValidationError as err:
-        lines = [f"  finetune.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        # An error on the section itself (an old key name) has an empty location.
+        lines = [f"  finetune{''.join('.' + str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"{origin} does not fit finetune's schema:\n" + "\n".join(lines)) from None
 
 
@@ -161,6 +174,7 @@ def run_study(
     *,
     on_trial_end: Callable[[Any, Any], None] | None = None,
     log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> dict:
     """Run tune.n_trials new trials (or until tune.timeout) and write the reports into out_dir.
 
@@ -192,8 +206,10 @@ def run_study(
         chosen = suggest(trial, tune.space)
         try:
             section = apply_overrides(params.finetune, nest(chosen), f"trial {trial.number}")
-            # The trial's subsample is already cut; no step log between epochs.
-            cfg = section.model_copy(update={"max_train_rows": None, "logging_steps": 10**9})
+            # The trial's subsample is already cut; no step log between epochs; tune.max_length
+            # (when set) makes trials cheaper than the run they tune.
+            cfg = section.model_copy(update={"max_train_rows": None, "logging_steps": 10**9,
+                                             "max_length": tune.max_length or section.max_length})
 
             def report(epoch: int, scores: dict) -> None:
                 value = float(scores[tune.metric])
@@ -202,7 +218,8 @@ def run_study(
                 if epoch < cfg.num_train_epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch}: val {tune.metric} {value:.4f}")
 
-            result = finetune(base, subset, cfg, seed=params.seed, on_epoch_end=report, log=lambda _msg: None)
+            result = finetune(base, subset, cfg, seed=params.seed, on_epoch_end=report, log=lambda _msg: None,
+                              show_progress=False)
             trial.set_user_attr("best_epoch", result.best_epoch)
             trial.set_user_attr("train_seconds", result.stats["train_seconds"])
             value = float(result.val[tune.metric])
@@ -217,12 +234,36 @@ def run_study(
             log(f"tune: trial {trial.number} failed: {message}")
             raise TrialFailed(message) from err
 
+    # The untuned default is a trial like any other (run once per study), so best.yaml can say
+    # whether the search found anything better than what fine-tuning would do without it.
+    study.enqueue_trial(untuned_values(params.finetune, tune.space), user_attrs={UNTUNED: True},
+                        skip_if_exists=True)
     callbacks = [on_trial_end] if on_trial_end is not None else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=tune.n_trials, timeout=tune.timeout, catch=(TrialFailed,),
-                   callbacks=callbacks, gc_after_trial=True)
+                   callbacks=callbacks, gc_after_trial=True, show_progress_bar=progress)
     summary = write_reports(study, params, url, out_dir, new_trials=len(study.trials) - before)
     return summary
+
+
+def verdict(complete: list, best, params: Params) -> dict[str, Any]:
+    """Whether the best trial beats the untuned default by tune.min_gain, and so what fine-tuning
+    should merge: a winner within noise of the default is not worth taking."""
+    untuned = untuned_values(params.finetune, params.tune.space)
+    default = next((t for t in complete if t.user_attrs.get(UNTUNED) and t.params == untuned), None)
+    if default is None:
+        return {"untuned_trial": None, "untuned_value": None, "gain": None, "tuned": True,
+                "verdict": "the untuned default has no complete trial in this study; the best trial is taken",
+                "params": nest(best.params)}
+    gain = float(best.value) - float(default.value)
+    tuned = best.number != default.number and gain >= params.tune.min_gain
+    if tuned:
+        words = f"trial {best.number} beats the untuned default by {gain:.4f} (min_gain {params.tune.min_gain:g})"
+    else:
+        words = (f"no trial beats the untuned default ({float(default.value):.4f}) by min_gain "
+                 f"{params.tune.min_gain:g} (best gain {gain:+.4f}); fine-tuning keeps its own values")
+    return {"untuned_trial": default.number, "untuned_value": float(default.value), "gain": gain,
+            "tuned": tuned, "verdict": words, "params": nest(best.params) if tuned else {}}
 
 
 def _state_counts(study) -> dict[str, int]:
@@ -257,10 +298,10 @@ def write_reports(study, params: Params, url: str, out_dir: Path | str, new_tria
         "best_value": float(best.value),
         "trials": _state_counts(study),
         "new_trials": new_trials,
-        "params": nest(best.params),
+        **verdict(complete, best, params),
     }
     header = ("# Written from the Optuna study below; fine-tuning merges `params` into its section\n"
-              "# when finetune.use_tuned is true.\n")
+              "# when finetune.use_tuned is true (empty when no trial beat the untuned default).\n")
     with atomic_path(out_dir / BEST_FILE) as tmp:
         tmp.write_text(header + yaml.safe_dump(summary, sort_keys=False))
     _write_trials_table(study, out_dir / TRIALS_FILE)
