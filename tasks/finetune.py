@@ -58,20 +58,6 @@ def write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
-def confusion_rows(matrix: list[list[int]], labels: list[str]) -> list[tuple[str, str]]:
-    """One (actual, predicted) pair per test example, rebuilt from the confusion matrix.
-
-    The matrix (rows: actual, columns: predicted, in `labels` order) is all DVC's confusion
-    template counts, so these rows chart exactly what the PNG shows; the examples' order is
-    not kept (grouped by actual, then predicted label)."""
-    if len(matrix) != len(labels) or any(len(row) != len(labels) for row in matrix):
-        raise ValueError(f"a confusion matrix for {len(labels)} labels must be {len(labels)} x {len(labels)}")
-    return [(actual, predicted)
-            for actual, row in zip(labels, matrix)
-            for predicted, count in zip(labels, row)
-            for _ in range(int(count))]
-
-
 def write_predictions(path: Path, pairs: list[tuple[str, str]]) -> None:
     """predictions.csv (columns actual, predicted; label names): dvc.yaml's confusion chart."""
     from lmforge.atomic import atomic_path
@@ -110,11 +96,14 @@ def run(args: argparse.Namespace) -> dict:
         with atomic_dir(out) as tmp:
             save_model(result, tmp)
 
-        log("finetune: TF-IDF + logistic regression baseline")
-        baseline = tfidf_baseline(data["train"].texts, data["train"].labels,
+        # The baseline learns from the rows the model learned from (finetune.max_train_rows).
+        train = data["train"].sample(section.max_train_rows, params.seed)
+        log(f"finetune: TF-IDF + logistic regression baseline on the same {len(train)} train rows")
+        baseline = tfidf_baseline(train.texts, train.labels,
                                   {"val": (data["val"].texts, data["val"].labels),
                                    "test": (data["test"].texts, data["test"].labels)},
                                   labels=result.labels, c=section.baseline_c, seed=params.seed)
+        baseline["train_rows"] = len(train)
         metrics = {
             "base_model": section.base_model,
             "method": section.method,
@@ -131,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         write_json(reports / "metrics.json", metrics)
         write_history(reports / "history.csv", result.history)
-        write_predictions(reports / "predictions.csv", confusion_rows(result.test["confusion_matrix"], result.labels))
+        write_predictions(reports / "predictions.csv", list(zip(data["test"].labels, result.test_predictions)))
         with atomic_path(reports / "confusion_matrix.png") as tmp:
             plot_confusion_matrix(result.test["confusion_matrix"], result.labels, tmp,
                                   title=f"finetune ({section.base_model}) on test")

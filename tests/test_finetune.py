@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,6 +74,14 @@ def test_stage_beats_majority_saves_a_loadable_model_and_logs_every_report(tmp_p
     assert (reports / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (reports / "history.csv").read_text().splitlines()[0].startswith("epoch,step,train_loss")
     assert metrics["train"]["samples_per_second"] > 0
+    # The baseline learned from the rows the model learned from; predictions.csv holds each test
+    # row's truth and prediction, in order, for DVC's confusion chart.
+    assert saved["baseline_tfidf"]["train_rows"] == saved["train"]["train_rows"]
+    with open(reports / "predictions.csv", newline="") as fh:
+        pairs = [(row["actual"], row["predicted"]) for row in csv.DictReader(fh)]
+    truth = pd.read_parquet(two_class / "test.parquet")["label"].astype(str).tolist()
+    assert [actual for actual, _ in pairs] == truth
+    assert sum(a == p for a, p in pairs) / len(pairs) == pytest.approx(test["accuracy"])
 
     # A plain transformers folder: the Auto class and a text-classification pipeline load it.
     from transformers import AutoModelForSequenceClassification, pipeline

@@ -41,17 +41,10 @@ def test_every_chart_reads_a_file_a_stage_writes():
     assert project_charts()["finetune_confusion"]["template"] == "confusion"
 
 
-def test_confusion_rows_rebuild_the_matrix_and_a_wrong_shape_is_refused():
-    from sklearn.metrics import confusion_matrix
-
-    from tasks.finetune import confusion_rows
-
-    rows = confusion_rows(BEFORE, LABELS)
-    assert len(rows) == sum(map(sum, BEFORE))
-    actual, predicted = zip(*rows)
-    assert confusion_matrix(actual, predicted, labels=LABELS).tolist() == BEFORE
-    with pytest.raises(ValueError, match="must be 3 x 3"):
-        confusion_rows([[1, 2], [3, 4]], LABELS)
+def rows_of(matrix: list[list[int]]) -> list[tuple[str, str]]:
+    """(actual, predicted) pairs, as many of each as the matrix counts."""
+    return [(actual, predicted) for actual, row in zip(LABELS, matrix)
+            for predicted, count in zip(LABELS, row) for _ in range(count)]
 
 
 # --- one experiment's reports, written by the stages' writers ----------------------------------
@@ -66,14 +59,14 @@ def write_pretrain(repo: Path, offset: float) -> None:
 
 
 def write_finetune(repo: Path, matrix: list[list[int]], accuracy: float) -> None:
-    from tasks.finetune import confusion_rows, write_history, write_predictions
+    from tasks.finetune import write_history, write_predictions
 
     reports = repo / "reports/finetune"
     reports.mkdir(parents=True, exist_ok=True)
     history = [{"epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "val_accuracy": accuracy + e / 100,
                 "val_macro_f1": accuracy + e / 200, "train_seconds": 1.0, "train_samples": 24} for e in (1, 2)]
     write_history(reports / "history.csv", history)
-    write_predictions(reports / "predictions.csv", confusion_rows(matrix, LABELS))
+    write_predictions(reports / "predictions.csv", rows_of(matrix))
 
 
 def write_tune(repo: Path, values: list[float]) -> None:

@@ -23,7 +23,7 @@ What it does:
   uninterrupted run ends (the batch order of an epoch depends only on the seed and the epoch
   number). A run with other settings or data has another key, so it starts afresh.
 
-Imports at import time: torch, transformers, numpy, safetensors, sklearn (through the metrics
+Imports at import time: torch, transformers, numpy, safetensors, tqdm, sklearn (through the metrics
 module) and the standard library; peft only for LoRA, pyarrow or pandas only to read parquet.
 """
 
@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lmforge.errors import UserError
@@ -306,6 +307,7 @@ class Job:
     checkpoints: runtime.RunCheckpoints | None
     log: Callable[[str], None]
     best_in_memory: dict[str, torch.Tensor] | None = None  # without a checkpoint folder
+    bar: Any = None  # the tqdm bar over optimizer steps (disabled when not shown)
 
     @property
     def pad_id(self) -> int:
@@ -397,8 +399,10 @@ def train_epoch(job: Job, progress: EpochProgress, on_step: Callable[[int], None
         progress.step_in_epoch += 1
         progress.samples += len(rows)
         step = progress.global_step
+        job.bar.update(1)
         if step % p.logging_steps == 0:
             mean = finite_loss((running / counted).item(), f"step {step}")
+            job.bar.set_postfix(epoch=progress.epoch + 1, loss=f"{mean:.4f}", refresh=False)
             job.log(f"finetune: epoch {progress.epoch + 1} step {step}/{job.total_steps} loss {mean:.4f} "
                     f"lr {job.scheduler.get_last_lr()[0]:.2e}")
         if step % p.save_steps == 0 and job.checkpoints is not None:
@@ -484,20 +488,25 @@ class FinetuneResult:
     val: dict  # classification_metrics of the best weights on val
     test: dict | None
     stats: dict  # steps, samples, seconds, samples/s, device, precision, compiled, resumed
+    test_predictions: list[str] | None = None  # the predicted label of each test row, in order
 
 
 def finetune(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, *, seed: int,
              checkpoint_dir: Path | str | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
-             on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> FinetuneResult:
+             on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
+             show_progress: bool = True) -> FinetuneResult:
     """Fine-tune `base` on data["train"], select on data["val"], score data["test"] if given.
 
     params: the finetune section (lmforge.config.FinetuneParams).
     on_epoch_end(epoch, val_metrics) runs after each epoch's validation (the tuner reports to
-    its pruner there and may raise to stop); on_step(global_step) after each optimizer step."""
+    its pruner there and may raise to stop); on_step(global_step) after each optimizer step.
+    show_progress: a tqdm bar over the optimizer steps on stderr."""
     torch.manual_seed(seed)
     job = prepare(base, data, params, seed, checkpoint_dir, log)
     progress, resumed_from = resume(job)
     trainable = sum(q.numel() for q in job.model.parameters() if q.requires_grad)
+    job.bar = tqdm(total=job.total_steps, initial=progress.global_step, disable=not show_progress, unit="step",
+                   desc="fine-tuning", dynamic_ncols=True, mininterval=1.0)
     log(f"finetune: {len(job.train_ids)} train / {len(job.val_ids)} val rows, {len(job.labels)} labels, "
         f"{job.total_steps} steps, device {job.device.type}, {'bf16' if job.dtype else 'fp32'}, "
         f"compile {job.compiled}, {trainable:,} trainable parameters")
@@ -505,8 +514,10 @@ def finetune(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, *
         seconds_before, samples_before = progress.train_seconds, progress.samples
         train_loss = train_epoch(job, progress, on_step)
         scores = end_epoch(job, progress, train_loss, seconds_before, samples_before)
+        job.bar.set_postfix(epoch=progress.epoch, val=f"{scores[params.metric]:.4f}")
         if on_epoch_end is not None:
             on_epoch_end(progress.epoch, scores)
+    job.bar.close()
     return wrap_up(job, data, progress, resumed_from)
 
 
@@ -518,9 +529,10 @@ def wrap_up(job: Job, data: Mapping[str, LabelledTexts], progress: EpochProgress
         job.model = job.model.merge_and_unload()
     job.model.eval()
     val_scores = job.score(job.val_ids, job.val_labels)
-    test_scores = None
+    test_scores, test_predictions = None, None
     if "test" in data and len(data["test"]):
-        test_scores = job.score(job.encode(data["test"]), data["test"].labels)
+        test_predictions = [job.labels[i] for i in job.predict(job.encode(data["test"]))]
+        test_scores = classification_metrics(data["test"].labels, test_predictions, job.labels)
     job.model.to("cpu")
     seconds = progress.train_seconds
     stats = {
@@ -535,7 +547,8 @@ def wrap_up(job: Job, data: Mapping[str, LabelledTexts], progress: EpochProgress
         "train_rows": len(job.train_ids),
     }
     return FinetuneResult(model=job.model, tokenizer=job.tokenizer, labels=job.labels, history=progress.history,
-                          best_epoch=progress.best_epoch, val=val_scores, test=test_scores, stats=stats)
+                          best_epoch=progress.best_epoch, val=val_scores, test=test_scores, stats=stats,
+                          test_predictions=test_predictions)
 
 
 def save_model(result: FinetuneResult, folder: Path | str) -> Path:
