@@ -62,12 +62,23 @@ def data_section(reports: Path) -> list[str]:
         sizes = " / ".join(_fmt(split[s]["rows"]) for s in ("train", "val", "test")) if split else "not split"
         lines.append(f"| {name} | {_fmt(clean['rows_in'])} | {_fmt(clean['rows_kept'])} | "
                      f"{_fmt(clean['rows_quarantined'])} | {reasons} | {sizes} |")
+    lines += cutting_lines(reports)
     tokens = _load(reports / "tokenize.json")
     if tokens:
         lines += ["", f"Tokenizer: {tokens['kind']}, vocabulary {tokens['vocab_size']:,}; train "
                   f"{tokens['train_tokens']:,} tokens, val {tokens['val_tokens']:,}, test {tokens['test_tokens']:,} "
                   f"({tokens['bytes_per_token']} bytes per token)."]
     return lines + [""]
+
+
+def cutting_lines(reports: Path) -> list[str]:
+    """How clean cut long text files into documents, when it cut any."""
+    cut = (_load(reports / "clean" / "corpus.json") or {}).get("cutting") or {}
+    if not cut.get("files_cut"):
+        return []
+    return ["", f"Corpus: {cut['files_cut']:,} long file(s) cut into {cut['documents_from_cut_files']:,} documents "
+            f"of about {cut['target_chars']:,} characters ({cut['cuts_at_blank_lines']:,} cuts at blank lines, "
+            f"{cut['cuts_at_line_breaks']:,} at line breaks where no blank line came)."]
 
 
 def metrics_section(title: str, path: Path, images: list[str], reports: Path) -> list[str]:

@@ -77,3 +77,17 @@ def test_the_summary_shows_a_refused_challenger_beside_its_baseline(tmp_path, mo
     assert "| summary-sentiment | test.accuracy | v1: 0.7900 | - | TF-IDF baseline: 0.8167 |" in text
     assert ("summary-sentiment: The challenger (v1, test.accuracy 0.7900) does not beat its TF-IDF baseline "
             "(0.8167): it will not be promoted.") in text
+
+
+def test_the_data_section_says_how_long_files_were_cut(tmp_path):
+    report = {"rows_in": 3, "rows_kept": 250, "rows_quarantined": 0, "quarantine_by_reason": {},
+              "cutting": {"target_chars": 20000, "files_cut": 2, "documents_from_cut_files": 251,
+                          "cuts_at_blank_lines": 240, "cuts_at_line_breaks": 9}}
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "clean/corpus.json").write_text(json.dumps(report))
+    text = build_summary(tmp_path, aliases={}, standings={})
+    assert ("Corpus: 2 long file(s) cut into 251 documents of about 20,000 characters "
+            "(240 cuts at blank lines, 9 at line breaks where no blank line came).") in text
+    report["cutting"]["files_cut"] = 0
+    (tmp_path / "clean/corpus.json").write_text(json.dumps(report))
+    assert "long file(s) cut" not in build_summary(tmp_path, aliases={}, standings={})
