@@ -112,8 +112,12 @@ def case_name(rows, length, trunc, epochs, lr, probe, batch=16) -> str:
     return f"{rows}-{length}-{trunc}-{epochs}ep-{lr:g}{'-probe' if probe else ''}{f'-bs{batch}' if batch != 16 else ''}"
 
 
+# The third round: tune's trials cut to 64 tokens (half the cost), 800 rows, 1 epoch
+CASES_3 = [(800, 64, "head_tail", 1, lr, False) for lr in (5e-5, 7e-5, 1e-4, 1.4e-4, 2e-4)]
+
 GRID = {case_name(*case): case for case in CASES}
 GRID_2 = {case_name(*case): case for case in CASES_2}
+GRID_3 = {case_name(*case): case for case in CASES_3}
 
 
 def params_for(rows: int, length: int, trunc: str, epochs: int, lr: float, device: str, batch: int) -> FinetuneParams:
@@ -227,8 +231,8 @@ def main() -> None:
     if args.held_limit:
         data["held_out"] = data["held_out"].sample(args.held_limit, 0)
     scratch = Path(tempfile.mkdtemp())  # probe models: not under --out, which travels back
-    grids = {"grid": GRID, "grid2": GRID_2}
-    cases = {**GRID, **GRID_2}
+    grids = {"grid": GRID, "grid2": GRID_2, "grid3": GRID_3}
+    cases = {**GRID, **GRID_2, **GRID_3}
     names = list(grids[args.cases]) if args.cases in grids else args.cases.split(",")
     started = time.perf_counter()
     with open(out / "finetune_default.jsonl", "a") as fh:

@@ -16,14 +16,12 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.request
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
-from tests.test_serve import free_port, post
+from tests.test_serve import free_port, post, wait_for_ping
 from tests.tiny_models import NEGATIVE, POSITIVE
 
 NAME = "portable-sentiment"
@@ -127,19 +125,7 @@ def test_a_registered_version_serves_without_lmforge(registry, bare_python, tmp_
         cwd=tmp_path, env=bare_env(bare_python, registry), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"the server exited ({server.returncode}):\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no /ping after 180 s:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_for_ping(server, base, tmp_path / "serve.log", 180)
         status, body = post(f"{base}/invocations", json.dumps({"inputs": [POSITIVE, NEGATIVE]}).encode())
         assert status == 200, body
         assert [p["label"] for p in body["predictions"]] == ["positive", "negative"]

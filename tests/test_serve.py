@@ -64,6 +64,23 @@ def test_request_shapes_accepted(request_input):
 # --- a real server ------------------------------------------------------------------------------
 
 
+def wait_for_ping(server: subprocess.Popen, base: str, log: Path, seconds: float) -> None:
+    """Until the scoring server answers /ping; fails with its log if it exits or stays silent."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"the server exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/ping", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"no /ping after {seconds:g} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -145,19 +162,7 @@ def test_served_champion_labels_reviews_and_rejects_bad_requests(champion, tmp_p
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"the server exited ({server.returncode}):\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no /ping after 90 s:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-            time.sleep(0.3)
+        wait_for_ping(server, base, tmp_path / "serve.log", 90)
 
         status, body = post(f"{base}/invocations", json.dumps({"inputs": [POSITIVE, NEGATIVE]}).encode())
         assert status == 200, body
