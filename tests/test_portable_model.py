@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serve import free_port, post, wait_for_ping
+from tests.test_serve import free_port, post, stop_server, wait_for_ping
 from tests.tiny_models import NEGATIVE, POSITIVE
 
 NAME = "portable-sentiment"
@@ -133,13 +132,5 @@ def test_a_registered_version_serves_without_lmforge(registry, bare_python, tmp_
         status, body = post(f"{base}/invocations", json.dumps({"inputs": ["SECRET"] * 100}).encode())
         assert status == 400 and "SECRET" not in json.dumps(body) and "the limit is" in body["message"]
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(server.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            server.wait(timeout=5)
+        stop_server(server)
         log.close()

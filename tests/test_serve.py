@@ -81,6 +81,19 @@ def wait_for_ping(server: subprocess.Popen, base: str, log: Path, seconds: float
         time.sleep(0.3)
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """End the process group the test started (the server runs uvicorn as a child)."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server.wait(timeout=5)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -203,14 +216,5 @@ def test_served_champion_labels_reviews_and_rejects_bad_requests(champion, tmp_p
         # still serving after the bad requests
         assert post(f"{base}/invocations", json.dumps({"inputs": [NEGATIVE]}).encode())[1]["predictions"][0]["label"] == "negative"
     finally:
-        # the server runs uvicorn as a child: end the whole process group this test started
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(server.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            server.wait(timeout=5)
+        stop_server(server)
         log.close()
