@@ -58,9 +58,7 @@ def _autocast(device: torch.device):
 def window_batches(n_tokens: int, context: int, batch_size: int, max_tokens: int | None = None,
                    *, masked: bool = False) -> int:
     """How many batches batches.sequential_windows yields for a split of n_tokens (the bar's total)."""
-    n = n_tokens if max_tokens is None else min(n_tokens, max_tokens + 1)
-    span = context if masked else context + 1
-    windows = len(range(0, max(n - span, 0) + 1, context))
+    windows = len(batches.window_starts(n_tokens, context, max_tokens, masked=masked))
     return -(-windows // batch_size)
 
 

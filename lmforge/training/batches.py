@@ -147,6 +147,13 @@ def eval_batches(tokens: np.ndarray, context: int, batch_size: int, seed: int, d
         yield _to_device(x, torch.device(device)), _to_device(y, torch.device(device))
 
 
+def window_starts(n_tokens: int, context: int, max_tokens: int | None = None, *, masked: bool = False) -> range:
+    """Where each of sequential_windows' windows starts in a split of n_tokens."""
+    n = n_tokens if max_tokens is None else min(n_tokens, max_tokens + 1)
+    span = context if masked else context + 1
+    return range(0, max(n - span, 0) + 1, context)
+
+
 def sequential_windows(tokens: np.ndarray, context: int, batch_size: int, max_tokens: int | None = None,
                        *, masked: bool = False):
     """Non-overlapping windows covering the split once, for exact full-split evaluation.
@@ -154,10 +161,8 @@ def sequential_windows(tokens: np.ndarray, context: int, batch_size: int, max_to
     Causal windows overlap by one token so that every token but the first is a target once.
     Yields int64 numpy arrays of shape (b, context + 1) (causal) or (b, context) (masked).
     """
-    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
     span = context if masked else context + 1
-    stride = context
-    starts = list(range(0, max(n - span, 0) + 1, stride))
+    starts = window_starts(len(tokens), context, max_tokens, masked=masked)
     for i in range(0, len(starts), batch_size):
         chunk = starts[i : i + batch_size]
         yield np.stack([np.asarray(tokens[s : s + span], dtype=np.int64) for s in chunk])
