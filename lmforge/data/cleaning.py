@@ -335,8 +335,11 @@ def text_hash(text: str) -> int:
 # --- one shard of a corpus --------------------------------------------------------------------
 
 
+BATCH_BYTES = 8 << 20  # the text a shard's worker holds at once
+
+
 def clean_document_shard(raw_dir: str, files: list[str], params: CleanDocuments, kept_path: str,
-                         quarantine_path: str, hashes_path: str, batch_bytes: int = 8 << 20,
+                         quarantine_path: str, hashes_path: str, batch_bytes: int = BATCH_BYTES,
                          cutting: Cutting | None = None) -> dict:
     """Clean one shard's files, a batch of documents at a time, into two parquet files (kept,
     quarantined) and the kept texts' hashes (for `find_duplicates`). Memory holds one batch.
@@ -358,7 +361,7 @@ def clean_document_shard(raw_dir: str, files: list[str], params: CleanDocuments,
     repairs.add("boilerplate_stripped", cut_counts.pop("boilerplate_stripped", 0))
     return {
         "files": len(files),
-        "bytes_in": sum((Path(raw_dir) / f).stat().st_size for f in files),
+        "bytes_in": corpus_bytes(raw_dir, files),
         "text_bytes": totals["text_bytes"],
         "rows_in": totals["rows_in"],
         "rows_kept": totals["rows_kept"],
@@ -468,7 +471,7 @@ def clean_corpus(raw_dir: Path, params: CleanDocuments, out_dir: Path, work_dir:
     scratch.mkdir(parents=True, exist_ok=True)
     part = [f"part-{i:05d}" for i in range(len(shards))]
     jobs = [(str(raw_dir), files, params, str(scratch / f"{p}.kept.parquet"), str(scratch / f"{p}.quarantine.parquet"),
-             str(scratch / f"{p}.hashes.npy"), 8 << 20, cutting) for p, files in zip(part, shards)]
+             str(scratch / f"{p}.hashes.npy"), BATCH_BYTES, cutting) for p, files in zip(part, shards)]
     shard_reports = run_shards(clean_document_shard, jobs, work_dir / "cleaning", engine=engine, desc="cleaning",
                                bytes_key="text_bytes", progress=progress)
     drops = [{row: ("exact duplicate", fs, fr) for row, fs, fr in zip(*(a.tolist() for a in found))}
