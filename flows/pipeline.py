@@ -287,7 +287,6 @@ def _artifact_key(addr: str) -> str:
 # then run side by side, sharing the cache.
 
 _RAN = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
-_SKIPPED = re.compile(r"^Stage '([^']+)' (?:didn't change|is cached)", re.MULTILINE)
 _EXPERIMENT_NAME = re.compile(r"Ran experiment\(s\): (\S+)")
 _FAILED_STAGE = re.compile(r"failed to reproduce '([^']+)'")
 
