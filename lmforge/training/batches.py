@@ -1,8 +1,10 @@
 """Training batches drawn from the memory-mapped token arrays of a token folder (tokenization.py writes them).
 
-A batch is a pure function of (seed, step, micro-step, rank): the window offsets come from a
-numpy generator seeded with those numbers. So the "data position" of a run is just its step, and
-a resumed run draws exactly the batches an uninterrupted run would have drawn.
+A step's global batch (all processes, all micro-batches) is a pure function of (seed, step): its
+window offsets come from a numpy generator seeded with those numbers, and each process takes its
+slice of them, micro-batch by micro-batch. So the "data position" of a run is just its step, a
+resumed run draws exactly the batches an uninterrupted run would have drawn, and it may resume on
+another number of processes: the same global batch is only cut differently.
 
 Windows are `context + 1` tokens long, taken uniformly at random from the split (documents run on
 across the end-of-text tokens, as in GPT-2). A causal batch is (inputs, next tokens); a masked
@@ -87,13 +89,20 @@ class Masking:
 
 
 class BatchSampler:
-    """Random windows of one split, reproducible from (seed, step, micro, rank)."""
+    """Random windows of one split: the global batch of a step is reproducible from (seed, step);
+    process `rank` of `world` takes micro-batch `micro` of its `accumulation` from it.
+
+    Batches are drawn as the v1 sampler drew them for one process and one micro-batch (the
+    generator's seed is [seed, stream, step, 0, 0]), so such runs keep their batches."""
 
     def __init__(self, tokens: np.ndarray, context: int, batch_size: int, seed: int, device: torch.device,
-                 *, masking: Masking | None = None, rank: int = 0, on_device: bool = True):
+                 *, masking: Masking | None = None, rank: int = 0, world: int = 1, accumulation: int = 1,
+                 on_device: bool = True):
         check_length(tokens, context, "train")
         self.tokens, self.context, self.batch_size = tokens, context, batch_size
         self.seed, self.device, self.masking, self.rank = seed, torch.device(device), masking, rank
+        self.global_batch, self.accumulation = batch_size * accumulation * world, accumulation
+        self._masked_step: tuple[int, np.ndarray, np.ndarray] | None = None
         # A causal window needs one extra token for the last target.
         self.span = context if masking else context + 1
         self.high = len(tokens) - self.span + 1
@@ -102,25 +111,42 @@ class BatchSampler:
         if on_device and self.device.type == "cuda" and masking is None and len(tokens) <= DEVICE_COPY_MAX_TOKENS:
             self._on_device = torch.from_numpy(np.asarray(tokens).astype(np.int32)).to(self.device)
 
+    def _rows(self, micro: int) -> slice:
+        """This process's rows of the global batch for one micro-batch."""
+        if not 0 <= micro < self.accumulation:
+            raise IndexError(f"micro-batch {micro} of a step with {self.accumulation}")
+        start = (self.rank * self.accumulation + micro) * self.batch_size
+        return slice(start, start + self.batch_size)
+
+    def global_offsets(self, step: int) -> np.ndarray:
+        rng = _generator(self.seed, _TRAIN_STREAM, step, 0, 0)
+        return rng.integers(0, self.high, size=self.global_batch)
+
     def offsets(self, step: int, micro: int) -> np.ndarray:
-        rng = _generator(self.seed, _TRAIN_STREAM, step, micro, self.rank)
-        return rng.integers(0, self.high, size=self.batch_size)
+        return self.global_offsets(step)[self._rows(micro)]
+
+    def _masked(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The corrupted global batch of a step (masking draws over all of it, so every process
+        corrupts it alike), kept for the step's other micro-batches."""
+        if self._masked_step is None or self._masked_step[0] != step:
+            windows = np.stack([self.tokens[o : o + self.span] for o in self.global_offsets(step)])
+            x, y = self.masking.apply(windows, _generator(self.seed, _MASK_STREAM, step, 0, 0))
+            self._masked_step = (step, x, y)
+        return self._masked_step[1], self._masked_step[2]
 
     def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.masking is not None:
+            x, y = self._masked(step)
+            rows = self._rows(micro)
+            return _to_device(x[rows], self.device), _to_device(y[rows], self.device)
         offsets = self.offsets(step, micro)
         if self._on_device is not None:
             # Pinned, so the copy does not wait for the GPU to drain (no host sync per step).
             index = torch.from_numpy(offsets).pin_memory().to(self.device, non_blocking=True)[:, None] + self._arange
             windows = self._on_device[index].long()
             return windows[:, :-1], windows[:, 1:]
-        windows = np.stack([self.tokens[o : o + self.span] for o in offsets])
-        if self.masking is not None:
-            rng = _generator(self.seed, _MASK_STREAM, step, micro, self.rank)
-            x, y = self.masking.apply(windows, rng)
-        else:
-            windows = windows.astype(np.int64)
-            x, y = windows[:, :-1], windows[:, 1:]
-        return _to_device(x, self.device), _to_device(y, self.device)
+        windows = np.stack([self.tokens[o : o + self.span] for o in offsets]).astype(np.int64)
+        return _to_device(windows[:, :-1], self.device), _to_device(windows[:, 1:], self.device)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -131,12 +157,13 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def eval_batches(tokens: np.ndarray, context: int, batch_size: int, seed: int, device: torch.device, n: int,
-                 *, masking: Masking | None = None, rank: int = 0, world: int = 1):
-    """The same `n` random batches at every evaluation (this rank's share of them)."""
+                 *, masking: Masking | None = None, rank: int = 0, world: int = 1, wrap: int | None = None):
+    """The same `n` random batches at every evaluation (this rank's share of them); with `wrap`,
+    batch i is batch i % wrap (a rank may run a batch again to keep in step with the others)."""
     span = context if masking else context + 1
     high = len(tokens) - span + 1
     for i in range(rank, n, world):
-        rng = _generator(seed, _EVAL_STREAM, i)
+        rng = _generator(seed, _EVAL_STREAM, i % wrap if wrap else i)
         offsets = rng.integers(0, high, size=batch_size)
         windows = np.stack([tokens[o : o + span] for o in offsets])
         if masking is not None:

@@ -1,9 +1,12 @@
-"""Training checkpoints: written atomically, verified on load, never unpickled beyond tensors.
+"""Training checkpoints: written atomically, verified on load, resumable on another number of processes.
 
 One run's folder (<checkpoint root>/<run key>/) holds
   step-000150/          the last complete checkpoint
-    model.safetensors   the weights (shared tensors stored once)
-    optimizer.pt        optimizer + scheduler state dicts (loaded with weights_only=True)
+    .metadata, __<r>_0.distcp
+                        model and optimizer state through torch.distributed.checkpoint (DCP):
+                        each process writes its own shard (a whole replica's tensors are written
+                        once), and a load re-shards them for however many processes read them
+    scheduler.pt        the learning-rate scheduler's state dict (loaded with weights_only=True)
     rng-rank<r>.pt      each process's CPU and CUDA generator states
     state.json          step, data position, best val loss, loss history, run fingerprint,
                         world size and the sha256 of every file above
@@ -12,7 +15,11 @@ One run's folder (<checkpoint root>/<run key>/) holds
 A checkpoint folder is filled under a temporary name and renamed when complete, then `latest` is
 replaced in one rename, so a kill at any moment leaves the previous checkpoint intact. A file that
 is missing, truncated or altered fails its sha256 and raises CheckpointError: a run never restarts
-from zero in silence.
+from zero in silence. Each process hashes the shard it wrote, so the hashing is spread like the
+writing. DCP's .metadata is a pickle: a checkpoint folder is trusted like code, as any torch
+checkpoint with optimizer state is; the sha256 check catches damage, not tampering.
+
+The folder must be one that every process sees (on several hosts, a shared file system).
 
 Imports only torch and safetensors.
 """
@@ -22,11 +29,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_file, save_model
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, load_model, save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lmforge.atomic import replace_dir
 from lmforge.data.sources import sha256_of
@@ -34,7 +44,7 @@ from lmforge.errors import UserError
 
 LATEST = "latest"
 BEST = "best"
-FORMAT = 1
+FORMAT = 2  # 1: model.safetensors + optimizer.pt, one process count only
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -82,8 +92,34 @@ def _unwrap(model):
     return getattr(model, "module", model)  # DistributedDataParallel
 
 
-def _finish_folder(tmp: Path, final: Path, state: dict) -> None:
-    state["files"] = {p.name: sha256_of(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        torch.distributed.barrier()
+
+
+def _hash_files(folder: Path, names: list[str]) -> dict[str, str]:
+    return {name: sha256_of(folder / name) for name in names}
+
+
+def _hashes_of_every_rank(folder: Path, rank: int) -> dict[str, str]:
+    """The sha256 of every file in `folder`: each rank hashes the DCP shard it wrote (__<rank>_*),
+    rank 0 the rest; rank 0 gets them all."""
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    mine = [n for n in files if n.startswith(f"__{rank}_") or (rank == 0 and not n.startswith("__"))]
+    hashes = _hash_files(folder, mine)
+    if _distributed():
+        everyone: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, hashes)
+        hashes = {k: v for part in everyone for k, v in part.items()}
+    return hashes
+
+
+def _finish_folder(tmp: Path, final: Path, state: dict, files: dict[str, str] | None = None) -> None:
+    state["files"] = files if files is not None else _hash_files(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()))
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     for p in tmp.iterdir():
         _fsync_file(p)
@@ -92,30 +128,47 @@ def _finish_folder(tmp: Path, final: Path, state: dict) -> None:
     _fsync_dir(final.parent)
 
 
+def _quiet_dcp(call, *args, **kwargs):
+    # One process without a process group is DCP's documented single-process mode; its warning
+    # that torch.distributed is uninitialised says nothing to a user.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        return call(*args, **kwargs)
+
+
 def save_checkpoint(run_dir: Path | str, *, step: int, model, optimizer, scheduler, state: dict,
-                    rng_states: list[dict[str, Any]]) -> Path:
-    """Write a full training checkpoint for `step` (call on rank 0 with every rank's RNG state)."""
+                    rng_states: list[dict[str, Any]], rank: int = 0) -> Path:
+    """Write a full training checkpoint for `step`. Every process calls it (it is collective under
+    torch.distributed); rank 0 passes every rank's RNG state and writes all but the shards."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:09d}"
-    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(_unwrap(model), str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    for rank, rng in enumerate(rng_states):
-        torch.save(rng, tmp / f"rng-rank{rank}.pt")
-    payload = {"format": FORMAT, **state, "step": step, "world_size": len(rng_states)}
-    _finish_folder(tmp, run_dir / name, payload)
-    pointer = run_dir / f".{LATEST}.tmp-{os.getpid()}"
-    pointer.write_text(name + "\n")
-    _fsync_file(pointer)
-    os.replace(pointer, run_dir / LATEST)
-    _fsync_dir(run_dir)
-    # Older checkpoints and leftovers of killed writes are no longer needed.
-    for other in run_dir.iterdir():
-        if other.name != name and (other.name.startswith("step-") or ".tmp-" in other.name):
-            shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink(missing_ok=True)
+    tmp = run_dir / f".{name}.tmp"  # one name for every process (they write into it together)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    model_state, optimizer_state = get_state_dict(_unwrap(model), optimizer)
+    _quiet_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    if rank == 0:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for r, rng in enumerate(rng_states):
+            torch.save(rng, tmp / f"rng-rank{r}.pt")
+    _barrier()
+    files = _hashes_of_every_rank(tmp, rank)
+    if rank == 0:
+        payload = {"format": FORMAT, **state, "step": step, "world_size": len(rng_states)}
+        _finish_folder(tmp, run_dir / name, payload, files)
+        pointer = run_dir / f".{LATEST}.tmp-{os.getpid()}"
+        pointer.write_text(name + "\n")
+        _fsync_file(pointer)
+        os.replace(pointer, run_dir / LATEST)
+        _fsync_dir(run_dir)
+        # Older checkpoints and leftovers of killed writes are no longer needed.
+        for other in run_dir.iterdir():
+            if other.name != name and (other.name.startswith("step-") or ".tmp" in other.name):
+                shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink(missing_ok=True)
+    _barrier()
     return run_dir / name
 
 
@@ -185,6 +238,11 @@ def read_state(folder: Path | str, *, verify: bool = True) -> dict:
     return state
 
 
+def read_weights(folder: Path | str) -> dict[str, torch.Tensor]:
+    """model.safetensors of a checkpoint folder as a state dict on the CPU."""
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
 def load_weights(folder: Path | str, model) -> None:
     """Load model.safetensors of a checkpoint folder into `model` (shapes and names must match)."""
     folder = Path(folder)
@@ -201,7 +259,9 @@ def load_weights(folder: Path | str, model) -> None:
 
 def load_checkpoint(folder: Path | str, *, model, optimizer, scheduler, rank: int, world_size: int,
                     fingerprint: dict) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG state; return state.json."""
+    """Restore model, optimizer and scheduler (re-sharded for this run's processes) and, when the
+    run has as many processes as the one that wrote it, this rank's RNG state; return state.json
+    (its "rng_restored" says whether the RNG was)."""
     folder = Path(folder)
     state = read_state(folder)
     if state.get("fingerprint") != fingerprint:
@@ -211,18 +271,16 @@ def load_checkpoint(folder: Path | str, *, model, optimizer, scheduler, rank: in
             f"checkpoint {folder} was written by another run configuration (differs in: "
             f"{', '.join(differ) or 'unknown'}); delete {folder.parent} to start from step 0"
         )
-    if state.get("world_size") != world_size:
-        raise CheckpointError(
-            f"checkpoint {folder} was written by {state.get('world_size')} processes, this run has "
-            f"{world_size}: its batches would differ; resume with the same number of processes"
-        )
-    load_weights(folder, model)
+    model_state, optimizer_state = get_state_dict(_unwrap(model), optimizer)
+    target = {"model": model_state, "optimizer": optimizer_state}
     try:
-        bundle = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(bundle["optimizer"])
-        scheduler.load_state_dict(bundle["scheduler"])
-        rng = torch.load(folder / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True)
+        _quiet_dcp(dcp.load, target, checkpoint_id=str(folder))
+        set_state_dict(_unwrap(model), optimizer, model_state_dict=target["model"],
+                       optim_state_dict=target["optimizer"])
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
     except (RuntimeError, ValueError, KeyError, OSError) as err:
         raise CheckpointError(f"checkpoint {folder} does not fit this run: {err}") from None
-    set_rng_state(rng)
+    state["rng_restored"] = state.get("world_size") == world_size
+    if state["rng_restored"]:
+        set_rng_state(torch.load(folder / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True))
     return state

@@ -299,3 +299,38 @@ def flops_per_token(model, context: int) -> float:
     layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
     width = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
     return 6.0 * count_params(model, non_embedding=True) + 12.0 * layers * width * context
+
+
+def blocks(model) -> torch.nn.ModuleList:
+    """The model's stack of transformer blocks (Llama's model.layers, GPT-2's transformer.h, BERT's
+    encoder.layer): the first ModuleList as long as the config's layer count."""
+    c = model.config
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+            return module
+    raise ModelConfigError(f"{type(model).__name__} has no list of {layers} blocks to checkpoint or shard")
+
+
+def every_nth_block(setting: str | int, n_blocks: int) -> list[int]:
+    """The blocks pretrain.activation_checkpointing recomputes: none, full, or every n-th (from the first)."""
+    if setting == "none":
+        return []
+    step = 1 if setting == "full" else int(setting)
+    return list(range(0, n_blocks, step))
+
+
+def set_activation_checkpointing(model, setting: str | int, training: bool) -> None:
+    """Wrap the chosen blocks so the backward recomputes their activations (True), or unwrap them
+    (False: the saved model holds its own modules). Non-reentrant checkpointing: it works under
+    torch.compile and FSDP2, and with the keyword arguments transformers' blocks take."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointWrapper,
+                                                                             checkpoint_wrapper)
+
+    stack = blocks(model)
+    chosen = set(every_nth_block(setting, len(stack))) if training else set()
+    for index, block in enumerate(stack):
+        if isinstance(block, CheckpointWrapper) and index not in chosen:
+            stack[index] = block._checkpoint_wrapped_module
+        elif not isinstance(block, CheckpointWrapper) and index in chosen:
+            stack[index] = checkpoint_wrapper(block)

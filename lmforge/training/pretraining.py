@@ -1,4 +1,4 @@
-"""The pretraining loop: one code path for the CPU, one GPU and N GPUs (torchrun, DDP).
+"""The pretraining loop: one code path for the CPU, one GPU and N GPUs (torchrun; DDP or FSDP2).
 
 - Fused AdamW, linear warmup then cosine decay to `min_lr_ratio * learning_rate`, gradient accumulation,
   clipping, bf16 autocast on CUDA and fp32 on the CPU, SDPA attention, optional torch.compile
@@ -7,6 +7,12 @@
 - `build_step` makes the optimizer step (model and loss as one compiled module, DDP, the bf16
   working copy); `train` only draws batches, steps, and logs, evaluates and checkpoints at their
   intervals. bench/profile_step.py times the same `build_step`.
+- pretrain.parallel fsdp shards the model over the processes instead (sharding.py); activation
+  checkpointing recomputes chosen blocks in the backward (either strategy).
+- A run is defined by its global batch (windows per step over all processes), not by how it is
+  split: its run key and its batches are those of one process taking the whole global batch, so a
+  run checkpointed on N processes resumes on M and ends where it would have (set
+  pretrain.global_batch_size so the accumulation follows the number of processes).
 - Validation every `eval_steps` steps on fixed random val batches; the best weights and the last
   full checkpoint (model, optimizer, scheduler, step, RNG states, data position) are written
   atomically (checkpoint.py).
@@ -37,16 +43,21 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmforge.config import RENAMED_KEYS
-from lmforge.training import batches, checkpoint, fused_loss, master_weights, runtime, step_graph
+from lmforge.errors import UserError
+from lmforge.training import batches, checkpoint, fused_loss, master_weights, runtime, sharding, step_graph
 from lmforge.training.model import (TokenInfo, build_model, count_params, flops_per_token, is_masked,
-                                    set_training_activation, set_training_attention)
+                                    set_activation_checkpointing, set_training_activation, set_training_attention)
 from lmforge.training.runtime import Dist
 
 # Knobs that change how a run computes, not what it trains (kernels, fusion and bf16 gradient
 # transfer move the last bits only): they stay out of the run key, so a resume may change them.
 OPERATIONAL_KEYS = {"eval_steps", "save_steps", "logging_steps", "compile", "compile_mode", "attention", "cuda_graph",
                     "fused_loss", "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype",
-                    "ddp_overlap"}
+                    "ddp_overlap", "parallel", "activation_checkpointing", "nproc_per_node", "nnodes",
+                    "rdzv_endpoint"}
+# How the global batch is cut (per process, per micro-batch) moves float sums only: in the run key the
+# global batch stands in for them (see run_fingerprint).
+BATCH_SPLIT_KEYS = {"batch_size", "gradient_accumulation_steps", "global_batch_size"}
 # Keys added after runs were already checkpointed, at the value that reproduces how those runs
 # trained: left out of the run key at that value, so the older runs keep their key and resume.
 LATER_KEYS_AT_OLD_BEHAVIOUR = {"param_dtype": "fp32"}
@@ -72,11 +83,33 @@ def params_dict(p: Any) -> dict[str, Any]:
     return dict(vars(p))
 
 
+class BatchSplitError(UserError, ValueError):
+    """pretrain.global_batch_size cannot be cut evenly over this run's processes."""
+
+
+def accumulation_steps(p: Any, world: int) -> int:
+    """Micro-batches per step and process: gradient_accumulation_steps, or what global_batch_size asks."""
+    if p.global_batch_size is None:
+        return p.gradient_accumulation_steps
+    per_step = p.batch_size * world
+    if p.global_batch_size % per_step:
+        raise BatchSplitError(f"pretrain.global_batch_size ({p.global_batch_size}) is not a multiple of batch_size "
+                              f"({p.batch_size}) x {world} processes; choose a batch_size that divides it")
+    return p.global_batch_size // per_step
+
+
 def run_fingerprint(p: Any, seed: int, meta: dict, world: int) -> dict[str, Any]:
-    """Everything that decides the weights a run ends with."""
+    """Everything that decides the weights a run ends with.
+
+    The batch knobs are recorded as one process taking the whole global batch (world_size 1,
+    batch_size = the global batch, no accumulation): the sampler draws the same global batch
+    however it is cut, so a run keeps its key, and resumes, on another number of processes. The
+    keys of single-process runs without accumulation are the ones they had before."""
     knobs = {k: v for k, v in params_dict(p).items()
-             if k not in OPERATIONAL_KEYS and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
-    return {"seed": seed, "world_size": world, "data": meta["splits"], "vocab_size": meta["vocab_size"],
+             if k not in OPERATIONAL_KEYS | BATCH_SPLIT_KEYS and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
+    knobs["batch_size"] = p.batch_size * accumulation_steps(p, world) * world
+    knobs["gradient_accumulation_steps"] = 1
+    return {"seed": seed, "world_size": 1, "data": meta["splits"], "vocab_size": meta["vocab_size"],
             "sampler": batches.SAMPLER_VERSION,
             **{f"pretrain.{NAMES_BEFORE_THE_RENAME.get(k, k)}": v for k, v in sorted(knobs.items())}}
 
@@ -143,8 +176,12 @@ class TrainingLoss(torch.nn.Module):
 
 
 def use_fused_loss(p: Any, model, masked: bool, say: Callable[[str], None]) -> bool:
-    """pretrain.fused_loss where the head allows it (a causal model with a plain linear head)."""
+    """pretrain.fused_loss where the head allows it (a causal model with a plain linear head, unsharded)."""
     if not p.fused_loss:
+        return False
+    if sharding.is_sharded(model):
+        say("fused_loss reads the head's weight outside the model's forward, where FSDP has not gathered it: "
+            "keeping the plain loss")
         return False
     if masked or not fused_loss.supports(model):
         say(f"fused_loss needs a causal model whose head is one bias-free matrix; {type(model).__name__} "
@@ -175,6 +212,9 @@ def bf16_working(p: Any, model, d: "Dist", say: Callable[[str], None]) -> master
     """pretrain.param_dtype bf16: a bf16 working copy of `model`, whose fp32 weights become the masters."""
     if p.param_dtype != "bf16":
         return None
+    if sharding.is_sharded(model):
+        say("param_dtype bf16: under fsdp the shards stay fp32 and FSDP's mixed precision computes in bf16")
+        return None
     if d.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("pretrain.param_dtype bf16 needs a GPU with bf16; set param_dtype: fp32")
     say("param_dtype bf16: forward and backward on a bf16 copy of the weights, AdamW on the fp32 masters")
@@ -195,7 +235,7 @@ def use_cuda_graph(p: Any, d: "Dist", say: Callable[[str], None]) -> bool:
     if not p.cuda_graph:
         return False
     if d.device.type != "cuda" or d.world > 1:
-        say("cuda_graph needs one process on one GPU (DDP's hooks cannot be captured): running eager steps")
+        say("cuda_graph needs one process on one GPU (DDP's and FSDP's hooks cannot be captured): running eager steps")
         return False
     return True
 
@@ -244,11 +284,15 @@ def validate(model, tokens, p: Any, seed: int, d: Dist, masking: batches.Masking
     was_training = model.training
     model.eval()
     total = torch.zeros(2, device=d.device, dtype=torch.float64)
-    for x, y in batches.eval_batches(tokens, p.context, p.batch_size, seed, d.device, p.eval_batches,
-                                     masking=masking, rank=d.rank, world=d.world):
+    # Sharded, every process must run as many forwards as the others (each one gathers weights from
+    # all): the ranks short of a batch run one more, counted for nothing.
+    n = -(-p.eval_batches // d.world) * d.world if sharding.is_sharded(model) else p.eval_batches
+    for i, (x, y) in enumerate(batches.eval_batches(tokens, p.context, p.batch_size, seed, d.device, n,
+                                                    masking=masking, rank=d.rank, world=d.world,
+                                                    wrap=p.eval_batches)):
         with runtime.autocast(d.device, forward_dtype(d.device)):
             loss = _loss(model, x, y, masking is not None)
-        count = (y != batches.IGNORE_INDEX).sum()
+        count = (y != batches.IGNORE_INDEX).sum() * (d.rank + i * d.world < p.eval_batches)
         total[0] += loss.double() * count
         total[1] += count
     if d.world > 1:
@@ -273,7 +317,7 @@ def check_replicas_agree(model, d: Dist, step: int) -> None:
     all-reduced gradients (NCCL and gloo hand every rank the same result), stay bitwise equal, so
     each tensor is summarised by the sum of its raw bits: exact, NaN-safe, and any one value that
     changes changes it."""
-    if d.world == 1:
+    if d.world == 1 or sharding.is_sharded(model):  # shards are not replicas
         return
     import torch.distributed as dist
 
@@ -313,11 +357,14 @@ class TrainStep:
     p: Any
     world: int
     loss_sum: torch.Tensor
+    sharded: bool = False
 
     def __call__(self, step_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for micro, (x, y) in enumerate(step_batches):
             last = micro == len(step_batches) - 1
-            context = self.module.no_sync() if self.world > 1 and not last else nullcontext()
+            if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(last)
+            context = self.module.no_sync() if self.world > 1 and not last and not self.sharded else nullcontext()
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
             with context:
@@ -335,12 +382,16 @@ def build_step(model, optimizer: torch.optim.Optimizer, p: Any, d: Dist, masked:
     working = bf16_working(p, model, d, say)
     stepped = working.model if working else model
     module = TrainingLoss(stepped, masked, use_fused_loss(p, stepped, masked, say))
-    if d.world > 1:
+    sharded = sharding.is_sharded(model)
+    if d.world > 1 and not sharded:
         module = wrap_ddp(module, p, d, say)
-    runner, cudagraphs = compile_runner(module, p, d, say) if p.compile else (module, False)
+    if sharded:  # its blocks were compiled one by one before sharding (sharding.shard)
+        runner, cudagraphs = module, False
+    else:
+        runner, cudagraphs = compile_runner(module, p, d, say) if p.compile else (module, False)
     return TrainStep(model=model, optimizer=optimizer, working=working, module=module, runner=runner,
                      cudagraphs=cudagraphs, dtype=forward_dtype(d.device), p=p, world=d.world,
-                     loss_sum=torch.zeros((), device=d.device))
+                     loss_sum=torch.zeros((), device=d.device), sharded=sharded)
 
 
 class StepRunner:
@@ -441,6 +492,7 @@ class Run:
     schedule: Callable[[int], float]  # the peak lr's multiplier after a number of steps
     scheduler: Any
     checkpoints: runtime.RunCheckpoints
+    accumulation: int  # micro-batches per step on each process
     tokens_per_step: int
     flops_per_token: float
     peak: float | None
@@ -466,7 +518,19 @@ def open_model(p: Any, tokens_dir: Path, meta: dict, seed: int, d: Dist) -> tupl
     model.train()
     set_training_attention(model, True)
     set_training_activation(model, p.compile)
+    set_activation_checkpointing(model, p.activation_checkpointing, True)
     return model, masked
+
+
+def distribute(model, p: Any, d: Dist, say: Callable[[str], None]):
+    """pretrain.parallel fsdp on several processes: the model sharded (sharding.py); else as it is
+    (DDP wraps the step later, in build_step)."""
+    if p.parallel != "fsdp":
+        return model
+    if d.world == 1:
+        say("parallel fsdp on one process: nothing to shard, training the whole model here")
+        return model
+    return sharding.shard(model, p, d, say)
 
 
 def masking_for(p: Any, meta: dict, masked: bool) -> batches.Masking | None:
@@ -483,6 +547,12 @@ def start_or_resume(run: Run) -> tuple[Progress, int]:
     if state is not None:
         start = int(state["step"])
         run.say(f"resuming run {run.checkpoints.dir.name} from step-{start:09d} (step {start} of {run.p.max_steps})")
+        if not state["rng_restored"]:
+            # Another number of processes: there is no generator state to continue per rank. The
+            # batches do not depend on it; dropout's draws start from a seed of this step.
+            torch.manual_seed(run.seed * 1000 + run.d.rank + 7919 * start)
+            run.say(f"the checkpoint was written by {state['world_size']} processes, this run has {run.d.world}: "
+                    "same global batches, fresh dropout seeds")
         return Progress.from_state(state, start), start
     torch.manual_seed(run.seed * 1000 + run.d.rank)  # dropout and other in-step randomness
     run.say(f"run {run.checkpoints.dir.name}: no checkpoint yet, starting at step 0 of {run.p.max_steps}")
@@ -530,9 +600,12 @@ def eval_point(run: Run, progress: Progress, done: int, bar) -> None:
     progress.history["val"].append({"step": done, "train_loss": mean_train, "val_loss": progress.last_val})
     if progress.last_val < progress.best:
         progress.best = progress.last_val
-        if run.d.main:
+        if sharding.is_sharded(run.model):  # gathered by every process onto rank 0's CPU
+            weights = sharding.full_weights(run.model)
+            progress.best_weights = weights if run.d.main else None
+        elif run.d.main:
             progress.best_weights = checkpoint.snapshot(run.model)
-            progress.best_info = {"step": done, "val_loss": progress.best}
+        progress.best_info = {"step": done, "val_loss": progress.best}
     run.metrics({"val_loss": progress.last_val, "best_val_loss": progress.best}, done)
     bar.set_postfix(bar_fields(progress), refresh=False)  # the new val loss, not at the next log only
     progress.restart_clock(done)
@@ -560,7 +633,8 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     state, start = start_or_resume(run)
     runtime.barrier(d)
     sampler = batches.BatchSampler(train_tokens, p.context, p.batch_size, seed, d.device, masking=run.masking,
-                                   rank=d.rank, on_device=p.data_on_device)
+                                   rank=d.rank, world=d.world, accumulation=run.accumulation,
+                                   on_device=p.data_on_device)
     runtime.enable_tf32(d.device)
     step = build_step(run.model, run.optimizer, p, d, run.masked, say)
     runner = StepRunner(step, use_cuda_graph(p, d, say), start, d.device)
@@ -577,7 +651,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     state.restart_clock(start)
     with attention_backends(p.attention, d.device):
         for index in range(start, p.max_steps):
-            runner.run(index, [sampler.get(index, micro) for micro in range(p.gradient_accumulation_steps)],
+            runner.run(index, [sampler.get(index, micro) for micro in range(run.accumulation)],
                        p.learning_rate * run.schedule(index))
             run.scheduler.step()
             state.loss_steps += 1
@@ -611,29 +685,49 @@ def prepare_run(p: Any, seed: int, tokens_dir: Path, checkpoint_root: Path | str
     batches.check_length(train_tokens, p.context, "train")
     batches.check_length(val_tokens, p.context, "val")
     model, masked = open_model(p, tokens_dir, meta, seed, d)
+    model = distribute(model, p, d, say)
     model_ready = time.perf_counter()
+    accumulation = accumulation_steps(p, d.world)
     optimizer = make_optimizer(model, p)
     schedule = partial(runtime.warmup_cosine, warmup=p.warmup_steps, total=p.max_steps, floor=p.min_lr_ratio)
     fingerprint = run_fingerprint(p, seed, meta, d.world)
     run = Run(p=p, seed=seed, d=d, say=say, model=model, masked=masked, masking=masking_for(p, meta, masked),
               val_tokens=val_tokens, optimizer=optimizer, schedule=schedule,
               scheduler=runtime.lr_scheduler(optimizer, schedule),
-              checkpoints=runtime.RunCheckpoints(checkpoint_root, fingerprint, d),
-              tokens_per_step=p.batch_size * p.context * p.gradient_accumulation_steps * d.world,
+              checkpoints=runtime.RunCheckpoints(checkpoint_root, fingerprint, d), accumulation=accumulation,
+              tokens_per_step=p.batch_size * p.context * accumulation * d.world,
               flops_per_token=flops_per_token(model, p.context), peak=runtime.peak_flops(d.device),
               on_metrics=on_metrics)
     return run, train_tokens, (devices_ready, model_ready)
 
 
+def unsharded(run: Run):
+    """The sharded model as one plain model on rank 0's CPU, with the weights pretrain.save asks for
+    (None on the other ranks). The last weights are gathered by every process."""
+    weights = sharding.full_weights(run.model) if run.p.save == "last" else None
+    if not run.d.main:
+        return None
+    if weights is None:
+        weights = run.checkpoints.best_weights()
+        if weights is None:
+            raise RuntimeError("internal: a finished run kept no best weights")
+    return sharding.plain_copy(run.model, weights)
+
+
 def finish(run: Run, state: Progress, start: int, started: float, setup_s: float) -> TrainResult:
     """Back to inference attention, the best weights loaded when pretrain.save is best, the figures."""
     p, d, model = run.p, run.d, run.model
-    set_training_attention(model, False)
-    set_training_activation(model, False)
+    params = count_params(model)
     if start >= p.max_steps:
         run.say(f"run {run.checkpoints.dir.name} was already complete at step {start}")
-    if p.save == "best":
+    if sharding.is_sharded(model):
+        model = unsharded(run)  # None on ranks other than 0
+    elif p.save == "best":
         run.checkpoints.load_best(model)
+    if model is not None:
+        set_training_attention(model, False)
+        set_training_activation(model, False)
+        set_activation_checkpointing(model, "none", False)
     peak_mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
     history = state.history
     tokens_per_s = state.train_tokens / state.train_s if state.train_s else 0.0
@@ -643,7 +737,7 @@ def finish(run: Run, state: Progress, start: int, started: float, setup_s: float
         final_val_loss=history["val"][-1]["val_loss"] if history["val"] else math.nan,
         final_train_loss=state.last_train, tokens_per_step=run.tokens_per_step, tokens_per_s=tokens_per_s,
         mfu=tokens_per_s * run.flops_per_token / (run.peak * d.world) if (run.peak and state.train_s) else None,
-        params=count_params(model), flops_per_token=run.flops_per_token, setup_s=setup_s,
+        params=params, flops_per_token=run.flops_per_token, setup_s=setup_s,
         first_step_s=state.first_step_s, train_s=state.train_s, wall_s=time.perf_counter() - started,
         peak_memory_gb=peak_mem, history=history, dist=d,
     )

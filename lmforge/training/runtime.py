@@ -257,7 +257,7 @@ class RunCheckpoints:
 
     The key hashes the fingerprint, so a run with other settings or data gets a folder of its own
     and never resumes from (or overwrites) one that does not fit it. Every rank calls every
-    method; rank 0 alone writes."""
+    method: each writes its shard of a checkpoint, rank 0 the rest and the best weights."""
 
     def __init__(self, root: Path | str, fingerprint: dict[str, Any], d: Dist):
         self.fingerprint, self.d = fingerprint, d
@@ -276,16 +276,22 @@ class RunCheckpoints:
         return state
 
     def save(self, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> None:
-        rngs = gather_rng(self.d)
-        if self.d.main:
-            checkpoint.save_checkpoint(self.dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                       rng_states=rngs, state={"fingerprint": self.fingerprint, **state})
-        barrier(self.d)
+        checkpoint.save_checkpoint(self.dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                   rng_states=gather_rng(self.d), rank=self.d.rank,
+                                   state={"fingerprint": self.fingerprint, **state})
 
     def save_best(self, weights: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         """Write a checkpoint.snapshot() as the run's best weights (rank 0 only)."""
         if self.d.main:
             checkpoint.save_best(self.dir, weights, info)
+
+    def best_weights(self) -> dict[str, torch.Tensor] | None:
+        """The run's best weights as a state dict on the CPU; None when the run kept none."""
+        best = self.dir / checkpoint.BEST
+        if not best.exists():
+            return None
+        checkpoint.read_state(best)
+        return checkpoint.read_weights(best)
 
     def load_best(self, model) -> bool:
         """Load the best weights into `model`; False when the run kept none."""
