@@ -34,9 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, load_model, save_file
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lmforge.atomic import replace_dir
 from lmforge.data.sources import sha256_of
@@ -148,6 +146,10 @@ def save_checkpoint(run_dir: Path | str, *, step: int, model, optimizer, schedul
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
+    # Imported here: torch.distributed.checkpoint costs start-up time a run without checkpoints need not pay.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_state, optimizer_state = get_state_dict(_unwrap(model), optimizer)
     _quiet_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
     if rank == 0:
@@ -271,6 +273,9 @@ def load_checkpoint(folder: Path | str, *, model, optimizer, scheduler, rank: in
             f"checkpoint {folder} was written by another run configuration (differs in: "
             f"{', '.join(differ) or 'unknown'}); delete {folder.parent} to start from step 0"
         )
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     model_state, optimizer_state = get_state_dict(_unwrap(model), optimizer)
     target = {"model": model_state, "optimizer": optimizer_state}
     try:

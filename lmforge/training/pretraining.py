@@ -504,7 +504,7 @@ class Run:
 
 
 def open_model(p: Any, tokens_dir: Path, meta: dict, seed: int, d: Dist) -> tuple[torch.nn.Module, bool]:
-    """The model from the pretrain params, on its device, in training mode."""
+    """The model from the pretrain params, in training mode, on the CPU (`distribute` places it)."""
     data_vocab = None
     if p.init_from:
         from tokenizers import Tokenizer
@@ -514,7 +514,6 @@ def open_model(p: Any, tokens_dir: Path, meta: dict, seed: int, d: Dist) -> tupl
     masked = is_masked(model)
     if masked and p.arch != "bert" and not p.init_from:
         raise ValueError("internal: a masked model from a causal arch")
-    model.to(d.device)
     model.train()
     set_training_attention(model, True)
     set_training_activation(model, p.compile)
@@ -523,14 +522,14 @@ def open_model(p: Any, tokens_dir: Path, meta: dict, seed: int, d: Dist) -> tupl
 
 
 def distribute(model, p: Any, d: Dist, say: Callable[[str], None]):
-    """pretrain.parallel fsdp on several processes: the model sharded (sharding.py); else as it is
-    (DDP wraps the step later, in build_step)."""
-    if p.parallel != "fsdp":
-        return model
-    if d.world == 1:
+    """The model on its device: whole (DDP wraps the step later, in build_step) or, with
+    pretrain.parallel fsdp on several processes, sharded (sharding.py moves each shard to the GPU,
+    so no process ever holds the whole model there)."""
+    if p.parallel == "fsdp" and d.world > 1:
+        return sharding.shard(model, p, d, say)
+    if p.parallel == "fsdp":
         say("parallel fsdp on one process: nothing to shard, training the whole model here")
-        return model
-    return sharding.shard(model, p, d, say)
+    return model.to(d.device)
 
 
 def masking_for(p: Any, meta: dict, masked: bool) -> batches.Masking | None:
