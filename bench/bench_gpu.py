@@ -20,6 +20,12 @@ empty torch.compile and Triton caches (cold compile).
       for Dynamo's split at DDP's buckets). GPU indices count within CUDA_VISIBLE_DEVICES, so benches can share
       a machine: CUDA_VISIBLE_DEVICES=3 python bench/bench_gpu.py --cases g2 runs on physical GPU 3
 --set CASE.KEY=VALUE overrides a pretrain param of one case (repeatable); the table comes last.
+
+Beside lmforge, in the same call, the anchors of ../shared/anchors/ (--anchors; they differ by
+several percent from host to host, so the ratio on one host is the figure): G1 against the
+minimal GPT compiled (gpu_anchor.py, VARIANTS=nanogpt, the same head split), G3 against the
+minimal GPT under DDP on the same GPUs (ddp_anchor.py, its own one-GPU run as its base). The
+--record JSON carries g1_vs_anchor, g2_wall_s, g2_val_loss, g3_scaling_2 (g3_scaling_4) on top.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ G1_SHAPE = dict(arch="gpt2", n_layer=12, n_head=6, d_model=768, context=1024, ba
                 save_steps=100_000, logging_steps=20, compile=True, compile_mode="default", cuda_graph=False,
                 fused_loss=True, param_dtype="bf16", ddp_overlap=False)
 G1_VOCAB = 50_304  # GPT-2's 50,257 padded to a multiple of 64
-TARGETS = {"g1_tokens_per_s": 565_000, "g2_wall_s": 60.0, "g2_val_loss": 1.294, "g3_scaling_2": 1.95,
-           "g3_scaling_4": 3.85, "g3_tokens_per_s_4": 2_150_000}
+TARGETS = {"g1_vs_anchor": 1.15, "g2_wall_s": 40.0, "g2_val_loss": 1.294, "g3_scaling_2": 1.95,
+           "g3_scaling_4": 3.85}
+ANCHOR_SHAPES = {6: "gpt2_124M_h6", 12: "gpt2_124M"}  # gpu_anchor.py's G1 shapes by head count
 
 
 def write_random_tokens(out: Path, vocab: int, train_tokens: int, seed: int = 0) -> None:
@@ -169,6 +176,43 @@ def g2(work: Path, base: dict, overrides: dict, corpus: Path) -> dict:
     return result
 
 
+def json_lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def anchor_g1(anchors: Path, n_head: int, work: Path) -> dict:
+    """The minimal GPT, compiled, on GPU 0 with G1's shape and head split: its tokens/s."""
+    if n_head not in ANCHOR_SHAPES:
+        return {"failed": f"the anchor has no shape with {n_head} heads"}
+    env = stage_env("0", VARIANTS="nanogpt", ANCHOR_OUT=str(work))
+    done = subprocess.run([sys.executable, str(anchors / "gpu_anchor.py"), ANCHOR_SHAPES[n_head]], env=env,
+                          capture_output=True, text=True)
+    rows = [r for r in json_lines(done.stdout) if r.get("variant") == "nanogpt" and "tok_s" in r]
+    if not rows:
+        return {"failed": (done.stdout + done.stderr)[-2000:]}
+    return {"tokens_per_s": rows[0]["tok_s"], "row": rows[0]}
+
+
+def anchor_ddp(anchors: Path, n_gpus: int, n_head: int) -> dict:
+    """The minimal GPT under DDP on n_gpus GPUs (1: one plain process): its global tokens/s."""
+    env = stage_env(",".join(map(str, range(n_gpus))), N_HEAD=str(n_head))
+    script = str(anchors / "ddp_anchor.py")
+    command = ([sys.executable, script] if n_gpus == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}", script])
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    rows = [r for r in json_lines(done.stdout) if "tok_s" in r]
+    if not rows:
+        return {"failed": (done.stdout + done.stderr)[-2000:]}
+    return {"tokens_per_s": rows[0]["tok_s"], "row": rows[0]}
+
+
 def parse_sets(items: list[str]) -> dict[str, dict]:
     """`CASE.KEY=VALUE` items -> {case: {pretrain key: value}}; the value reads as the params' overrides do."""
     out: dict[str, dict] = {"g1": {}, "g2": {}, "g3": {}}
@@ -197,22 +241,52 @@ def heads(r: dict) -> str:
     return f"{p['n_head']} heads of {p['d_model'] // p['n_head']}"
 
 
-def table(results: dict) -> str:
-    lines = ["| case | tokens/s | MFU | first step s (compile) | peak GiB | process wall s | quality / scaling |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+def ratio(mine: float | None, theirs: dict | None) -> float | None:
+    if not mine or not theirs or not theirs.get("tokens_per_s"):
+        return None
+    return mine / theirs["tokens_per_s"]
+
+
+def headline(results: dict) -> dict:
+    """The figures the targets are stated in, for the top of the record."""
+    out: dict = {}
     if "g1" in results:
-        lines.append(row(f"g1 1 GPU, {heads(results['g1'])}", results["g1"], f"target >= {TARGETS['g1_tokens_per_s']:,} tokens/s"))
+        out["g1_vs_anchor"] = ratio(results["g1"]["metrics"]["tokens_per_s"], results["g1"].get("anchor"))
+    if "g2" in results:
+        out["g2_wall_s"] = results["g2"]["process_wall_s"]
+        out["g2_val_loss"] = results["g2"]["evaluate"]["val"]["loss"]
+    for key in (k for k in results if k.startswith("g3_")):
+        n = results[key]["metrics"]["world_size"]
+        if "g1" in results:
+            out[f"g3_scaling_{n}"] = results[key]["metrics"]["tokens_per_s"] / results["g1"]["metrics"]["tokens_per_s"]
+        anchor = results[key].get("anchor") or {}
+        if anchor.get("tokens_per_s") and (anchor.get("one_gpu") or {}).get("tokens_per_s"):
+            out[f"g3_anchor_scaling_{n}"] = anchor["tokens_per_s"] / anchor["one_gpu"]["tokens_per_s"]
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def table(results: dict) -> str:
+    lines = ["| case | tokens/s | MFU | first step s (compile) | peak GiB | process wall s | against the anchor / target |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    top = headline(results)
+    if "g1" in results:
+        anchor = results["g1"].get("anchor") or {}
+        against = (f"minimal GPT {anchor['tokens_per_s']:,.0f}: **{top['g1_vs_anchor']:.3f}x** (target >= "
+                   f"{TARGETS['g1_vs_anchor']}x)" if top.get("g1_vs_anchor") else f"no anchor: {anchor.get('failed', '')[:80]}")
+        lines.append(row(f"g1 1 GPU, {heads(results['g1'])}", results["g1"], against))
     if "g2" in results:
         r = results["g2"]
         lines.append(row("g2 char Shakespeare", r, f"best val {r['metrics']['best_val_loss']:.4f} (stage), "
-                         f"{r['evaluate']['val']['loss']:.4f} (whole val split); target <= 1.294 in <= 60 s"))
+                         f"{r['evaluate']['val']['loss']:.4f} (whole val split); target <= 1.294 in <= "
+                         f"{TARGETS['g2_wall_s']:.0f} s"))
     for key in sorted(k for k in results if k.startswith("g3")):
         r = results[key]
-        scaling = r["metrics"]["tokens_per_s"] / results["g1"]["metrics"]["tokens_per_s"] if "g1" in results else None
         gpus = r["metrics"]["world_size"]
-        target = {2: f"target >= {TARGETS['g3_scaling_2']}x",
-                  4: f"target >= {TARGETS['g3_scaling_4']}x and {TARGETS['g3_tokens_per_s_4']:,} tokens/s"}.get(gpus, "")
-        lines.append(row(f"{key}, {heads(r)}", r, "; ".join(filter(None, [f"{scaling:.2f}x g1" if scaling else "", target]))))
+        scaling = top.get(f"g3_scaling_{gpus}")
+        theirs = top.get(f"g3_anchor_scaling_{gpus}")
+        target = f"target >= {TARGETS.get(f'g3_scaling_{gpus}', '-')}x"
+        lines.append(row(f"{key}, {heads(r)}", r, "; ".join(filter(None, [
+            f"**{scaling:.3f}x** g1" if scaling else "", f"minimal GPT's DDP {theirs:.3f}x" if theirs else "", target]))))
     return "\n".join(lines)
 
 
@@ -244,6 +318,8 @@ def main() -> None:
     parser.add_argument("--record", default=None, help="also write the results as JSON here")
     parser.add_argument("--seed", type=int, default=None, help="the params' seed (default: the config's)")
     parser.add_argument("--g3-gpus", default="2,all", help="g3's GPU counts, comma-separated (all: every visible GPU)")
+    parser.add_argument("--anchors", default=str(ROOT.parent / "shared" / "anchors"),
+                        help="the folder of gpu_anchor.py and ddp_anchor.py (none: no anchor runs)")
     args = parser.parse_args()
 
     import torch
@@ -254,10 +330,16 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="lmforge-bench-gpu-"))
     n_gpus = torch.cuda.device_count()
     results: dict[str, dict] = {}
+    anchors = None if args.anchors == "none" else Path(args.anchors)
+    if anchors and not (anchors / "gpu_anchor.py").exists():
+        raise SystemExit(f"--anchors {anchors}: no gpu_anchor.py there (pass --anchors none to run without)")
     for case in cases:
         print(f"[bench] {case} ...", flush=True)
         if case == "g1":
             results["g1"] = g1(work, base, sets["g1"])
+            if anchors:
+                print("[bench] g1 anchor ...", flush=True)
+                results["g1"]["anchor"] = anchor_g1(anchors, results["g1"]["pretrain"]["n_head"], work)
         elif case == "g2":
             results["g2"] = g2(work, base, sets["g2"], Path(args.corpus))
         elif case == "g3":
@@ -274,6 +356,11 @@ def main() -> None:
             for n in sizes:
                 print(f"[bench] g3 on {n} GPUs ...", flush=True)
                 results[f"g3_{n}gpu"] = g1(work, base, {**sets["g1"], **sets["g3"]}, ",".join(map(str, range(n))))
+                if anchors:
+                    n_head = results[f"g3_{n}gpu"]["pretrain"]["n_head"]
+                    print(f"[bench] g3 anchor on 1 and {n} GPUs ...", flush=True)
+                    results[f"g3_{n}gpu"]["anchor"] = {**anchor_ddp(anchors, n, n_head),
+                                                       "one_gpu": anchor_ddp(anchors, 1, n_head)}
                 print(json.dumps(results[f"g3_{n}gpu"]), flush=True)
             continue
         else:
@@ -281,7 +368,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in results[next(reversed(results))].items() if k != "val_history"}),
               flush=True)
 
-    record = {"environment": environment(), "command": " ".join(sys.argv), "targets": TARGETS, "results": results}
+    record = {**headline(results), "environment": environment(), "command": " ".join(sys.argv), "targets": TARGETS,
+              "results": results}
     if args.record:
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
         Path(args.record).write_text(json.dumps(record, indent=1) + "\n")
