@@ -330,3 +330,32 @@ def test_the_new_names_load():
     for new in lmforge.config.RENAMED_KEYS.values():
         section, knob = new.split(".")
         assert knob in type(getattr(params, section)).model_fields, new
+
+
+def evaluate_with(**knobs) -> dict:
+    params = copy.deepcopy(DEFAULT)
+    params["evaluate"].update(knobs)
+    return params
+
+
+def test_max_memory_without_device_map_auto_is_refused_naming_both_knobs():
+    with pytest.raises(ConfigError) as err:
+        validate_params(evaluate_with(max_memory={"cpu": "8GiB"}))
+    message = str(err.value)
+    assert "evaluate" in message and "max_memory" in message and "device_map: auto" in message, message
+    # The same caps with device_map auto load; YAML's int key for a GPU is read as its index.
+    caps = validate_params(evaluate_with(device_map="auto", max_memory={0: "60GiB", "cpu": "1.5GB"})).evaluate
+    assert caps.max_memory == {"0": "60GiB", "cpu": "1.5GB"}
+
+
+@pytest.mark.parametrize("knobs, expected", [
+    ({"max_memory": {"cpu": "1TB"}}, "no size accelerate reads"),  # accelerate has no TB
+    ({"max_memory": {"cpu": "1000"}}, "no size accelerate reads"),  # a bare number in a string
+    ({"max_memory": {"gpu0": "8GiB"}}, "is no device"),
+    ({"max_memory": {"disk": "8GiB"}}, "is no device"),  # accelerate never caps the disk
+    ({"device": "cpu", "max_memory": {"0": "8GiB"}}, "device cpu keeps the GPUs out"),
+    ({"device_map": "balanced"}, "evaluate.device_map"),
+])
+def test_bad_device_map_knobs_are_refused(knobs, expected):
+    with pytest.raises(ConfigError, match=expected):
+        validate_params(evaluate_with(**{"device_map": "auto", **knobs}))

@@ -137,6 +137,45 @@ def test_evaluate_a_masked_model_reports_accuracy_and_fills_masks(tmp_path, monk
     assert (root / "reports/evaluate/samples.md").read_text().count("**filled**") == 2
 
 
+def test_a_model_offloaded_to_disk_scores_as_the_whole_model(tmp_path, monkeypatch):
+    # device_map auto with a CPU cap below the model's size: accelerate keeps what fits in CPU
+    # memory and reads the rest back from disk at every forward. The scores must not change.
+    import yaml
+
+    from tasks import evaluate as evaluate_stage
+    from tasks.pretrain import save_model
+
+    pretrain = {"max_steps": 40, "warmup_steps": 4, "eval_steps": 40, "save_steps": 40}
+    root = fx.project(tmp_path / "proj", pretrain)
+    tokens = root / "data" / "tokens"
+    result = pretraining.train(fx.params(pretrain).pretrain, seed=1, tokens_dir=tokens,
+                               checkpoint_root=tmp_path / "ckpt", progress=False)
+    save_model(result.model, tokens, root / "models" / "pretrained", {"context": 32})
+    # Each of the tiny llama's two blocks holds ~200 kB of fp32 weights: 300 kB of CPU memory takes
+    # the embeddings (and the tied head) but no block.
+    placements = {"whole": {}, "offloaded": {"device_map": "auto", "max_memory": {"cpu": "300KB"}}}
+    for name, evaluate in placements.items():
+        raw = fx.raw_params(pretrain, evaluate)
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("LMFORGE_TRACKING", "off")
+    for name in placements:
+        assert evaluate_stage.main(["--params", f"{name}.yaml", "--reports", f"reports/{name}"]) == 0
+    whole, offloaded = (json.loads((root / f"reports/{name}/metrics.json").read_text()) for name in placements)
+
+    assert whole["placement"] == "whole"
+    placement = offloaded["placement"]  # blocks per device: the embeddings in CPU memory, the blocks on disk
+    assert isinstance(placement, dict) and set(placement) == {"cpu", "disk"}, placement
+    assert offloaded["device"] == "cpu"
+    for split in ("val", "test"):
+        # Trained weights, so a block read back wrong (or initialised afresh) would show.
+        assert whole[split]["loss"] < 0.8 * whole[split]["unigram_loss"], whole[split]
+        assert offloaded[split]["tokens"] == whole[split]["tokens"]
+        assert offloaded[split]["loss"] == pytest.approx(whole[split]["loss"], rel=1e-4), split
+    # Sampling went through the offloaded model too, from the same seed.
+    assert (root / "reports/offloaded/samples.md").read_text() == (root / "reports/whole/samples.md").read_text()
+
+
 def test_evaluate_without_a_model_says_so(tmp_path, monkeypatch):
     from tasks import evaluate as evaluate_stage
 
