@@ -14,6 +14,9 @@ the lent machine's disk). A case that runs out of GPU memory is recorded as such
   g6  the largest Llama-style model that trains: FSDP2 + full activation checkpointing on 2 GPUs
       (13B, then 7B), and whole on one GPU (DDP's memory: 7B, then 3B), 1 x 2048 tokens per GPU
   g1  G1's GPT-2-124M shape (bench_gpu.G1_SHAPE) on 2 GPUs under ddp and under fsdp: the cost of sharding
+  resume  the real pretrain stage with G5's model under fsdp on 2 GPUs, killed (SIGKILL) once a
+      checkpoint exists, then resumed on 1 GPU to the end: N -> M on GPUs, and what a synchronous
+      checkpoint of a 1.2B model with AdamW's state costs (metrics.json's checkpoint_s)
 The table comes last.
 """
 
@@ -153,6 +156,10 @@ def run_cases(cases: list[str], anchor: Path, work: Path, steps: int) -> dict:
         g1 = {**G1_SHAPE, "fused_loss": False, "param_dtype": "fp32", "batch_size": 32}
         results["g1_ddp_2"] = lmforge_case("g1-ddp", {**g1, "parallel": "ddp"}, 2, steps, work, 300)
         results["g1_fsdp_2"] = lmforge_case("g1-fsdp", {**g1, "parallel": "fsdp"}, 2, steps, work, 300)
+    if "resume" in cases:
+        print("[bench] resume: 2 GPUs, killed, then 1 GPU ...", flush=True)
+        results["resume"] = resume_case(work)
+        print(json.dumps(results["resume"]), flush=True)
     if "g6" in cases:
         full = {"activation_checkpointing": "full"}
         results["g6_fsdp_2"] = ladder("g6-fsdp", [("13b", {**LLAMA_13B, **full, "parallel": "fsdp"}),
@@ -160,6 +167,48 @@ def run_cases(cases: list[str], anchor: Path, work: Path, steps: int) -> dict:
         results["g6_whole_1"] = ladder("g6-whole", [("7b", {**LLAMA_7B, **full}), ("3b", {**LLAMA_3B, **full})],
                                        1, 4, work)
     return results
+
+
+def resume_case(work: Path) -> dict:
+    """G5's model through `python -m tasks.pretrain`: 2 GPUs until the first checkpoint, killed, then 1 GPU."""
+    import signal
+
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_gpu import base_params, case_params, write_random_tokens
+
+    folder = work / "resume"
+    write_random_tokens(folder / "tokens", VOCAB, train_tokens=20_000_000)
+    shape = {**LLAMA_1B, **COMMON, "parallel": "fsdp", "global_batch_size": 16, "max_steps": 30, "save_steps": 10,
+             "eval_steps": 10, "eval_batches": 2, "logging_steps": 5, "warmup_steps": 2, "save": "last"}
+    params = case_params(base_params(ROOT / "params.yaml", ROOT / "configs" / "gpu.yaml", None), shape)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    command = [sys.executable, "-m", "tasks.pretrain", "--params", str(folder / "params.yaml"), "--tokens",
+               str(folder / "tokens"), "--out", str(folder / "model"), "--checkpoints", str(folder / "checkpoints"),
+               "--reports", str(folder / "reports")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_TRACKING": "off"}
+    with (folder / "two.log").open("w") as log:
+        two = subprocess.Popen(command, cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": "0,1"}, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        started = time.perf_counter()
+        while not list((folder / "checkpoints").glob("*/latest")):
+            if two.poll() is not None or time.perf_counter() - started > 400:
+                return {"failed": (folder / "two.log").read_text()[-3000:]}
+            time.sleep(0.2)
+        os.killpg(two.pid, signal.SIGKILL)
+        two.wait()
+    killed_after_s = time.perf_counter() - started
+    started = time.perf_counter()
+    one = subprocess.run(command, cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": "0"}, capture_output=True, text=True)
+    (folder / "one.log").write_text(one.stdout + one.stderr)
+    if one.returncode:
+        return {"failed": (one.stdout + one.stderr)[-3000:]}
+    metrics = json.loads((folder / "reports" / "metrics.json").read_text())
+    lines = [line for line in one.stdout.splitlines() if "resuming run" in line or "written by" in line]
+    return {"killed_after_s": round(killed_after_s, 1), "resume_wall_s": round(time.perf_counter() - started, 1),
+            "resume_log": lines, "metrics": metrics,
+            "saved_files": sorted(p.name for p in (folder / "model").iterdir())}
 
 
 def table(results: dict) -> str:
@@ -186,6 +235,15 @@ def table(results: dict) -> str:
     for key in ("g6_fsdp_2", "g6_whole_1"):
         for entry in results.get(key, []):
             add(entry["case"], entry)
+    r = results.get("resume")
+    if r and "metrics" in r:
+        m = r["metrics"]
+        lines.append(f"| resume: killed on 2 GPUs after {r['killed_after_s']} s, resumed on {m['world_size']} "
+                     f"from step {m['resumed_from']} | {m['world_size']} | {m['params'] / 1e9:.2f} | "
+                     f"{m['tokens_per_s'] / m['world_size']:,.0f} | | | {m.get('peak_memory_gb', 0):.1f} | "
+                     f"checkpoints {m.get('checkpoint_s', 0):.1f} s of {m['wall_s']:.0f} s |")
+    elif r:
+        lines.append(f"| resume | | | | | | | failed |")
     return "\n".join(lines)
 
 

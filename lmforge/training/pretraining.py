@@ -137,6 +137,7 @@ class TrainResult:
     peak_memory_gb: float | None
     history: dict[str, list[dict[str, float]]]
     dist: Dist
+    checkpoint_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -144,7 +145,8 @@ class TrainResult:
             "final_val_loss": self.final_val_loss, "final_train_loss": self.final_train_loss,
             "tokens_per_step": self.tokens_per_step, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
             "params": self.params, "flops_per_token": self.flops_per_token, "setup_s": self.setup_s,
-            "first_step_s": self.first_step_s, "train_s": self.train_s, "wall_s": self.wall_s, "peak_memory_gb": self.peak_memory_gb,
+            "first_step_s": self.first_step_s, "train_s": self.train_s, "checkpoint_s": self.checkpoint_s,
+            "wall_s": self.wall_s, "peak_memory_gb": self.peak_memory_gb,
             "device": self.device, "world_size": self.dist.world, "masked": self.masked,
         }
 
@@ -441,6 +443,7 @@ class Progress:
     first_step_s: float = 0.0
     train_s: float = 0.0
     train_tokens: int = 0
+    checkpoint_s: float = 0.0  # time spent writing checkpoints (the training waits for them)
     tokens_per_s: float = 0.0
     mfu: float | None = None
     mark: float = field(default_factory=time.perf_counter)  # the clock runs from (mark, mark_step)
@@ -454,7 +457,8 @@ class Progress:
                    last_train=history["train"][-1]["train_loss"] if history["train"] else math.nan,
                    last_val=history["val"][-1]["val_loss"] if history["val"] else math.nan,
                    first_step_s=float(timing.get("first_step_s", 0.0)), train_s=float(timing.get("train_s", 0.0)),
-                   train_tokens=int(timing.get("train_tokens", 0)), mark_step=start)
+                   train_tokens=int(timing.get("train_tokens", 0)),
+                   checkpoint_s=float(timing.get("checkpoint_s", 0.0)), mark_step=start)
 
     def restart_clock(self, done: int) -> None:
         """Time spent since the mark (evaluation, checkpoint) is not training time."""
@@ -473,7 +477,8 @@ class Progress:
     def checkpoint_state(self, done: int) -> dict[str, Any]:
         return {"data": {"sampler": batches.SAMPLER_VERSION, "next_step": done}, "best_val_loss": self.best,
                 "history": self.history,
-                "timing": {"first_step_s": self.first_step_s, "train_s": self.train_s, "train_tokens": self.train_tokens}}
+                "timing": {"first_step_s": self.first_step_s, "train_s": self.train_s, "train_tokens": self.train_tokens,
+                           "checkpoint_s": self.checkpoint_s}}
 
 
 @dataclass
@@ -611,11 +616,18 @@ def eval_point(run: Run, progress: Progress, done: int, bar) -> None:
 
 
 def checkpoint_point(run: Run, progress: Progress, done: int) -> None:
+    """Write the best weights kept since the last checkpoint, then a checkpoint, and time them: a
+    checkpoint is synchronous, so this is what it costs the run."""
+    started = time.perf_counter()
     check_replicas_agree(run.model, run.d, done)
     if progress.best_weights is not None:  # before the checkpoint that records its loss
         run.checkpoints.save_best(progress.best_weights, progress.best_info)
         progress.best_weights = None
+    # The state written carries the checkpoint time up to the previous checkpoint (not this one's).
     run.checkpoints.save(done, run.model, run.optimizer, run.scheduler, progress.checkpoint_state(done))
+    spent = time.perf_counter() - started
+    progress.checkpoint_s += spent
+    run.metrics({"checkpoint_s": spent}, done)
     progress.restart_clock(done)
 
 
@@ -738,5 +750,5 @@ def finish(run: Run, state: Progress, start: int, started: float, setup_s: float
         mfu=tokens_per_s * run.flops_per_token / (run.peak * d.world) if (run.peak and state.train_s) else None,
         params=params, flops_per_token=run.flops_per_token, setup_s=setup_s,
         first_step_s=state.first_step_s, train_s=state.train_s, wall_s=time.perf_counter() - started,
-        peak_memory_gb=peak_mem, history=history, dist=d,
+        peak_memory_gb=peak_mem, history=history, dist=d, checkpoint_s=state.checkpoint_s,
     )
