@@ -190,13 +190,20 @@ def resume_case(work: Path) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_TRACKING": "off"}
     with (folder / "two.log").open("w") as log:
         two = subprocess.Popen(command, cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": "0,1"}, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+                               stderr=subprocess.STDOUT)
         started = time.perf_counter()
         while not list((folder / "checkpoints").glob("*/latest")):
             if two.poll() is not None or time.perf_counter() - started > 400:
                 return {"failed": (folder / "two.log").read_text()[-3000:]}
             time.sleep(0.2)
-        os.killpg(two.pid, signal.SIGKILL)
+        # Every process of the run, as a crashed host loses them: torchrun starts each worker in a
+        # session of its own, so its process group alone would leave them training.
+        import psutil
+
+        everyone = [psutil.Process(two.pid), *psutil.Process(two.pid).children(recursive=True)]
+        for proc in everyone:
+            proc.send_signal(signal.SIGKILL)
+        psutil.wait_procs(everyone, timeout=60)
         two.wait()
     killed_after_s = time.perf_counter() - started
     started = time.perf_counter()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import signal
 import socket
@@ -92,15 +91,27 @@ def test_fsdp_trains_like_ddp_and_saves_a_plain_transformers_folder(tokens, tmp_
     assert torch.isfinite(model(input_ids=x).logits).all()
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as a crashed host would lose them. torchrun starts
+    each worker in a session of its own, so killing torchrun's process group would leave them training."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    everyone = [parent, *parent.children(recursive=True)]
+    for proc in everyone:
+        proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(everyone, timeout=30)
+
+
 def kill_after_first_checkpoint(root: Path) -> int:
     """Start the stage on two processes, SIGKILL every process once a checkpoint exists; the step it holds."""
-    proc = torchrun(root, 2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = torchrun(root, 2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while not list((root / "models" / "checkpoints").glob("*/latest")):
         assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
         assert time.monotonic() < deadline, "no checkpoint within 180 s"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     latest = next((root / "models" / "checkpoints").glob("*/latest"))
     step = checkpoint.read_state(latest.parent / latest.read_text().strip())["step"]

@@ -278,13 +278,16 @@ def load_checkpoint(folder: Path | str, *, model, optimizer, scheduler, rank: in
 
     model_state, optimizer_state = get_state_dict(_unwrap(model), optimizer)
     target = {"model": model_state, "optimizer": optimizer_state}
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named on its own
+
     try:
         _quiet_dcp(dcp.load, target, checkpoint_id=str(folder))
         set_state_dict(_unwrap(model), optimizer, model_state_dict=target["model"],
                        optim_state_dict=target["optimizer"])
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
-    except (RuntimeError, ValueError, KeyError, OSError) as err:
-        raise CheckpointError(f"checkpoint {folder} does not fit this run: {err}") from None
+    except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as err:
+        raise CheckpointError(f"checkpoint {folder} does not fit this run, or is being changed by another "
+                              f"run still writing there: {str(err)[-600:]}") from None
     state["rng_restored"] = state.get("world_size") == world_size
     if state["rng_restored"]:
         set_rng_state(torch.load(folder / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True))
