@@ -452,7 +452,9 @@ class Progress:
     @classmethod
     def from_state(cls, state: dict[str, Any], start: int) -> Progress:
         history = state["history"]
-        timing = state.get("timing", {})
+        # Throughput and MFU are per GPU of this run: segments run on another number of processes
+        # do not add up with this one's, so only this segment is timed then.
+        timing = state.get("timing", {}) if state["rng_restored"] else {}
         return cls(history=history, best=float(state["best_val_loss"]),
                    last_train=history["train"][-1]["train_loss"] if history["train"] else math.nan,
                    last_val=history["val"][-1]["val_loss"] if history["val"] else math.nan,
