@@ -126,7 +126,10 @@ def test_a_run_killed_on_two_processes_resumes_on_one_and_on_two(tokens, tmp_pat
     assert_ok(torchrun(reference, 2))
     expected = saved_weights(reference)
 
-    killed = fx.project(tmp_path / "killed", overrides, tokens=tokens)
+    # The killed run writes its checkpoints from a thread (async_checkpoint, which leaves the run
+    # key alone): `latest` moves only once a checkpoint is whole, so the kill lands while the next
+    # one may still be written, and the resumes start from the last whole one.
+    killed = fx.project(tmp_path / "killed", {**overrides, "async_checkpoint": True}, tokens=tokens)
     killed_at = kill_after_first_checkpoint(killed)
     on_two = tmp_path / "on-two"
     shutil.copytree(killed, on_two)
@@ -207,3 +210,18 @@ def test_a_global_batch_that_does_not_cut_evenly_names_the_fix():
     assert accumulation_steps(p, 1) == 3 and accumulation_steps(p, 3) == 1
     with pytest.raises(BatchSplitError, match=r"48\) is not a multiple of batch_size \(16\) x 2 processes"):
         accumulation_steps(p, 2)
+
+
+def test_async_checkpoints_in_one_process_end_as_synchronous_ones(tokens, tmp_path):
+    from lmforge.training import pretraining
+
+    p = fx.params({**RUN, "async_checkpoint": False}).pretrain
+    background = p.model_copy(update={"async_checkpoint": True})
+    sync = pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "sync", progress=False)
+    run = pretraining.train(background, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "async", progress=False)
+    assert run.run_dir.name == sync.run_dir.name  # an operational knob: the same run
+    latest = checkpoint.latest_checkpoint(run.run_dir)
+    assert latest.name == "step-000000040" and checkpoint.read_state(latest)["step"] == 40
+    assert not [p for p in run.run_dir.iterdir() if ".tmp" in p.name]  # every background write completed
+    for name, value in sync.model.state_dict().items():
+        assert torch.equal(value, run.model.state_dict()[name]), name

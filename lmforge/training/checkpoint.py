@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,11 @@ from safetensors.torch import load_file, load_model, save_file
 from lmforge.atomic import replace_dir
 from lmforge.data.sources import sha256_of
 from lmforge.errors import UserError
+
+# One process without a process group is DCP's documented single-process mode, and it says so in a
+# warning at every save and load, from the writer thread too (where a local catch_warnings cannot
+# reach): a user has nothing to do about it.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 LATEST = "latest"
 BEST = "best"
@@ -126,18 +132,32 @@ def _finish_folder(tmp: Path, final: Path, state: dict, files: dict[str, str] | 
     _fsync_dir(final.parent)
 
 
-def _quiet_dcp(call, *args, **kwargs):
-    # One process without a process group is DCP's documented single-process mode; its warning
-    # that torch.distributed is uninitialised says nothing to a user.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        return call(*args, **kwargs)
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint whose shards are still being written in the background: `complete` waits for
+    them, then publishes the folder. Until then `latest` names the previous checkpoint, so a kill
+    in between resumes from that one."""
+
+    future: Any
+    run_dir: Path
+    name: str
+    payload: dict
+    rank: int
+
+    def complete(self) -> Path:
+        self.future.result()
+        return _publish(self.run_dir, self.name, self.payload, self.rank)
 
 
 def save_checkpoint(run_dir: Path | str, *, step: int, model, optimizer, scheduler, state: dict,
-                    rng_states: list[dict[str, Any]], rank: int = 0) -> Path:
+                    rng_states: list[dict[str, Any]], rank: int = 0, background: bool = False,
+                    group=None) -> Path | PendingCheckpoint:
     """Write a full training checkpoint for `step`. Every process calls it (it is collective under
-    torch.distributed); rank 0 passes every rank's RNG state and writes all but the shards."""
+    torch.distributed); rank 0 passes every rank's RNG state and writes all but the shards.
+
+    background: the shards are copied to CPU memory now and written to disk by a thread (DCP's
+    async_save, over `group`, a process group with a CPU backend), and a PendingCheckpoint is
+    returned: call its `complete` (on every process) before the next checkpoint and at the end."""
     run_dir = Path(run_dir)
     name = f"step-{step:09d}"
     tmp = run_dir / f".{name}.tmp"  # one name for every process (they write into it together)
@@ -151,15 +171,26 @@ def save_checkpoint(run_dir: Path | str, *, step: int, model, optimizer, schedul
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(_unwrap(model), optimizer)
-    _quiet_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    shards = {"model": model_state, "optimizer": optimizer_state}
     if rank == 0:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for r, rng in enumerate(rng_states):
             torch.save(rng, tmp / f"rng-rank{r}.pt")
+    payload = {"format": FORMAT, **state, "step": step, "world_size": len(rng_states)}
+    if background:
+        future = dcp.async_save(shards, checkpoint_id=str(tmp), process_group=group, no_dist=not _distributed())
+        return PendingCheckpoint(future, run_dir, name, payload, rank)
+    dcp.save(shards, checkpoint_id=str(tmp), no_dist=not _distributed())
+    return _publish(run_dir, name, payload, rank)
+
+
+def _publish(run_dir: Path, name: str, payload: dict, rank: int) -> Path:
+    """Hash the filled temporary folder, rename it into place, point `latest` at it and remove
+    older checkpoints (collective)."""
+    tmp = run_dir / f".{name}.tmp"
     _barrier()
     files = _hashes_of_every_rank(tmp, rank)
     if rank == 0:
-        payload = {"format": FORMAT, **state, "step": step, "world_size": len(rng_states)}
         _finish_folder(tmp, run_dir / name, payload, files)
         pointer = run_dir / f".{LATEST}.tmp-{os.getpid()}"
         pointer.write_text(name + "\n")
@@ -281,7 +312,7 @@ def load_checkpoint(folder: Path | str, *, model, optimizer, scheduler, rank: in
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named on its own
 
     try:
-        _quiet_dcp(dcp.load, target, checkpoint_id=str(folder))
+        dcp.load(target, checkpoint_id=str(folder), no_dist=not _distributed())
         set_state_dict(_unwrap(model), optimizer, model_state_dict=target["model"],
                        optim_state_dict=target["optimizer"])
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))

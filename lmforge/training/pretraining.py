@@ -54,7 +54,7 @@ from lmforge.training.runtime import Dist
 OPERATIONAL_KEYS = {"eval_steps", "save_steps", "logging_steps", "compile", "compile_mode", "attention", "cuda_graph",
                     "fused_loss", "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype",
                     "ddp_overlap", "parallel", "activation_checkpointing", "nproc_per_node", "nnodes",
-                    "rdzv_endpoint"}
+                    "rdzv_endpoint", "async_checkpoint"}
 # How the global batch is cut (per process, per micro-batch) moves float sums only: in the run key the
 # global batch stands in for them (see run_fingerprint).
 BATCH_SPLIT_KEYS = {"batch_size", "gradient_accumulation_steps", "global_batch_size"}
@@ -618,8 +618,9 @@ def eval_point(run: Run, progress: Progress, done: int, bar) -> None:
 
 
 def checkpoint_point(run: Run, progress: Progress, done: int) -> None:
-    """Write the best weights kept since the last checkpoint, then a checkpoint, and time them: a
-    checkpoint is synchronous, so this is what it costs the run."""
+    """Write the best weights kept since the last checkpoint, then a checkpoint, and time what the
+    run waits for: all of it, or with pretrain.async_checkpoint the copy to CPU memory (and any
+    rest of the previous checkpoint's write)."""
     started = time.perf_counter()
     check_replicas_agree(run.model, run.d, done)
     if progress.best_weights is not None:  # before the checkpoint that records its loss
@@ -707,7 +708,8 @@ def prepare_run(p: Any, seed: int, tokens_dir: Path, checkpoint_root: Path | str
     run = Run(p=p, seed=seed, d=d, say=say, model=model, masked=masked, masking=masking_for(p, meta, masked),
               val_tokens=val_tokens, optimizer=optimizer, schedule=schedule,
               scheduler=runtime.lr_scheduler(optimizer, schedule),
-              checkpoints=runtime.RunCheckpoints(checkpoint_root, fingerprint, d), accumulation=accumulation,
+              checkpoints=runtime.RunCheckpoints(checkpoint_root, fingerprint, d, background=p.async_checkpoint),
+              accumulation=accumulation,
               tokens_per_step=p.batch_size * p.context * accumulation * d.world,
               flops_per_token=flops_per_token(model, p.context), peak=runtime.peak_flops(d.device),
               on_metrics=on_metrics)
@@ -730,6 +732,7 @@ def unsharded(run: Run):
 def finish(run: Run, state: Progress, start: int, started: float, setup_s: float) -> TrainResult:
     """Back to inference attention, the best weights loaded when pretrain.save is best, the figures."""
     p, d, model = run.p, run.d, run.model
+    run.checkpoints.wait()  # the last checkpoint, if still being written
     params = count_params(model)
     if start >= p.max_steps:
         run.say(f"run {run.checkpoints.dir.name} was already complete at step {start}")

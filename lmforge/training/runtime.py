@@ -259,9 +259,18 @@ class RunCheckpoints:
     and never resumes from (or overwrites) one that does not fit it. Every rank calls every
     method: each writes its shard of a checkpoint, rank 0 the rest and the best weights."""
 
-    def __init__(self, root: Path | str, fingerprint: dict[str, Any], d: Dist):
+    def __init__(self, root: Path | str, fingerprint: dict[str, Any], d: Dist, background: bool = False):
         self.fingerprint, self.d = fingerprint, d
         self.dir = Path(root) / run_key(fingerprint)
+        # background: shards written by a thread while training goes on (checkpoint.PendingCheckpoint).
+        self.background = background
+        self.pending: checkpoint.PendingCheckpoint | None = None
+        self.group = None
+        if background and d.world > 1:
+            import torch.distributed as dist
+
+            # DCP's writer thread needs collectives of its own, on the CPU: NCCL's are the training's.
+            self.group = dist.new_group(backend="gloo")
 
     def resume(self, model, optimizer, scheduler) -> dict[str, Any] | None:
         """Load the last checkpoint into model, optimizer, scheduler and this rank's RNG, and
@@ -276,9 +285,20 @@ class RunCheckpoints:
         return state
 
     def save(self, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> None:
-        checkpoint.save_checkpoint(self.dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                   rng_states=gather_rng(self.d), rank=self.d.rank,
-                                   state={"fingerprint": self.fingerprint, **state})
+        """Write a checkpoint (first completing one still written in the background)."""
+        self.wait()
+        written = checkpoint.save_checkpoint(self.dir, step=step, model=model, optimizer=optimizer,
+                                             scheduler=scheduler, rng_states=gather_rng(self.d), rank=self.d.rank,
+                                             state={"fingerprint": self.fingerprint, **state},
+                                             background=self.background, group=self.group)
+        if isinstance(written, checkpoint.PendingCheckpoint):
+            self.pending = written
+
+    def wait(self) -> None:
+        """Complete the checkpoint being written in the background, if any (every rank calls it)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.complete()
 
     def save_best(self, weights: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         """Write a checkpoint.snapshot() as the run's best weights (rank 0 only)."""
