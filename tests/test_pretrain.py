@@ -624,3 +624,41 @@ def test_renamed_knobs_keep_the_run_key_runs_had_before_the_rename():
     assert {"pretrain.lr", "pretrain.steps", "pretrain.grad_accum", "pretrain.grad_clip"} <= set(fingerprint)
     assert "pretrain.learning_rate" not in fingerprint
     assert runtime.run_key(fingerprint) == "d36c717a4e1e"  # these defaults' key, computed before the rename
+
+
+def test_a_checkpoint_of_the_format_before_dcp_still_resumes(tokens, tmp_path):
+    # A run checkpointed before checkpoints went through torch.distributed.checkpoint (format 1:
+    # model.safetensors + optimizer.pt) keeps its run key and must go on where it stopped.
+    import shutil
+
+    from safetensors.torch import save_model
+
+    p = fx.params({"max_steps": 20, "warmup_steps": 2, "save_steps": 10, "eval_steps": 10}).pretrain
+    kept = tmp_path / "step-10"
+
+    def keep_step_10(values, step):
+        if "checkpoint_s" in values and step == 10:
+            shutil.copytree(next((tmp_path / "ref").glob("*/step-000000010")), kept)
+
+    reference = pretraining.train(p, seed=2, tokens_dir=tokens, checkpoint_root=tmp_path / "ref", progress=False,
+                                  on_metrics=keep_step_10)
+    # The step-10 checkpoint, rewritten in format 1 as the earlier code wrote it.
+    run, _, _ = pretraining.prepare_run(p, 2, tokens, tmp_path / "scratch", None, lambda _m: None)
+    state = checkpoint.load_checkpoint(kept, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                                       rank=0, world_size=1, fingerprint=run.checkpoints.fingerprint)
+    legacy = tmp_path / "legacy" / run.checkpoints.dir.name
+    folder = legacy / ".step-000000010.tmp"
+    folder.mkdir(parents=True)
+    save_model(run.model, str(folder / "model.safetensors"))
+    torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}, folder / "optimizer.pt")
+    shutil.copy2(kept / "rng-rank0.pt", folder / "rng-rank0.pt")
+    state = {k: v for k, v in state.items() if k not in ("files", "rng_restored")}
+    checkpoint._finish_folder(folder, legacy / "step-000000010", {**state, "format": 1})
+    (legacy / "latest").write_text("step-000000010\n")
+
+    resumed = pretraining.train(p, seed=2, tokens_dir=tokens, checkpoint_root=tmp_path / "legacy", progress=False)
+    assert resumed.resumed_from == 10
+    ref_state = reference.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, ref_state[name]), f"{name} differs after resuming a format-1 checkpoint"
+    assert checkpoint.read_state(checkpoint.latest_checkpoint(resumed.run_dir))["format"] == 2

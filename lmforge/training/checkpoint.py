@@ -48,7 +48,8 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 LATEST = "latest"
 BEST = "best"
-FORMAT = 2  # 1: model.safetensors + optimizer.pt, one process count only
+FORMAT = 2
+LEGACY_FORMAT = 1  # model.safetensors + optimizer.pt, written before DCP: still read, by as many processes
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -259,8 +260,9 @@ def read_state(folder: Path | str, *, verify: bool = True) -> dict:
         state = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {folder} is corrupt: cannot read state.json ({err})") from None
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {folder} has format {state.get('format')!r}, this code reads {FORMAT}")
+    if state.get("format") not in (FORMAT, LEGACY_FORMAT):
+        raise CheckpointError(f"checkpoint {folder} has format {state.get('format')!r}, this code reads "
+                              f"{LEGACY_FORMAT} and {FORMAT}: delete {folder.parent} to start from step 0")
     if verify:
         for name, digest in state.get("files", {}).items():
             file = folder / name
@@ -304,6 +306,9 @@ def load_checkpoint(folder: Path | str, *, model, optimizer, scheduler, rank: in
             f"checkpoint {folder} was written by another run configuration (differs in: "
             f"{', '.join(differ) or 'unknown'}); delete {folder.parent} to start from step 0"
         )
+    if state["format"] == LEGACY_FORMAT:
+        return _load_legacy(folder, state, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank,
+                            world_size=world_size)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -322,4 +327,25 @@ def load_checkpoint(folder: Path | str, *, model, optimizer, scheduler, rank: in
     state["rng_restored"] = state.get("world_size") == world_size
     if state["rng_restored"]:
         set_rng_state(torch.load(folder / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True))
+    return state
+
+
+def _load_legacy(folder: Path, state: dict, *, model, optimizer, scheduler, rank: int, world_size: int) -> dict:
+    """A format-1 checkpoint (whole weights, the optimizer's own state dict): the run that wrote it
+    resumes, on as many processes as it had."""
+    if state.get("world_size") != world_size:
+        raise CheckpointError(
+            f"checkpoint {folder} was written before checkpoints could change process count, by "
+            f"{state.get('world_size')} processes; this run has {world_size}: resume it once on "
+            f"{state.get('world_size')} (its next checkpoint has the new format), or delete {folder.parent}")
+    load_weights(folder, model)
+    try:
+        bundle = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(bundle["optimizer"])
+        scheduler.load_state_dict(bundle["scheduler"])
+        rng = torch.load(folder / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        raise CheckpointError(f"checkpoint {folder} does not fit this run: {err}") from None
+    set_rng_state(rng)
+    state["rng_restored"] = True
     return state
