@@ -295,7 +295,8 @@ class PretrainParams(Section):
     # Launch: processes per host (null: one per visible GPU, 1 on the CPU), hosts, and where they meet.
     # This host's rank comes from the environment (NODE_RANK or torchrun's PET_NODE_RANK).
     # Write each checkpoint's shards from a thread while training goes on: the run waits only for
-    # the copy to CPU memory (which must hold one checkpoint more), and `latest` moves when it is on disk.
+    # the copy to CPU memory (which must hold one checkpoint more). `latest` moves at the next
+    # checkpoint (or the end), once the write is done, so a kill can cost two intervals, not one.
     async_checkpoint: bool = False
     nproc_per_node: int | None = Field(None, ge=1)
     nnodes: int = Field(1, ge=1)

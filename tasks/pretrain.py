@@ -50,12 +50,15 @@ def launch_command(p, argv: list[str], env: dict[str, str], gpus: int) -> list[s
     One process per visible GPU (pretrain.nproc_per_node overrides; 1 on the CPU), on pretrain.nnodes
     hosts. With several hosts every host runs this same stage (`dvc repro` on node 0, the stage's
     command elsewhere) with NODE_RANK (or torchrun's PET_NODE_RANK) set; they meet at
-    pretrain.rdzv_endpoint, else MASTER_ADDR:MASTER_PORT or PET_RDZV_ENDPOINT. Ranks follow the node
-    rank (torchrun's static rendezvous), so global rank 0, the one that writes, is on node 0."""
-    if "LOCAL_RANK" in env or env.get("LMFORGE_NO_TORCHRUN"):
-        return None  # already a torchrun worker, or told to stay one process
+    pretrain.rdzv_endpoint, else PET_RDZV_ENDPOINT, else MASTER_ADDR:MASTER_PORT. Ranks follow the
+    node rank (torchrun's static rendezvous), so global rank 0, the one that writes, is on node 0."""
+    if "LOCAL_RANK" in env or "WORLD_SIZE" in env or env.get("LMFORGE_NO_TORCHRUN"):
+        return None  # already one of several processes (torchrun, srun, mpirun), or told to stay one
     per_node = p.nproc_per_node or (gpus if p.device != "cpu" and gpus > 0 else 1)
-    nnodes = p.nnodes if p.nnodes > 1 else int(_first(env, "PET_NNODES", "NNODES") or 1)
+    if p.device != "cpu" and gpus and per_node > gpus:
+        raise LaunchError(f"pretrain.nproc_per_node is {per_node} but this host shows {gpus} GPUs")
+    # torchrun's own form may be a range (PET_NNODES=1:4); a static launch takes its upper end.
+    nnodes = p.nnodes if p.nnodes > 1 else int((_first(env, "PET_NNODES", "NNODES") or "1").split(":")[-1])
     if per_node == 1 and nnodes == 1:
         return None
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={per_node}"]

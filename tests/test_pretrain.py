@@ -662,3 +662,21 @@ def test_a_checkpoint_of_the_format_before_dcp_still_resumes(tokens, tmp_path):
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, ref_state[name]), f"{name} differs after resuming a format-1 checkpoint"
     assert checkpoint.read_state(checkpoint.latest_checkpoint(resumed.run_dir))["format"] == 2
+
+
+def test_checkpoints_from_before_global_batches_are_named_not_resumed(tmp_path):
+    from lmforge.config import PretrainParams
+
+    meta = {"splits": {}, "vocab_size": 300}
+    single = PretrainParams()
+    # One process, no accumulation: the batches and the key are the ones such runs had.
+    assert (runtime.run_key(pretraining.fingerprint_before_global_batches(single, 1, meta, 1))
+            == runtime.run_key(pretraining.run_fingerprint(single, 1, meta, 1)))
+    accumulated = PretrainParams(gradient_accumulation_steps=2)
+    old = runtime.run_key(pretraining.fingerprint_before_global_batches(accumulated, 1, meta, 1))
+    (tmp_path / old).mkdir()
+    (tmp_path / old / "latest").write_text("step-000000010\n")
+    said: list[str] = []
+    key = runtime.run_key(pretraining.run_fingerprint(accumulated, 1, meta, 1))
+    pretraining.warn_of_stranded_checkpoints(accumulated, 1, meta, runtime.Dist(), tmp_path, key, said.append)
+    assert len(said) == 1 and str(tmp_path / old) in said[0] and "starts at step 0" in said[0]

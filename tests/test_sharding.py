@@ -83,6 +83,9 @@ def test_fsdp_trains_like_ddp_and_saves_a_plain_transformers_folder(tokens, tmp_
     # The saved folder is a plain transformers model with the last weights.
     saved = fsdp / "models" / "pretrained"
     model = AutoModelForCausalLM.from_pretrained(saved)
+    # The best weights gathered from the shards load into the unsharded model (its tied embedding once).
+    checkpoint.load_weights(folder.parent / checkpoint.BEST, model)
+    model = AutoModelForCausalLM.from_pretrained(saved)
     reference = AutoModelForCausalLM.from_pretrained(ddp / "models" / "pretrained")
     assert not any("_checkpoint_wrapped_module" in name for name in saved_weights(fsdp))
     for (name, mine), (_, theirs) in zip(model.state_dict().items(), reference.state_dict().items()):
@@ -146,6 +149,10 @@ def test_a_run_killed_on_two_processes_resumes_on_one_and_on_two(tokens, tmp_pat
     for root in (killed, on_two):
         metrics = json.loads((root / "reports" / "pretrain" / "metrics.json").read_text())
         assert metrics["resumed_from"] == killed_at
+        # The checkpoint's history ends at its step, though it was published a checkpoint later.
+        with (root / "reports" / "pretrain" / "train_loss.csv").open() as handle:
+            steps = [int(row["step"]) for row in csv.DictReader(handle)]
+        assert steps == sorted(set(steps)) and steps[-1] == RUN["max_steps"], steps
         resumed = saved_weights(root)
         assert resumed.keys() == expected.keys()
         for name, value in resumed.items():  # fp32 sums in another order, nothing more

@@ -26,6 +26,7 @@ Imports only torch and safetensors.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -177,7 +178,8 @@ def save_checkpoint(run_dir: Path | str, *, step: int, model, optimizer, schedul
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for r, rng in enumerate(rng_states):
             torch.save(rng, tmp / f"rng-rank{r}.pt")
-    payload = {"format": FORMAT, **state, "step": step, "world_size": len(rng_states)}
+    # A copy: the run goes on appending to its history while a background write is pending.
+    payload = copy.deepcopy({"format": FORMAT, **state, "step": step, "world_size": len(rng_states)})
     if background:
         future = dcp.async_save(shards, checkpoint_id=str(tmp), process_group=group, no_dist=not _distributed())
         return PendingCheckpoint(future, run_dir, name, payload, rank)
@@ -293,12 +295,13 @@ def load_weights(folder: Path | str, model) -> None:
 
 
 def load_checkpoint(folder: Path | str, *, model, optimizer, scheduler, rank: int, world_size: int,
-                    fingerprint: dict) -> dict:
+                    fingerprint: dict, verify: bool = True) -> dict:
     """Restore model, optimizer and scheduler (re-sharded for this run's processes) and, when the
     run has as many processes as the one that wrote it, this rank's RNG state; return state.json
-    (its "rng_restored" says whether the RNG was)."""
+    (its "rng_restored" says whether the RNG was). verify: check every file's sha256 first (False
+    where rank 0 has checked them for everyone)."""
     folder = Path(folder)
-    state = read_state(folder)
+    state = read_state(folder, verify=verify)
     if state.get("fingerprint") != fingerprint:
         theirs, ours = state.get("fingerprint") or {}, fingerprint
         differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))

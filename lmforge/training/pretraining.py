@@ -83,6 +83,30 @@ def params_dict(p: Any) -> dict[str, Any]:
     return dict(vars(p))
 
 
+def fingerprint_before_global_batches(p: Any, seed: int, meta: dict, world: int) -> dict[str, Any]:
+    """The run key's fingerprint as it was before batches were drawn per global batch (each process
+    drew its own, so such runs cannot go on under the new sampler unless they had one process and
+    no accumulation, whose key is unchanged)."""
+    knobs = {k: v for k, v in params_dict(p).items()
+             if k not in OPERATIONAL_KEYS and k != "global_batch_size"
+             and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
+    knobs["gradient_accumulation_steps"] = accumulation_steps(p, world)
+    return {"seed": seed, "world_size": world, "data": meta["splits"], "vocab_size": meta["vocab_size"],
+            "sampler": batches.SAMPLER_VERSION,
+            **{f"pretrain.{NAMES_BEFORE_THE_RENAME.get(k, k)}": v for k, v in sorted(knobs.items())}}
+
+
+def warn_of_stranded_checkpoints(p: Any, seed: int, meta: dict, d: Dist, root: Path | str, key: str,
+                                 say: Callable[[str], None]) -> None:
+    """Say so when this configuration has checkpoints under its key from before global batches: the
+    run starts at step 0 (their batches were drawn per process), and the folder is left for the user."""
+    old = runtime.run_key(fingerprint_before_global_batches(p, seed, meta, d.world))
+    if old != key and (Path(root) / old / checkpoint.LATEST).exists():
+        say(f"checkpoints of this configuration from before batches were drawn per global batch are in "
+            f"{Path(root) / old}: they cannot be continued, so this run starts at step 0 (delete that folder "
+            "when it is no longer wanted)")
+
+
 class BatchSplitError(UserError, ValueError):
     """pretrain.global_batch_size cannot be cut evenly over this run's processes."""
 
@@ -705,6 +729,7 @@ def prepare_run(p: Any, seed: int, tokens_dir: Path, checkpoint_root: Path | str
     optimizer = make_optimizer(model, p)
     schedule = partial(runtime.warmup_cosine, warmup=p.warmup_steps, total=p.max_steps, floor=p.min_lr_ratio)
     fingerprint = run_fingerprint(p, seed, meta, d.world)
+    warn_of_stranded_checkpoints(p, seed, meta, d, checkpoint_root, runtime.run_key(fingerprint), say)
     run = Run(p=p, seed=seed, d=d, say=say, model=model, masked=masked, masking=masking_for(p, meta, masked),
               val_tokens=val_tokens, optimizer=optimizer, schedule=schedule,
               scheduler=runtime.lr_scheduler(optimizer, schedule),

@@ -16,6 +16,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,6 +60,12 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 # --- devices and processes ----------------------------------------------------------------------
+
+
+# How long a process waits at a collective before the run is declared hung. NCCL's default, 10
+# minutes, is shorter than rank 0 alone may work while the others wait: gathering and saving a
+# large sharded model as one transformers folder, or its best weights.
+COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 
 
 @dataclass
@@ -117,7 +124,7 @@ def setup_distributed(preference: str, knob: str = "device") -> Dist:
         device = base
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None, timeout=COLLECTIVE_TIMEOUT)
     return Dist(rank=rank, local_rank=local_rank, world=world, device=device)
 
 
@@ -275,14 +282,35 @@ class RunCheckpoints:
     def resume(self, model, optimizer, scheduler) -> dict[str, Any] | None:
         """Load the last checkpoint into model, optimizer, scheduler and this rank's RNG, and
         return its state (None: the run has none yet)."""
-        latest = checkpoint.latest_checkpoint(self.dir)
+        latest = self._verified_latest()
         if latest is None:
             return None
         state = checkpoint.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler,
-                                           rank=self.d.rank, world_size=self.d.world, fingerprint=self.fingerprint)
+                                           rank=self.d.rank, world_size=self.d.world, fingerprint=self.fingerprint,
+                                           verify=False)
         for group in optimizer.param_groups:  # a captured run saves its lr as a device tensor
             group["lr"], group["capturable"] = float(group["lr"]), False
         return state
+
+    def _verified_latest(self) -> Path | None:
+        """The last checkpoint, found and sha256-checked by rank 0 alone and told to every rank, so
+        all of them resume from the same one or fail alike (and each file is hashed once)."""
+        decision: list[Any] = [None, None]  # (folder, error)
+        if self.d.main:
+            try:
+                latest = checkpoint.latest_checkpoint(self.dir)
+                if latest is not None:
+                    checkpoint.read_state(latest)
+                decision = [str(latest) if latest else None, None]
+            except checkpoint.CheckpointError as err:
+                decision = [None, str(err)]
+        if self.d.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(decision, src=0)
+        if decision[1]:
+            raise checkpoint.CheckpointError(decision[1])
+        return Path(decision[0]) if decision[0] else None
 
     def save(self, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> None:
         """Write a checkpoint (first completing one still written in the background)."""

@@ -70,7 +70,16 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     process calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tied parameter (the input embedding as the output layer) comes back once per name, as two
+    # tensors; stored once, as checkpoint.snapshot stores it, so an unsharded model loads the file.
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            weights.pop(name.replace(f"{CHECKPOINT_WRAPPER}.", ""), None)
+        else:
+            first[id(param)] = name
+    return weights
 
 
 def plain_copy(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
