@@ -193,8 +193,8 @@ def test_token_shards_read_as_one_sequence_and_batches_do_not_change(tmp_path):
     assert len(tokens) == 200 and np.array_equal(np.asarray(tokens), joined)
     for start, stop in ((0, 10), (45, 60), (49, 54), (10, 200), (199, 200)):
         assert np.array_equal(tokens[start:stop], joined[start:stop])
-    a = BatchSampler(tokens, context=16, batch_size=4, seed=3, device=torch.device("cpu"), rank=1)
-    b = BatchSampler(joined, context=16, batch_size=4, seed=3, device=torch.device("cpu"), rank=1)
+    a = BatchSampler(tokens, context=16, batch_size=4, seed=3, device=torch.device("cpu"), rank=1, world=2)
+    b = BatchSampler(joined, context=16, batch_size=4, seed=3, device=torch.device("cpu"), rank=1, world=2)
     for step in range(5):
         for x, y in zip(a.get(step), b.get(step)):
             assert torch.equal(x, y)

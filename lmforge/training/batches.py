@@ -99,6 +99,8 @@ class BatchSampler:
                  *, masking: Masking | None = None, rank: int = 0, world: int = 1, accumulation: int = 1,
                  on_device: bool = True):
         check_length(tokens, context, "train")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world} processes")
         self.tokens, self.context, self.batch_size = tokens, context, batch_size
         self.seed, self.device, self.masking, self.rank = seed, torch.device(device), masking, rank
         self.global_batch, self.accumulation = batch_size * accumulation * world, accumulation
