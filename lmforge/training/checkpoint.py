@@ -134,6 +134,12 @@ def _finish_folder(tmp: Path, final: Path, state: dict, files: dict[str, str] | 
     _fsync_dir(final.parent)
 
 
+def _filling(run_dir: Path, name: str) -> Path:
+    """Where checkpoint `name` is filled before it is renamed into place: one name for every
+    process, since they write into it together."""
+    return run_dir / f".{name}.tmp"
+
+
 @dataclass
 class PendingCheckpoint:
     """A checkpoint whose shards are still being written in the background: `complete` waits for
@@ -162,7 +168,7 @@ def save_checkpoint(run_dir: Path | str, *, step: int, model, optimizer, schedul
     returned: call its `complete` (on every process) before the next checkpoint and at the end."""
     run_dir = Path(run_dir)
     name = f"step-{step:09d}"
-    tmp = run_dir / f".{name}.tmp"  # one name for every process (they write into it together)
+    tmp = _filling(run_dir, name)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -190,7 +196,7 @@ def save_checkpoint(run_dir: Path | str, *, step: int, model, optimizer, schedul
 def _publish(run_dir: Path, name: str, payload: dict, rank: int) -> Path:
     """Hash the filled temporary folder, rename it into place, point `latest` at it and remove
     older checkpoints (collective)."""
-    tmp = run_dir / f".{name}.tmp"
+    tmp = _filling(run_dir, name)
     _barrier()
     files = _hashes_of_every_rank(tmp, rank)
     if rank == 0:
@@ -313,11 +319,11 @@ def load_checkpoint(folder: Path | str, *, model, optimizer, scheduler, rank: in
         return _load_legacy(folder, state, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank,
                             world_size=world_size)
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named on its own
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(_unwrap(model), optimizer)
     target = {"model": model_state, "optimizer": optimizer_state}
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named on its own
 
     try:
         dcp.load(target, checkpoint_id=str(folder), no_dist=not _distributed())

@@ -83,17 +83,22 @@ def params_dict(p: Any) -> dict[str, Any]:
     return dict(vars(p))
 
 
+def _fingerprint(p: Any, seed: int, meta: dict, *, world: int, batch_size: int, accumulation: int) -> dict[str, Any]:
+    """The run key's fingerprint of `p`, its batch knobs as given (how they are recorded is the caller's)."""
+    knobs = {k: v for k, v in params_dict(p).items()
+             if k not in OPERATIONAL_KEYS | BATCH_SPLIT_KEYS and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
+    knobs.update(batch_size=batch_size, gradient_accumulation_steps=accumulation)
+    return {"seed": seed, "world_size": world, "data": meta["splits"], "vocab_size": meta["vocab_size"],
+            "sampler": batches.SAMPLER_VERSION,
+            **{f"pretrain.{NAMES_BEFORE_THE_RENAME.get(k, k)}": v for k, v in sorted(knobs.items())}}
+
+
 def fingerprint_before_global_batches(p: Any, seed: int, meta: dict, world: int) -> dict[str, Any]:
     """The run key's fingerprint as it was before batches were drawn per global batch (each process
     drew its own, so such runs cannot go on under the new sampler unless they had one process and
     no accumulation, whose key is unchanged)."""
-    knobs = {k: v for k, v in params_dict(p).items()
-             if k not in OPERATIONAL_KEYS and k != "global_batch_size"
-             and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
-    knobs["gradient_accumulation_steps"] = accumulation_steps(p, world)
-    return {"seed": seed, "world_size": world, "data": meta["splits"], "vocab_size": meta["vocab_size"],
-            "sampler": batches.SAMPLER_VERSION,
-            **{f"pretrain.{NAMES_BEFORE_THE_RENAME.get(k, k)}": v for k, v in sorted(knobs.items())}}
+    return _fingerprint(p, seed, meta, world=world, batch_size=p.batch_size,
+                        accumulation=accumulation_steps(p, world))
 
 
 def warn_of_stranded_checkpoints(p: Any, seed: int, meta: dict, d: Dist, root: Path | str, key: str,
@@ -129,13 +134,8 @@ def run_fingerprint(p: Any, seed: int, meta: dict, world: int) -> dict[str, Any]
     batch_size = the global batch, no accumulation): the sampler draws the same global batch
     however it is cut, so a run keeps its key, and resumes, on another number of processes. The
     keys of single-process runs without accumulation are the ones they had before."""
-    knobs = {k: v for k, v in params_dict(p).items()
-             if k not in OPERATIONAL_KEYS | BATCH_SPLIT_KEYS and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
-    knobs["batch_size"] = p.batch_size * accumulation_steps(p, world) * world
-    knobs["gradient_accumulation_steps"] = 1
-    return {"seed": seed, "world_size": 1, "data": meta["splits"], "vocab_size": meta["vocab_size"],
-            "sampler": batches.SAMPLER_VERSION,
-            **{f"pretrain.{NAMES_BEFORE_THE_RENAME.get(k, k)}": v for k, v in sorted(knobs.items())}}
+    return _fingerprint(p, seed, meta, world=1, batch_size=p.batch_size * accumulation_steps(p, world) * world,
+                        accumulation=1)
 
 
 @dataclass
