@@ -259,6 +259,14 @@ class PretrainParams(Section):
     adam_beta1: Fraction = 0.9
     adam_beta2: Fraction = 0.95
     max_grad_norm: float = Field(1.0, ge=0.0)
+    # muon: Muon on the blocks' weight matrices, AdamW on the rest (lmforge/training/muon.py); its
+    # update is scaled to AdamW's size, so muon_learning_rate null means learning_rate
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_learning_rate: float | None = Field(None, gt=0.0, le=1.0)
+    muon_momentum: Fraction = 0.95
+    # FP8 matmuls in the blocks' linear layers (torchao's float8 training; a GPU of compute capability
+    # 8.9 or more): tensorwise or rowwise scaling. lmforge/training/float8.py
+    float8: Literal["none", "tensorwise", "rowwise"] = "none"
     # evaluation, checkpoints, runtime
     eval_steps: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
@@ -325,6 +333,9 @@ class PretrainParams(Section):
                              "max-autotune-no-cudagraphs with cuda_graph")
         if self.gguf_file is not None and self.init_from is None:
             raise ValueError("gguf_file names a file inside init_from: set init_from too")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise ValueError("optimizer muon orthogonalises whole weight matrices, which parallel fsdp shards "
+                             "over the processes: use parallel ddp with muon, or optimizer adamw")
         if isinstance(self.activation_checkpointing, int) and self.activation_checkpointing < 1:
             raise ValueError("activation_checkpointing is none, full or a block interval n >= 1")
         if self.global_batch_size is not None and self.gradient_accumulation_steps != 1:

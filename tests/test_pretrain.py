@@ -317,15 +317,17 @@ def test_ddp_overlap_sets_how_dynamo_compiles_a_ddp_module():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("param_dtype, compiled", [("fp32", False), ("bf16", False), ("bf16", True)],
-                         ids=["fp32", "bf16", "bf16-compiled"])
-def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, param_dtype, compiled):
+@pytest.mark.parametrize("param_dtype, compiled, optimizer", [("fp32", False, "adamw"), ("bf16", False, "adamw"),
+                                                               ("bf16", True, "adamw"), ("fp32", False, "muon")],
+                         ids=["fp32", "bf16", "bf16-compiled", "muon"])
+def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, param_dtype, compiled, optimizer):
     # Same seed and batches: the replayed graph must train like the eager loop (bf16, so close, not equal).
     # With param_dtype bf16 the graph also holds the copies between the bf16 weights and their fp32 masters;
-    # compiled, it holds Inductor's kernels and the fused loss (G1's setting).
+    # compiled, it holds Inductor's kernels and the fused loss (G1's setting). Muon's groups read their
+    # own learning rates from tensors of their own (G2's setting).
     common = {"device": "cuda", "max_steps": 60, "warmup_steps": 5, "eval_steps": 20, "save_steps": 30,
               "gradient_accumulation_steps": 2, "dropout": 0.0, "param_dtype": param_dtype, "compile": compiled,
-              "fused_loss": compiled}
+              "fused_loss": compiled, "optimizer": optimizer, "muon_learning_rate": 1e-2}
     eager = pretraining.train(fx.params(common).pretrain, seed=2, tokens_dir=tokens, checkpoint_root=tmp_path / "e",
                            progress=False)
     graphed = pretraining.train(fx.params({**common, "cuda_graph": True}).pretrain, seed=2, tokens_dir=tokens,
@@ -376,6 +378,43 @@ def test_bf16_working_weights_train_like_fp32_and_a_killed_run_resumes_exactly(t
     reference = bf16.model.state_dict()
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, reference[name]), f"{name} differs after resume"
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    p = fx.params({"arch": "gpt2", "optimizer": "muon", "muon_learning_rate": 0.01}).pretrain
+    model = build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0)
+    optimizer = pretraining.make_optimizer(model, p)
+    muon_group = next(g for g in optimizer.param_groups if g["muon"])
+    names = {id(q): n for n, q in model.named_parameters()}
+    assert muon_group["lr"] == 0.01 and muon_group["momentum"] == 0.95
+    assert {names[id(q)].split(".")[-2] for q in muon_group["params"]} == {"c_attn", "c_proj", "c_fc"}
+    others = {names[id(q)] for g in optimizer.param_groups if not g["muon"] for q in g["params"]}
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"} <= others
+    assert not others & {names[id(q)] for q in muon_group["params"]}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)  # each tensor once
+
+
+def test_a_muon_run_learns_and_a_killed_one_resumes_exactly(tokens, tmp_path):
+    common = {"arch": "gpt2", "max_steps": 30, "warmup_steps": 3, "eval_steps": 15, "save_steps": 10,
+              "logging_steps": 5, "dropout": 0.0, "optimizer": "muon", "learning_rate": 3e-3}
+    p = fx.params(common).pretrain
+    whole = pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "whole", progress=False)
+    adamw = pretraining.train(fx.params({**common, "optimizer": "adamw"}).pretrain, seed=4, tokens_dir=tokens,
+                              checkpoint_root=tmp_path / "adamw", progress=False)
+    assert whole.run_dir.name != adamw.run_dir.name  # the optimizer is part of the run key
+    assert whole.history["val"][-1]["val_loss"] < whole.history["train"][0]["train_loss"] - 1.0
+
+    def die_at_step_25(metrics, step):
+        if step == 25:
+            raise _Killed
+    with pytest.raises(_Killed):
+        pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False,
+                          on_metrics=die_at_step_25)
+    resumed = pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False)
+    assert resumed.resumed_from == 20  # Muon's momentum came back from the checkpoint with AdamW's moments
+    reference = whole.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, reference[name]), f"{name} differs after resume"
+
 
 # --- checkpoints ------------------------------------------------------------------------------
 

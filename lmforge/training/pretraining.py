@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 from lmforge.config import RENAMED_KEYS
 from lmforge.errors import UserError
-from lmforge.training import batches, checkpoint, fused_loss, master_weights, runtime, sharding, step_graph
-from lmforge.training.model import (TokenInfo, build_model, count_params, flops_per_token, is_masked,
+from lmforge.training import batches, checkpoint, fused_loss, master_weights, muon, runtime, sharding, step_graph
+from lmforge.training.model import (TokenInfo, blocks, build_model, count_params, flops_per_token, is_masked,
                                     set_activation_checkpointing, set_training_activation, set_training_attention)
 from lmforge.training.runtime import Dist
 
@@ -60,7 +60,8 @@ OPERATIONAL_KEYS = {"eval_steps", "save_steps", "logging_steps", "compile", "com
 BATCH_SPLIT_KEYS = {"batch_size", "gradient_accumulation_steps", "global_batch_size"}
 # Keys added after runs were already checkpointed, at the value that reproduces how those runs
 # trained: left out of the run key at that value, so the older runs keep their key and resume.
-LATER_KEYS_AT_OLD_BEHAVIOUR = {"param_dtype": "fp32"}
+LATER_KEYS_AT_OLD_BEHAVIOUR = {"param_dtype": "fp32", "optimizer": "adamw", "muon_learning_rate": None,
+                               "muon_momentum": 0.95, "float8": "none"}
 # Knobs renamed to TrainingArguments' names (lr -> learning_rate, ...) keep their old names in the
 # run key, so a run checkpointed before the rename still resumes: new name -> old name.
 NAMES_BEFORE_THE_RENAME = {new.removeprefix("pretrain."): old.removeprefix("pretrain.")
@@ -74,7 +75,16 @@ def forward_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def make_optimizer(model, p: Any) -> torch.optim.AdamW:
-    return runtime.adamw(model, lr=p.learning_rate, weight_decay=p.weight_decay, betas=(p.adam_beta1, p.adam_beta2))
+    """Fused AdamW, or with pretrain.optimizer muon, Muon on the blocks' matrices and AdamW on the rest."""
+    betas = (p.adam_beta1, p.adam_beta2)
+    if p.optimizer == "adamw":
+        return runtime.adamw(model, lr=p.learning_rate, weight_decay=p.weight_decay, betas=betas)
+    matrices = {id(param) for param in blocks(model).parameters() if param.dim() == 2 and param.requires_grad}
+    rest = [group | {"params": [q for q in group["params"] if id(q) not in matrices]}
+            for group in runtime.parameter_groups(model, p.weight_decay)]
+    return muon.MuonAdamW([q for q in blocks(model).parameters() if id(q) in matrices], rest,
+                          lr=p.learning_rate, muon_lr=p.muon_learning_rate or p.learning_rate,
+                          momentum=p.muon_momentum, weight_decay=p.weight_decay, betas=betas)
 
 
 def params_dict(p: Any) -> dict[str, Any]:
@@ -433,12 +443,14 @@ class StepRunner:
         # Steps before this one pay for compilation, warm-up and capture: kept out of the throughput.
         self.timed_from = self.capture_at + 1 if graphed else start + 1
 
-    def run(self, index: int, drawn: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> None:
+    def run(self, index: int, drawn: list[tuple[torch.Tensor, torch.Tensor]], factor: float) -> None:
+        """Step `index` on the `drawn` micro-batches; `factor`: the schedule's multiplier of the peak
+        lrs at this step (eager steps read the lrs the scheduler set; a replay is told them)."""
         if self.graphed and index >= self.capture_at:
             if self.captured is None:
                 torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
-                self.captured = step_graph.CapturedStep(self.step, self.step.optimizer, drawn, lr)
-            self.captured.replay(drawn, lr)
+                self.captured = step_graph.CapturedStep(self.step, self.step.optimizer, drawn, factor)
+            self.captured.replay(drawn, factor)
             return
         with torch.cuda.stream(self.side_stream) if self.side_stream is not None else nullcontext():
             self.step(drawn)
@@ -689,8 +701,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     state.restart_clock(start)
     with attention_backends(p.attention, d.device):
         for index in range(start, p.max_steps):
-            runner.run(index, [sampler.get(index, micro) for micro in range(run.accumulation)],
-                       p.learning_rate * run.schedule(index))
+            runner.run(index, [sampler.get(index, micro) for micro in range(run.accumulation)], run.schedule(index))
             run.scheduler.step()
             state.loss_steps += 1
             done = index + 1
