@@ -416,6 +416,35 @@ def test_a_muon_run_learns_and_a_killed_one_resumes_exactly(tokens, tmp_path):
         assert torch.equal(value, reference[name]), f"{name} differs after resume"
 
 
+def _fp8_gpu() -> bool:
+    import importlib.util
+
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+            and importlib.util.find_spec("torchao") is not None)
+
+
+@pytest.mark.skipif(not _fp8_gpu(), reason="FP8 training needs torchao and a GPU of compute capability >= 8.9")
+@pytest.mark.parametrize("recipe, width", [("tensorwise", 1024), ("rowwise", 2048)])
+def test_a_float8_run_trains_like_bf16_and_saves_a_plain_gpt2(tokens, tmp_path, recipe, width):
+    # Widths at which torchao's thresholds convert some layers (the MLP's up-projection at least).
+    from transformers.pytorch_utils import Conv1D
+
+    common = {"arch": "gpt2", "device": "cuda", "d_model": width, "n_head": 8, "max_steps": 60, "warmup_steps": 5,
+              "eval_steps": 20, "save_steps": 30, "dropout": 0.0, "compile": True, "param_dtype": "bf16",
+              "fused_loss": True, "learning_rate": 1e-3}
+    bf16 = pretraining.train(fx.params(common).pretrain, seed=2, tokens_dir=tokens, checkpoint_root=tmp_path / "b",
+                             progress=False)
+    said: list[str] = []
+    fp8 = pretraining.train(fx.params({**common, "float8": recipe}).pretrain, seed=2, tokens_dir=tokens,
+                            checkpoint_root=tmp_path / "f", progress=False, log=said.append)
+    assert any(f"float8 {recipe}: " in line and "linear layers compute" in line for line in said), said
+    for a, b in zip(bf16.history["val"], fp8.history["val"]):
+        assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 0.05, (a, b)
+    blocks = fp8.model.transformer.h
+    assert all(type(block.mlp.c_fc) is Conv1D and type(block.attn.c_attn) is Conv1D for block in blocks)
+    assert blocks[0].mlp.c_fc.weight.shape == (width, 4 * width)  # GPT-2's (in, out) layout again
+
+
 # --- checkpoints ------------------------------------------------------------------------------
 
 

@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from lmforge.config import RENAMED_KEYS
 from lmforge.errors import UserError
-from lmforge.training import batches, checkpoint, fused_loss, master_weights, muon, runtime, sharding, step_graph
+from lmforge.training import (batches, checkpoint, float8, fused_loss, master_weights, muon, runtime, sharding,
+                              step_graph)
 from lmforge.training.model import (TokenInfo, blocks, build_model, count_params, flops_per_token, is_masked,
                                     set_activation_checkpointing, set_training_activation, set_training_attention)
 from lmforge.training.runtime import Dist
@@ -564,6 +565,19 @@ def open_model(p: Any, tokens_dir: Path, meta: dict, seed: int, d: Dist) -> tupl
     return model, masked
 
 
+def use_float8(model, p: Any, say: Callable[[str], None]) -> None:
+    """pretrain.float8: FP8 matmuls in the blocks' linear layers (before the optimizer, the bf16 working
+    copy, DDP or FSDP and torch.compile see the model). `finish` puts plain layers back."""
+    if p.float8 == "none":
+        return
+    converted = float8.to_float8_training(model, p.float8)
+    if converted:
+        say(f"float8 {p.float8}: {converted} linear layers compute their matmuls in FP8 (torchao)")
+    else:
+        say(f"float8 {p.float8}: no linear layer of this model is wide enough to gain from FP8 by torchao's "
+            "thresholds; all stay bf16")
+
+
 def distribute(model, p: Any, d: Dist, say: Callable[[str], None]):
     """The model on its device: whole (DDP wraps the step later, in build_step) or, with
     pretrain.parallel fsdp on several processes, sharded (sharding.py moves each shard to the GPU,
@@ -734,6 +748,7 @@ def prepare_run(p: Any, seed: int, tokens_dir: Path, checkpoint_root: Path | str
     batches.check_length(train_tokens, p.context, "train")
     batches.check_length(val_tokens, p.context, "val")
     model, masked = open_model(p, tokens_dir, meta, seed, d)
+    use_float8(model, p, say)
     model = distribute(model, p, d, say)
     model_ready = time.perf_counter()
     accumulation = accumulation_steps(p, d.world)
@@ -780,6 +795,7 @@ def finish(run: Run, state: Progress, start: int, started: float, setup_s: float
         set_training_attention(model, False)
         set_training_activation(model, False)
         set_activation_checkpointing(model, "none", False)
+        float8.plain_linears(model)
     peak_mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
     history = state.history
     tokens_per_s = state.train_tokens / state.train_s if state.train_s else 0.0
