@@ -53,7 +53,8 @@ from lmforge.config import ConfigError, merge_overlay, parse_override, parse_yam
 G1_SHAPE = dict(arch="gpt2", n_layer=12, n_head=6, d_model=768, context=1024, batch_size=32, dropout=0.0,
                 learning_rate=6e-4, warmup_steps=10, max_steps=120, eval_steps=120, eval_batches=2,
                 save_steps=100_000, logging_steps=20, compile=True, compile_mode="default", cuda_graph=False,
-                fused_loss=True, param_dtype="bf16", ddp_overlap=False)
+                fused_loss=True, param_dtype="bf16", ddp_overlap=False,
+                optimizer="adamw")  # the anchor's optimizer (configs/gpu.yaml's G2 recipe uses Muon)
 G1_VOCAB = 50_304  # GPT-2's 50,257 padded to a multiple of 64
 TARGETS = {"g1_vs_anchor": 1.15, "g2_wall_s": 40.0, "g2_val_loss": 1.294, "g3_scaling_2": 1.95,
            "g3_scaling_4": 3.85}
