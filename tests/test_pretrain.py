@@ -355,6 +355,16 @@ class _Killed(Exception):
     pass
 
 
+def killed_at_step_25_and_resumed(p, tokens: Path, root: Path):
+    """Train `p` (seed 4) until its metrics at step 25 raise, then run it again: the resumed result."""
+    def die_at_step_25(metrics, step):
+        if step == 25:
+            raise _Killed
+    with pytest.raises(_Killed):
+        pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=root, progress=False, on_metrics=die_at_step_25)
+    return pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=root, progress=False)
+
+
 def test_bf16_working_weights_train_like_fp32_and_a_killed_run_resumes_exactly(tokens, tmp_path):
     common = {"arch": "gpt2", "max_steps": 30, "warmup_steps": 3, "eval_steps": 15, "save_steps": 10,
               "logging_steps": 5, "dropout": 0.0}
@@ -367,13 +377,7 @@ def test_bf16_working_weights_train_like_fp32_and_a_killed_run_resumes_exactly(t
         assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 0.05, (a, b)
     assert bf16.history["val"][-1]["val_loss"] < bf16.history["train"][0]["train_loss"]
 
-    def die_at_step_25(metrics, step):
-        if step == 25:
-            raise _Killed
-    with pytest.raises(_Killed):
-        pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False,
-                       on_metrics=die_at_step_25)
-    resumed = pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False)
+    resumed = killed_at_step_25_and_resumed(p, tokens, tmp_path / "killed")
     assert resumed.resumed_from == 20  # the bf16 copy is rebuilt from the fp32 masters of step 20
     reference = bf16.model.state_dict()
     for name, value in resumed.model.state_dict().items():
@@ -403,13 +407,7 @@ def test_a_muon_run_learns_and_a_killed_one_resumes_exactly(tokens, tmp_path):
     assert whole.run_dir.name != adamw.run_dir.name  # the optimizer is part of the run key
     assert whole.history["val"][-1]["val_loss"] < whole.history["train"][0]["train_loss"] - 1.0
 
-    def die_at_step_25(metrics, step):
-        if step == 25:
-            raise _Killed
-    with pytest.raises(_Killed):
-        pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False,
-                          on_metrics=die_at_step_25)
-    resumed = pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "killed", progress=False)
+    resumed = killed_at_step_25_and_resumed(p, tokens, tmp_path / "killed")
     assert resumed.resumed_from == 20  # Muon's momentum came back from the checkpoint with AdamW's moments
     reference = whole.model.state_dict()
     for name, value in resumed.model.state_dict().items():
