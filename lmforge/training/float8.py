@@ -184,8 +184,10 @@ def _plain_linear(module: torch.nn.Linear) -> torch.nn.Linear:
 
 
 def plain_linears(model: torch.nn.Module) -> None:
-    """Undo the conversion: GPT-2's layers back to Conv1D, other Float8Linear layers back to nn.Linear
-    (with the same parameters), so the model computes in bf16 again and saves as transformers wrote it."""
+    """Undo to_float8_training: GPT-2's layers back to Conv1D, other Float8Linear layers back to
+    nn.Linear (with the same parameters), so the model computes in bf16 again and saves as
+    transformers wrote it."""
+    from torchao.float8.float8_linear import Float8Linear
+
     conv1d_from_linears(model)
-    _swap_children(model, lambda child: _plain_linear(child)
-                   if isinstance(child, torch.nn.Linear) and type(child) is not torch.nn.Linear else None)
+    _swap_children(model, lambda child: _plain_linear(child) if isinstance(child, Float8Linear) else None)

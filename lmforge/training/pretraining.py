@@ -795,7 +795,8 @@ def finish(run: Run, state: Progress, start: int, started: float, setup_s: float
         set_training_attention(model, False)
         set_training_activation(model, False)
         set_activation_checkpointing(model, "none", False)
-        float8.plain_linears(model)
+        if p.float8 != "none":
+            float8.plain_linears(model)
     peak_mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
     history = state.history
     tokens_per_s = state.train_tokens / state.train_s if state.train_s else 0.0
