@@ -232,7 +232,7 @@ def test_a_state_resumed_from_an_unfused_adamw_still_clips():
 
     model = torch.nn.Linear(8, 8)
     saved = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}], lr=1e-2).state_dict()
-    knobs = SimpleNamespace(learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.1)
+    knobs = SimpleNamespace(optimizer="adamw", learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.1)
     optimizer = pretraining.make_optimizer(model, knobs)
     optimizer.load_state_dict(saved)
     assert not optimizer.param_groups[0]["fused"] and optimizer.defaults["fused"]
