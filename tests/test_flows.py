@@ -185,7 +185,9 @@ def test_training_stages_take_turns_on_the_accelerator_slots(dvc_repo, slots):
     first, second = sorted(tuple(map(float, (dvc_repo / f"{n}.txt").read_text().split())) for n in names)
     assert (second[0] < first[1]) == (slots == 2), (first, second)
     longest_wait = max(r["waited"] for r in state.result())
-    assert (longest_wait > 2) == (slots == 1), longest_wait  # the second stage waited out the first
+    # One slot: the second stage waits out the first's 5 s span. Two: no span to wait out, though taking
+    # a slot from Prefect's server took 2.0 s on a loaded 2-core host.
+    assert (longest_wait > 4) == (slots == 1), longest_wait
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("lmforge-accelerator").limit == slots
 
