@@ -47,16 +47,13 @@ class Float8Error(UserError, RuntimeError):
     """FP8 training cannot run here: the message says what is missing and how to get it."""
 
 
-def _swap_children(model: torch.nn.Module, swap) -> int:
-    """Replace each child for which swap(child) returns a module; the number replaced."""
-    swapped = 0
+def _swap_children(model: torch.nn.Module, swap) -> None:
+    """Replace each child for which swap(child) returns a module."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             new = swap(child)
             if new is not None:
                 setattr(module, name, new)
-                swapped += 1
-    return swapped
 
 
 def _parameter(tensor: torch.Tensor, like: torch.nn.Parameter) -> torch.nn.Parameter:

@@ -80,10 +80,11 @@ def make_optimizer(model, p: Any) -> torch.optim.AdamW:
     betas = (p.adam_beta1, p.adam_beta2)
     if p.optimizer == "adamw":
         return runtime.adamw(model, lr=p.learning_rate, weight_decay=p.weight_decay, betas=betas)
-    matrices = {id(param) for param in blocks(model).parameters() if param.dim() == 2 and param.requires_grad}
-    rest = [group | {"params": [q for q in group["params"] if id(q) not in matrices]}
+    matrices = [param for param in blocks(model).parameters() if param.dim() == 2 and param.requires_grad]
+    taken = {id(param) for param in matrices}
+    rest = [group | {"params": [q for q in group["params"] if id(q) not in taken]}
             for group in runtime.parameter_groups(model, p.weight_decay)]
-    return muon.MuonAdamW([q for q in blocks(model).parameters() if id(q) in matrices], rest,
+    return muon.MuonAdamW(matrices, rest,
                           lr=p.learning_rate, muon_lr=p.muon_learning_rate or p.learning_rate,
                           momentum=p.muon_momentum, weight_decay=p.weight_decay, betas=betas)
 
