@@ -521,6 +521,7 @@ class FinetuneParams(Section):
     eval_batch_size: int = Field(64, ge=1, le=65_536)
     learning_rate: float = Field(5e-5, gt=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    layer_lr_decay: float = Field(1.0, gt=0.0, le=1.0)  # lr x decay^(layers above): the head learns fastest
     warmup_ratio: Fraction = 0.1
     max_grad_norm: float = Field(1.0, ge=0.0)
     group_by_length: bool = True

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -51,6 +52,9 @@ SPLITS = ("train", "val", "test")
 # finetune params that change how a run computes or is reported, not the weights it ends with.
 OPERATIONAL_KEYS = {"save_steps", "logging_steps", "device", "eval_batch_size", "base_model", "use_tuned",
                     "baseline_c"}
+# Knobs added later, at the value that behaves as before: left out of the fingerprint there, so the
+# checkpoints of runs started before them still resume.
+LATER_KEYS_AT_OLD_BEHAVIOUR = {"layer_lr_decay": 1.0}
 
 
 class FinetuneError(UserError, RuntimeError):
@@ -255,6 +259,32 @@ def predict(model: torch.nn.Module, encoded: Sequence[np.ndarray], *, pad_id: in
 # --- the run --------------------------------------------------------------------------------
 
 
+# A block's index in the parameter names of BERT (encoder.layer.N), Llama (model.layers.N) and GPT-2 (h.N).
+BLOCK_INDEX = re.compile(r"\.(?:layer|layers|h)\.(\d+)\.")
+
+
+def layer_lr_groups(model: torch.nn.Module, lr: float, weight_decay: float, decay: float) -> list[dict[str, Any]]:
+    """AdamW's groups with layer-wise lr decay: the head (and anything above the blocks) at `lr`, block i of
+    L at lr x decay^(L - i), the embeddings at lr x decay^(L + 1). decay 1 gives runtime.parameter_groups."""
+    if decay == 1.0:
+        return [{**group, "lr": lr} for group in runtime.parameter_groups(model, weight_decay)]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # each tied weight once
+    blocks = [int(m.group(1)) for name, _ in named if (m := BLOCK_INDEX.search(name))]
+    if not blocks:
+        raise FinetuneError(f"finetune.layer_lr_decay: no numbered blocks in {type(model).__name__}'s parameter "
+                            "names; set layer_lr_decay: 1.0")
+    top = max(blocks) + 1
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in named:
+        match = BLOCK_INDEX.search(name)
+        depth = int(match.group(1)) + 1 if match else (0 if "embed" in name else top + 1)
+        decays = param.dim() >= 2
+        group = groups.setdefault((depth, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                                    "lr": lr * decay ** (top + 1 - depth)})
+        group["params"].append(param)
+    return list(groups.values())
+
+
 def fingerprint(params: Any, seed: int, base: Path | str, labels: Sequence[str], train: LabelledTexts,
                 val: LabelledTexts) -> dict[str, Any]:
     """Everything that decides the weights a run ends with: its checkpoint folder's key."""
@@ -263,7 +293,8 @@ def fingerprint(params: Any, seed: int, base: Path | str, labels: Sequence[str],
         for text, label in zip(split.texts, split.labels):
             digest.update(text.encode("utf-8", "replace"))
             digest.update(b"\x00" + label.encode() + b"\x01")
-    settings = {k: v for k, v in params.model_dump().items() if k not in OPERATIONAL_KEYS}
+    settings = {k: v for k, v in params.model_dump().items()
+                if k not in OPERATIONAL_KEYS and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
     return {"seed": seed, "base": str(base), "labels": list(labels), "data": digest.hexdigest(),
             **{f"finetune.{k}": v for k, v in sorted(settings.items())}}
 
@@ -344,7 +375,8 @@ def prepare(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, se
     model.train()
     runtime.enable_tf32(device)
     compiled = params.compile is True or (params.compile == "auto" and device.type == "cuda")
-    optimizer = runtime.adamw(model, lr=params.learning_rate, weight_decay=params.weight_decay)
+    optimizer = torch.optim.AdamW(layer_lr_groups(model, params.learning_rate, params.weight_decay,
+                                                  params.layer_lr_decay), fused=True)
     per_epoch = math.ceil(len(train) / params.batch_size)
     total = (per_epoch * params.num_train_epochs if params.max_steps is None
              else min(params.max_steps, per_epoch * params.num_train_epochs))
