@@ -288,8 +288,10 @@ class PretrainParams(Section):
     ddp_comm_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients travel in between GPUs
     # Compiled under DDP: true splits the graph at the buckets' edges so each bucket's all-reduce
     # overlaps the rest of the backward (Dynamo's DDPOptimizer); false keeps one graph, whose fusions
-    # then match one GPU's, and all-reduces once the backward is done. Eager DDP always overlaps.
-    ddp_overlap: bool = True
+    # then match one GPU's, and all-reduces once the backward is done; compiled_autograd keeps one
+    # forward graph and traces the backward with its all-reduces into one more, where Inductor buckets
+    # them and starts each as its gradients are ready (DDP's python reducer). Eager DDP always overlaps.
+    ddp_overlap: bool | Literal["compiled_autograd"] = True
     # Several processes: ddp keeps a whole replica per GPU; fsdp shards weights, gradients and AdamW's
     # state over the GPUs (FSDP2, lmforge/training/sharding.py). Both train the same model.
     parallel: Literal["ddp", "fsdp"] = "ddp"
@@ -336,6 +338,9 @@ class PretrainParams(Section):
         if self.optimizer == "muon" and self.parallel == "fsdp":
             raise ValueError("optimizer muon orthogonalises whole weight matrices, which parallel fsdp shards "
                              "over the processes: use parallel ddp with muon, or optimizer adamw")
+        if self.ddp_overlap == "compiled_autograd" and not self.compile:
+            raise ValueError("ddp_overlap compiled_autograd traces the backward with torch.compile: set compile "
+                             "true, or ddp_overlap true or false")
         if isinstance(self.activation_checkpointing, int) and self.activation_checkpointing < 1:
             raise ValueError("activation_checkpointing is none, full or a block interval n >= 1")
         if self.global_batch_size is not None and self.gradient_accumulation_steps != 1:

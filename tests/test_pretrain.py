@@ -308,12 +308,14 @@ def test_ddp_overlap_sets_how_dynamo_compiles_a_ddp_module():
 
     before = dynamo.config.optimize_ddp
     try:
-        for overlap in (False, True):
-            p = fx.params({"compile": True, "ddp_overlap": overlap}).pretrain
-            pretraining.compile_runner(torch.nn.Linear(2, 2), p, runtime.Dist(world=2), print)
-            assert dynamo.config.optimize_ddp is overlap
+        for overlap, mode in ((False, "no_optimization"), (True, "ddp_optimizer"),
+                              ("compiled_autograd", "python_reducer")):
+            pretraining.set_optimize_ddp(fx.params({"compile": True, "ddp_overlap": overlap}).pretrain)
+            assert dynamo.config.optimize_ddp == mode
     finally:
         dynamo.config.optimize_ddp = before
+    with pytest.raises(ValueError, match="ddp_overlap compiled_autograd traces the backward with torch.compile"):
+        fx.params({"compile": False, "ddp_overlap": "compiled_autograd"})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -643,13 +645,17 @@ def test_replicas_holding_the_same_nan_agree(tmp_path):
 
 
 @pytest.mark.parametrize("ddp", [{}, {"ddp_comm_dtype": "bf16", "ddp_bucket_mb": 1}, {"param_dtype": "bf16"},
-                                 {"compile": True, "ddp_overlap": False}],
-                         ids=["fp32", "bf16-1mb-buckets", "bf16-weights", "compiled-one-graph"])
+                                 {"compile": True, "ddp_overlap": False},
+                                 {"compile": True, "ddp_overlap": "compiled_autograd", "param_dtype": "bf16"}],
+                         ids=["fp32", "bf16-1mb-buckets", "bf16-weights", "compiled-one-graph", "compiled-autograd"])
 def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp):
     # DDP over gloo on the CPU: the path N GPUs take under torchrun, minus NCCL. The second case
     # asks for bf16 gradients (NCCL only, so refused with a note) in the smallest buckets allowed;
     # the third wraps the bf16 working copy (param_dtype bf16), whose gradients DDP sums in bf16;
-    # the fourth compiles the DDP module as one graph (ddp_overlap false), G3's setting.
+    # the fourth compiles the DDP module as one graph (ddp_overlap false), G3's setting; the fifth traces
+    # the backward and its all-reduces with compiled autograd (accumulating, so one micro-batch of each
+    # step skips the all-reduce: a graph that kept or lost it wrongly leaves the replicas apart, which the
+    # run checks before each checkpoint).
     root = fx.project(tmp_path / "proj", {"max_steps": 20, "warmup_steps": 2, "eval_steps": 10, "save_steps": 10,
                                           "gradient_accumulation_steps": 2, **ddp}, tokens=tokens)
     done = run_two_ranks("-m", "tasks.pretrain", cwd=root, timeout=180)

@@ -283,26 +283,43 @@ CUDAGRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-n
 
 
 def compile_runner(module, p: Any, d: "Dist", say: Callable[[str], None]):
-    """torch.compile with pretrain.compile_mode, and whether it uses CUDA graphs (only on one GPU).
-
-    Under DDP it also sets Dynamo's optimize_ddp from pretrain.ddp_overlap: a process-wide setting,
-    so it holds for every DDP module compiled after it in this process."""
+    """torch.compile with pretrain.compile_mode, and whether it uses CUDA graphs (only on one GPU)."""
     mode = p.compile_mode
     if mode in CUDAGRAPH_MODES and (d.world > 1 or d.device.type != "cuda"):
         # CUDA graphs cannot hold DDP's gradient all-reduce, and there are none on the CPU.
         say(f"compile_mode {mode} uses CUDA graphs, which need one GPU: using {CUDAGRAPH_MODES[mode]}")
         mode = CUDAGRAPH_MODES[mode]
-    if d.world > 1:
-        import torch._dynamo as dynamo
-
-        dynamo.config.optimize_ddp = p.ddp_overlap  # read when Dynamo traces the DDP module
     return torch.compile(module, mode=None if mode == "default" else mode), mode in CUDAGRAPH_MODES
+
+
+# pretrain.ddp_overlap -> Dynamo's optimize_ddp mode.
+OPTIMIZE_DDP = {True: "ddp_optimizer", False: "no_optimization", "compiled_autograd": "python_reducer"}
+
+
+def set_optimize_ddp(p: Any) -> None:
+    """Dynamo's optimize_ddp from pretrain.ddp_overlap. A process-wide setting, read when DDP is built
+    (whether it uses the python reducer) and when Dynamo traces it, so it is set before both."""
+    import torch._dynamo as dynamo
+
+    dynamo.config.optimize_ddp = OPTIMIZE_DDP[p.ddp_overlap]
+
+
+def traced_backward(step: "TrainStep"):
+    """A context for the backward: with ddp_overlap compiled_autograd, compiled autograd traces it (the
+    compiled forward's backward and DDP's all-reduce hooks) into one graph for Inductor; else nothing."""
+    if not step.compiled_autograd:
+        return nullcontext()
+    from torch._dynamo import compiled_autograd
+
+    # Static shapes, one graph: the same as the forward's compile.
+    return compiled_autograd._enable(partial(torch.compile, backend="inductor", fullgraph=True, dynamic=False))
 
 
 def wrap_ddp(module: torch.nn.Module, p: Any, d: Dist, say: Callable[[str], None]):
     """`module` under DistributedDataParallel with pretrain.ddp_bucket_mb and ddp_comm_dtype."""
     from torch.nn.parallel import DistributedDataParallel
 
+    set_optimize_ddp(p)
     # Gradients as views into the all-reduce buckets: one copy fewer per step.
     ddp = DistributedDataParallel(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                                   gradient_as_bucket_view=True, bucket_cap_mb=p.ddp_bucket_mb)
@@ -396,6 +413,7 @@ class TrainStep:
     world: int
     loss_sum: torch.Tensor
     sharded: bool = False
+    compiled_autograd: bool = False  # pretrain.ddp_overlap compiled_autograd, under DDP
 
     def __call__(self, step_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for micro, (x, y) in enumerate(step_batches):
@@ -408,7 +426,8 @@ class TrainStep:
             with context:
                 with runtime.autocast(self.loss_sum.device, self.dtype):
                     loss = self.runner(x, y)
-                (loss / len(step_batches)).backward()
+                with traced_backward(self):
+                    (loss / len(step_batches)).backward()
             self.loss_sum.add_(loss.detach() / len(step_batches))
         update(self.model, self.optimizer, self.working, self.p)
 
@@ -429,7 +448,8 @@ def build_step(model, optimizer: torch.optim.Optimizer, p: Any, d: Dist, masked:
         runner, cudagraphs = compile_runner(module, p, d, say) if p.compile else (module, False)
     return TrainStep(model=model, optimizer=optimizer, working=working, module=module, runner=runner,
                      cudagraphs=cudagraphs, dtype=forward_dtype(d.device), p=p, world=d.world,
-                     loss_sum=torch.zeros((), device=d.device), sharded=sharded)
+                     loss_sum=torch.zeros((), device=d.device), sharded=sharded,
+                     compiled_autograd=p.compile and d.world > 1 and not sharded and p.ddp_overlap == "compiled_autograd")
 
 
 class StepRunner:
