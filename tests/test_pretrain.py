@@ -646,7 +646,7 @@ def test_replicas_holding_the_same_nan_agree(tmp_path):
 
 @pytest.mark.parametrize("ddp", [{}, {"ddp_comm_dtype": "bf16", "ddp_bucket_mb": 1}, {"param_dtype": "bf16"},
                                  {"compile": True, "ddp_overlap": False},
-                                 {"compile": True, "ddp_overlap": "compiled_autograd", "param_dtype": "bf16"}],
+                                 {"compile": True, "ddp_overlap": "compiled_autograd", "param_dtype": "bf16", "fused_loss": True}],
                          ids=["fp32", "bf16-1mb-buckets", "bf16-weights", "compiled-one-graph", "compiled-autograd"])
 def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp):
     # DDP over gloo on the CPU: the path N GPUs take under torchrun, minus NCCL. The second case

@@ -427,7 +427,9 @@ class TrainStep:
                 with runtime.autocast(self.loss_sum.device, self.dtype):
                     loss = self.runner(x, y)
                 with traced_backward(self):
-                    (loss / len(step_batches)).backward()
+                    # No division by 1: compiled autograd in torch 2.11 hands the divisor of a
+                    # division's backward to Inductor's kernel as an int where it wants a tensor.
+                    (loss / len(step_batches) if len(step_batches) > 1 else loss).backward()
             self.loss_sum.add_(loss.detach() / len(step_batches))
         update(self.model, self.optimizer, self.working, self.p)
 
