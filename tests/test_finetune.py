@@ -207,6 +207,45 @@ def test_a_causal_lm_without_pad_token_gets_a_classification_head(tmp_path_facto
     assert [a["label"] for a in answers] == ["positive", "negative"]
 
 
+def test_layer_lr_decay_sets_each_layers_rate_from_the_head_down(base):
+    from lmforge.training import runtime
+    from lmforge.training.finetuning import fingerprint, layer_lr_groups, load_model
+
+    model, _ = load_model(base, ["negative", "positive"], FinetuneParams())
+    blocks = model.config.num_hidden_layers
+    groups = layer_lr_groups(model, 1e-3, 0.01, 0.5)
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(rate) == len(named)  # every parameter once
+    assert rate[id(named["classifier.weight"])] == 1e-3  # the head at the peak
+    for i in range(blocks):  # block i of L at decay^(L - i)
+        assert rate[id(named[f"bert.encoder.layer.{i}.attention.self.query.weight"])] == pytest.approx(1e-3 * 0.5 ** (blocks - i))
+    assert rate[id(named["bert.embeddings.word_embeddings.weight"])] == pytest.approx(1e-3 * 0.5 ** (blocks + 1))
+    # Weight decay still on matrices only, as without the decay.
+    assert decay[id(named["bert.encoder.layer.0.attention.self.query.weight"])] == 0.01
+    assert decay[id(named["bert.encoder.layer.0.attention.self.query.bias"])] == 0.0
+    # decay 1 is runtime.parameter_groups at the peak lr: the optimizer runs as it did before the knob.
+    plain = layer_lr_groups(model, 1e-3, 0.01, 1.0)
+    assert [[id(p) for p in g["params"]] for g in plain] == \
+        [[id(p) for p in g["params"]] for g in runtime.parameter_groups(model, 0.01)]
+    assert {g["lr"] for g in plain} == {1e-3}
+    # Off, the knob stays out of the run's fingerprint (older checkpoints resume); on, it is in it.
+    data = read_split(write_task(Path(base).parent / "fp-task"))
+    keys = [fingerprint(FinetuneParams(layer_lr_decay=d), SEED, base, ["negative", "positive"], data["train"],
+                        data["val"]) for d in (1.0, 0.9)]
+    assert "finetune.layer_lr_decay" not in keys[0] and keys[1]["finetune.layer_lr_decay"] == 0.9
+    with pytest.raises(FinetuneError, match="no numbered blocks"):
+        layer_lr_groups(__import__("torch").nn.Linear(2, 2), 1e-3, 0.01, 0.9)
+
+
+def test_a_run_with_layer_lr_decay_trains(base, two_class):
+    result = finetune(base, read_split(two_class),
+                      FinetuneParams.model_validate(tiny_finetune(base, layer_lr_decay=0.8, learning_rate=6e-3)),
+                      seed=SEED, log=lambda _m: None)
+    assert result.test["accuracy"] >= 0.8
+
+
 def test_length_grouped_batches_cover_every_row_once_and_pad_less():
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 500, size=1000)
