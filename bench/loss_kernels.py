@@ -11,6 +11,12 @@ from CUDA events. Variants:
   liger      Liger-Kernel's fused linear cross-entropy (chunks of rows; never all logits at once)
   cce        Cut Cross-Entropy (Apple): never materialises the logits; exact (filter_eps None)
   cce-filter the same with its default gradient filtering ("high": skips near-zero softmax entries)
+  fp8-head   a candidate, measured here before it goes near the stage: lmforge's loss with the head's three
+             matmuls in FP8 through torch._scaled_mm (hidden and weight e4m3, scaled by their amax; the
+             logits' gradient e5m2 at a fixed scale, as its entries are bounded by 1/count; the transposed
+             copy the weight gradient needs, since Hopper's FP8 matmul takes only one layout)
+After the table, `--matmuls` also times the head's three matmuls alone, bf16 against FP8 (inputs cast
+beforehand): the ceiling of what FP8 can take off G1's step.
 Each variant's loss and gradients are compared with `plain`'s (max abs difference, relative to
 the largest entry). Liger and CCE are optional: a variant whose package is missing is skipped.
 """
@@ -37,9 +43,51 @@ def plain(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.t()).float(), targets)
 
 
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# The logits' gradient is (softmax - one-hot) / count: times count it lies in [-1, 1], and 2^15 more
+# puts it high in e5m2's range (max 57,344), so entries down to ~2^-31 of a row keep a value.
+GRAD_HEADROOM = 2.0**15
+
+
+def to_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` in e4m3 scaled by its amax (tensorwise), and the factor that undoes the scale."""
+    scale = torch.finfo(E4M3).max / t.abs().amax().float().clamp(min=1e-12)
+    return (t.float() * scale).to(E4M3), scale.reciprocal()
+
+
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous().t()
+
+
+class FP8LinearCrossEntropy(torch.autograd.Function):
+    """fused_loss.LinearCrossEntropy with the three matmuls in FP8 (bench-only: see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index: int):
+        count = (targets != ignore_index).sum().clamp(min=1)
+        x8, x_undo = to_e4m3(hidden)
+        w8, w_undo = to_e4m3(weight)
+        logits = torch._scaled_mm(x8, w8.t(), scale_a=x_undo, scale_b=w_undo, out_dtype=torch.bfloat16)
+        row_loss, grad_logits = fused_loss.cross_entropy_grad(logits, targets, count, ignore_index)
+        g_scale = count.float() * GRAD_HEADROOM
+        g8 = (grad_logits.float() * g_scale).to(E5M2)
+        ctx.save_for_backward(g8, g_scale.reciprocal(), x8, x_undo, w8, w_undo)
+        return row_loss.sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        g8, g_undo, x8, x_undo, w8, w_undo = ctx.saved_tensors
+        grad_hidden = torch._scaled_mm(g8, column_major(w8), scale_a=g_undo, scale_b=w_undo,
+                                       out_dtype=torch.bfloat16)
+        grad_weight = torch._scaled_mm(g8.t().contiguous(), column_major(x8), scale_a=g_undo, scale_b=x_undo,
+                                       out_dtype=torch.bfloat16)
+        return (grad_hidden * grad_loss).to(torch.bfloat16), (grad_weight * grad_loss).to(torch.bfloat16), None, None
+
+
 def variants() -> dict:
     found = {"plain": torch.compile(plain),
-             "lmforge": lambda h, w, y: fused_loss.LinearCrossEntropy.apply(h, w, y, -100)}
+             "lmforge": lambda h, w, y: fused_loss.LinearCrossEntropy.apply(h, w, y, -100),
+             "fp8-head": lambda h, w, y: FP8LinearCrossEntropy.apply(h, w, y, -100)}
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -80,6 +128,35 @@ def time_it(fn, hidden, weight, targets, repeats: int = 20) -> tuple[float, floa
     return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+def time_matmuls(hidden, weight, repeats: int = 20) -> dict:
+    """The head's forward, input-gradient and weight-gradient matmuls alone, bf16 and FP8, in ms."""
+    grad = torch.randn(hidden.size(0), weight.size(0), device=hidden.device).mul_(1e-3).bfloat16()
+    x8, x_undo = to_e4m3(hidden.detach())
+    w8, w_undo = to_e4m3(weight.detach())
+    g8, g_undo = (grad.float() * 1e3).to(E5M2), torch.tensor(1e-3, device=hidden.device)
+    w8_cols, x8_cols, g8_t = column_major(w8), column_major(x8), g8.t().contiguous()
+    h, w = hidden.detach(), weight.detach()
+    cases = {
+        "bf16": (lambda: h @ w.t(), lambda: grad @ w, lambda: grad.t() @ h),
+        "fp8": (lambda: torch._scaled_mm(x8, w8.t(), scale_a=x_undo, scale_b=w_undo, out_dtype=torch.bfloat16),
+                lambda: torch._scaled_mm(g8, w8_cols, scale_a=g_undo, scale_b=w_undo, out_dtype=torch.bfloat16),
+                lambda: torch._scaled_mm(g8_t, x8_cols, scale_a=g_undo, scale_b=x_undo, out_dtype=torch.bfloat16)),
+    }
+    out = {}
+    for name, (forward, grad_input, grad_weight) in cases.items():
+        for label, fn in (("forward", forward), ("grad_input", grad_input), ("grad_weight", grad_weight)):
+            for _ in range(3):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            out[f"{name}_{label}_ms"] = round(start.elapsed_time(end) / repeats, 3)
+    return out
+
+
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
@@ -87,6 +164,7 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--record", default=None)
+    parser.add_argument("--matmuls", action="store_true", help="also time the head's matmuls alone, bf16 and FP8")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -109,6 +187,9 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     record = {"shape": {"rows": ROWS, "width": WIDTH, "vocab": VOCAB, "dtype": "bf16"},
               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows}
+    if args.matmuls:
+        record["matmuls_alone"] = time_matmuls(hidden, weight)
+        print(json.dumps(record["matmuls_alone"]), flush=True)
     if args.record:
         Path(args.record).write_text(json.dumps(record, indent=1) + "\n")
     print("| variant | ms fwd+bwd | extra peak GiB | loss diff | grad h rel diff | grad W rel diff |")
