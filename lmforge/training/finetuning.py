@@ -267,7 +267,7 @@ def layer_lr_groups(model: torch.nn.Module, lr: float, weight_decay: float, deca
     """AdamW's groups with layer-wise lr decay: the head (and anything above the blocks) at `lr`, block i of
     L at lr x decay^(L - i), the embeddings at lr x decay^(L + 1). decay 1 gives runtime.parameter_groups."""
     if decay == 1.0:
-        return [{**group, "lr": lr} for group in runtime.parameter_groups(model, weight_decay)]
+        return runtime.parameter_groups(model, weight_decay)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # each tied weight once
     blocks = [int(m.group(1)) for name, _ in named if (m := BLOCK_INDEX.search(name))]
     if not blocks:
@@ -375,8 +375,9 @@ def prepare(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, se
     model.train()
     runtime.enable_tf32(device)
     compiled = params.compile is True or (params.compile == "auto" and device.type == "cuda")
-    optimizer = torch.optim.AdamW(layer_lr_groups(model, params.learning_rate, params.weight_decay,
-                                                  params.layer_lr_decay), fused=True)
+    optimizer = runtime.adamw(model, lr=params.learning_rate, weight_decay=params.weight_decay,
+                              groups=layer_lr_groups(model, params.learning_rate, params.weight_decay,
+                                                     params.layer_lr_decay))
     per_epoch = math.ceil(len(train) / params.batch_size)
     total = (per_epoch * params.num_train_epochs if params.max_steps is None
              else min(params.max_steps, per_epoch * params.num_train_epochs))

@@ -304,6 +304,10 @@ def set_optimize_ddp(p: Any) -> None:
     dynamo.config.optimize_ddp = OPTIMIZE_DDP[p.ddp_overlap]
 
 
+# How compiled autograd compiles the backward it traces: static shapes, one graph, as the forward.
+compile_backward = partial(torch.compile, backend="inductor", fullgraph=True, dynamic=False)
+
+
 def traced_backward(step: "TrainStep"):
     """A context for the backward: with ddp_overlap compiled_autograd, compiled autograd traces it (the
     compiled forward's backward and DDP's all-reduce hooks) into one graph for Inductor; else nothing."""
@@ -311,8 +315,7 @@ def traced_backward(step: "TrainStep"):
         return nullcontext()
     from torch._dynamo import compiled_autograd
 
-    # Static shapes, one graph: the same as the forward's compile.
-    return compiled_autograd._enable(partial(torch.compile, backend="inductor", fullgraph=True, dynamic=False))
+    return compiled_autograd._enable(compile_backward)
 
 
 def wrap_ddp(module: torch.nn.Module, p: Any, d: Dist, say: Callable[[str], None]):
@@ -448,10 +451,10 @@ def build_step(model, optimizer: torch.optim.Optimizer, p: Any, d: Dist, masked:
         runner, cudagraphs = module, False
     else:
         runner, cudagraphs = compile_runner(module, p, d, say) if p.compile else (module, False)
+    traced = p.compile and d.world > 1 and not sharded and p.ddp_overlap == "compiled_autograd"
     return TrainStep(model=model, optimizer=optimizer, working=working, module=module, runner=runner,
                      cudagraphs=cudagraphs, dtype=forward_dtype(d.device), p=p, world=d.world,
-                     loss_sum=torch.zeros((), device=d.device), sharded=sharded,
-                     compiled_autograd=p.compile and d.world > 1 and not sharded and p.ddp_overlap == "compiled_autograd")
+                     loss_sum=torch.zeros((), device=d.device), sharded=sharded, compiled_autograd=traced)
 
 
 class StepRunner:

@@ -193,10 +193,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float,
-          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+          groups: list[dict[str, Any]] | None = None) -> torch.optim.AdamW:
+    """AdamW over `groups` (default: parameter_groups(model, weight_decay)); a group's own "lr" overrides `lr`."""
     # Fused on the CPU too: one update path (clipping through grad_scale included) for every device.
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, fused=True)
+    return torch.optim.AdamW(groups or parameter_groups(model, weight_decay), lr=lr, betas=betas, fused=True)
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, floor: float) -> float:
