@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -39,16 +40,34 @@ def start(entry: dict, seed: int, args, folder: Path, gpu: int) -> subprocess.Po
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-def outcome(entry: dict, seed: int, folder: Path) -> dict:
+EPOCH_LINE = re.compile(r"finetune: epoch (\d+) val accuracy ([0-9.]+)")
+
+
+def outcome(entry: dict, seed: int, folder: Path, cut: bool = False) -> dict:
     rows = [json.loads(line) for line in (folder / "g4.jsonl").read_text().splitlines()] \
         if (folder / "g4.jsonl").exists() else []
     run = next((r for r in rows if r.get("case") not in (None, "facts")), None)
     if run is None or "test_accuracy" not in run:
-        return {"settings": entry, "seed": seed, "failed": (run or {}).get("error")
-                or (folder / "run.log").read_text()[-1500:]}
+        log = (folder / "run.log").read_text(errors="replace")
+        # A run stopped at the budget still tells how far it got: its epochs' val accuracy.
+        epochs = [{"epoch": int(e), "val_accuracy": float(a)} for e, a in EPOCH_LINE.findall(log)]
+        return {"settings": entry, "seed": seed, "epochs": epochs,
+                "failed": "stopped at the sweep's --budget" if cut else (run or {}).get("error") or log[-1500:]}
     return {"settings": entry, "seed": seed, "test_accuracy": run["test_accuracy"],
             "val_accuracy": run["val_accuracy"], "best_epoch": run["best_epoch"],
             "epochs": [{k: h.get(k) for k in ("epoch", "val_accuracy", "train_loss")} for h in run["history"]]}
+
+
+def stop(running, pending) -> list[dict]:
+    """Past the budget: the running runs stopped (with the epochs they finished), the pending ones unstarted."""
+    out = []
+    for entry, seed, folder, proc in running:
+        proc.terminate()
+        proc.wait()
+        out.append(outcome(entry, seed, folder, cut=True))
+        print(json.dumps(out[-1]), flush=True)
+    return out + [{"settings": entry, "seed": seed, "failed": "not started: over the sweep's --budget"}
+                  for _, entry, seed in pending]
 
 
 def summary(results: list[dict]) -> list[dict]:
@@ -84,6 +103,8 @@ def main() -> None:
     parser.add_argument("--gpus", default="0", help="GPU indices to spread the runs over, comma-separated")
     parser.add_argument("--per-gpu", type=int, default=4, help="runs at a time on each GPU")
     parser.add_argument("--limit", type=int, default=None, help="train rows per run (smoke tests)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds; past it the running runs stop (their finished epochs are kept) and no more start")
     parser.add_argument("--record", default=None)
     args = parser.parse_args()
 
@@ -95,6 +116,9 @@ def main() -> None:
     results: list[dict] = []
     started = time.perf_counter()
     while pending or running:
+        if args.budget and time.perf_counter() - started > args.budget:
+            results += stop(running.values(), pending)
+            break
         for slot, gpu in enumerate(slots):
             if slot not in running and pending:
                 index, entry, seed = pending.pop(0)
@@ -108,6 +132,8 @@ def main() -> None:
                 if args.record:  # after every run, so a call cut short keeps what finished
                     write_record(Path(args.record), args, results, time.perf_counter() - started)
         time.sleep(0.5)
+    if args.record:
+        write_record(Path(args.record), args, results, time.perf_counter() - started)
     table = summary(results)
     print("| settings | test accuracy by seed | test mean | val mean |\n|---|---|---:|---:|")
     for row in table:
