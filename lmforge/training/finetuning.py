@@ -269,15 +269,14 @@ def layer_lr_groups(model: torch.nn.Module, lr: float, weight_decay: float, deca
     if decay == 1.0:
         return runtime.parameter_groups(model, weight_decay)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # each tied weight once
-    blocks = [int(m.group(1)) for name, _ in named if (m := BLOCK_INDEX.search(name))]
-    if not blocks:
+    block = {name: int(m.group(1)) for name, _ in named if (m := BLOCK_INDEX.search(name))}
+    if not block:
         raise FinetuneError(f"finetune.layer_lr_decay: no numbered blocks in {type(model).__name__}'s parameter "
                             "names; set layer_lr_decay: 1.0")
-    top = max(blocks) + 1
+    top = max(block.values()) + 1
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in named:
-        match = BLOCK_INDEX.search(name)
-        depth = int(match.group(1)) + 1 if match else (0 if "embed" in name else top + 1)
+        depth = block[name] + 1 if name in block else (0 if "embed" in name else top + 1)
         decays = param.dim() >= 2
         group = groups.setdefault((depth, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
                                                     "lr": lr * decay ** (top + 1 - depth)})

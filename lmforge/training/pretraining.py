@@ -445,13 +445,14 @@ def build_step(model, optimizer: torch.optim.Optimizer, p: Any, d: Dist, masked:
     stepped = working.model if working else model
     module = TrainingLoss(stepped, masked, use_fused_loss(p, stepped, masked, say))
     sharded = sharding.is_sharded(model)
-    if d.world > 1 and not sharded:
+    ddp = d.world > 1 and not sharded
+    if ddp:
         module = wrap_ddp(module, p, d, say)
     if sharded:  # its blocks were compiled one by one before sharding (sharding.shard)
         runner, cudagraphs = module, False
     else:
         runner, cudagraphs = compile_runner(module, p, d, say) if p.compile else (module, False)
-    traced = p.compile and d.world > 1 and not sharded and p.ddp_overlap == "compiled_autograd"
+    traced = ddp and p.ddp_overlap == "compiled_autograd"  # the config asks compile for it
     return TrainStep(model=model, optimizer=optimizer, working=working, module=module, runner=runner,
                      cudagraphs=cudagraphs, dtype=forward_dtype(d.device), p=p, world=d.world,
                      loss_sum=torch.zeros((), device=d.device), sharded=sharded, compiled_autograd=traced)
