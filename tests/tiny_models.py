@@ -4,6 +4,8 @@
 fly, fitted on clearly positive and clearly negative reviews until it labels them right.
 `lm_folder()`: a 2-layer, 32-wide Llama causal LM with a byte-level BPE tokenizer (untrained).
 Both are plain `save_pretrained` folders, like the pipeline's models/finetuned and models/pretrained.
+`lm_gguf()`: lm_folder's model and tokenizer as one F32 GGUF file, laid out as llama.cpp's converter
+writes a Llama (the packaged SmolLM2 is such a file).
 """
 
 from __future__ import annotations
@@ -111,3 +113,67 @@ def lm_folder() -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# lm_folder's parameter names -> the GGUF tensor names of a Llama block (llama.cpp's naming).
+GGUF_BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _rope_permute(weight, n_head: int):
+    # llama.cpp stores q and k with each head's rotary halves interleaved; transformers undoes it on load.
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def lm_gguf() -> Path:
+    import json
+
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = lm_folder()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    config = model.config
+    path = _root() / "gguf" / "tiny-llama.F32.gguf"
+    path.parent.mkdir()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(spec["vocab"], key=spec["vocab"].get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t == tokenizer.eos_token else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["merges"]])
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_bos_token_id(tokenizer.eos_token_id)
+    for name, tensor in model.state_dict().items():
+        weight = tensor.numpy()
+        if name == "lm_head.weight":  # tied to the embeddings: GGUF stores it once
+            continue
+        if name == "model.embed_tokens.weight":
+            writer.add_tensor("token_embd.weight", weight)
+        elif name == "model.norm.weight":
+            writer.add_tensor("output_norm.weight", weight)
+        else:
+            layer, part = int(name.split(".")[2]), ".".join(name.split(".")[3:-1])
+            if part in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = config.num_attention_heads if part == "self_attn.q_proj" else config.num_key_value_heads
+                weight = _rope_permute(weight, heads)
+            writer.add_tensor(f"blk.{layer}.{GGUF_BLOCK_NAMES[part]}.weight", weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
