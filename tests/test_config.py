@@ -79,7 +79,7 @@ def test_the_documented_gpu_config_validates():
     params = validate_params(gpu_params())
     assert params.tokenize.kind == "char" and params.split["corpus"].mode == "contiguous"
     # G2 replays eager steps as one CUDA graph (no compile: its wait would not pay back); G4 reads 512 tokens
-    # with SmolLM2, eager (compiled, its runs stalled recompiling).
+    # with SmolLM2, eager (compiled, its runs stalled for minutes).
     assert params.pretrain.cuda_graph and not params.pretrain.compile and params.finetune.max_length == 512
     assert params.finetune.base_model == "smollm2" and params.finetune.compile is False
 
