@@ -58,6 +58,14 @@ CASES = {
                                  "fair": True}),
     "lmforge-fair": ("lmforge", {"max_length": 512, "batch_size": 16, "learning_rate": 5e-5, "num_train_epochs": 2,
                                  "truncation": "head", "compile": True}),
+    # SmolLM2-135M (--model: the packaged smollm2 folder): the fair pair at G4's recipe (lr 3e-5, 2 epochs),
+    # then G4 itself, compiled (head and tail kept; run it once per seed).
+    "smollm2-trainer-fair": ("trainer", {"max_length": 512, "batch_size": 16, "learning_rate": 3e-5,
+                                         "num_train_epochs": 2, "fair": True}),
+    "smollm2-lmforge-fair": ("lmforge", {"max_length": 512, "batch_size": 16, "learning_rate": 3e-5,
+                                         "num_train_epochs": 2, "truncation": "head", "compile": True}),
+    "smollm2-g4": ("lmforge", {"max_length": 512, "batch_size": 16, "learning_rate": 3e-5, "num_train_epochs": 2,
+                               "truncation": "head_tail", "compile": True}),
 }
 
 
@@ -128,6 +136,11 @@ def run_trainer(model: Path, data, settings: dict, seed: int) -> dict:
     tok = AutoTokenizer.from_pretrained(model)
     net = AutoModelForSequenceClassification.from_pretrained(
         model, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=lid, dtype=torch.float32)
+    if tok.pad_token is None:  # a causal LM (SmolLM2): pad with eos, as lmforge's loop does
+        tok.pad_token = tok.eos_token
+    net.config.pad_token_id = tok.pad_token_id
+    if settings.get("fair"):
+        net.config.use_cache = False  # as lmforge's loop: a classifier fills no KV cache
 
     def encode(split):
         enc = tok(split.texts, truncation=True, max_length=settings["max_length"])

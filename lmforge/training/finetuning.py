@@ -216,6 +216,9 @@ def load_model(base: Path | str, labels: Sequence[str], params: Any):
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    # A classifier never decodes. With the cache on, a decoder fills a KV cache on every forward, and
+    # compiled blocks then specialise on it (one recompile per layer: SmolLM2's compiled runs stalled).
+    model.config.use_cache = False
     if params.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -257,6 +260,24 @@ def predict(model: torch.nn.Module, encoded: Sequence[np.ndarray], *, pad_id: in
 
 
 # --- the run --------------------------------------------------------------------------------
+
+
+def compile_blocks(model: torch.nn.Module, log: Callable[[str], None]) -> torch.nn.Module:
+    """Compile each transformer block in place (regional compilation); the whole model if it names no blocks.
+
+    Why blocks: a model's blocks share one forward, so Dynamo traces it and Inductor compiles it once for all
+    of them (SmolLM2's 30 layers cost what one costs), and a new batch width recompiles one block, not the
+    model. The glue between them (embeddings, transformers' mask building, the head) stays eager: a handful
+    of kernels. dynamic=True because length-grouped batches vary in width."""
+    kinds = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
+    if not blocks:
+        log(f"finetune: {type(model).__name__} names no blocks to compile: compiling the whole model")
+        return torch.compile(model, dynamic=True)
+    for block in blocks:
+        block.compile(dynamic=True)
+    log(f"finetune: compiled {len(blocks)} {type(blocks[0]).__name__} blocks")
+    return model
 
 
 # A block's index in the parameter names of BERT (encoder.layer.N), Llama (model.layers.N) and GPT-2 (h.N).
@@ -387,8 +408,7 @@ def prepare(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, se
         checkpoints = runtime.RunCheckpoints(checkpoint_dir, fingerprint(params, seed, base, labels, train, val),
                                              runtime.Dist(device=device))
     return Job(params=params, seed=seed, labels=labels, tokenizer=tokenizer, model=model,
-               # dynamic=True: length-grouped batches vary in width; one graph serves them all.
-               forward=torch.compile(model, dynamic=True) if compiled else model,
+               forward=compile_blocks(model, log) if compiled else model,
                device=device, dtype=runtime.compute_dtype(params.precision, device), compiled=compiled,
                train_ids=encode_split(tokenizer, train, params),
                train_y=torch.tensor([label_id[v] for v in train.labels], dtype=torch.long),
