@@ -104,8 +104,8 @@ def tiny_finetune(base: Path, **overrides) -> dict:
     return section
 
 
-def tiny_causal_base(folder: Path, max_length: int = 128) -> Path:
-    """An untrained 2-layer, 32-wide Llama causal LM with a byte-level BPE tokenizer that has no
+def tiny_causal_base(folder: Path, max_length: int = 128, n_layer: int = 2) -> Path:
+    """An untrained 2-layer (n_layer), 32-wide Llama causal LM with a byte-level BPE tokenizer that has no
     pad token (like SmolLM2 or our own pretrained model): the causal-LM path of fine-tuning."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -124,7 +124,7 @@ def tiny_causal_base(folder: Path, max_length: int = 128) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                         model_max_length=max_length)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_length,
                          bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(folder)

@@ -207,6 +207,32 @@ def test_a_causal_lm_without_pad_token_gets_a_classification_head(tmp_path_facto
     assert [a["label"] for a in answers] == ["positive", "negative"]
 
 
+def test_compiled_decoder_blocks_compile_once_whatever_the_depth(tmp_path_factory, two_class, tmp_path):
+    # finetune.compile compiles each block. A decoder's blocks share one forward, so the number of graphs must
+    # not grow with the number of layers; with transformers' KV cache left on, each layer recompiled on its
+    # layer_idx and the cache's state (SmolLM2's 30 layers stalled compiled runs for minutes on a GPU).
+    import torch
+    from torch._dynamo.utils import counters
+
+    data = read_split(two_class)
+    graphs, messages = {}, []
+    for n_layer in (2, 4):
+        base = tiny_causal_base(tmp_path_factory.mktemp(f"causal{n_layer}") / "base", n_layer=n_layer)
+        torch._dynamo.reset()
+        counters.clear()
+        result = finetune(base, data, FinetuneParams.model_validate(
+            tiny_finetune(base, learning_rate=1e-2, compile=True, save_steps=1000)),
+            seed=SEED, log=messages.append)
+        graphs[n_layer] = counters["stats"]["unique_graphs"]
+        assert result.stats["compiled"] and result.test["accuracy"] >= 0.8
+        assert not any("_orig_mod" in key for key in result.model.state_dict())  # saves as a plain model
+    assert "finetune: compiled 4 LlamaDecoderLayer" in messages
+    assert 1 <= graphs[2] == graphs[4] <= 4, graphs
+    assert result.model.config.use_cache is False
+    save_model(result, tmp_path / "compiled")
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["num_hidden_layers"] == 4
+
+
 def test_layer_lr_decay_sets_each_layers_rate_from_the_head_down(base):
     from lmforge.training import runtime
     from lmforge.training.finetuning import fingerprint, layer_lr_groups, load_model
