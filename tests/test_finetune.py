@@ -207,13 +207,16 @@ def test_a_causal_lm_without_pad_token_gets_a_classification_head(tmp_path_facto
     assert [a["label"] for a in answers] == ["positive", "negative"]
 
 
-def test_compiled_decoder_blocks_compile_once_whatever_the_depth(tmp_path_factory, two_class, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compiled_decoder_blocks_compile_once_whatever_the_depth(tmp_path_factory, two_class, tmp_path, device):
     # finetune.compile compiles each block. A decoder's blocks share one forward, so the number of graphs must
     # not grow with the number of layers; with transformers' KV cache left on, each layer recompiled on its
     # layer_idx and the cache's state (SmolLM2's 30 layers stalled compiled runs for minutes on a GPU).
     import torch
     from torch._dynamo.utils import counters
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("the CUDA case needs a GPU (bf16 autocast, Inductor's Triton kernels)")
     data = read_split(two_class)
     graphs, messages = {}, []
     for n_layer in (2, 4):
@@ -221,7 +224,7 @@ def test_compiled_decoder_blocks_compile_once_whatever_the_depth(tmp_path_factor
         torch._dynamo.reset()
         counters.clear()
         result = finetune(base, data, FinetuneParams.model_validate(
-            tiny_finetune(base, learning_rate=1e-2, compile=True, save_steps=1000)),
+            tiny_finetune(base, learning_rate=1e-2, compile=True, save_steps=1000, device=device)),
             seed=SEED, log=messages.append)
         graphs[n_layer] = counters["stats"]["unique_graphs"]
         assert result.stats["compiled"] and result.test["accuracy"] >= 0.8
