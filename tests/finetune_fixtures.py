@@ -105,7 +105,7 @@ def tiny_finetune(base: Path, **overrides) -> dict:
 
 
 def tiny_causal_base(folder: Path, max_length: int = 128, n_layer: int = 2) -> Path:
-    """An untrained 2-layer (n_layer), 32-wide Llama causal LM with a byte-level BPE tokenizer that has no
+    """An untrained n_layer-deep, 32-wide Llama causal LM with a byte-level BPE tokenizer that has no
     pad token (like SmolLM2 or our own pretrained model): the causal-LM path of fine-tuning."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -211,7 +211,7 @@ def test_a_causal_lm_without_pad_token_gets_a_classification_head(tmp_path_facto
 def test_compiled_decoder_blocks_compile_once_whatever_the_depth(tmp_path_factory, two_class, tmp_path, device):
     # finetune.compile compiles each block. A decoder's blocks share one forward, so the number of graphs must
     # not grow with the number of layers; with transformers' KV cache left on, each layer recompiled on its
-    # layer_idx and the cache's state (SmolLM2's 30 layers stalled compiled runs for minutes on a GPU).
+    # layer_idx and the cache's state until Dynamo's recompile limit.
     import torch
     from torch._dynamo.utils import counters
 

@@ -218,7 +218,7 @@ def load_model(base: Path | str, labels: Sequence[str], params: Any):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     # A classifier never decodes. With the cache on, a decoder fills a KV cache on every forward, and
-    # compiled blocks then specialise on it (one recompile per layer: SmolLM2's compiled runs stalled).
+    # compiled blocks specialise on it and on their layer index: one recompile per layer, up to the limit.
     model.config.use_cache = False
     if params.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
