@@ -632,6 +632,9 @@ with torch.no_grad():
     model.weight[0, 0] = float("nan")  # a run that blew up: the same NaN on both ranks is no drift
 pretraining.check_replicas_agree(model, d, step=5)
 print(f"rank {d.rank}: agree")
+# Both ranks past every collective before either tears down: a rank that destroys its group while the
+# other still talks to it makes gloo abort the process ("terminate called without an active exception").
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()  # left to exit, gloo's threads can abort the process
 """
 
