@@ -116,7 +116,7 @@ def activate_fa4() -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", default="6,12", help="head counts at width 768, comma-separated")
-    parser.add_argument("--fa4", action="store_true", help="also time FlashAttention-4 as SDPA's flash kernel")
+    parser.add_argument("--fa4", action="store_true", help="also time flash-attn-4: its own flash_attn_func, then as SDPA's flash kernel")
     parser.add_argument("--record", default=None)
     args = parser.parse_args()
     heads = [int(h) for h in args.heads.split(",")]
