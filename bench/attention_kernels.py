@@ -7,9 +7,10 @@ made as the model makes them: one projection's output split in three and viewed 
 their strides are the model's. Each kernel is timed over the same inputs with CUDA events;
 its output and gradients are compared with the math kernel's in fp32 on a smaller batch.
 
---fa4 also times flash-attn-4's own flash_attn_func, then activates FlashAttention-4 (the flash-attn-4 package, CuTe DSL kernels) as SDPA's
-flash implementation through torch.nn.attention.activate_flash_attention_impl, and times the
-flash kernel again. Its kernels compile on first use (seconds), which the warm-up absorbs.
+--fa4 also times FlashAttention-4 (the flash-attn-4 package, CuTe DSL kernels): first its own
+flash_attn_func, then as SDPA's flash implementation through
+torch.nn.attention.activate_flash_attention_impl. Its kernels compile on first use (seconds),
+which the warm-up absorbs.
 """
 
 from __future__ import annotations
@@ -58,21 +59,18 @@ def run(backend, x, q, k, v, grad):
 def time_ms(backend, heads: int, steps: int = 20, warmup: int = 5) -> dict:
     x, q, k, v = qkv(BATCH, heads)
     grad = torch.randn(BATCH, heads, CONTEXT, WIDTH // heads, device="cuda", dtype=torch.bfloat16)
-    for _ in range(warmup):  # both paths: cuDNN builds a separate plan for a forward without grad
-        run(backend, x, q, k, v, grad)
-        with torch.no_grad():
-            attend(backend, q, k, v)
+    passes = {"forward": torch.no_grad()(lambda: attend(backend, q, k, v)),
+              "forward_backward": lambda: run(backend, x, q, k, v, grad)}
+    for _ in range(warmup):  # both passes: cuDNN builds a separate plan for a forward without grad
+        for one_pass in passes.values():
+            one_pass()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = {}
-    for name in ("forward", "forward_backward"):
+    for name, one_pass in passes.items():
         torch.cuda.synchronize()
         start.record()
         for _ in range(steps):
-            if name == "forward":
-                with torch.no_grad():
-                    attend(backend, q, k, v)
-            else:
-                run(backend, x, q, k, v, grad)
+            one_pass()
         end.record()
         torch.cuda.synchronize()
         times[name] = start.elapsed_time(end) / steps
@@ -116,7 +114,8 @@ def activate_fa4() -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", default="6,12", help="head counts at width 768, comma-separated")
-    parser.add_argument("--fa4", action="store_true", help="also time flash-attn-4: its own flash_attn_func, then as SDPA's flash kernel")
+    parser.add_argument("--fa4", action="store_true",
+                        help="also time flash-attn-4: its own flash_attn_func, then as SDPA's flash kernel")
     parser.add_argument("--record", default=None)
     args = parser.parse_args()
     heads = [int(h) for h in args.heads.split(",")]
