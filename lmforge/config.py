@@ -40,6 +40,7 @@ Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 # --- data stages ---------------------------------------------------------------------------
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")  # a git commit: a branch or tag name can move under a pin
 _SCHEMES = ("file:", "https:", "hf:", "pypi:")
 
 
@@ -47,6 +48,9 @@ class Source(Section):
     uri: str
     sha256: str | None = None  # of the file, or of a glob's manifest; hf: sources pin `revision` instead
     revision: str | None = None  # hf: only: the dataset repository's commit
+    # The most bytes one fetch may download, or unpack from an archive: a source that grows past
+    # this (a zip bomb, a runaway server) stops before it fills the disk. Raise it for big corpora.
+    max_bytes: int = Field(64 * 2**30, ge=1)
 
     @field_validator("uri")
     @classmethod
@@ -70,6 +74,9 @@ class Source(Section):
         if self.uri.startswith("hf:"):
             if not self.revision:
                 raise ValueError("an hf: source is pinned by `revision` (a commit of the dataset's repository)")
+            if not _COMMIT.match(self.revision):
+                raise ValueError("revision must be a full commit hash (40 lowercase hex characters): "
+                                 "a branch or tag name can move, so it pins nothing")
         elif self.sha256 is None:
             raise ValueError("sha256 is required: the file's, or for a glob its manifest's (see lmforge/data/sources.py)")
         elif self.revision is not None:
@@ -548,6 +555,9 @@ class FinetuneParams(Section):
         return _refuse_renamed_knobs(data, "finetune")
 
 
+MAX_SERVED_BODY_BYTES = 256 << 20
+
+
 class RegisterParams(Section):
     """lmforge/registry/registration.py: log and register the models in MLflow, gate promotion (aliases only)."""
 
@@ -568,6 +578,17 @@ class RegisterParams(Section):
         max_texts: int = Field(64, ge=1, le=10_000)
         max_chars: int = Field(20_000, ge=1, le=10_000_000)
         max_new_tokens: int = Field(64, ge=1, le=4096)
+
+        @model_validator(mode="after")
+        def _body_fits_memory(self) -> RegisterParams.Serving:
+            # The server's body cap is room for max_texts texts of max_chars characters, each
+            # escaped to 6 bytes (lmforge/registry/serving.py: body_limit): keep it to what one
+            # server can hold, so no pair of caps lets a client send gigabytes.
+            body = self.max_texts * (self.max_chars * 6 + 16) + 4096
+            if body > MAX_SERVED_BODY_BYTES:
+                raise ValueError(f"max_texts x max_chars allows request bodies of {body:,} bytes; the most is "
+                                 f"{MAX_SERVED_BODY_BYTES:,} ({MAX_SERVED_BODY_BYTES >> 20} MiB): lower one of them")
+            return self
 
     tracking_uri: str | None = Field(None, min_length=1)
     sentiment: Model = Field(default_factory=lambda: RegisterParams.Model(

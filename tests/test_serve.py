@@ -61,6 +61,40 @@ def test_request_shapes_accepted(request_input):
     assert texts_from(request_input, max_texts=4, max_chars=100) == ["a", "b"]
 
 
+def test_the_guard_counts_the_bytes_it_receives_and_stops_past_the_cap():
+    """Whatever the headers say, the guard asks for no more chunks once cap + 1 bytes are in."""
+    import asyncio
+
+    from lmforge.registry.guard import read_capped
+
+    def chunks(count: int, size: int):
+        asked = []
+
+        async def receive():
+            asked.append(size)
+            return {"type": "http.request", "body": b"x" * size, "more_body": len(asked) < count}
+
+        return receive, asked
+
+    receive, asked = chunks(count=1000, size=10)
+    assert asyncio.run(read_capped(receive, max_bytes=100)) is None
+    assert sum(asked) == 110  # the chunk that passed the cap was the last one asked for
+    receive, asked = chunks(count=10, size=10)
+    assert asyncio.run(read_capped(receive, max_bytes=100)) == b"x" * 100
+
+
+@pytest.mark.parametrize("body, depth", [
+    (b'{"inputs": ["a", "b"]}', 2),
+    (b'{"dataframe_split": {"columns": ["text"], "data": [["a"]]}}', 4),
+    (b'{"inputs": ["[[[[[[[[[[{{{{{{{ in a string \\" ]]]"]}', 2),
+    (b"[" * 40_000, 33),  # counting stops past MAX_NESTING
+])
+def test_nesting_depth_counts_brackets_outside_strings(body, depth):
+    from lmforge.registry.guard import nesting_depth
+
+    assert nesting_depth(body) == depth
+
+
 # --- a real server ------------------------------------------------------------------------------
 
 
@@ -100,8 +134,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def post_raw(url: str, body: bytes) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+def post_raw(url: str, body: bytes, content_type: str | None = "application/json") -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method="POST")
+    if content_type is None:
+        request.remove_header("Content-type")
+        request.unredirected_hdrs.pop("Content-type", None)
+        request.add_unredirected_header("Content-type", "")  # urllib would add a form type of its own
+    else:
+        request.add_header("Content-Type", content_type)
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
             return answer.status, answer.read()
@@ -138,6 +178,39 @@ def post_chunked(port: int, body: bytes) -> tuple[int, bytes]:
         return answer.status, answer.read()
     finally:
         connection.close()
+
+
+def raw_chunked(port: int, body: bytes, declared_length: int | None = None) -> tuple[int, bytes]:
+    """POST `body` in 64 KiB chunks over a raw socket (optionally with a Content-Length beside the
+    chunked framing, which the server must ignore), sending from a thread while the answer is read:
+    a server that stops reading answers before the body is through."""
+    import threading
+
+    head = [b"POST /invocations HTTP/1.1", b"Host: 127.0.0.1", b"Content-Type: application/json",
+            b"Transfer-Encoding: chunked"]
+    if declared_length is not None:
+        head.append(b"Content-Length: %d" % declared_length)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+
+    def send_all():
+        try:
+            sock.sendall(b"\r\n".join(head) + b"\r\n\r\n")
+            for start in range(0, len(body), 65536):
+                chunk = body[start:start + 65536]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server answered and closed before the whole body was sent: what we test
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    try:
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return answer.status, answer.read()
+    finally:
+        sock.close()
+        sender.join(timeout=30)
 
 
 @pytest.fixture
@@ -211,8 +284,24 @@ def test_served_champion_labels_reviews_and_rejects_bad_requests(champion, tmp_p
         assert len(too_big) > LIMIT
         status, raw = post_raw(f"{base}/invocations", too_big)
         assert status == 413 and b"SECRET" not in raw
+        # the cap counts the bytes received, whatever the framing: a chunked body is served when
+        # small and refused past the cap, also when a small Content-Length is declared beside it
         status, raw = post_chunked(port, json.dumps({"inputs": [POSITIVE]}).encode())
-        assert status == 411 and "Content-Length" in json.loads(raw)["message"]
+        assert status == 200 and json.loads(raw)["predictions"][0]["label"] == "positive"
+        oversize = json.dumps({"inputs": ["SECRET"] * (3 * LIMIT)}).encode()
+        assert len(oversize) > 10 * LIMIT
+        status, raw = raw_chunked(port, oversize, declared_length=10)
+        assert status == 413 and json.loads(raw)["message"] == f"the request body is over the limit of {LIMIT:,} bytes"
+        status, raw = raw_chunked(port, oversize)
+        assert status == 413 and b"SECRET" not in raw
+        # a body nested 40k deep (well under the cap) is refused before it is parsed, not a 500
+        status, raw = post_raw(f"{base}/invocations", b"[" * 40_000 + b"]" * 40_000)
+        assert status == 400 and "nests deeper than 32 levels" in json.loads(raw)["message"]
+        # a refused Content-Type is not quoted back; a missing one is a 415, not a 500
+        status, raw = post_raw(f"{base}/invocations", b"text=x", content_type="text/x-SECRET")
+        assert status == 415 and b"SECRET" not in raw and "application/json" in json.loads(raw)["message"]
+        status, raw = post_raw(f"{base}/invocations", b"{}", content_type=None)
+        assert status == 415, raw
         # still serving after the bad requests
         assert post(f"{base}/invocations", json.dumps({"inputs": [NEGATIVE]}).encode())[1]["predictions"][0]["label"] == "negative"
     finally:

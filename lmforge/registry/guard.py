@@ -7,13 +7,18 @@ connections; MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT is MLflow's only knob). Its 4
 the request too: "Failed to predict data '<the data>'", "Input: <the body>". So the served pyfuncs
 put `RequestGuard`, an ASGI middleware, in front of MLflow's app:
 
-- a POST without a Content-Length is answered 411 and one over the cap 413, before the app runs:
-  the body of a refused request is never read, let alone parsed (HTTP frames a body by its
-  Content-Length, so no body runs past the figure checked here);
-- a 4xx JSON answer of the app keeps its status and error code, and its message becomes one that
+- a POST body is read here, counting the bytes actually received, before the app runs: one that
+  declares a Content-Length over the cap is answered 413 unread, and one that runs past the cap
+  (chunked, or longer than it declared) is answered 413 as soon as the count passes it, so at
+  most cap + one chunk is ever held. The framing is the HTTP layer's business (a chunked body
+  with a small Content-Length beside it is framed by its chunks), so the cap counts bytes, not
+  headers;
+- a JSON body nested deeper than MAX_NESTING is answered 400 before anyone parses it (Python's
+  json parser recurses, and 40k `[` under the cap ended in a RecursionError and a 500);
+- a 4xx answer of the app keeps its status and error code, and its message becomes one that
   says what is wrong without quoting the input: the pyfunc's own reason (each rejection of
   lmforge/registry/serving.py carries it in the error's `reason` field), else a fixed sentence
-  for MLflow's own parse and schema errors.
+  for MLflow's own parse, schema and content-type errors (its 415 quotes the Content-Type).
 
 The app is built by MLflow (mlflow/pyfunc/scoring_server/app.py: load the model, then build the
 FastAPI app around it), with no hook for middleware. `install_when_served`, called while the model
@@ -26,6 +31,7 @@ This module is copied into every registered model (code_paths): it imports nothi
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, Awaitable, Callable
 
@@ -42,10 +48,24 @@ _MLFLOW_REJECTIONS = (
 )
 _SCHEMA_REJECTION = ("Failed to enforce schema", "the request does not match the model's input: "
                                                  "one `text` column of strings")
+_CONTENT_TYPE_REJECTION = "the request's Content-Type is not supported: send application/json"
+# Answers whose status alone says what is wrong (MLflow's 415 quotes the Content-Type header).
+_STATUS_REJECTIONS = {
+    404: "no such endpoint: POST to /invocations",
+    405: "this endpoint does not take that method",
+    415: _CONTENT_TYPE_REJECTION,
+}
 _GENERIC_REJECTION = "the request does not match the model's input (a list of texts under `inputs`)"
+
+# The deepest JSON nesting a request may have: lmforge's request shapes need 4 ({"dataframe_split":
+# {"data": [[...]]}}); the parser recurses once per level.
+MAX_NESTING = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
+Receive = Callable[[], Awaitable[Message]]
 
 
 def install_when_served(max_bytes: int) -> bool:
@@ -75,7 +95,7 @@ class RequestGuard:
         self.app = app
         self.max_bytes = int(max_bytes)
 
-    async def __call__(self, scope, receive, send: Send) -> None:
+    async def __call__(self, scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
@@ -83,17 +103,74 @@ class RequestGuard:
         if refusal is not None:
             await answer(send, *refusal)
             return
-        await self.app(scope, receive, ScrubbedSend(send))
+        body = await read_capped(receive, self.max_bytes)
+        if body is None:
+            await answer(send, 413, f"the request body is over the limit of {self.max_bytes:,} bytes")
+            return
+        if is_json(scope["headers"]) and nesting_depth(body) > MAX_NESTING:
+            await answer(send, 400, f"the request body nests deeper than {MAX_NESTING} levels")
+            return
+        await self.app(scope, replay(body, receive), ScrubbedSend(send))
 
     def refusal(self, headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
-        """(status, message) for a body this guard will not let the app read, else None."""
+        """(status, message) for a request refused on its headers alone (its body unread), else None."""
         lengths = [value for name, value in headers if name.lower() == b"content-length"]
-        if len(lengths) != 1 or not lengths[0].strip().isdigit():
-            return 411, "the request needs one Content-Length header (a chunked body is not accepted)"
-        length = int(lengths[0])
-        if length > self.max_bytes:
-            return 413, f"the request body has {length:,} bytes; the limit is {self.max_bytes:,}"
+        if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
+            return 400, "the request needs at most one Content-Length header, a whole number"
+        if lengths and int(lengths[0]) > self.max_bytes:
+            return 413, f"the request body has {int(lengths[0]):,} bytes; the limit is {self.max_bytes:,}"
+        if not any(name.lower() == b"content-type" for name, _ in headers):
+            return 415, _CONTENT_TYPE_REJECTION  # MLflow's app fails with a 500 on a missing one
         return None
+
+
+def is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    content_type = next((value for name, value in headers if name.lower() == b"content-type"), b"")
+    return content_type.split(b";")[0].strip().lower() == b"application/json"
+
+
+async def read_capped(receive: Receive, max_bytes: int) -> bytes | None:
+    """The whole request body, or None as soon as more than `max_bytes` have arrived (the rest is
+    never asked for). MLflow's app reads the whole body before parsing anyway, so holding it here
+    costs nothing more."""
+    chunks, received = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > max_bytes:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the app the body already read, then waits on the real one
+    (for the client's disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive_again() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return receive_again
+
+
+def nesting_depth(body: bytes) -> int:
+    """How deeply the brackets of a JSON text nest (those inside strings not counted); stops
+    counting once past MAX_NESTING."""
+    brackets = _JSON_STRING.sub(b'""', body).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for byte in brackets:
+        depth += 1 if byte in b"[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > MAX_NESTING:
+                break
+    return deepest
 
 
 async def answer(send: Send, status: int, message: str, error_code: str = "BAD_REQUEST") -> None:
@@ -120,17 +197,19 @@ class ScrubbedSend:
             return
         self.body += message.get("body", b"")
         if not message.get("more_body", False):
-            error = rejection(self.body)
+            error = rejection(self.body, self.start["status"])
             await answer(self.send, self.start["status"], error["message"], error["error_code"])
 
     @staticmethod
     def _rewritable(start: Message) -> bool:
-        content_type = dict(start.get("headers", [])).get(b"content-type", b"")
-        return 400 <= start["status"] < 500 and content_type.startswith(b"application/json")
+        # Every 4xx, whatever its type: a plain-text or HTML error page can quote the request too.
+        return 400 <= start["status"] < 500
 
 
-def rejection(body: bytes) -> dict[str, str]:
-    """The error code and an input-free message for one of the app's 4xx JSON answers."""
+def rejection(body: bytes, status: int = 400) -> dict[str, str]:
+    """The error code and an input-free message for one of the app's 4xx answers."""
+    if status in _STATUS_REJECTIONS:
+        return {"error_code": "BAD_REQUEST", "message": _STATUS_REJECTIONS[status]}
     try:
         error = json.loads(body)
     except ValueError:

@@ -185,7 +185,8 @@ class TextGenerator(_Base):
 
         texts = texts_from(model_input, self.max_texts, self.max_chars)
         params = dict(params or {})
-        new_tokens = int(params.get("max_new_tokens") or self.max_new_tokens)
+        asked = params.get("max_new_tokens")  # 0 is a request for nothing, not for the default
+        new_tokens = self.max_new_tokens if asked is None else int(asked)
         if not 1 <= new_tokens <= self.max_new_tokens:
             raise invalid(f"max_new_tokens must be between 1 and {self.max_new_tokens}")
         temperature = float(params.get("temperature") or 0.0)
@@ -196,8 +197,10 @@ class TextGenerator(_Base):
         context_len = getattr(self.model.config, "max_position_embeddings", None)
         with self.torch.inference_mode():
             for text in texts:  # one prompt at a time: no padding side to get wrong, caps keep it small
-                if seed is not None:
-                    self.torch.manual_seed(int(seed))
+                if seed is None:
+                    self.torch.seed()  # unseeded: fresh randomness for every prompt
+                else:
+                    self.torch.manual_seed(int(seed))  # seeded: the same answer every time
                 ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
                 if context_len:
                     ids = ids[:, -max(1, context_len - new_tokens):]
@@ -233,7 +236,7 @@ def generator_signature(max_new_tokens: int):
     params = ParamSchema([
         ParamSpec("max_new_tokens", "long", int(max_new_tokens)),
         ParamSpec("temperature", "double", 0.0),
-        ParamSpec("seed", "long", 0),
+        ParamSpec("seed", "long", None),  # None: each request samples afresh
     ])
     return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]),
                           outputs=Schema([ColSpec("string", "generated_text")]), params=params)
