@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from prefect.tasks import exponential_backoff
 from lmforge.config import apply_overrides as override_params
 from lmforge.config import parse_yaml
 from lmforge.errors import UserError
+from lmforge.redaction import redact
 from lmforge.registry import tracking
 from tasks._common import USER_ERROR_EXIT  # what tasks/_common.py:fail() exits with
 from tasks.lineage import locked_dvc_repo
@@ -211,7 +213,7 @@ def run_stage(root: Path, addr: str, accelerator: bool = False) -> dict:
     output = (result.stdout + result.stderr).strip()
     if result.returncode != 0:
         raise stage_failure(addr, output)
-    logger.info("%s", output)
+    logger.info("%s", redact(output))
     seconds = round(time.perf_counter() - start, 2)
     try:
         publish_stage_artifacts(root, addr, started_at=time.time() - seconds)
@@ -236,7 +238,7 @@ def stage_failure(addr: str, output: str) -> Exception:
         return KilledForMemory(killed_message(addr, output))
     stage_errors = [line for line in output.splitlines() if line.startswith("error: ")]
     headline = stage_errors[0] if stage_errors else output.splitlines()[-1] if output else "no output"
-    message = f"{addr} failed: {headline}\n\n{output}"
+    message = redact(f"{addr} failed: {headline}\n\n{output}")
     return StageRefused(message) if status == USER_ERROR_EXIT else StageFailed(message)
 
 
@@ -270,7 +272,7 @@ def mlflow_run_url(root: Path, stage: str, started_at: float) -> str | None:
     )
     if not runs:
         return None
-    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    base = without_userinfo(uri).rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}"
 
 
@@ -371,7 +373,7 @@ def run_experiment(root: Path, addrs: list[str], targets: list[str] | None, over
     output = (result.stdout + result.stderr).strip()
     if result.returncode != 0:
         raise experiment_failure(output)
-    logger.info("%s", output)
+    logger.info("%s", redact(output))
     found = _EXPERIMENT_NAME.search(output)
     experiment = found.group(1) if found else name or "unnamed"
     return {"name": experiment, "overrides": overrides, "metrics": experiment_metrics(root, experiment),
@@ -379,15 +381,22 @@ def run_experiment(root: Path, addrs: list[str], targets: list[str] | None, over
             "waited": waited}
 
 
+def without_userinfo(url: str) -> str:
+    """The URL without user and password: a link in the Prefect UI must carry no credential."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
+
+
 def publish_experiment(experiment: dict) -> None:
     name, metrics = experiment["name"], experiment["metrics"]
     if metrics:
         rows = [{"metric": k, "value": v} for k, v in metrics.items()]
         create_table_artifact(rows, key="experiment-" + _artifact_key(name),
-                              description=f"Metrics of DVC experiment {name} ({' '.join(experiment['overrides'])})")
+                              description=redact(f"Metrics of DVC experiment {name} ({' '.join(experiment['overrides'])})"))
     shown = ", ".join(f"{k}={v}" for k, v in metrics.items()) or "none"
-    print(f"overrides {experiment['overrides']} ran as DVC experiment {name} in {experiment['seconds']} s; "
-          f"params.yaml and the workspace unchanged (`dvc exp show`, `dvc exp apply {name}`). Metrics: {shown}")
+    print(redact(f"overrides {experiment['overrides']} ran as DVC experiment {name} in {experiment['seconds']} s; "
+          f"params.yaml and the workspace unchanged (`dvc exp show`, `dvc exp apply {name}`). Metrics: {shown}"))
 
 
 # --- the flow ---------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def standings(report: Path, params_path: Path) -> dict[str, dict] | None:
 
     params = load_params(params_path)
     registered = json.loads(report.read_text())
-    client = MlflowClient(tracking_uri=registered.get("tracking_uri"), registry_uri=registered.get("tracking_uri"))
+    client = registry_client(registered, params_path)
     found = {}
     for key, entry in registered.get("models", {}).items():
         model = getattr(params.register_, key, None)
@@ -60,16 +60,30 @@ def standings(report: Path, params_path: Path) -> dict[str, dict] | None:
     return found
 
 
-def current_aliases(report: Path) -> dict[str, dict[str, str]] | None:
+def registry_client(registered: dict, params_path: Path):
+    """A client on the registry that reports/register.json names. The report keeps the URI with its
+    password masked; such a URI is resolved again as register resolved it (MLFLOW_TRACKING_URI,
+    else register.tracking_uri of the params)."""
+    from mlflow import MlflowClient
+
+    from lmforge.config import load_params
+    from lmforge.redaction import MASK
+    from lmforge.registry import registration as registry
+
+    uri = registered.get("tracking_uri")
+    if not uri or MASK in uri:
+        uri = registry.resolve_tracking_uri(load_params(params_path) if params_path.exists() else None, Path.cwd())
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def current_aliases(report: Path, params_path: Path = Path("params.yaml")) -> dict[str, dict[str, str]] | None:
     """Model name -> alias -> version, from the registry named in reports/register.json."""
     import json
 
     if not report.exists() or not tracking.enabled():
         return None
-    from mlflow import MlflowClient
-
     registered = json.loads(report.read_text())
-    client = MlflowClient(tracking_uri=registered.get("tracking_uri"), registry_uri=registered.get("tracking_uri"))
+    client = registry_client(registered, params_path)
     aliases = {}
     for entry in registered.get("models", {}).values():
         if "name" in entry:
@@ -85,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     reports = Path(args.reports)
     report = reports / "register.json"
-    text = build_summary(reports, current_aliases(report), standings(report, Path(args.params)))
+    text = build_summary(reports, current_aliases(report, Path(args.params)), standings(report, Path(args.params)))
     with atomic_path(reports / "summary.md") as tmp:
         tmp.write_text(text)
     if (reports / "register.json").exists():  # a tracking store exists: keep the page beside the models

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from lmforge.redaction import redact
+
 MAX_ROWS = 40
 
 
@@ -157,7 +159,7 @@ def registry_section(reports: Path, aliases: dict[str, dict[str, str]] | None,
         lines.append(f"| {name} | {entry.get('version')} | {entry.get('registered')} | "
                      f"{', '.join(f'@{a} = v{v}' for a, v in sorted(now.items())) or 'none'} |")
     lines += standings_lines(standings)
-    return lines + ["", f"Tracking URI: `{registered.get('tracking_uri', '?')}`", ""]
+    return lines + ["", f"Tracking URI: `{redact(str(registered.get('tracking_uri', '?')))}`", ""]
 
 
 def timing_section(reports: Path) -> list[str]:

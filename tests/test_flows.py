@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -407,3 +408,34 @@ def test_reads_of_the_dvc_repo_wait_while_a_sibling_repro_holds_its_lock(dvc_rep
     finally:
         holder.wait(timeout=30)
     assert holder.returncode == 0
+
+
+def test_the_tune_worker_reads_its_storage_from_a_secret_and_logs_no_password(tmp_path):
+    """The storage URL travels as a Prefect Secret block's name, never as a flow parameter, and
+    the worker's output is redacted before it reaches the Prefect log."""
+    from prefect.blocks.system import Secret
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.actions import tune_worker
+
+    url = "postgresql://tuner:pw-7f3a9c@db.invalid:5432/optuna"
+    Secret(value=url).save("lmforge-test-storage", overwrite=True)
+    # a stand-in for tasks.tune in the worker's folder: it records and prints the storage it got
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks/__init__.py").write_text("")
+    (tmp_path / "tasks/tune.py").write_text(
+        "import os, pathlib\nurl = os.environ['LMFORGE_OPTUNA_STORAGE']\n"
+        "pathlib.Path('got.txt').write_text(url)\nprint('tune: study at', url)\n")
+    state = tune_worker(storage_secret="lmforge-test-storage", root=str(tmp_path), return_state=True)
+    assert state.is_completed()
+    assert (tmp_path / "got.txt").read_text() == url  # the worker process did get the real URL
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        for _ in range(50):
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+            text = "\n".join(log.message for log in logs)
+            if "tune: study at" in text:
+                break
+            time.sleep(0.2)
+    assert flow_run.parameters == {"storage_secret": "lmforge-test-storage", "root": str(tmp_path)}
+    assert "postgresql://tuner:***@db.invalid:5432/optuna" in text and "pw-7f3a9c" not in text

@@ -237,14 +237,15 @@ def test_sampling_errors_are_space_errors_with_the_key_path():
 
 def test_storage_comes_from_the_env_then_params_then_sqlite_under_reports(tmp_path, monkeypatch):
     from lmforge.config import TuneParams
-    from lmforge.training.tuning import redacted, storage_url
+    from lmforge.redaction import redact
+    from lmforge.training.tuning import storage_url
 
     monkeypatch.delenv("LMFORGE_OPTUNA_STORAGE", raising=False)
     assert storage_url(TuneParams(), tmp_path / "t") == f"sqlite:///{(tmp_path / 't/study.db').as_posix()}"
     assert storage_url(TuneParams(storage="sqlite:///x.db"), tmp_path) == "sqlite:///x.db"
     monkeypatch.setenv("LMFORGE_OPTUNA_STORAGE", "postgresql://tuner:secret@db:5432/optuna")
     assert storage_url(TuneParams(storage="sqlite:///x.db"), tmp_path).startswith("postgresql://")
-    assert "secret" not in redacted("postgresql://tuner:secret@db:5432/optuna")
+    assert "secret" not in redact("postgresql://tuner:secret@db:5432/optuna")
 
 
 def test_best_yaml_that_does_not_fit_finetune_is_refused(tmp_path, base):

@@ -7,7 +7,8 @@
 The tracking URI is MLFLOW_TRACKING_URI when set, else `sqlite:///<repo root>/mlflow.db`; runs
 go to the experiment "lmforge" (LMFORGE_EXPERIMENT overrides) and carry the git commit, the
 dirty flag, the stage and the system facts as tags. Where mlflow is not installed (a bare GPU
-image) or LMFORGE_TRACKING=off, the same calls do nothing, and say so once.
+image) or LMFORGE_TRACKING=off, the same calls do nothing, and say so once. Every param, tag and
+logged dict passes through lmforge.redaction first: a password in a URL never reaches the store.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from lmforge.redaction import redact, redact_all
+
 EXPERIMENT = "lmforge"
 
 
@@ -31,6 +34,13 @@ def project_root(root: Path | str | None = None) -> Path:
 
 def tracking_uri(root: Path | str | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
+
+
+def keep_credentials_quiet(uri: str) -> None:
+    """MLflow prints "View run ... at: <tracking URI>/#/..." as each run ends: where the URI holds
+    a credential, that print is turned off (its redacted form would be no working link anyway)."""
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def git_facts(root: Path | str | None = None) -> dict[str, str]:
@@ -123,7 +133,7 @@ class Run:
             import mlflow
 
             flat = flatten(params)
-            items = list(flat.items())
+            items = [(key, redact(value)) for key, value in flat.items()]
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params a call
                 mlflow.log_params(dict(items[i : i + 100]))
 
@@ -131,7 +141,7 @@ class Run:
         if self.active:
             import mlflow
 
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            mlflow.set_tags({k: redact(str(v)) for k, v in tags.items()})
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         if self.active and Path(path).exists():
@@ -146,7 +156,7 @@ class Run:
         if self.active:
             import mlflow
 
-            mlflow.log_dict(payload, name)
+            mlflow.log_dict(redact_all(payload), name)
 
 
 @contextmanager
@@ -160,6 +170,7 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, *, tags: Mapp
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
+    keep_credentials_quiet(tracking_uri(root))
     mlflow.set_tracking_uri(tracking_uri(root))
     mlflow.set_experiment(experiment_name())
     with mlflow.start_run(run_name=stage) as active:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from lmforge.config import ConfigError, FinetuneParams, Params, TuneParams
+from lmforge.redaction import redact
 from lmforge.training.finetuning import LabelledTexts, finetune
 
 STORAGE_ENV = "LMFORGE_OPTUNA_STORAGE"
@@ -57,16 +58,6 @@ def storage_url(tune: TuneParams, out_dir: Path | str) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(out_dir / 'study.db').as_posix()}"
-
-
-def redacted(url: str) -> str:
-    """The URL with any password masked, for reports and logs."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse is shown as is
-        return url
 
 
 def suggest(trial, space: Mapping[str, TuneParams.Dimension]) -> dict[str, Any]:
@@ -186,7 +177,7 @@ def run_study(
     out_dir = Path(out_dir)
     study, url = open_study(params, out_dir)
     before = len(study.trials)
-    log(f"tune: study {tune.study_name!r} at {redacted(url)}: {before} trial(s) so far; "
+    log(f"tune: study {tune.study_name!r} at {redact(url)}: {before} trial(s) so far; "
         f"running {tune.n_trials} more" + (f" or {tune.timeout:g} s" if tune.timeout else ""))
     subset = {
         "train": data["train"].sample(tune.max_train_rows, params.seed),
@@ -291,7 +282,7 @@ def write_reports(study, params: Params, url: str, out_dir: Path | str, new_tria
     best = study.best_trial
     summary = {
         "study": study.study_name,
-        "storage": redacted(url),
+        "storage": redact(url),
         "metric": params.tune.metric,
         "direction": "maximize",
         "best_trial": best.number,
