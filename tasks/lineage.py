@@ -2,6 +2,7 @@
 
     input_hashes(["data/tokens"], root)          {"input.data/tokens": md5}: tags for a training run
     model_lineage(root, ["models/finetuned"])    dvc.* tags: the hashes of what built these outputs
+    changed_outputs(root, tags)                  the outputs among those tags whose files no longer match
     trace_inputs(tags) / trace_rebuild(tags)     the DVC parts of `lmforge trace`
 
 Every read of dvc.lock holds DVC's repo lock where there is a DVC project: in a Prefect flow a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -104,6 +106,34 @@ def model_lineage(root: Path, outputs: list[str]) -> dict[str, str]:
     if not names:
         return {LINEAGE_STATUS: f"present, but no stage in it wrote {', '.join(sorted(wanted))}"}
     return {LINEAGE_STATUS: "present", "dvc.stages": ",".join(sorted(names)), **tags}
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC records for a file or a folder (a folder's ends in `.dir`), computed by DVC's own
+    hashing (dvc-data), so it equals what `dvc repro` wrote into dvc.lock for unchanged files."""
+    from dvc.fs import LocalFileSystem
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory(prefix="lmforge-md5-") as scratch:  # the .dir listing lands here
+        _, _, hashed = build(HashFileDB(fs, scratch), str(path), fs, "md5")
+    return hashed.hash_info.value
+
+
+def changed_outputs(root: Path, tags: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(path, md5 in dvc.lock, md5 now) for each `dvc.out.*` path of model_lineage's tags whose
+    files differ from what dvc.lock recorded ("missing" when the path is gone). Lineage copied
+    from dvc.lock is only true of the files it was computed from: this is the check."""
+    changed = []
+    for key, recorded in sorted(tags.items()):
+        if not key.startswith(OUT_TAG):
+            continue
+        path = key[len(OUT_TAG):]
+        now = dvc_md5(root / path) if (root / path).exists() else "missing"
+        if now != recorded:
+            changed.append((path, recorded, now))
+    return changed
 
 
 def trace_inputs(tags: Mapping[str, str]) -> list[str]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from lmforge.atomic import write_json
 from lmforge.errors import UserError
+from lmforge.redaction import redact
 from lmforge.registry.registration import DataInput, ModelSpec
 from tasks import layout, lineage
 from tasks._common import fail, params_or_exit, timed
@@ -77,11 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     root = layout.repo_root()
     uri = registry.resolve_tracking_uri(params, root)
     keys = args.only or list(MODELS)
-    report: dict = {"tracking_uri": uri, "models": {}}
+    report: dict = {"tracking_uri": redact(uri), "models": {}}  # git-tracked: never a password
     with timed("register"), registry.using(uri):
         for key in keys:
             spec = MODELS[key]
             built_by = lineage.model_lineage(root, [spec.folder, spec.metrics])
+            for path, recorded, now in lineage.changed_outputs(root, built_by):
+                fail(f"register {key}: {path} is not what dvc.lock says its stage built (md5 {recorded} there, "
+                     f"{now} here): it changed after `dvc repro` wrote it, so its lineage would be false. "
+                     f"Run `dvc repro {' '.join(spec.rebuild)}` to rebuild it, or `dvc checkout {path}` to restore it.")
             try:
                 report["models"][key] = registry.register_model(spec, params, root, lineage=built_by,
                                                                 data_inputs=data_inputs(built_by))

@@ -10,13 +10,16 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from tasks.lineage import dvc_md5
 from tests.conftest import ROOT, run
 from tests.tiny_models import lm_folder, sentiment_folder
 
@@ -66,15 +69,16 @@ def make_project(root: Path, name: str, *, accuracy: float = 0.8, lock: bool = T
                               "label": [i % 2 for i in range(rows)]})
         frame.to_parquet(split / f"{part}.parquet", index=False)
     if lock:
+        # the deps' hashes are made up; the outputs' are DVC's own, as register checks them
+        out = lambda path: {"path": path, "hash": "md5", "md5": dvc_md5(root / path)}  # noqa: E731
         stages = {
             "finetune": {"cmd": "python -m tasks.finetune",
                          "deps": [{"path": "data/split/task", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir"},
                                   {"path": "tasks/finetune.py", "hash": "md5", "md5": "11111111111111111111111111111111"}],
-                         "outs": [{"path": "models/finetuned", "hash": "md5", "md5": "22222222222222222222222222222222.dir"},
-                                  {"path": "reports/finetune/metrics.json", "hash": "md5", "md5": "33333333333333333333333333333333"}]},
+                         "outs": [out("models/finetuned"), out("reports/finetune/metrics.json")]},
             "pretrain": {"cmd": "python -m tasks.pretrain",
                          "deps": [{"path": "data/tokens", "hash": "md5", "md5": "44444444444444444444444444444444.dir"}],
-                         "outs": [{"path": "models/pretrained", "hash": "md5", "md5": "55555555555555555555555555555555.dir"}]},
+                         "outs": [out("models/pretrained")]},
         }
         (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False))
     if not (root / ".git").exists():
@@ -150,7 +154,7 @@ def test_register_twice_registers_once_with_lineage(store, tmp_path, monkeypatch
     assert tags["dvc.lock"] == "present"
     assert tags["dvc.dep.data/split/task"] == "0123456789abcdef0123456789abcdef.dir"
     assert tags["dvc.dep.tasks/finetune.py"] == "11111111111111111111111111111111"
-    assert tags["dvc.out.models/finetuned"] == "22222222222222222222222222222222.dir"
+    assert tags["dvc.out.models/finetuned"] == dvc_md5(root / "models/finetuned")
     assert json.loads(tags["params"])["finetune"]["learning_rate"] == 5e-5
     assert json.loads(tags["params"])["split.task"]["val"] == 0.1
     assert float(tags["metric.test_accuracy"]) == pytest.approx(0.8)
@@ -169,7 +173,7 @@ def test_register_twice_registers_once_with_lineage(store, tmp_path, monkeypatch
 
     lm_version = mlflow_client.get_model_version("twice-lm", "1")
     assert lm_version.tags["gate.metric_key"] == "test.perplexity"
-    assert lm_version.tags["dvc.out.models/pretrained"] == "55555555555555555555555555555555.dir"
+    assert lm_version.tags["dvc.out.models/pretrained"] == dvc_md5(root / "models/pretrained")
     assert lm_version.tags["dvc.dep.data/tokens"] == "44444444444444444444444444444444.dir"
     # no corpus split files here: the LM's data is named, meta-only, by its dvc.lock hash
     lm_inputs = mlflow_client.get_run(lm_version.run_id).inputs.dataset_inputs
@@ -194,6 +198,13 @@ def test_registered_models_predict(store, tmp_path, monkeypatch):
 
     with pytest.raises(MlflowException, match="max_new_tokens"):
         lm.predict(pd.DataFrame({"text": ["ROMEO:"]}), params={"max_new_tokens": 10_000})
+    with pytest.raises(MlflowException, match="max_new_tokens must be between 1"):
+        lm.predict(pd.DataFrame({"text": ["ROMEO:"]}), params={"max_new_tokens": 0})  # not "the default"
+    # sampled: a seed reproduces, no seed samples afresh each request
+    sample = lambda **extra: lm.predict(pd.DataFrame({"text": ["ROMEO:"]}),  # noqa: E731
+                                        params={"max_new_tokens": 24, "temperature": 1.5, **extra})["generated_text"][0]
+    assert sample(seed=7) == sample(seed=7)
+    assert len({sample() for _ in range(4)}) > 1
 
 
 def test_missing_gate_metric_fails_clearly(store, tmp_path, monkeypatch, capsys):
@@ -215,13 +226,52 @@ def test_without_dvc_lock_lineage_says_so(store, tmp_path, monkeypatch):
 
 
 def test_a_masked_lm_is_skipped_not_failed(store, tmp_path, monkeypatch, capsys):
-    root = make_project(tmp_path / "proj", "masked")
+    root = make_project(tmp_path / "proj", "masked", lock=False)  # its folder is edited below
     config = json.loads((root / "models/pretrained/config.json").read_text())
     (root / "models/pretrained/config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
     report = register(root, monkeypatch, "lm")
     assert "not a causal LM" in report["models"]["lm"]["skipped"]
     assert "skipped" in capsys.readouterr().err
     assert client(store).search_model_versions("name = 'masked-lm'") == []
+
+
+def test_a_folder_that_differs_from_dvc_lock_is_refused(store, tmp_path, monkeypatch, capsys):
+    """Lineage comes from dvc.lock: registration hashes the folder again and refuses a mismatch."""
+    root = make_project(tmp_path / "proj", "tampered")
+    weights = next((root / "models/finetuned").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # one byte after `dvc repro` wrote it
+    with pytest.raises(SystemExit) as stop:
+        register(root, monkeypatch, "sentiment")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "models/finetuned is not what dvc.lock says" in err and "dvc repro finetune" in err
+    assert client(store).search_model_versions("name = 'tampered-sentiment'") == []
+
+
+def test_a_changed_server_registers_a_new_version(store, tmp_path, monkeypatch):
+    """The fingerprint covers the pyfunc code a version bundles: a fix to the request guard
+    reaches the registry though the model and params are unchanged."""
+    root = make_project(tmp_path / "proj", "served-code")
+    source = tmp_path / "src"
+    shutil.copytree(ROOT / "lmforge", source / "lmforge", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"PYTHONPATH": f"{source}{os.pathsep}{ROOT}", "MLFLOW_TRACKING_URI": store}
+
+    def register_with_copy() -> dict:
+        run([sys.executable, "-m", "tasks.register", "--only", "sentiment"], root, env=env)
+        return json.loads((root / "reports/register.json").read_text())["models"]["sentiment"]
+
+    first = register_with_copy()
+    assert (first["version"], first["registered"]) == (1, True)
+    assert register_with_copy()["registered"] is False  # nothing changed: nothing new
+    guard = source / "lmforge/registry/guard.py"
+    guard.write_text(guard.read_text() + "\n# a fix to the served code\n")
+    fixed = register_with_copy()
+    assert (fixed["version"], fixed["registered"]) == (2, True)
+    assert fixed["fingerprint"] != first["fingerprint"]
+    import mlflow
+
+    bundled = Path(mlflow.artifacts.download_artifacts(f"models:/served-code-sentiment/2", dst_path=str(tmp_path / "v2")))
+    assert "# a fix to the served code" in (bundled / "code/lmforge/registry/guard.py").read_text()
 
 
 # --- promote and trace --------------------------------------------------------------------------
@@ -274,6 +324,52 @@ def test_promotion_gate_both_ways_and_forced(store, tmp_path, monkeypatch, capsy
 
     # an unknown name is a user error
     assert cli(root, monkeypatch, capsys, "promote", "no-such-model")[0] == 2
+
+
+def test_a_promotion_never_moves_over_a_champion_it_was_not_judged_against(store, tmp_path, monkeypatch, capsys):
+    """Judge and move are one step: when @champion moves while a challenger is being judged (a
+    promotion from another machine on a shared registry), the judged challenger is not moved."""
+    from mlflow import MlflowClient
+
+    from lmforge.config import load_params
+    from lmforge.registry import registration as registry
+
+    scored = lambda acc: {"test": {"accuracy": acc}, "baseline_tfidf": {"test": {"accuracy": 0.5}}}  # noqa: E731
+    root = make_project(tmp_path / "proj", "race", metrics=scored(0.80))
+    name, mlflow_client = "race-sentiment", client(store)
+    register(root, monkeypatch, "sentiment")
+    assert cli(root, monkeypatch, capsys, "promote", name)[0] == 0  # v1 champion
+    make_project(root, "race", metrics=scored(0.85), lr=1e-4)
+    register(root, monkeypatch, "sentiment")  # v2 challenger: beats v1
+
+    class Interleaved(MlflowClient):
+        """A real client; after the judging reads, a rival registers v3 (0.95) and makes it champion."""
+        reads = 0
+
+        def get_model_version_by_alias(self, model, alias):
+            Interleaved.reads += 1
+            if Interleaved.reads == 3:  # standing() read challenger and champion: the judging is done
+                make_project(root, "race", metrics=scored(0.95), lr=2e-4)
+                register(root, monkeypatch, "sentiment")
+                mlflow_client.set_registered_model_alias(name, "champion", "3")
+            return super().get_model_version_by_alias(model, alias)
+
+    gate = load_params(root / "params.yaml").register_.sentiment.gate
+    decision = registry.promote(name, gate, client=Interleaved(tracking_uri=store, registry_uri=store))
+    assert not decision.promoted and not decision.passed
+    assert "@champion moved to version 3 while version 2 was judged against version 1" in decision.message
+    champion = mlflow_client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == "3" and "promoted_at" not in mlflow_client.get_model_version(name, "2").tags
+
+
+def test_the_promote_flow_cannot_force():
+    """Forcing past the gate is a person's act at a terminal (recorded), not a flow parameter."""
+    import inspect
+
+    from flows.actions import promote, tune_worker
+
+    assert "force" not in inspect.signature(promote.fn).parameters
+    assert "storage" not in inspect.signature(tune_worker.fn).parameters  # a Secret block's name instead
 
 
 def test_a_challenger_that_does_not_beat_its_baseline_is_never_promoted(store, tmp_path, monkeypatch, capsys):

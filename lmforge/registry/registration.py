@@ -5,7 +5,7 @@
     trace("models:/lmforge-sentiment@champion")   commit, data hashes, params, metrics, rebuild commands
 
 Registration is idempotent: each version carries a fingerprint (the hash of every file of the model
-folder and of the params that made it); when the latest version of the name carries the same
+folder, of the params that made it, and of the pyfunc code and requirements it bundles); when the latest version of the name carries the same
 fingerprint, nothing is logged or registered. Lineage (git commit and dirty flag, the caller's
 build tags such as the hashes of the inputs that built the model, params, metrics, gate figure)
 goes on the run and, as tags, on the version, so `models:/NAME@ALIAS` alone leads back to all of
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from lmforge.errors import UserError
+from lmforge.redaction import redact
 from lmforge.registry import tracking
 
 CHALLENGER = "challenger"
@@ -112,6 +113,7 @@ def using(uri: str) -> Iterator[Any]:
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
+    tracking.keep_credentials_quiet(uri)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     # mlflow keeps the URIs as module globals: put back whatever was set (None: follow the env).
     saved = getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None)
@@ -266,6 +268,15 @@ def stage_pyfunc_code(into: Path) -> Path:
     return into / "lmforge"
 
 
+def pyfunc_identity() -> dict[str, Any]:
+    """What a version bundles beside the model folder: the sha256 of each PYFUNC_MODULES file and
+    the pinned requirements. Part of the fingerprint, so a change to either registers anew."""
+    import importlib.util
+
+    code = {module: _file_hash(Path(importlib.util.find_spec(module).origin)) for module in PYFUNC_MODULES}
+    return {"code": code, "requirements": requirements()}
+
+
 def latest_version(client, name: str):
     """The newest version of a registered model, or None when the name has none."""
     versions = client.search_model_versions(f"name = '{name}'")
@@ -308,8 +319,10 @@ def register_model(spec: ModelSpec, params, root: Path | str, *, lineage: Mappin
     baseline = _baseline_figure(metrics, spec, gate)
 
     payload = relevant_params(params, spec)
-    # The gate and the name say how the model is judged and filed, not what it is: left out.
-    print_ = fingerprint(folder, {k: v for k, v in payload.items() if k != f"register.{spec.key}"})
+    # The gate and the name say how the model is judged and filed, not what it is: left out. The
+    # served code and its pins are part of what a version is: a fixed guard registers anew.
+    print_ = fingerprint(folder, {**{k: v for k, v in payload.items() if k != f"register.{spec.key}"},
+                                  "pyfunc": pyfunc_identity()})
     client = MlflowClient()
     latest = latest_version(client, name)
     if latest is not None and latest.tags.get(FINGERPRINT) == print_:
@@ -431,7 +444,8 @@ def _log_and_register(logged: LoggedModel, params, root: Path, data_inputs: Sequ
         version_tags = {**logged.tags, "params": json.dumps(logged.payload, sort_keys=True, default=str),
                         SERVING: json.dumps(logged.serving_config, sort_keys=True),
                         **{f"metric.{k}": repr(v) for k, v in sorted(logged.metrics.items())[:200]}}
-        version = mlflow.register_model(info.model_uri, logged.name, tags={k: str(v) for k, v in version_tags.items()})
+        version = mlflow.register_model(info.model_uri, logged.name,
+                                        tags={k: redact(str(v)) for k, v in version_tags.items()})
         run.set_tags({"register.version": version.version})
     return version.version, run.run_id
 
@@ -583,13 +597,23 @@ def _baseline_clause(found: Standing) -> str:
 
 def promote(name: str, gate, *, force: bool = False, reason: str | None = None, user: str | None = None,
             client=None) -> Decision:
-    """Move `name@champion` to `name@challenger` when the gate passes (or when forced, with a reason)."""
+    """Move `name@champion` to `name@challenger` when the gate passes (or when forced, with a reason).
+
+    Judged and moved as one step: under promotion_lock (one promotion of a store at a time), and
+    with the champion read again right before the move; if it changed since it was judged (a
+    promotion from elsewhere), nothing moves and the caller is told to judge again. A challenger
+    is never made champion over a version it was not compared with."""
     if client is None:
         from mlflow import MlflowClient
 
         client = MlflowClient()
     if force and not (reason and reason.strip()):
         raise RegistryError("a forced promotion needs a reason (--reason TEXT)")
+    with promotion_lock(client):
+        return _judge_and_move(client, name, gate, force, reason, user)
+
+
+def _judge_and_move(client, name: str, gate, force: bool, reason: str | None, user: str | None) -> Decision:
     found = standing(client, name, gate)
     challenger, champion = found.challenger, found.champion
     ch, cp = f"version {challenger.version}", f"version {champion.version}" if champion else None
@@ -598,6 +622,13 @@ def promote(name: str, gate, *, force: bool = False, reason: str | None = None, 
     why = _baseline_clause(found) + found.why
     if not found.passed and not force:
         return Decision(False, False, f"{name}: not promoted; {why}", ch, cp)
+
+    now_champion = by_alias(client, name, CHAMPION)
+    if _version_of(now_champion) != _version_of(champion):
+        return Decision(False, False, f"{name}: not promoted; @{CHAMPION} moved to version "
+                        f"{_version_of(now_champion)} while {ch} was judged against {cp or 'no champion'}: "
+                        "run the promotion again to judge it against the new champion", ch, cp)
+    client.set_registered_model_alias(name, CHAMPION, challenger.version)
 
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     who = user or getpass.getuser()
@@ -611,11 +642,34 @@ def promote(name: str, gate, *, force: bool = False, reason: str | None = None, 
         tags.update({"forced": "true", "force_reason": reason.strip(), "forced_by": who})
     for key, value in tags.items():
         client.set_model_version_tag(name, challenger.version, key, str(value))
-    client.set_registered_model_alias(name, CHAMPION, challenger.version)
     if champion is not None:
         client.set_model_version_tag(name, champion.version, "replaced_by", f"{challenger.version} at {now}")
     how = f"forced by {who} ({reason.strip()}); {why}" if force else why
     return Decision(True, True, f"{name}: {ch} is now @{CHAMPION}; {how}", ch, cp)
+
+
+def _version_of(version) -> str | None:
+    return None if version is None else str(version.version)
+
+
+@contextmanager
+def promotion_lock(client) -> Iterator[None]:
+    """Hold the store's promotion lock (an flock, lmforge/atomic.py:locked): beside a SQLite store
+    for every process that promotes in it, else one per store URI in this machine's temp folder.
+    MLflow's registry has no compare-and-set: across machines on a shared server, the re-read in
+    _judge_and_move is the guard left (docs/security.md)."""
+    import tempfile
+
+    from lmforge.atomic import locked
+
+    uri = str(getattr(client, "_registry_uri", None) or getattr(client, "tracking_uri", "") or "")
+    if uri.startswith("sqlite:///"):
+        store = Path(uri[len("sqlite:///"):])
+        target = store.with_name(f"{store.name}.promote")
+    else:
+        target = Path(tempfile.gettempdir()) / f"lmforge-promote-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+    with locked(target):
+        yield
 
 
 # --- trace --------------------------------------------------------------------------------------
