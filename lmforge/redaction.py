@@ -21,9 +21,11 @@ MASK = "***"
 # scheme://userinfo@ : greedy up to the last "@" before the path, so a password holding an
 # unescaped "@" is masked whole.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#]+)@")
+# A query parameter whose name says it authenticates: password=, token=, api_key=, sig=, and the
+# signed-URL forms (X-Amz-Signature, X-Amz-Credential, X-Goog-Signature, X-Amz-Security-Token).
 _QUERY_SECRET = re.compile(
-    r"(?i)(?P<name>[?&;](?:password|passwd|pwd|secret|token|access_token|api[_-]?key|access[_-]?key|"
-    r"sig|signature|auth|credentials?)=)[^&;#\s]+")
+    r"(?i)(?P<name>[?&;](?:[\w.-]*(?:password|passwd|secret|token|signature|credential|api[_-]?key|access[_-]?key)"
+    r"[\w.-]*|pwd|sig|key|auth)=)[^&;#\s]+")
 
 
 def _masked_userinfo(match: re.Match) -> str:

