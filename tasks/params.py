@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from lmforge.atomic import atomic_path
+from lmforge.atomic import atomic_path, locked
 from lmforge.config import DEFAULT_PARAMS, ConfigError, merge_overlay, parse_yaml, validate_params
 from tasks._common import fail
 
@@ -39,20 +39,37 @@ def main() -> None:
 
 
 def apply_overlay(params_path: Path, overlay_path: Path, *, write: bool = True) -> list[str]:
-    """Merge the overlay into the params file; return the changed keys as `dotted: old -> new`."""
+    """Merge the overlay into the params file; return the changed keys as `dotted: old -> new`.
+
+    A write holds a lock beside the params file from its read to its rename: two edits at once run
+    one after the other, each merging into what the other wrote, so neither change is lost."""
+    if not write:
+        return _merge(params_path, overlay_path)[0]
+    _require_file(params_path)  # before the lock, which is made in its folder
+    with locked(params_path):
+        changes, text = _merge(params_path, overlay_path)
+        if changes:
+            _write_keeping_mode(params_path, text)
+    return changes
+
+
+def _merge(params_path: Path, overlay_path: Path) -> tuple[list[str], str]:
+    """The changed keys and the params file's new text (validated)."""
     base_text, overlay_text = _read_text(params_path), _read_text(overlay_path)
     base, overlay = _mapping(base_text, params_path), _mapping(overlay_text, overlay_path)
     merged = merge_overlay(base, overlay, where=str(params_path))
     validate_params(merged)
     changes = changed_keys(base, merged)
-    if write and changes:
-        _write_keeping_mode(params_path, overlaid_text(base_text, overlay_text, merged))
-    return changes
+    return changes, (overlaid_text(base_text, overlay_text, merged) if changes else base_text)
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"{path} not found")
 
 
 def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise ConfigError(f"{path} not found")
+    _require_file(path)
     return path.read_text()
 
 

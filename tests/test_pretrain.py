@@ -524,6 +524,29 @@ def test_kill_and_resume_ends_bitwise_equal_to_an_uninterrupted_run(tokens, tmp_
     assert (root / "reports" / "pretrain" / "loss.csv").read_text().startswith("step,train_loss,val_loss")
 
 
+# A run in a real process: it opens its checkpoint folder, says so, and waits for a line on stdin.
+_HOLDER = r"""
+import sys
+from lmforge.training import runtime
+checkpoints = runtime.RunCheckpoints(sys.argv[1], {"run": 1}, runtime.Dist())
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_second_process_on_the_same_run_is_refused_and_a_killed_runs_folder_is_free(tmp_path):
+    first = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], cwd=Path(__file__).parents[1],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline().strip() == "holding"
+    with pytest.raises(checkpoint.RunInUseError, match=rf"is in use by another run \(pid {first.pid} on "):
+        runtime.RunCheckpoints(tmp_path, {"run": 1}, runtime.Dist())
+    runtime.RunCheckpoints(tmp_path, {"run": 2}, runtime.Dist())  # another run key is another folder
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    resumed = runtime.RunCheckpoints(tmp_path, {"run": 1}, runtime.Dist())  # the OS freed the killed run's lock
+    assert resumed.dir == tmp_path / runtime.run_key({"run": 1})
+
+
 def test_corrupt_or_mismatched_checkpoint_is_an_error_not_a_restart(tokens, tmp_path):
     p = fx.params({"max_steps": 20, "warmup_steps": 2, "save_steps": 10, "eval_steps": 10}).pretrain
     result = pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)

@@ -12,6 +12,7 @@ One run's folder (<checkpoint root>/<run key>/) holds
                         world size and the sha256 of every file above
   latest                the name of the last complete checkpoint folder
   best/                 model.safetensors + state.json of the best validation loss up to `latest`
+  .lock                 locked (flock) by the process training the run, so a second one is refused
 A checkpoint folder is filled under a temporary name and renamed when complete, then `latest` is
 replaced in one rename, so a kill at any moment leaves the previous checkpoint intact. A file that
 is missing, truncated or altered fails its sha256 and raises CheckpointError: a run never restarts
@@ -30,7 +31,10 @@ import copy
 import json
 import os
 import shutil
+import socket
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file
 
-from lmforge.atomic import replace_dir
+from lmforge.atomic import drop_lock, fsync_dir, fsync_file, replace_dir, take_lock
 from lmforge.data.sources import sha256_of
 from lmforge.errors import UserError
 
@@ -57,22 +61,65 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is corrupt or belongs to another run: delete it or point elsewhere."""
 
 
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
+class RunInUseError(UserError, RuntimeError):
+    """Another process is training the same run (same run key) into the same checkpoint folder."""
 
 
-def _fsync_dir(path: Path) -> None:
+# --- one process per run folder --------------------------------------------------------------------
+
+RUN_LOCK = ".lock"
+# The run folders this process has locked: {folder: [lock file descriptor, holders]}. A process
+# runs its runs one after another; the one before may still be referenced (by the traceback of the
+# error that stopped it), so it shares the lock rather than blocking its own successor.
+_locked_runs: dict[Path, list] = {}
+_locked_runs_guard = threading.Lock()
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held from the run's start to its end so that a second
+    process training the same run is refused instead of overwriting this one's checkpoints. It is
+    an flock, which the OS releases when the process ends, so a killed run's folder is free for
+    the run that resumes it. Released by `release` or when this object is collected."""
+
+    def __init__(self, run_dir: Path | str):
+        self.run_dir = Path(run_dir).resolve()
+        with _locked_runs_guard:
+            if self.run_dir not in _locked_runs:
+                _locked_runs[self.run_dir] = [_lock_run_dir(self.run_dir), 0]
+            _locked_runs[self.run_dir][1] += 1
+        self.release = weakref.finalize(self, _unlock_run_dir, self.run_dir)
+
+
+def _lock_run_dir(run_dir: Path) -> int:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / RUN_LOCK
+    fd = take_lock(lock, wait=False)
+    if fd is None:
+        raise RunInUseError(
+            f"checkpoint folder {run_dir} is in use by another run ({_holder(lock)}): two runs with the "
+            "same settings would overwrite each other's checkpoints. Wait for it to finish or stop it; "
+            "a stopped run's checkpoints are resumed by the next run"
+        )
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
+
+
+def _holder(lock: Path) -> str:
+    """Who holds the lock, as its holder wrote it."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return lock.read_text().strip() or "starting"
     except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return "unknown process"
+
+
+def _unlock_run_dir(run_dir: Path) -> None:
+    with _locked_runs_guard:
+        held = _locked_runs[run_dir]
+        held[1] -= 1
+        if held[1] == 0:
+            del _locked_runs[run_dir]
+            drop_lock(run_dir / RUN_LOCK, held[0])
 
 
 def rng_state() -> dict[str, Any]:
@@ -128,10 +175,10 @@ def _finish_folder(tmp: Path, final: Path, state: dict, files: dict[str, str] | 
     state["files"] = files if files is not None else _hash_files(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()))
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     for p in tmp.iterdir():
-        _fsync_file(p)
-    _fsync_dir(tmp)
+        fsync_file(p)
+    fsync_dir(tmp)
     replace_dir(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _filling(run_dir: Path, name: str) -> Path:
@@ -203,9 +250,9 @@ def _publish(run_dir: Path, name: str, payload: dict, rank: int) -> Path:
         _finish_folder(tmp, run_dir / name, payload, files)
         pointer = run_dir / f".{LATEST}.tmp-{os.getpid()}"
         pointer.write_text(name + "\n")
-        _fsync_file(pointer)
+        fsync_file(pointer)
         os.replace(pointer, run_dir / LATEST)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
         # Older checkpoints and leftovers of killed writes are no longer needed.
         for other in run_dir.iterdir():
             if other.name != name and (other.name.startswith("step-") or ".tmp" in other.name):

@@ -265,11 +265,15 @@ class RunCheckpoints:
 
     The key hashes the fingerprint, so a run with other settings or data gets a folder of its own
     and never resumes from (or overwrites) one that does not fit it. Every rank calls every
-    method: each writes its shard of a checkpoint, rank 0 the rest and the best weights."""
+    method: each writes its shard of a checkpoint, rank 0 the rest and the best weights.
+
+    The folder is locked while this object lives (checkpoint.RunLock): a second process starting
+    the same run is refused with RunInUseError rather than breaking this run's checkpoints."""
 
     def __init__(self, root: Path | str, fingerprint: dict[str, Any], d: Dist, background: bool = False):
         self.fingerprint, self.d = fingerprint, d
         self.dir = Path(root) / run_key(fingerprint)
+        self.lock = self._claim()
         # background: shards written by a thread while training goes on (checkpoint.PendingCheckpoint).
         self.background = background
         self.pending: checkpoint.PendingCheckpoint | None = None
@@ -279,6 +283,25 @@ class RunCheckpoints:
 
             # DCP's writer thread needs collectives of its own, on the CPU: NCCL's are the training's.
             self.group = dist.new_group(backend="gloo")
+
+    def _claim(self) -> checkpoint.RunLock | None:
+        """Rank 0 locks the run folder and tells every rank whether it could, so that all of them
+        stop alike when another process runs this run (rank 0 holds the lock for all)."""
+        lock, refusal = None, None
+        if self.d.main:
+            try:
+                lock = checkpoint.RunLock(self.dir)
+            except checkpoint.RunInUseError as err:
+                refusal = str(err)
+        if self.d.world > 1:
+            import torch.distributed as dist
+
+            decision = [refusal]
+            dist.broadcast_object_list(decision, src=0)
+            refusal = decision[0]
+        if refusal:
+            raise checkpoint.RunInUseError(refusal)
+        return lock
 
     def resume(self, model, optimizer, scheduler) -> dict[str, Any] | None:
         """Load the last checkpoint into model, optimizer, scheduler and this rank's RNG, and
