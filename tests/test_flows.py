@@ -439,3 +439,31 @@ def test_the_tune_worker_reads_its_storage_from_a_secret_and_logs_no_password(tm
             time.sleep(0.2)
     assert flow_run.parameters == {"storage_secret": "lmforge-test-storage", "root": str(tmp_path)}
     assert "postgresql://tuner:***@db.invalid:5432/optuna" in text and "pw-7f3a9c" not in text
+
+
+def test_stage_output_and_experiment_records_carry_no_password(dvc_repo):
+    """A password in an override or in what a stage prints never reaches the Prefect logs or
+    artifacts of the run (the override itself is a flow parameter: docs/security.md says so)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+    (dvc_repo / "leaky.py").write_text(
+        "import json, yaml\nstorage = yaml.safe_load(open('params.yaml'))['tune']['storage']\n"
+        "print('connecting to', storage)\njson.dump({'ok': 1}, open('leaky.json', 'w'))\n")
+    add_stages(dvc_repo, {"leaky": {"cmd": "python leaky.py", "deps": ["leaky.py"], "params": ["tune"],
+                                    "metrics": [{"leaky.json": {"cache": False}}]}})
+    commit_all(dvc_repo)
+    state = pipeline(targets=["leaky"], overrides=["tune.storage=postgresql://tuner:pw-leak-42@db.invalid/optuna"],
+                     root=str(dvc_repo), return_state=True)
+    assert state.is_completed(), state
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        for _ in range(50):
+            logs = "\n".join(log.message for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
+            if "connecting to" in logs:
+                break
+            time.sleep(0.2)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    shown = logs + "\n".join(str(a.data) + str(a.description) for a in artifacts)
+    assert "connecting to postgresql://tuner:***@db.invalid/optuna" in logs  # the stage ran and spoke
+    assert artifacts and "pw-leak-42" not in shown
