@@ -51,7 +51,7 @@ def worker(shape: dict, steps: int) -> None:
     """One torchrun process: build the stage's step for `shape`, time `steps` steps, rank 0 prints JSON."""
     import torch
 
-    from lmforge.config import PretrainParams
+    from lmforge.config.pretrain import PretrainParams
     from lmforge.training import pretraining, runtime
     from lmforge.training.model import (TokenInfo, build_model, count_params, flops_per_token,
                                         set_activation_checkpointing, set_training_attention)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.config import FinetuneParams  # noqa: E402
+from lmforge.config.finetune import FinetuneParams  # noqa: E402
 from lmforge.training.finetuning import LabelledTexts, read_split  # noqa: E402
 
 EPOCHS_KEY = "num_train_epochs" if "num_train_epochs" in FinetuneParams.model_fields else "epochs"

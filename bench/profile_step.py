@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from lmforge.config import parse_override  # noqa: E402
+from lmforge.config.overrides import parse_override  # noqa: E402
 
 PROFILED_STEPS = 3  # steps under torch.profiler per variant; the kernel table is per step
 
@@ -81,7 +81,7 @@ def compiler_configs(settings: dict) -> list[tuple[object, str, object]]:
 def run_variant(name: str, overrides: dict, compiler: dict, d, steps: int, top: int, launchers: bool = False) -> dict:
     """One variant: pretrain overrides over G1's shape, compiler settings restored afterwards."""
     from bench_gpu import G1_SHAPE, base_params
-    from lmforge.config import PretrainParams
+    from lmforge.config.pretrain import PretrainParams
 
     # The stage's GPU settings: params.yaml with the configs/gpu.yaml overlay merged over it.
     base = base_params(ROOT / "params.yaml", ROOT / "configs" / "gpu.yaml", seed=None)["pretrain"]

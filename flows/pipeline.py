@@ -45,7 +45,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
-from lmforge.config import apply_overrides as override_params
+from lmforge.config.overrides import apply_overrides as override_params
 from lmforge.config import parse_yaml
 from lmforge.errors import UserError
 from lmforge.redaction import redact

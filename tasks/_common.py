@@ -7,11 +7,14 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn
+from typing import TYPE_CHECKING, Callable, Iterator, NoReturn
 
 from lmforge.atomic import write_json
-from lmforge.config import ConfigError, Params, load_params
+from lmforge.config import ConfigError, load_params
 from lmforge.errors import UserError
+
+if TYPE_CHECKING:  # the whole-file schema: a type here, never a dependency
+    from lmforge.config.whole import Params
 
 
 def stage_args(description: str, with_dataset: bool = False) -> argparse.Namespace:

@@ -10,8 +10,10 @@ import hashlib
 import inspect
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lmforge.config import Params
+if TYPE_CHECKING:  # the whole-file schema: a type here, never a dependency
+    from lmforge.config.whole import Params
 
 
 def data_engine(params: Params):

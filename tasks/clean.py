@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lmforge.atomic import atomic_dir, write_json
 from lmforge.data.cleaning import clean_corpus, clean_examples
-from lmforge.config import CleanDocuments
+from lmforge.config.clean import CleanDocuments
 from lmforge.data.engine import peak_child_rss_mb, peak_rss_mb
 from lmforge.errors import UserError
 from tasks._common import fail, params_or_exit, stage_args, timed

@@ -38,12 +38,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings(params, best_path: Path):
     """The finetune section, with best.yaml's params merged in when use_tuned (and present)."""
-    from lmforge.training.tuning import apply_overrides, load_best
+    from lmforge.training.tuned import read_best_values, with_tuned_values
 
     section = params.finetune
-    tuned = load_best(best_path) if section.use_tuned else None
+    tuned = read_best_values(best_path) if section.use_tuned else None
     if tuned:
-        section = apply_overrides(section, tuned, str(best_path))
+        section = with_tuned_values(section, tuned, str(best_path))
     return section, tuned
 
 

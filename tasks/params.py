@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from lmforge.atomic import atomic_path, locked
-from lmforge.config import DEFAULT_PARAMS, ConfigError, merge_overlay, parse_yaml, validate_params
+from lmforge.config import DEFAULT_PARAMS, ConfigError, parse_yaml, validate_params
+from lmforge.config.overrides import merge_overlay
 from tasks._common import fail
 
 

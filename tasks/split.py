@@ -12,7 +12,6 @@ from pathlib import Path
 import pandas as pd
 
 from lmforge.atomic import atomic_dir, write_json
-from lmforge.config import CleanDocuments
 from lmforge.data.engine import peak_child_rss_mb, peak_rss_mb, run_shards
 from lmforge.data.splitting import SPLITS, SplitError, split_frame, split_report, split_shard
 from lmforge.errors import UserError
@@ -29,7 +28,7 @@ def main() -> None:
     kept = Path("data/clean") / args.dataset / "kept"
     if not kept.is_dir():
         fail(f"{kept} is missing: run the clean stage first (dvc repro clean@{args.dataset})")
-    documents = isinstance(params.clean[args.dataset], CleanDocuments)
+    documents = params.clean[args.dataset].kind == "documents"
     with timed(f"split@{args.dataset}"):
         start = time.perf_counter()
         try:

@@ -40,8 +40,6 @@ def standings(report: Path, params_path: Path) -> dict[str, dict] | None:
 
     if not report.exists() or not params_path.exists() or not tracking.enabled():
         return None
-    from mlflow import MlflowClient
-
     from lmforge.config import load_params
     from lmforge.registry import registration as registry
 

@@ -719,7 +719,7 @@ def test_a_run_shows_its_last_val_loss_on_the_bar(tokens, tmp_path, capsys):
 
 def test_renamed_knobs_keep_the_run_key_runs_had_before_the_rename():
     # A run checkpointed before lr became learning_rate (and steps max_steps, ...) still resumes.
-    from lmforge.config import PretrainParams
+    from lmforge.config.pretrain import PretrainParams
 
     fingerprint = pretraining.run_fingerprint(PretrainParams(), 1, {"splits": {}, "vocab_size": 300}, 1)
     assert {"pretrain.lr", "pretrain.steps", "pretrain.grad_accum", "pretrain.grad_clip"} <= set(fingerprint)
@@ -766,7 +766,7 @@ def test_a_checkpoint_of_the_format_before_dcp_still_resumes(tokens, tmp_path):
 
 
 def test_checkpoints_from_before_global_batches_are_named_not_resumed(tmp_path):
-    from lmforge.config import PretrainParams
+    from lmforge.config.pretrain import PretrainParams
 
     meta = {"splits": {}, "vocab_size": 300}
     single = PretrainParams()

@@ -47,7 +47,7 @@ def read_meta(tokens_dir: Path | str) -> dict:
 def open_split(tokens_dir: Path | str, split: str, meta: dict | None = None):
     """Memory-map one split's token ids: one array, or its shards end to end (TokenShards), which
     slice the same way, so a batch is the same function of (seed, step, micro, rank) either way."""
-    from lmforge.data.tokenization import TokenFileError, load_split
+    from lmforge.data.token_shards import TokenFileError, load_split
 
     try:
         return load_split(tokens_dir, split, meta or read_meta(tokens_dir))

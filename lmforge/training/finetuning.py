@@ -551,7 +551,7 @@ def finetune(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, *
              show_progress: bool = True) -> FinetuneResult:
     """Fine-tune `base` on data["train"], select on data["val"], score data["test"] if given.
 
-    params: the finetune section (lmforge.config.FinetuneParams).
+    params: the finetune section (lmforge.config.finetune.FinetuneParams).
     on_epoch_end(epoch, val_metrics) runs after each epoch's validation (the tuner reports to
     its pruner there and may raise to stop); on_step(global_step) after each optimizer step.
     show_progress: a tqdm bar over the optimizer steps on stderr."""

@@ -715,7 +715,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
           on_metrics: Metrics | None = None, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
     """Train (or resume) the run that `p` and `seed` describe; return the model to save.
 
-    p: the pretrain params (lmforge.config.PretrainParams or any object with those attributes).
+    p: the pretrain params (lmforge.config.pretrain.PretrainParams or any object with those attributes).
     on_metrics(metrics, step): called on rank 0 at every log and eval step.
     """
     started = time.perf_counter()
