@@ -161,7 +161,7 @@ def linear_probe(model_dir: str, train: LabelledTexts, params: FinetuneParams, s
 def run_case(name: str, spec: tuple, seed: int, data: dict, model_dir: str, device: str, tmp: Path) -> dict:
     import torch
 
-    from lmforge.evaluation.classification_metrics import classification_metrics
+    from lmforge.training.classification_scores import classification_metrics
     from lmforge.training.finetuning import encode_texts, finetune, predict
 
     rows, length, trunc, epochs, lr, probe, *rest = spec

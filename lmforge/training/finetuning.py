@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lmforge.errors import UserError
-from lmforge.evaluation.classification_metrics import classification_metrics
+from lmforge.training.classification_scores import classification_metrics
 from lmforge.training import checkpoint, runtime
 
 SPLITS = ("train", "val", "test")
