@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks import layout
+
 if TYPE_CHECKING:  # the whole-file schema: a type here, never a dependency
     from lmforge.config.whole import Params
 
@@ -26,7 +28,7 @@ def data_engine(params: Params):
                   slurm=section.slurm.model_dump(exclude_none=True))
 
 
-WORK = Path("data/.work")
+WORK = layout.WORK
 
 
 def work_dir_for(name: str, section, *inputs: Path) -> Path:

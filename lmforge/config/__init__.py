@@ -11,7 +11,7 @@ unknown key, a wrong type or an out-of-range value anywhere raises `ConfigError`
 key path (`clean.task.max_chars`) and the reason, so a typo never silently falls back to a default.
 
 The sections live apart so that DVC reruns what an edit touches and nothing else: a section's
-module is a code dependency of exactly the stages whose `params:` in dvc.yaml name that section
+module is a code dependency of exactly the stages whose `params:` name that section
 (tests/test_dvc_deps.py). That is why this base imports no section and load_params finds the
 whole-file schema by name: checking the other sections' values is a gate before the work, not an
 input to it, and an edit to their schema must not rerun this stage.

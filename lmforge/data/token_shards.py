@@ -18,7 +18,11 @@ from lmforge.errors import UserError
 
 
 def read_meta(tokens_dir: Path | str) -> dict:
-    return json.loads((Path(tokens_dir) / "meta.json").read_text())
+    """The token folder's meta.json: its vocabulary, dtype and splits."""
+    path = Path(tokens_dir) / "meta.json"
+    if not path.exists():
+        raise TokenFileError(f"{path} not found: the token folder has not been written yet (tokenize the corpus first)")
+    return json.loads(path.read_text())
 
 
 def load_split(tokens_dir: Path | str, split: str, meta: dict | None = None) -> np.ndarray | TokenShards:

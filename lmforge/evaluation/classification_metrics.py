@@ -16,9 +16,9 @@ def majority_accuracy(y_train: Sequence[str], y_eval: Sequence[str]) -> float:
     return float(np.mean(np.asarray(list(y_eval)) == majority))
 
 
-def flat_metrics(metrics: dict, prefix: str) -> dict[str, float]:
-    """Flatten a classification_metrics dict to MLflow-style scalar keys: test_accuracy,
-    test_precision_positive, ..."""
+def tracked_scores(metrics: dict, prefix: str) -> dict[str, float]:
+    """The figures of a classification_metrics dict that the trackers chart, under flat keys:
+    test_accuracy, test_macro_f1, test_precision_positive, ..."""
     out = {f"{prefix}_accuracy": metrics["accuracy"], f"{prefix}_macro_f1": metrics["macro_f1"]}
     for name, row in metrics["per_class"].items():
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))

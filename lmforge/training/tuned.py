@@ -1,8 +1,8 @@
-"""What fine-tuning takes from a study: the best trial's values (reports/tune/best.yaml) merged
-over the finetune section.
+"""What fine-tuning takes from a study: the best trial's values (the best.yaml that
+tuning.write_reports writes) merged over the finetune section.
 
-Apart from tuning.py, which runs the study, so that the finetune stage imports neither Optuna's
-side nor the tune section's schema: it reads best.yaml, a file, and reruns when that changes.
+Apart from tuning.py, which runs the study, so that fine-tuning imports neither Optuna's side
+nor the tune section's schema: it reads best.yaml, a file, and reruns when that file changes.
 """
 
 from __future__ import annotations
