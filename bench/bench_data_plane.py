@@ -28,7 +28,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.data.sources import manifest_pin, match_glob, sha256_of  # noqa: E402
+from lmforge.data.sources import manifest_pin, match_glob  # noqa: E402
+from lmforge.hashing import file_digest  # noqa: E402
 
 # The stage runs in a child; this wrapper reports the largest peak RSS of it and its workers.
 _MEASURE = (
@@ -39,7 +40,7 @@ _MEASURE = (
 
 def pin_of(glob: str) -> str:
     prefix, members = match_glob(glob)
-    return manifest_pin([{"member": m, "sha256": sha256_of(prefix / m)} for m in members])
+    return manifest_pin([{"member": m, "sha256": file_digest(prefix / m)} for m in members])
 
 
 def scratch_project(where: Path, glob: str, workers: int) -> None:

@@ -5,7 +5,7 @@
 Each case runs as a fresh `torchrun` job of this file's `worker`, which builds the stage's own
 step the way the pretrain stage does (model.build_model, activation checkpointing,
 pretraining.distribute: fully_shard per block with bf16 compute and fp32 reduction, per-block
-compile; then pretraining.build_step: the loss, clipping, fused AdamW) and times it on random
+compile; then pretrain_step.build_step: the loss, clipping, fused AdamW) and times it on random
 tokens, without the stage's evaluation and checkpoints (a 13B model's checkpoint would not fit
 the lent machine's disk). A case that runs out of GPU memory is recorded as such.
   g5  the 1.14B Llama of ../shared/anchors/fsdp_anchor.py (16 x 2048, SwiGLU 8192, vocab 32,000,
@@ -51,8 +51,8 @@ def worker(shape: dict, steps: int) -> None:
     """One torchrun process: build the stage's step for `shape`, time `steps` steps, rank 0 prints JSON."""
     import torch
 
-    from lmforge.config import PretrainParams
-    from lmforge.training import pretraining, runtime
+    from lmforge.config.pretrain import PretrainParams
+    from lmforge.training import pretrain_step, pretraining, runtime
     from lmforge.training.model import (TokenInfo, build_model, count_params, flops_per_token,
                                         set_activation_checkpointing, set_training_attention)
 
@@ -66,7 +66,7 @@ def worker(shape: dict, steps: int) -> None:
     set_activation_checkpointing(model, p.activation_checkpointing, True)
     model = pretraining.distribute(model, p, d, say)
     built_s = time.perf_counter() - started
-    step = pretraining.build_step(model, pretraining.make_optimizer(model, p), p, d, masked=False, say=say)
+    step = pretrain_step.build_step(model, pretraining.make_optimizer(model, p), p, d, masked=False, say=say)
     x = torch.randint(4, VOCAB, (p.batch_size, p.context), device=d.device)
 
     def one() -> None:

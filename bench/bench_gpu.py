@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Imports yaml and pydantic only: fine on a GPU machine without the pipeline's tools (dvc, prefect).
-from lmforge.config import ConfigError, merge_overlay, parse_override, parse_yaml, validate_params  # noqa: E402
+from lmforge.config import ConfigError, parse_yaml, validate_params  # noqa: E402
+from lmforge.config.overrides import merge_overlay, parse_override  # noqa: E402
 
 G1_SHAPE = dict(arch="gpt2", n_layer=12, n_head=6, d_model=768, context=1024, batch_size=32, dropout=0.0,
                 learning_rate=6e-4, warmup_steps=10, max_steps=120, eval_steps=120, eval_batches=2,

@@ -28,7 +28,7 @@ CASE = r"""
 import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from lmforge.config import CleanDocuments
+from lmforge.config.clean import CleanDocuments
 params = CleanDocuments(min_chars=50, strip_boilerplate=False)
 engine, workers, glob, out = {engine!r}, {workers}, {glob!r}, Path({out!r})
 start = time.perf_counter()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.config import FinetuneParams  # noqa: E402
+from lmforge.config.finetune import FinetuneParams  # noqa: E402
 from lmforge.training.finetuning import LabelledTexts, read_split  # noqa: E402
 
 EPOCHS_KEY = "num_train_epochs" if "num_train_epochs" in FinetuneParams.model_fields else "epochs"
@@ -161,7 +161,7 @@ def linear_probe(model_dir: str, train: LabelledTexts, params: FinetuneParams, s
 def run_case(name: str, spec: tuple, seed: int, data: dict, model_dir: str, device: str, tmp: Path) -> dict:
     import torch
 
-    from lmforge.evaluation.classification_metrics import classification_metrics
+    from lmforge.training.classification_scores import classification_metrics
     from lmforge.training.finetuning import encode_texts, finetune, predict
 
     rows, length, trunc, epochs, lr, probe, *rest = spec

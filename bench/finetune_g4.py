@@ -23,7 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.config import FinetuneParams, parse_override  # noqa: E402
+from lmforge.config.finetune import FinetuneParams  # noqa: E402
+
+from lmforge.config.overrides import parse_override  # noqa: E402
 from lmforge.training.finetuning import LabelledTexts, finetune, read_split  # noqa: E402
 
 CASES = {

@@ -34,7 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.data.sources import manifest_pin, sha256_of  # noqa: E402
+from lmforge.data.sources import manifest_pin  # noqa: E402
+from lmforge.hashing import file_digest  # noqa: E402
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -151,7 +152,7 @@ def main() -> None:
         per_shard = int(args.mb * 1e6 / n)
         with Pool(args.workers) as pool:
             written = pool.map(write_shard, [(i, per_shard, args.seed, str(out), args.junk_rate) for i in range(n)])
-    files = [{"member": name, "sha256": sha256_of(out / name)} for name, _ in written]
+    files = [{"member": name, "sha256": file_digest(out / name)} for name, _ in written]
     total = sum(size for _, size in written)
     print(json.dumps({"out": str(out), "shards": n, "text_mb": round(total / 1e6, 1),
                       "gz_mb": round(sum((out / f["member"]).stat().st_size for f in files) / 1e6, 1),

@@ -6,7 +6,7 @@
     torchrun --nproc-per-node 2 bench/profile_step.py              # G3: the step under DDP, as rank 0 sees it
 
 A diagnostic beside bench/bench_gpu.py, which measures the real stage: this one builds the
-stage's own step (lmforge.training.pretraining.build_step: the model and its loss compiled as one,
+stage's own step (lmforge.training.pretrain_step.build_step: the model and its loss compiled as one,
 the bf16 working copy, clipping and fused AdamW) on random tokens and runs it in one process, so
 several variants compile and run in one call. Under torchrun the step runs under DDP as the
 stage wraps it. Per variant it prints step time, tokens/s, MFU, compile time
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from lmforge.config import parse_override  # noqa: E402
+from lmforge.config.overrides import parse_override  # noqa: E402
 
 PROFILED_STEPS = 3  # steps under torch.profiler per variant; the kernel table is per step
 
@@ -81,7 +81,7 @@ def compiler_configs(settings: dict) -> list[tuple[object, str, object]]:
 def run_variant(name: str, overrides: dict, compiler: dict, d, steps: int, top: int, launchers: bool = False) -> dict:
     """One variant: pretrain overrides over G1's shape, compiler settings restored afterwards."""
     from bench_gpu import G1_SHAPE, base_params
-    from lmforge.config import PretrainParams
+    from lmforge.config.pretrain import PretrainParams
 
     # The stage's GPU settings: params.yaml with the configs/gpu.yaml overlay merged over it.
     base = base_params(ROOT / "params.yaml", ROOT / "configs" / "gpu.yaml", seed=None)["pretrain"]
@@ -103,7 +103,8 @@ def measure(name: str, p, d, steps: int, top: int, launchers: bool = False) -> d
 
     from bench_gpu import G1_VOCAB
     from lmforge.training.model import TokenInfo, build_model, flops_per_token, set_training_activation, set_training_attention
-    from lmforge.training.pretraining import attention_backends, build_step, make_optimizer
+    from lmforge.training.pretrain_step import attention_backends, build_step
+    from lmforge.training.pretraining import make_optimizer
     from lmforge.training.runtime import enable_tf32, peak_flops
 
     torch._dynamo.reset()

@@ -45,9 +45,10 @@ from prefect.concurrency.sync import concurrency
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
-from lmforge.config import apply_overrides as override_params
+from lmforge.config.overrides import apply_overrides as override_params
 from lmforge.config import parse_yaml
 from lmforge.errors import UserError
+from lmforge.flat import flatten
 from lmforge.redaction import redact
 from lmforge.registry import tracking
 from tasks._common import USER_ERROR_EXIT  # what tasks/_common.py:fail() exits with
@@ -154,16 +155,15 @@ def stage_metrics(root: Path, addr: str) -> dict[str, object]:
     flat: dict[str, object] = {}
     for path in paths:
         if path.suffix == ".json" and path.exists():
-            _flatten(json.loads(path.read_text()), path.stem, flat)
+            flat.update(figures(json.loads(path.read_text()), path.stem))
     return flat
 
 
-def _flatten(node: object, prefix: str, into: dict[str, object]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            _flatten(value, f"{prefix}.{key}", into)
-    elif not isinstance(node, list):
-        into[prefix] = node
+def figures(metrics: object, prefix: str) -> dict[str, object]:
+    """A metrics file's values under dotted keys, lists left out (an artifact table shows scalars)."""
+    if not isinstance(metrics, dict):
+        return {prefix: metrics}
+    return {key: value for key, value in flatten(metrics, prefix).items() if not isinstance(value, list)}
 
 
 # --- tasks ------------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def experiment_metrics(root: Path, name: str) -> dict[str, object]:
                 if rev.get("name") == name:
                     flat: dict[str, object] = {}
                     for path, record in ((rev.get("data") or {}).get("metrics") or {}).items():
-                        _flatten(record.get("data") or {}, path, flat)
+                        flat.update(figures(record.get("data") or {}, path))
                     return flat
     return {}
 

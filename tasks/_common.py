@@ -6,19 +6,22 @@ import argparse
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable, Iterator, NoReturn
+from typing import TYPE_CHECKING, Callable, Iterator, NoReturn
 
 from lmforge.atomic import write_json
-from lmforge.config import ConfigError, Params, load_params
+from lmforge.config import ConfigError, load_params
 from lmforge.errors import UserError
+from tasks import layout
+
+if TYPE_CHECKING:  # the whole-file schema: a type here, never a dependency
+    from lmforge.config.whole import Params
 
 
 def stage_args(description: str, with_dataset: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     if with_dataset:
         parser.add_argument("dataset", help="the dataset name, a key of `datasets` in params.yaml")
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
+    parser.add_argument("--params", default=str(layout.PARAMS), help="the params file (default: %(default)s)")
     return parser.parse_args()
 
 
@@ -37,7 +40,7 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(USER_ERROR_EXIT)
 
 
-TIMINGS = Path("reports/timings")
+TIMINGS = layout.TIMINGS
 
 
 @contextmanager

@@ -10,8 +10,12 @@ import hashlib
 import inspect
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lmforge.config import Params
+from tasks import layout
+
+if TYPE_CHECKING:  # the whole-file schema: a type here, never a dependency
+    from lmforge.config.whole import Params
 
 
 def data_engine(params: Params):
@@ -24,7 +28,7 @@ def data_engine(params: Params):
                   slurm=section.slurm.model_dump(exclude_none=True))
 
 
-WORK = Path("data/.work")
+WORK = layout.WORK
 
 
 def work_dir_for(name: str, section, *inputs: Path) -> Path:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from lmforge.atomic import atomic_dir, write_json
 from lmforge.data.cleaning import clean_corpus, clean_examples
-from lmforge.config import CleanDocuments
+from lmforge.config.clean import CleanDocuments
 from lmforge.data.engine import peak_child_rss_mb, peak_rss_mb
 from lmforge.errors import UserError
+from tasks import layout
 from tasks._common import fail, params_or_exit, stage_args, timed
 from tasks._data_plane import data_engine, remove_work_dir, work_dir_for
 
@@ -27,14 +28,14 @@ def main() -> None:
     if args.dataset not in params.clean:
         fail(f"no section clean.{args.dataset} in {args.params}")
     section = params.clean[args.dataset]
-    raw_dir = Path("data/raw") / args.dataset
+    raw_dir = layout.RAW / args.dataset
     if not raw_dir.is_dir():
         fail(f"{raw_dir} is missing: run the ingest stage first (dvc repro ingest@{args.dataset})")
     with timed(f"clean@{args.dataset}"):
         start = time.perf_counter()
         work = work_dir_for(f"clean-{args.dataset}", section, raw_dir / "manifest.json")
         try:
-            with atomic_dir(Path("data/clean") / args.dataset) as out:
+            with atomic_dir(layout.CLEAN / args.dataset) as out:
                 if isinstance(section, CleanDocuments):
                     report = clean_corpus(raw_dir, section, out, work, data_engine(params))
                 else:
@@ -46,7 +47,7 @@ def main() -> None:
                   "mb_per_s": round(report.get("text_bytes", report["bytes_in"]) / 1e6 / max(seconds, 1e-9), 2),
                   "docs_per_s": round(report["rows_in"] / max(seconds, 1e-9), 1),
                   "peak_rss_mb": max(peak_rss_mb(), peak_child_rss_mb())}
-        write_json(Path("reports/clean") / f"{args.dataset}.json", report)
+        write_json(layout.CLEAN_REPORTS / f"{args.dataset}.json", report)
         remove_work_dir(work)
     print(f"clean {args.dataset}: {report['rows_in']} rows in = {report['rows_kept']} kept + "
           f"{report['rows_quarantined']} quarantined ({report.get('shards', 1)} shards, {report['mb_per_s']} MB/s, "

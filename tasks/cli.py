@@ -18,14 +18,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from tasks import layout
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="lmforge registry actions (promotion and lineage).")
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
+    parser.add_argument("--params", default=str(layout.PARAMS), help="the params file (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
     # --params is taken before or after the subcommand
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", default=argparse.SUPPRESS, help="the params file (default: params.yaml)")
+    common.add_argument("--params", default=argparse.SUPPRESS, help=f"the params file (default: {layout.PARAMS})")
     promote = sub.add_parser("promote", parents=[common], help="move NAME@champion to NAME@challenger when the gate passes")
     promote.add_argument("name", help="a registered model name (register.<model>.name in params.yaml)")
     promote.add_argument("--force", action="store_true", help="promote even when the gate fails (needs --reason)")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("--force needs --reason TEXT: a forced promotion records why")
     from lmforge.config import ConfigError, load_params
     from lmforge.registry import registration as registry
-    from tasks import layout, lineage
+    from tasks import lineage
     from tasks.register import MODELS
 
     params = None

@@ -27,23 +27,23 @@ STARTED = time.perf_counter()
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.finetune", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=str(layout.PARAMS))
     parser.add_argument("--data", default=str(layout.TASK_SPLIT))
-    parser.add_argument("--best", default=str(layout.TUNE_REPORTS / "best.yaml"))
+    parser.add_argument("--best", default=str(layout.TUNE_BEST))
     parser.add_argument("--out", default=str(layout.FINETUNED))
-    parser.add_argument("--checkpoints", default="models/finetune-checkpoints")
-    parser.add_argument("--reports", default="reports/finetune")
+    parser.add_argument("--checkpoints", default=str(layout.FINETUNE_CHECKPOINTS))
+    parser.add_argument("--reports", default=str(layout.FINETUNE_REPORTS))
     return parser.parse_args(argv)
 
 
 def settings(params, best_path: Path):
     """The finetune section, with best.yaml's params merged in when use_tuned (and present)."""
-    from lmforge.training.tuning import apply_overrides, load_best
+    from lmforge.training.tuned import read_best_values, with_tuned_values
 
     section = params.finetune
-    tuned = load_best(best_path) if section.use_tuned else None
+    tuned = read_best_values(best_path) if section.use_tuned else None
     if tuned:
-        section = apply_overrides(section, tuned, str(best_path))
+        section = with_tuned_values(section, tuned, str(best_path))
     return section, tuned
 
 
@@ -71,7 +71,7 @@ def write_predictions(path: Path, pairs: list[tuple[str, str]]) -> None:
 def run(args: argparse.Namespace) -> dict:
     from lmforge.atomic import atomic_dir, atomic_path, write_json
     from lmforge.evaluation.baseline import tfidf_baseline
-    from lmforge.evaluation.classification_metrics import flat_metrics, majority_accuracy, plot_confusion_matrix
+    from lmforge.evaluation.classification_metrics import tracked_scores, majority_accuracy, plot_confusion_matrix
     from lmforge.config import load_params
     from lmforge.training.finetuning import finetune, read_split, save_model
     from lmforge.training.base_models import resolve_base_model
@@ -125,8 +125,8 @@ def run(args: argparse.Namespace) -> dict:
             plot_confusion_matrix(result.test["confusion_matrix"], result.labels, tmp,
                                   title=f"finetune ({section.base_model}) on test")
 
-        flat = {**flat_metrics(result.test, "test"), **flat_metrics(result.val, "val"),
-                **flat_metrics(baseline["test"], "baseline_test"),
+        flat = {**tracked_scores(result.test, "test"), **tracked_scores(result.val, "val"),
+                **tracked_scores(baseline["test"], "baseline_test"),
                 "train_samples_per_second": result.stats["samples_per_second"] or 0.0,
                 "train_seconds": result.stats["train_seconds"], "best_epoch": result.best_epoch}
         mlrun.log_metrics(flat)

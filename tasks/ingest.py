@@ -15,6 +15,7 @@ from lmforge.atomic import atomic_dir, write_json
 from lmforge.data.sources import ByteCap, TransientSourceError, fetch
 from lmforge.errors import UserError
 from lmforge.redaction import redact
+from tasks import layout
 from tasks._common import fail, params_or_exit, stage_args, timed
 
 TRANSIENT_EXIT = 1  # anything but USER_ERROR_EXIT: the flow retries the stage
@@ -26,7 +27,7 @@ def main() -> None:
     if args.dataset not in params.sources:
         fail(f"no source named {args.dataset!r} under sources in {args.params}")
     source = params.sources[args.dataset]
-    target = Path("data/raw") / args.dataset
+    target = layout.RAW / args.dataset
     start = time.perf_counter()
     with timed(f"ingest@{args.dataset}"):
         try:

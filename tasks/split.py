@@ -12,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from lmforge.atomic import atomic_dir, write_json
-from lmforge.config import CleanDocuments
 from lmforge.data.engine import peak_child_rss_mb, peak_rss_mb, run_shards
 from lmforge.data.splitting import SPLITS, SplitError, split_frame, split_report, split_shard
 from lmforge.errors import UserError
+from tasks import layout
 from tasks._common import fail, params_or_exit, stage_args, timed
 from tasks._data_plane import data_engine, remove_work_dir, work_dir_for
 
@@ -26,14 +26,14 @@ def main() -> None:
     if args.dataset not in params.split:
         fail(f"no section split.{args.dataset} in {args.params}")
     section = params.split[args.dataset]
-    kept = Path("data/clean") / args.dataset / "kept"
+    kept = layout.CLEAN / args.dataset / "kept"
     if not kept.is_dir():
         fail(f"{kept} is missing: run the clean stage first (dvc repro clean@{args.dataset})")
-    documents = isinstance(params.clean[args.dataset], CleanDocuments)
+    documents = params.clean[args.dataset].kind == "documents"
     with timed(f"split@{args.dataset}"):
         start = time.perf_counter()
         try:
-            with atomic_dir(Path("data/split") / args.dataset) as out:
+            with atomic_dir(layout.SPLIT / args.dataset) as out:
                 if documents and section.mode == "hash":
                     report = _split_by_hash(kept, out, params, section, args.dataset)
                 else:
@@ -47,7 +47,7 @@ def main() -> None:
         report.update(seconds=round(seconds, 3), docs_per_s=round(rows / max(seconds, 1e-9), 1),
                       mb_per_s=round(text_bytes / 1e6 / max(seconds, 1e-9), 2),
                       peak_rss_mb=max(peak_rss_mb(), peak_child_rss_mb()))
-        write_json(Path("reports/split") / f"{args.dataset}.json", report)
+        write_json(layout.SPLIT_REPORTS / f"{args.dataset}.json", report)
     print(f"split {args.dataset}: " + ", ".join(f"{s} {report[s]['rows']} rows" for s in SPLITS))
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from lmforge.registry import tracking
 from lmforge.atomic import atomic_path
+from tasks import layout
 from tasks.summary import build_summary
-
-SUMMARY = Path("reports/summary.md")
 
 
 def standing_entry(found) -> dict:
@@ -40,8 +39,6 @@ def standings(report: Path, params_path: Path) -> dict[str, dict] | None:
 
     if not report.exists() or not params_path.exists() or not tracking.enabled():
         return None
-    from mlflow import MlflowClient
-
     from lmforge.config import load_params
     from lmforge.registry import registration as registry
 
@@ -76,7 +73,7 @@ def registry_client(registered: dict, params_path: Path):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def current_aliases(report: Path, params_path: Path = Path("params.yaml")) -> dict[str, dict[str, str]] | None:
+def current_aliases(report: Path, params_path: Path = layout.PARAMS) -> dict[str, dict[str, str]] | None:
     """Model name -> alias -> version, from the registry named in reports/register.json."""
     import json
 
@@ -94,8 +91,8 @@ def current_aliases(report: Path, params_path: Path = Path("params.yaml")) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reports", default="reports", help="the reports folder (default: %(default)s)")
-    parser.add_argument("--params", default="params.yaml", help="the params file, for the gates (default: %(default)s)")
+    parser.add_argument("--reports", default=str(layout.REPORTS), help="the reports folder (default: %(default)s)")
+    parser.add_argument("--params", default=str(layout.PARAMS), help="the params file, for the gates (default: %(default)s)")
     args = parser.parse_args()
     reports = Path(args.reports)
     report = reports / "register.json"

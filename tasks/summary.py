@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from lmforge.flat import flatten
 from lmforge.redaction import redact
 
 MAX_ROWS = 40
@@ -21,15 +22,6 @@ def _load(path: Path) -> object | None:
         return None
     text = path.read_text()
     return yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-
-
-def _flatten(node: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(node, dict):
-        flat: dict[str, object] = {}
-        for key, value in node.items():
-            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: node}
 
 
 def _fmt(value: object) -> str:
@@ -86,7 +78,7 @@ def cutting_lines(reports: Path) -> list[str]:
 def metrics_section(title: str, path: Path, images: list[str], reports: Path) -> list[str]:
     lines = [f"## {title}", ""]
     metrics = _load(path)
-    lines += _table(_flatten(metrics)) if metrics is not None else _missing(title)
+    lines += _table(flatten(metrics) if isinstance(metrics, dict) else {"": metrics}) if metrics is not None else _missing(title)
     for image in images:
         if (reports / image).exists():
             lines += ["", f"![{image}]({image})"]

@@ -5,12 +5,12 @@ index (lmforge/data/tokenization.py)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from lmforge.atomic import atomic_dir, write_json
 from lmforge.data.engine import peak_child_rss_mb, peak_rss_mb
 from lmforge.data.tokenization import SPLITS, write_token_shards
 from lmforge.errors import UserError
+from tasks import layout
 from tasks._common import fail, params_or_exit, stage_args, timed
 from tasks._data_plane import data_engine, remove_work_dir, work_dir_for
 
@@ -19,14 +19,14 @@ def main() -> None:
     args = stage_args(__doc__)
     all_params = params_or_exit(args.params)
     params = all_params.tokenize
-    split_dir = Path("data/split/corpus")
+    split_dir = layout.CORPUS_SPLIT
     if not (split_dir / "index.json").is_file():
         fail(f"{split_dir}/index.json is missing: run the split stage first (dvc repro split@corpus)")
     with timed("tokenize"):
         start = time.perf_counter()
         work = work_dir_for("tokenize", params, split_dir / "index.json")
         try:
-            with atomic_dir("data/tokens") as out:
+            with atomic_dir(layout.TOKENS) as out:
                 meta = write_token_shards(split_dir, out, params.kind, params.vocab_size, params.min_frequency,
                                           params.sample_mb, all_params.seed, work, data_engine(all_params))
         except (UserError, ValueError) as err:  # ValueError: the tokenizers library's complaints
@@ -43,7 +43,7 @@ def main() -> None:
               "sample_fraction": meta["tokenizer_sample"]["fraction"],
               "mb_per_s": round(text_bytes / 1e6 / max(seconds, 1e-9), 2),
               "peak_rss_mb": max(peak_rss_mb(), peak_child_rss_mb())}
-    write_json("reports/tokenize.json", report)
+    write_json(layout.TOKENIZE_REPORT, report)
     print(f"tokenize: {meta['kind']} vocab {meta['vocab_size']}, " +
           ", ".join(f"{s} {splits[s]['tokens']:,} tokens" for s in SPLITS) + f" ({report['mb_per_s']} MB/s)")
 

@@ -16,12 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from tasks.layout import PRETRAINED, TASK_SPLIT, TUNE_REPORTS
+from tasks.layout import PARAMS, PRETRAINED, TASK_SPLIT, TUNE_REPORTS
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.tune", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=str(PARAMS))
     parser.add_argument("--data", default=str(TASK_SPLIT))
     parser.add_argument("--reports", default=str(TUNE_REPORTS))
     return parser.parse_args(argv)
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
         summary = run_study(params, base, data, args.reports, on_trial_end=trial_logger(mlrun), log=log)
         mlrun.log_metrics({"best_value": summary["best_value"], "best_trial": summary["best_trial"],
                            **{f"trials_{k}": v for k, v in summary["trials"].items()}})
-        mlrun.log_params({f"best.{k}": v for k, v in tracking.flatten(summary["params"]).items()})
+        mlrun.log_params({f"best.{k}": v for k, v in tracking.as_params(summary["params"]).items()})
         for name in ("best.yaml", "trials.csv", "optimization_history.png", "param_importances.png"):
             mlrun.log_artifact(Path(args.reports) / name)
     return summary

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from lmforge.data.cleaning import CleanError, clean_documents, clean_examples, normalise_example, strip_gutenberg
-from lmforge.config import CleanDocuments, CleanLabelled
+from lmforge.config.clean import CleanDocuments, CleanLabelled
 from tests.conftest import play
 
 # Whole-file rules: no file is cut into pieces here (tests/test_corpus_files.py cuts them).

@@ -8,7 +8,9 @@ import yaml
 from pydantic import BaseModel
 
 import lmforge.config
-from lmforge.config import ConfigError, apply_overrides, load_params, merge_overlay, parse_override, parse_yaml, validate_params
+from lmforge.config import ConfigError, load_params, parse_yaml, validate_params
+from lmforge.config.overrides import apply_overrides, merge_overlay, parse_override
+from lmforge.config.tune import TuneParams
 from lmforge.errors import UserError
 from tests.conftest import ROOT, run
 
@@ -189,8 +191,13 @@ def test_params_task_leaves_the_file_alone_on_a_bad_overlay(tmp_path: Path, over
 
 
 def test_every_section_forbids_unknown_keys():
-    sections = [value for value in vars(lmforge.config).values()
+    import importlib
+    import pkgutil
+
+    modules = [importlib.import_module(f"lmforge.config.{m.name}") for m in pkgutil.iter_modules(lmforge.config.__path__)]
+    sections = [value for module in [lmforge.config, *modules] for value in vars(module).values()
                 if isinstance(value, type) and issubclass(value, BaseModel) and value is not BaseModel]
+    assert len({s.__name__ for s in sections}) >= 12  # every section's module was found
     nested = [inner for section in sections for inner in vars(section).values()
               if isinstance(inner, type) and issubclass(inner, BaseModel)]
     for section in sections + nested:
@@ -200,7 +207,7 @@ def test_every_section_forbids_unknown_keys():
 USER_ERRORS = [
     "lmforge.data.documents.CorpusFormatError", "lmforge.data.cleaning.CleanError",
     "lmforge.data.sources.SourceError", "lmforge.data.splitting.SplitError",
-    "lmforge.data.tokenization.TokenFileError", "lmforge.config.ConfigError",
+    "lmforge.data.token_shards.TokenFileError", "lmforge.config.ConfigError",
     "lmforge.training.model.ModelConfigError", "lmforge.training.batches.DataError",
     "lmforge.training.checkpoint.CheckpointError", "lmforge.training.finetuning.FinetuneError",
     "lmforge.registry.registration.RegistryError", "lmforge.training.base_models.BaseModelError",
@@ -309,21 +316,21 @@ def test_a_tune_space_key_with_an_old_name_stops_with_the_new_one():
     with pytest.raises(ConfigError, match=r"^params: tune\.space\.epochs was renamed tune\.space\.num_train_epochs \("):
         validate_params(params)
     with pytest.raises(ValueError, match=r"tune\.space\.epochs was renamed tune\.space\.num_train_epochs"):
-        lmforge.config.TuneParams.model_validate({"space": params["tune"]["space"]})
+        TuneParams.model_validate({"space": params["tune"]["space"]})
 
 
 def test_tuned_overrides_with_an_old_name_stop_with_the_new_one(tmp_path: Path):
     # reports/tune/best.yaml from a study run before the rename, merged into finetune by the finetune stage.
-    from lmforge.training.tuning import apply_overrides as merge_tuned, load_best
+    from lmforge.training.tuned import read_best_values, with_tuned_values
 
     best = tmp_path / "best.yaml"
     best.write_text(yaml.safe_dump({"params": {"learning_rate": 1e-4, "epochs": 2}}))
     section = validate_params(DEFAULT).finetune
     with pytest.raises(ConfigError) as err:
-        merge_tuned(section, load_best(best), str(best))
+        with_tuned_values(section, read_best_values(best), str(best))
     assert f"finetune.epochs was renamed finetune.num_train_epochs {HINT}" in str(err.value)
     assert str(best) in str(err.value)
-    tuned = merge_tuned(section, {"learning_rate": 1e-4, "num_train_epochs": 2}, str(best))
+    tuned = with_tuned_values(section, {"learning_rate": 1e-4, "num_train_epochs": 2}, str(best))
     assert tuned.num_train_epochs == 2 and tuned.learning_rate == 1e-4
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from lmforge.config import CleanDocuments
+from lmforge.config.clean import CleanDocuments
 from lmforge.data.cleaning import clean_documents, normalise_document, Repairs
 from lmforge.data.documents import BLANK_LINE, END_OF_FILE, LINE_BREAK, cut_lines
 from tests.conftest import ROOT, run, sha256, write_params

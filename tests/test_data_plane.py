@@ -20,12 +20,13 @@ import yaml
 import zstandard
 
 from lmforge.data.cleaning import clean_corpus, clean_documents
-from lmforge.config import CleanDocuments, NearDedupParams
+from lmforge.config.clean import CleanDocuments, NearDedupParams
 from lmforge.data.documents import corpus_files, plan_shards, read_documents
 from lmforge.data.engine import Engine, run_shards
 from lmforge.data.sources import SourceError, fetch, manifest_pin
 from lmforge.data.splitting import split_of, split_shard
-from lmforge.data.tokenization import TokenShards, load_split, write_token_shards
+from lmforge.data.token_shards import TokenShards, load_split
+from lmforge.data.tokenization import write_token_shards
 from tests.conftest import ROOT, play, run, write_params
 
 DOCS = CleanDocuments(min_chars=50, max_chars=100_000, max_line_chars=2_000, strip_boilerplate=False)
@@ -394,7 +395,7 @@ def test_slurm_values_that_a_shell_would_read_as_syntax_are_refused_with_their_k
 def test_the_slurm_engine_takes_the_params_slurm_section(tmp_path):
     # No cluster here: this checks that params.yaml's data_engine.slurm section builds datatrove's
     # Slurm executor (argument names and values), which is all that changes on a cluster.
-    from lmforge.config import DataEngineParams
+    from lmforge.config.data_engine import DataEngineParams
     from lmforge.data.engine import ShardTask, slurm_executor
 
     with pytest.raises(ValueError, match="needs slurm.partition"):

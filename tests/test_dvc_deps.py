@@ -7,6 +7,12 @@ every project file (lmforge/, tasks/, flows/; imports inside functions too, pack
 files included) and fails naming each file that no dep covers (a dep covers a file it equals or
 a folder that holds it). It also fails on a listed dep that does not exist, unless another stage
 writes it.
+
+The schema of params.yaml has one module per section (lmforge/config/<section>.py). A section's
+module is a dep of exactly the stages whose `params:` name that section: an edit to the
+finetune knobs reruns tune, finetune and register, not ingest. Every stage validates the whole
+file through lmforge/config/whole.py, imported by name, which is a gate before the work and no
+input to it, so neither it nor the other sections' modules are deps.
 """
 
 from __future__ import annotations
@@ -35,6 +41,14 @@ def _paths(entries: list) -> list[str]:
     return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries or []]
 
 
+def _params(entries: list) -> list[str]:
+    """A params list's keys (an entry is a key of params.yaml, or a mapping file -> keys)."""
+    keys = []
+    for entry in entries or []:
+        keys.extend([entry] if isinstance(entry, str) else [k for listed in entry.values() for k in listed])
+    return keys
+
+
 def dvc_stages() -> dict[str, dict]:
     """Stage name -> {"cmd", "deps", "outs"}, with each `foreach` stage expanded per item."""
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -42,7 +56,7 @@ def dvc_stages() -> dict[str, dict]:
     stages = {}
     for name, stage in pipeline["stages"].items():
         if "foreach" not in stage:
-            stages[name] = {"cmd": stage["cmd"], "deps": _paths(stage.get("deps")),
+            stages[name] = {"cmd": stage["cmd"], "deps": _paths(stage.get("deps")), "params": _params(stage.get("params")),
                             "outs": _paths(stage.get("outs")) + _paths(stage.get("metrics")) + _paths(stage.get("plots"))}
             continue
         items = stage["foreach"]
@@ -56,6 +70,7 @@ def dvc_stages() -> dict[str, dict]:
             stages[f"{name}@{item}"] = {
                 "cmd": fill(body["cmd"]),
                 "deps": [fill(p) for p in _paths(body.get("deps"))],
+                "params": [fill(p) for p in _params(body.get("params"))],
                 "outs": [fill(p) for p in _paths(body.get("outs")) + _paths(body.get("metrics"))
                          + _paths(body.get("plots"))],
             }
@@ -88,11 +103,23 @@ def _package_of(path: Path) -> list[str]:
     return parts if path.name == "__init__.py" and parts.pop() else parts[:-1]
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of the file except those under `if TYPE_CHECKING:`, imports that never run."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for branch in node.orelse:
+                yield branch
+                yield from _runtime_nodes(branch)
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
 def imported_modules(path: Path) -> set[str]:
-    """Every module name an import statement anywhere in the file may load, `from pkg import mod`
-    read as pkg.mod where that is a module of its own."""
+    """Every module name an import statement anywhere in the file may load (not those for type
+    checkers only), `from pkg import mod` read as pkg.mod where that is a module of its own."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -142,13 +169,40 @@ def test_deps_cover_every_project_file_the_stage_imports(name):
                          f"list them (nor a folder that holds them): " + ", ".join(missing))
 
 
+CONFIG = ROOT / "lmforge/config"
+SECTION_MODULES = {p.stem: p.relative_to(ROOT).as_posix() for p in CONFIG.glob("*.py")
+                   if p.stem not in ("__init__", "whole", "overrides")}
+
+
+def sections_read(stage: dict) -> set[str]:
+    """The sections of params.yaml a stage's `params:` name (`clean.${item}` -> clean); top-level
+    scalars such as seed have no module of their own."""
+    return {key.split(".")[0] for key in stage["params"]} & set(SECTION_MODULES)
+
+
+def test_every_section_has_its_module():
+    sections = set(yaml.safe_load((ROOT / "params.yaml").read_text())) - {"seed", "workers", "datasets"}
+    assert sections == set(SECTION_MODULES), "one module per section of params.yaml under lmforge/config/"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_a_section_module_is_a_dep_of_exactly_the_stages_that_read_the_section(name):
+    stage = STAGES[name]
+    listed = {dep for dep in stage["deps"] if dep in SECTION_MODULES.values()}
+    expected = {SECTION_MODULES[section] for section in sections_read(stage)}
+    assert listed == expected, (f"stage {name} reads params sections {sorted(sections_read(stage))}: its deps must list "
+                                f"{sorted(expected)} and no other section module; they list {sorted(listed)}")
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_every_code_dep_is_code_the_stage_runs(name):
-    """A listed source file the stage never imports reruns it for nothing when that file changes."""
+    """A listed source file the stage never imports reruns it for nothing when that file changes
+    (a section's module is code the stage runs when it reads that section: see the test above)."""
     stage = STAGES[name]
     module = STAGE_MODULE.search(stage["cmd"]).group(1)
     imported = {p.relative_to(ROOT).as_posix() for p in import_closure(module)}
-    stale = [dep for dep in stage["deps"] if dep.endswith(".py") and dep not in imported]
+    stale = [dep for dep in stage["deps"]
+             if dep.endswith(".py") and dep not in imported and dep not in SECTION_MODULES.values()]
     assert not stale, f"stage {name} lists code it does not import: {', '.join(stale)}"
 
 

@@ -118,7 +118,6 @@ def test_pretrain_then_evaluate_through_the_stages_with_mlflow(tmp_path, monkeyp
 
 def test_evaluate_a_masked_model_reports_accuracy_and_fills_masks(tmp_path, monkeypatch):
     from tasks import evaluate as evaluate_stage
-    from tasks.pretrain import save_model
 
     root = fx.project(tmp_path / "proj", {"arch": "bert", "max_steps": 30, "warmup_steps": 3, "eval_steps": 30,
                                           "save_steps": 30}, {"samples": 2, "max_tokens": 2000})
@@ -126,7 +125,7 @@ def test_evaluate_a_masked_model_reports_accuracy_and_fills_masks(tmp_path, monk
     params = fx.params({"arch": "bert", "max_steps": 30, "warmup_steps": 3, "eval_steps": 30, "save_steps": 30})
     result = pretraining.train(params.pretrain, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt",
                             progress=False)
-    save_model(result.model, tokens, root / "models" / "pretrained", {"context": 32})
+    pretraining.save_model(result.model, tokens, root / "models" / "pretrained", {"context": 32})
     monkeypatch.chdir(root)
     monkeypatch.setenv("LMFORGE_TRACKING", "off")
     assert evaluate_stage.main([]) == 0
@@ -143,14 +142,13 @@ def test_a_model_offloaded_to_disk_scores_as_the_whole_model(tmp_path, monkeypat
     import yaml
 
     from tasks import evaluate as evaluate_stage
-    from tasks.pretrain import save_model
 
     pretrain = {"max_steps": 40, "warmup_steps": 4, "eval_steps": 40, "save_steps": 40}
     root = fx.project(tmp_path / "proj", pretrain)
     tokens = root / "data" / "tokens"
     result = pretraining.train(fx.params(pretrain).pretrain, seed=1, tokens_dir=tokens,
                                checkpoint_root=tmp_path / "ckpt", progress=False)
-    save_model(result.model, tokens, root / "models" / "pretrained", {"context": 32})
+    pretraining.save_model(result.model, tokens, root / "models" / "pretrained", {"context": 32})
     # Each of the tiny llama's two blocks holds ~200 kB of fp32 weights: 300 kB of CPU memory takes
     # the embeddings (and the tied head) but no block.
     placements = {"whole": {}, "offloaded": {"device_map": "auto", "max_memory": {"cpu": "300KB"}}}
@@ -190,7 +188,7 @@ def test_tracking_helpers_flatten_params_and_read_input_hashes(tmp_path, monkeyp
     from lmforge.registry import tracking
     from tasks.lineage import input_hashes
 
-    assert tracking.flatten({"pretrain": {"learning_rate": 0.1, "prompts": ["a"]}, "seed": 1}) == {
+    assert tracking.as_params({"pretrain": {"learning_rate": 0.1, "prompts": ["a"]}, "seed": 1}) == {
         "pretrain.learning_rate": "0.1", "pretrain.prompts": "['a']", "seed": "1"}
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "dvc.lock").write_text(

@@ -17,7 +17,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_fixtures import params_file, tiny_base, tiny_causal_base, tiny_finetune, write_task  # noqa: E402
 
-from lmforge.config import ConfigError, FinetuneParams, load_params  # noqa: E402
+from lmforge.config import ConfigError, load_params  # noqa: E402
+
+from lmforge.config.finetune import FinetuneParams  # noqa: E402
 from lmforge.training.finetuning import (  # noqa: E402
     FinetuneError,
     LabelledTexts,

@@ -14,8 +14,8 @@ import pretrain_fixtures as fx  # noqa: E402
 
 from lmforge.training import batches
 from lmforge.training import fused_loss
-from lmforge.training import pretraining  # noqa: E402
-from lmforge.training.model import TokenInfo, build_model  # noqa: E402
+from lmforge.training import pretrain_step  # noqa: E402
+from lmforge.training.model import TokenInfo, build_model, set_training_attention  # noqa: E402
 
 torch.set_num_threads(1)
 IGNORE = batches.IGNORE_INDEX
@@ -23,7 +23,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _reference(hidden, weight, targets):
-    """F.cross_entropy over fp32 logits, as pretraining._loss computes it, and its gradients."""
+    """F.cross_entropy over fp32 logits, as pretrain_step.plain_loss computes it, and its gradients."""
     hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
     loss = F.cross_entropy((hidden @ weight.t()).float(), targets, ignore_index=IGNORE)
     loss.backward()
@@ -70,18 +70,18 @@ def test_linear_cross_entropy_with_every_row_ignored_is_zero_not_nan(device):
 def test_fused_loss_gives_the_model_loss_and_gradients(arch):
     p = fx.params({"arch": arch, "pad_vocab": 64}).pretrain
     model = build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0).train()
-    pretraining.set_training_attention(model, True)
+    set_training_attention(model, True)
     assert fused_loss.supports(model)
     torch.manual_seed(1)
     x = torch.randint(4, 300, (4, p.context))
     y = torch.roll(x, -1, 1)
     y[:, -3:] = IGNORE
 
-    plain = pretraining.TrainingLoss(model, False)(x, y)
+    plain = pretrain_step.TrainingLoss(model, False)(x, y)
     plain.backward()
     want = {n: q.grad.clone() for n, q in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    fused = pretraining.TrainingLoss(model, False, fused=True)(x, y)
+    fused = pretrain_step.TrainingLoss(model, False, fused=True)(x, y)
     assert type(fused.grad_fn).__name__ == "LinearCrossEntropyBackward"  # the fused path, not the plain one
     fused.backward()
 
@@ -89,7 +89,7 @@ def test_fused_loss_gives_the_model_loss_and_gradients(arch):
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():  # evaluation keeps the plain loss: no gradient to make
-        torch.testing.assert_close(pretraining.TrainingLoss(model, False, fused=True)(x, y), plain.detach())
+        torch.testing.assert_close(pretrain_step.TrainingLoss(model, False, fused=True)(x, y), plain.detach())
 
 
 def test_fused_loss_falls_back_where_the_head_is_not_one_matrix():
@@ -98,6 +98,6 @@ def test_fused_loss_falls_back_where_the_head_is_not_one_matrix():
     assert not fused_loss.supports(model)  # BERT's head: a transform, then a matrix with a bias
     for masked in (True, False):
         said = []
-        assert not pretraining.use_fused_loss(p, model, masked, said.append)
+        assert not pretrain_step.use_fused_loss(p, model, masked, said.append)
         assert "BertForMaskedLM keeps the plain loss" in said[0]
 

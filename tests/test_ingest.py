@@ -82,7 +82,7 @@ def test_an_hf_source_needs_its_revision_and_streams_into_jsonl_shards(tmp_path)
 
     import datasets
 
-    from lmforge.config import Source
+    from lmforge.config.sources import Source
     from lmforge.data.sources import write_jsonl_shards
 
     with pytest.raises(ValueError, match="pinned by `revision`"):
@@ -141,7 +141,7 @@ def test_a_failed_fetch_takes_back_what_it_wrote(tmp_path):
 
 
 def test_an_hf_revision_must_be_a_commit_not_a_branch(tmp_path):
-    from lmforge.config import Source
+    from lmforge.config.sources import Source
 
     with pytest.raises(ValueError, match="full commit hash"):
         Source(uri="hf:owner/corpus", revision="main")

@@ -51,7 +51,7 @@ def rows_of(matrix: list[list[int]]) -> list[tuple[str, str]]:
 
 
 def write_pretrain(repo: Path, offset: float) -> None:
-    from tasks.pretrain import write_reports
+    from lmforge.training.pretraining import write_reports
 
     train = [{"step": s, "train_loss": 6.0 - s / 100 + offset} for s in range(10, 101, 10)]
     val = [{"step": s, "train_loss": 6.0 - s / 100 + offset, "val_loss": 6.2 - s / 100 + offset} for s in (50, 100)]

@@ -18,10 +18,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import pretrain_fixtures as fx  # noqa: E402
 
+from lmforge.data import token_shards
 from lmforge.training import batches
 from lmforge.training import checkpoint
 from lmforge.evaluation import language_model as evaluation
-from lmforge.training import pretraining, runtime  # noqa: E402
+from lmforge.training import pretrain_step, pretraining, runtime  # noqa: E402
 from lmforge.config import ConfigError  # noqa: E402
 from lmforge.training.model import ModelConfigError, TokenInfo, build_model  # noqa: E402
 
@@ -36,7 +37,7 @@ def tokens(tmp_path_factory) -> Path:
 
 
 def _val_metrics(model, tokens: Path) -> dict:
-    meta = batches.read_meta(tokens)
+    meta = token_shards.read_meta(tokens)
     log_probs = evaluation.unigram_log_probs(batches.open_split(tokens, "train", meta), meta["vocab_size"])
     return evaluation.causal_split_metrics(
         model, batches.open_split(tokens, "val", meta), log_probs, meta["splits"]["val"]["bytes"],
@@ -77,7 +78,7 @@ def test_bad_evaluate_params_fail_with_the_key():
 
 
 def test_context_longer_than_the_data_fails_early(tokens, tmp_path):
-    val_tokens = batches.read_meta(tokens)["splits"]["val"]["tokens"]
+    val_tokens = token_shards.read_meta(tokens)["splits"]["val"]["tokens"]
     p = fx.params({"context": val_tokens + 10}).pretrain
     with pytest.raises(batches.DataError, match=r"context \(\d+\) is longer than the data: the val split"):
         pretraining.train(p, seed=1, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
@@ -89,7 +90,7 @@ def test_vocab_mismatch_with_the_tokenizer_fails_early(tokens, tmp_path):
     other = tmp_path / "other_tokens"
     fx.make_tokens(other, kind="bpe", vocab_size=280)
     p = fx.params().pretrain
-    model = build_model(p, TokenInfo.from_meta(batches.read_meta(other)), seed=0)
+    model = build_model(p, TokenInfo.from_meta(token_shards.read_meta(other)), seed=0)
     folder = tmp_path / "other_model"
     model.save_pretrained(folder)
     (folder / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())
@@ -115,8 +116,6 @@ def test_vocab_mismatch_with_the_tokenizer_fails_early(tokens, tmp_path):
 def test_tiny_decoder_beats_unigram_reloads_and_generates(tokens, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.pretrain import save_model
-
     p = fx.params().pretrain
     seen: list[tuple[dict, int]] = []
     result = pretraining.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False,
@@ -126,7 +125,7 @@ def test_tiny_decoder_beats_unigram_reloads_and_generates(tokens, tmp_path):
     metrics = _val_metrics(result.model, tokens)
     assert metrics["bits_per_byte"] < 0.6 * metrics["unigram_bits_per_byte"], metrics
 
-    save_model(result.model, tokens, tmp_path / "pretrained", {"context": p.context})
+    pretraining.save_model(result.model, tokens, tmp_path / "pretrained", {"context": p.context})
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "pretrained")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "pretrained")
     for name, value in result.model.state_dict().items():
@@ -149,7 +148,7 @@ def test_gpt2_style_decoder_trains(tokens, tmp_path):
                    "pad_vocab": 64}).pretrain
     result = pretraining.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert type(result.model).__name__ == "GPT2LMHeadModel"
-    assert result.model.config.vocab_size % 64 == 0 and result.model.config.vocab_size >= batches.read_meta(tokens)["vocab_size"]
+    assert result.model.config.vocab_size % 64 == 0 and result.model.config.vocab_size >= token_shards.read_meta(tokens)["vocab_size"]
     assert result.history["val"][-1]["val_loss"] < result.history["train"][0]["train_loss"]
     result.model.save_pretrained(tmp_path / "gpt2")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
@@ -171,7 +170,7 @@ def test_tiny_masked_lm_beats_unigram(tokens, tmp_path):
                    "save_steps": 300}).pretrain
     result = pretraining.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path, progress=False)
     assert result.masked
-    meta = batches.read_meta(tokens)
+    meta = token_shards.read_meta(tokens)
     log_probs = evaluation.unigram_log_probs(batches.open_split(tokens, "train", meta), meta["vocab_size"])
     masking = batches.Masking(0.15, meta["special_ids"]["mask"], meta["vocab_size"],
                               tuple(sorted(meta["special_ids"].values())))
@@ -216,7 +215,7 @@ def test_a_fused_adamw_clips_through_its_grad_scale_as_clip_grad_norm_does():
             x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step))
             ((model(x) ** 2).sum() * (10.0 if step % 2 else 1e-3)).backward()  # clipped, then not
             norms.append(float(torch.nn.utils.get_total_norm([q.grad for q in model.parameters()])))
-            pretraining.update(model, optimizer, None, p)
+            pretrain_step.update(model, optimizer, None, p)
             assert getattr(optimizer, "grad_scale", None) is None  # no clipping carried into the next step
             optimizer.zero_grad(set_to_none=True)
         weights[fused] = [q.detach().clone() for q in model.parameters()]
@@ -237,7 +236,7 @@ def test_a_state_resumed_from_an_unfused_adamw_still_clips():
     optimizer.load_state_dict(saved)
     assert not optimizer.param_groups[0]["fused"] and optimizer.defaults["fused"]
     (model(torch.ones(4, 8)) * 100).sum().backward()
-    pretraining.update(model, optimizer, None, SimpleNamespace(max_grad_norm=1.0))
+    pretrain_step.update(model, optimizer, None, SimpleNamespace(max_grad_norm=1.0))
     assert float(torch.nn.utils.get_total_norm([q.grad for q in model.parameters()])) == pytest.approx(1.0, rel=1e-4)
 
 
@@ -310,7 +309,7 @@ def test_ddp_overlap_sets_how_dynamo_compiles_a_ddp_module():
     try:
         for overlap, mode in ((False, "no_optimization"), (True, "ddp_optimizer"),
                               ("compiled_autograd", "python_reducer")):
-            pretraining.set_optimize_ddp(fx.params({"compile": True, "ddp_overlap": overlap}).pretrain)
+            pretrain_step.set_optimize_ddp(fx.params({"compile": True, "ddp_overlap": overlap}).pretrain)
             assert dynamo.config.optimize_ddp == mode
     finally:
         dynamo.config.optimize_ddp = before
@@ -342,7 +341,7 @@ def test_captured_steps_follow_the_eager_trajectory(tokens, tmp_path, param_dtyp
 def test_a_run_with_the_fused_loss_trains_like_one_without(tokens, tmp_path):
     common = {"arch": "gpt2", "max_steps": 30, "warmup_steps": 3, "eval_steps": 15, "save_steps": 30}
     p = fx.params({**common, "fused_loss": True}).pretrain
-    assert pretraining.use_fused_loss(p, build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0), False, print)
+    assert pretrain_step.use_fused_loss(p, build_model(p, TokenInfo(300, 0, 1, 2, 3), seed=0), False, print)
     plain = pretraining.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "p",
                            progress=False)
     fused = pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "f", progress=False)
@@ -594,7 +593,7 @@ def test_wrap_ddp_sets_the_bucket_size_and_keeps_fp32_gradients_on_gloo(tmp_path
     try:
         notes: list[str] = []
         p = fx.params({"ddp_bucket_mb": 2, "ddp_comm_dtype": "bf16"}).pretrain
-        ddp = pretraining.wrap_ddp(torch.nn.Linear(8, 8), p, runtime.Dist(world=1), notes.append)
+        ddp = pretrain_step.wrap_ddp(torch.nn.Linear(8, 8), p, runtime.Dist(world=1), notes.append)
         assert ddp.bucket_bytes_cap == 2 * 2**20
         assert notes == ["ddp_comm_dtype bf16 needs NCCL (GPUs); gloo sends the gradients as fp32"]
     finally:
@@ -612,9 +611,9 @@ import sys
 import torch
 sys.path.insert(0, {tests!r})
 import pretrain_fixtures as fx
-from lmforge.training import pretraining
+from lmforge.training import pretrain_step, pretraining
 
-step_update = pretraining.update
+step_update = pretrain_step.update
 
 
 def update_then_drift_on_rank_1(model, optimizer, working, p):
@@ -624,7 +623,7 @@ def update_then_drift_on_rank_1(model, optimizer, working, p):
             next(model.parameters()).view(-1)[0] += 1e-3
 
 
-pretraining.update = update_then_drift_on_rank_1
+pretrain_step.update = update_then_drift_on_rank_1
 p = fx.params({{"max_steps": 20, "warmup_steps": 2, "eval_steps": 10, "save_steps": 10}}).pretrain
 pretraining.train(p, seed=1, tokens_dir={tokens!r}, checkpoint_root={checkpoints!r}, progress=False)
 """
@@ -701,7 +700,7 @@ def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp)
 
 
 def test_the_bar_shows_no_val_field_before_the_first_evaluation():
-    progress = pretraining.Progress(history={"train": [], "val": []}, best=float("inf"))
+    progress = pretraining.PretrainProgress(history={"train": [], "val": []}, best=float("inf"))
     assert pretraining.bar_fields(progress) == {}
     progress.last_train, progress.tokens_per_s = 2.5, 1234.0
     assert pretraining.bar_fields(progress) == {"loss": "2.500", "tok/s": "1,234"}  # no val=nan, no placeholder
@@ -719,7 +718,7 @@ def test_a_run_shows_its_last_val_loss_on_the_bar(tokens, tmp_path, capsys):
 
 def test_renamed_knobs_keep_the_run_key_runs_had_before_the_rename():
     # A run checkpointed before lr became learning_rate (and steps max_steps, ...) still resumes.
-    from lmforge.config import PretrainParams
+    from lmforge.config.pretrain import PretrainParams
 
     fingerprint = pretraining.run_fingerprint(PretrainParams(), 1, {"splits": {}, "vocab_size": 300}, 1)
     assert {"pretrain.lr", "pretrain.steps", "pretrain.grad_accum", "pretrain.grad_clip"} <= set(fingerprint)
@@ -766,7 +765,7 @@ def test_a_checkpoint_of_the_format_before_dcp_still_resumes(tokens, tmp_path):
 
 
 def test_checkpoints_from_before_global_batches_are_named_not_resumed(tmp_path):
-    from lmforge.config import PretrainParams
+    from lmforge.config.pretrain import PretrainParams
 
     meta = {"splits": {}, "vocab_size": 300}
     single = PretrainParams()

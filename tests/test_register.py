@@ -270,7 +270,7 @@ def test_a_changed_server_registers_a_new_version(store, tmp_path, monkeypatch):
     assert fixed["fingerprint"] != first["fingerprint"]
     import mlflow
 
-    bundled = Path(mlflow.artifacts.download_artifacts(f"models:/served-code-sentiment/2", dst_path=str(tmp_path / "v2")))
+    bundled = Path(mlflow.artifacts.download_artifacts("models:/served-code-sentiment/2", dst_path=str(tmp_path / "v2")))
     assert "# a fix to the served code" in (bundled / "code/lmforge/registry/guard.py").read_text()
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pretrain_fixtures as fx
-from lmforge.config import PretrainParams
+from lmforge.config.pretrain import PretrainParams
 from lmforge.training import checkpoint
 from lmforge.training.model import every_nth_block
 from tasks.pretrain import LaunchError, launch_command

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from lmforge.config import SplitParams
+from lmforge.config.split import SplitParams
 from lmforge.data.splitting import SplitError, split_frame, split_report
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from lmforge.data.tokenization import SPECIAL_TOKENS, load_split, train_tokenizer, write_tokens
+from lmforge.data.token_shards import load_split
+from lmforge.data.tokenization import SPECIAL_TOKENS, train_tokenizer, write_tokens
 from tests.conftest import play
 
 SPLITS = {

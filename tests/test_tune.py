@@ -145,7 +145,9 @@ def test_the_best_trial_is_taken_only_when_it_beats_the_untuned_default_by_min_g
 
     from types import SimpleNamespace
 
-    from lmforge.config import FinetuneParams, TuneParams
+    from lmforge.config.finetune import FinetuneParams
+
+    from lmforge.config.tune import TuneParams
     from lmforge.training.tuning import UNTUNED, verdict
 
     params = SimpleNamespace(tune=TuneParams.model_validate(tune_section(min_gain=0.02)),
@@ -222,7 +224,7 @@ def test_a_space_that_cannot_be_sampled_stops_with_the_key_path(tmp_path, space,
 def test_sampling_errors_are_space_errors_with_the_key_path():
     import optuna
 
-    from lmforge.config import TuneParams
+    from lmforge.config.tune import TuneParams
     from lmforge.training.tuning import SpaceError, suggest
 
     study = optuna.create_study(direction="maximize")
@@ -236,7 +238,7 @@ def test_sampling_errors_are_space_errors_with_the_key_path():
 
 
 def test_storage_comes_from_the_env_then_params_then_sqlite_under_reports(tmp_path, monkeypatch):
-    from lmforge.config import TuneParams
+    from lmforge.config.tune import TuneParams
     from lmforge.redaction import redact
     from lmforge.training.tuning import storage_url
 

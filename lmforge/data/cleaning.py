@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from pandera.errors import SchemaErrors
 from pandera.typing import Series
 
-from lmforge.config import CleanDocuments, CleanLabelled
+from lmforge.config.clean import CleanDocuments, CleanLabelled
 from lmforge.data.documents import Cutting, RawDocument, corpus_files, plan_shards, read_documents
 from lmforge.data.engine import Engine, run_shards
 from lmforge.errors import UserError

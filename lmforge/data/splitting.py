@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from lmforge.config import SplitParams
+from lmforge.config.split import SplitParams
 from lmforge.data.documents import hash_position
 from lmforge.errors import UserError
 

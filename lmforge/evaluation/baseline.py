@@ -9,7 +9,7 @@ from typing import Sequence
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from lmforge.evaluation.classification_metrics import classification_metrics
+from lmforge.training.classification_scores import classification_metrics
 
 
 def tfidf_baseline(

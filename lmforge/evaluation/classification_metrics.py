@@ -1,8 +1,5 @@
-"""Metrics of a text classifier: accuracy, macro F1, per-class precision/recall, confusion matrix.
-
-Labels are names (str); `labels` fixes their order in the per-class table and the matrix, so a
-class absent from a split still gets a row (with zero support) rather than shifting the others.
-"""
+"""A classifier's report beside its scores (lmforge/training/classification_scores.py): the
+majority-class floor, the flat metrics the trackers take, and the confusion matrix drawn."""
 
 from __future__ import annotations
 
@@ -10,35 +7,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-
-
-def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> dict:
-    """Return a JSON-ready dict: accuracy, macro_f1, per_class {label: precision/recall/f1/support},
-    confusion_matrix (rows: true label, columns: predicted, in `labels` order) and n."""
-    labels = list(labels)
-    y_true = list(y_true)
-    y_pred = list(y_pred)
-    if not y_true:
-        raise ValueError("no examples to score")
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
-    return {
-        "n": len(y_true),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(labels)
-        },
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-    }
 
 
 def majority_accuracy(y_train: Sequence[str], y_eval: Sequence[str]) -> float:
@@ -48,9 +16,9 @@ def majority_accuracy(y_train: Sequence[str], y_eval: Sequence[str]) -> float:
     return float(np.mean(np.asarray(list(y_eval)) == majority))
 
 
-def flat_metrics(metrics: dict, prefix: str) -> dict[str, float]:
-    """Flatten a classification_metrics dict to MLflow-style scalar keys: test_accuracy,
-    test_precision_positive, ..."""
+def tracked_scores(metrics: dict, prefix: str) -> dict[str, float]:
+    """The figures of a classification_metrics dict that the trackers chart, under flat keys:
+    test_accuracy, test_macro_f1, test_precision_positive, ..."""
     out = {f"{prefix}_accuracy": metrics["accuracy"], f"{prefix}_macro_f1": metrics["macro_f1"]}
     for name, row in metrics["per_class"].items():
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))

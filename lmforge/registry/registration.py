@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from lmforge.errors import UserError
+from lmforge.flat import flatten
+from lmforge.hashing import file_digest
 from lmforge.redaction import redact
 from lmforge.registry import tracking
 
@@ -136,14 +138,6 @@ def using(uri: str) -> Iterator[Any]:
 # --- lineage ------------------------------------------------------------------------------------
 
 
-def _file_hash(path: Path, algorithm: str = "sha256") -> str:
-    digest = hashlib.new(algorithm)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def section(params_dump: Mapping[str, Any], dotted: str) -> Any:
     node: Any = params_dump
     for part in dotted.split("."):
@@ -162,22 +156,16 @@ def fingerprint(folder: Path, params_payload: Mapping[str, Any]) -> str:
     """sha256 over every file of the model folder (path and content) and the canonical params JSON."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + _file_hash(path).encode() + b"\n")
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + file_digest(path).encode() + b"\n")
     digest.update(json.dumps(params_payload, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
-def flat_metrics(payload: Any, prefix: str = "") -> dict[str, float]:
-    """Numbers of a metrics JSON, nested keys joined with dots; booleans and text left out."""
-    out: dict[str, float] = {}
-    if isinstance(payload, Mapping):
-        for key, value in payload.items():
-            out.update(flat_metrics(value, f"{prefix}{key}."))
-    elif isinstance(payload, (int, float)) and not isinstance(payload, bool):
-        name = _UNSAFE.sub("_", prefix.rstrip("."))  # MLflow metric names: word characters, / . - : and space
-        if name and payload == payload:  # NaN is no figure to gate on
-            out[name] = float(payload)
-    return out
+def numeric_metrics(payload: Any) -> dict[str, float]:
+    """The numbers of a metrics JSON under dotted keys; booleans, text and NaN left out (no figure
+    to gate on), names cut to what MLflow takes (word characters, / . - : and space)."""
+    return {_UNSAFE.sub("_", key): float(value) for key, value in flatten(payload).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value}
 
 
 def find_metric(metrics: Mapping[str, float], metric: str) -> tuple[str, float] | None:
@@ -210,7 +198,7 @@ def _datasets(root: Path, folder: str, known_by_hash: Sequence[DataInput]) -> li
                 # a local path "can be interpreted in multiple ways" (two local source kinds): noise
                 warnings.filterwarnings("ignore", message="The specified dataset source", category=UserWarning)
                 dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()), name=f"{name}-{split}",
-                                                  targets=targets, digest=_file_hash(path, "md5"))
+                                                  targets=targets, digest=file_digest(path, "md5"))
             found.append((dataset, context))
     if not found:
         found = [(_meta_dataset(root, data), "training") for data in known_by_hash]
@@ -273,7 +261,7 @@ def pyfunc_identity() -> dict[str, Any]:
     the pinned requirements. Part of the fingerprint, so a change to either registers anew."""
     import importlib.util
 
-    code = {module: _file_hash(Path(importlib.util.find_spec(module).origin)) for module in PYFUNC_MODULES}
+    code = {module: file_digest(Path(importlib.util.find_spec(module).origin)) for module in PYFUNC_MODULES}
     return {"code": code, "requirements": requirements()}
 
 
@@ -350,7 +338,7 @@ def _gate_metrics(root: Path, spec: ModelSpec, gate) -> tuple[dict[str, float], 
     metrics_path = root / spec.metrics
     if not metrics_path.exists():
         raise RegistryError(f"{spec.metrics} is missing: the model has no evaluation to register it with")
-    metrics = flat_metrics(json.loads(metrics_path.read_text()))
+    metrics = numeric_metrics(json.loads(metrics_path.read_text()))
     gate_figure = find_metric(metrics, gate.metric)
     if gate_figure is None:
         shown = ", ".join(sorted(metrics)) or "none"
@@ -755,5 +743,5 @@ def _params_lines(tags: Mapping[str, str], run) -> list[str]:
         params = json.loads(tags.get("params", "{}"))
     except json.JSONDecodeError:
         params = {}
-    flat = tracking.flatten(params) if params else (dict(run.data.params) if run else {})
+    flat = tracking.as_params(params) if params else (dict(run.data.params) if run else {})
     return ["params:", *(f"  {key} = {value}" for key, value in sorted(flat.items()))]

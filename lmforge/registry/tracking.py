@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from lmforge.flat import flatten
 from lmforge.redaction import redact, redact_all
 
 EXPERIMENT = "lmforge"
@@ -73,16 +74,10 @@ def system_facts() -> dict[str, str]:
     return facts
 
 
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} -> {"a.b": "1"}; lists and None as their text; values cut to MLflow's limit."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)[:6000]
-    return flat
+def as_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Nested params as MLflow takes them: {"a": {"b": 1}} -> {"a.b": "1"}, every value as its text
+    (lists and None too), cut to MLflow's limit."""
+    return {key: str(value)[:6000] for key, value in flatten(params).items()}
 
 
 def experiment_name() -> str:
@@ -132,7 +127,7 @@ class Run:
         if self.active:
             import mlflow
 
-            flat = flatten(params)
+            flat = as_params(params)
             items = [(key, redact(value)) for key, value in flat.items()]
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params a call
                 mlflow.log_params(dict(items[i : i + 100]))

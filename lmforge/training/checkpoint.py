@@ -43,8 +43,8 @@ import torch
 from safetensors.torch import load_file, load_model, save_file
 
 from lmforge.atomic import drop_lock, fsync_dir, fsync_file, replace_dir, take_lock
-from lmforge.data.sources import sha256_of
 from lmforge.errors import UserError
+from lmforge.hashing import file_digest
 
 # One process without a process group is DCP's documented single-process mode, and it says so in a
 # warning at every save and load, from the writer thread too (where a local catch_warnings cannot
@@ -155,7 +155,7 @@ def _barrier() -> None:
 
 
 def _hash_files(folder: Path, names: list[str]) -> dict[str, str]:
-    return {name: sha256_of(folder / name) for name in names}
+    return {name: file_digest(folder / name) for name in names}
 
 
 def _hashes_of_every_rank(folder: Path, rank: int) -> dict[str, str]:
@@ -323,7 +323,7 @@ def read_state(folder: Path | str, *, verify: bool = True) -> dict:
             file = folder / name
             if not file.exists():
                 raise CheckpointError(f"checkpoint {folder} is corrupt: {name} is missing")
-            if sha256_of(file) != digest:
+            if file_digest(file) != digest:
                 raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its sha256")
     return state
 

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lmforge.errors import UserError
-from lmforge.evaluation.classification_metrics import classification_metrics
+from lmforge.training.classification_scores import classification_metrics
 from lmforge.training import checkpoint, runtime
 
 SPLITS = ("train", "val", "test")
@@ -315,14 +315,13 @@ def fingerprint(params: Any, seed: int, base: Path | str, labels: Sequence[str],
         for text, label in zip(split.texts, split.labels):
             digest.update(text.encode("utf-8", "replace"))
             digest.update(b"\x00" + label.encode() + b"\x01")
-    settings = {k: v for k, v in params.model_dump().items()
-                if k not in OPERATIONAL_KEYS and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
     return {"seed": seed, "base": str(base), "labels": list(labels), "data": digest.hexdigest(),
-            **{f"finetune.{k}": v for k, v in sorted(settings.items())}}
+            **runtime.recorded_knobs("finetune.", params.model_dump(), operational=OPERATIONAL_KEYS,
+                                     later_at_old_behaviour=LATER_KEYS_AT_OLD_BEHAVIOUR)}
 
 
 @dataclass
-class EpochProgress:
+class FinetuneProgress:
     """Where the run is; a checkpoint carries it across a kill."""
 
     epoch: int = 0
@@ -338,8 +337,8 @@ class EpochProgress:
 
 
 @dataclass
-class Job:
-    """One fine-tuning run, built by `prepare` before its first step."""
+class FinetuneRun:
+    """One fine-tuning run, built by `prepare_run` before its first step."""
 
     params: Any
     seed: int
@@ -358,7 +357,7 @@ class Job:
     scheduler: Any
     total_steps: int
     checkpoints: runtime.RunCheckpoints | None
-    log: Callable[[str], None]
+    say: Callable[[str], None]
     best_in_memory: dict[str, torch.Tensor] | None = None  # without a checkpoint folder
     bar: Any = None  # the tqdm bar over optimizer steps (disabled when not shown)
 
@@ -382,8 +381,8 @@ def encode_split(tokenizer, split: LabelledTexts, params: Any) -> list[np.ndarra
     return encode_texts(tokenizer, split.texts, params.max_length, params.truncation)
 
 
-def prepare(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, seed: int,
-            checkpoint_dir: Path | str | None, log: Callable[[str], None]) -> Job:
+def prepare_run(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, seed: int,
+            checkpoint_dir: Path | str | None, log: Callable[[str], None]) -> FinetuneRun:
     """Labels, model and tokenizer, the encoded splits, optimizer, schedule and checkpoint folder."""
     labels = label_names(data)
     train = data["train"].sample(params.max_train_rows, seed)
@@ -409,81 +408,81 @@ def prepare(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, se
     if checkpoint_dir is not None:
         checkpoints = runtime.RunCheckpoints(checkpoint_dir, fingerprint(params, seed, base, labels, train, val),
                                              runtime.Dist(device=device))
-    return Job(params=params, seed=seed, labels=labels, tokenizer=tokenizer, model=model,
+    return FinetuneRun(params=params, seed=seed, labels=labels, tokenizer=tokenizer, model=model,
                forward=compile_blocks(model, log) if compiled else model,
                device=device, dtype=runtime.compute_dtype(params.precision, device), compiled=compiled,
                train_ids=encode_split(tokenizer, train, params),
                train_y=torch.tensor([label_id[v] for v in train.labels], dtype=torch.long),
                val_ids=encode_split(tokenizer, val, params),
                val_labels=val.labels, optimizer=optimizer, scheduler=scheduler, total_steps=total,
-               checkpoints=checkpoints, log=log)
+               checkpoints=checkpoints, say=log)
 
 
-def resume(job: Job) -> tuple[EpochProgress, int | None]:
+def start_or_resume(run: FinetuneRun) -> tuple[FinetuneProgress, int | None]:
     """The progress of the run's last checkpoint (weights, optimizer, RNG restored), or a fresh one."""
-    state = job.checkpoints.resume(job.model, job.optimizer, job.scheduler) if job.checkpoints else None
+    state = run.checkpoints.resume(run.model, run.optimizer, run.scheduler) if run.checkpoints else None
     if state is None:
-        return EpochProgress(), None
-    progress = EpochProgress(**state["progress"])
-    job.log(f"finetune: resumed from step {progress.global_step} (epoch {progress.epoch})")
+        return FinetuneProgress(), None
+    progress = FinetuneProgress(**state["progress"])
+    run.say(f"finetune: resumed from step {progress.global_step} (epoch {progress.epoch})")
     return progress, progress.global_step
 
 
-def save_checkpoint(job: Job, progress: EpochProgress) -> None:
-    if job.checkpoints is not None:
-        runtime.synchronize(job.device)
-        job.checkpoints.save(progress.global_step, job.model, job.optimizer, job.scheduler,
+def save_checkpoint(run: FinetuneRun, progress: FinetuneProgress) -> None:
+    if run.checkpoints is not None:
+        runtime.synchronize(run.device)
+        run.checkpoints.save(progress.global_step, run.model, run.optimizer, run.scheduler,
                              {"progress": asdict(progress)})
 
 
-def train_epoch(job: Job, progress: EpochProgress, on_step: Callable[[int], None] | None) -> float:
+def train_epoch(run: FinetuneRun, progress: FinetuneProgress, on_step: Callable[[int], None] | None) -> float:
     """The rest of the current epoch's steps; returns its mean train loss."""
-    p = job.params
-    batches = train_batches(np.asarray([len(e) for e in job.train_ids]), p.batch_size, job.seed, progress.epoch,
+    p = run.params
+    batches = train_batches(np.asarray([len(e) for e in run.train_ids]), p.batch_size, run.seed, progress.epoch,
                             p.group_by_length)
-    running, counted = torch.zeros((), device=job.device), 0
-    runtime.synchronize(job.device)
+    running, counted = torch.zeros((), device=run.device), 0
+    runtime.synchronize(run.device)
     started = time.perf_counter()
     for rows in batches[progress.step_in_epoch :]:
-        if progress.global_step >= job.total_steps:
+        if progress.global_step >= run.total_steps:
             break
-        running += train_step(job, rows)
+        running += train_step(run, rows)
         counted += 1
         progress.global_step += 1
         progress.step_in_epoch += 1
         progress.samples += len(rows)
         step = progress.global_step
-        job.bar.update(1)
+        run.bar.update(1)
         if step % p.logging_steps == 0:
             mean = finite_loss((running / counted).item(), f"step {step}")
-            job.bar.set_postfix(epoch=progress.epoch + 1, loss=f"{mean:.4f}", refresh=False)
-            job.log(f"finetune: epoch {progress.epoch + 1} step {step}/{job.total_steps} loss {mean:.4f} "
-                    f"lr {job.scheduler.get_last_lr()[0]:.2e}")
-        if step % p.save_steps == 0 and job.checkpoints is not None:
-            runtime.synchronize(job.device)
+            run.bar.set_postfix(epoch=progress.epoch + 1, loss=f"{mean:.4f}", refresh=False)
+            run.say(f"finetune: epoch {progress.epoch + 1} step {step}/{run.total_steps} loss {mean:.4f} "
+                    f"lr {run.scheduler.get_last_lr()[0]:.2e}")
+        if step % p.save_steps == 0 and run.checkpoints is not None:
+            runtime.synchronize(run.device)
             progress.train_seconds += time.perf_counter() - started
-            save_checkpoint(job, progress)
+            save_checkpoint(run, progress)
             started = time.perf_counter()
         if on_step is not None:
             on_step(step)
-    runtime.synchronize(job.device)
+    runtime.synchronize(run.device)
     progress.train_seconds += time.perf_counter() - started
     return finite_loss((running / counted).item(), f"epoch {progress.epoch + 1}") if counted else math.nan
 
 
-def train_step(job: Job, rows: np.ndarray) -> torch.Tensor:
+def train_step(run: FinetuneRun, rows: np.ndarray) -> torch.Tensor:
     """Forward, backward, clip and AdamW on one batch; returns the loss, still on the device."""
-    ids, mask = collate(job.train_ids, rows, job.pad_id, job.params.pad_multiple, job.params.max_length)
-    if job.device.type == "cuda":
-        ids, mask = ids.pin_memory().to(job.device, non_blocking=True), mask.pin_memory().to(job.device, non_blocking=True)
-    target = job.train_y[rows].to(job.device, non_blocking=True)
-    with runtime.autocast(job.device, job.dtype):
-        logits = job.forward(input_ids=ids, attention_mask=mask).logits
+    ids, mask = collate(run.train_ids, rows, run.pad_id, run.params.pad_multiple, run.params.max_length)
+    if run.device.type == "cuda":
+        ids, mask = ids.pin_memory().to(run.device, non_blocking=True), mask.pin_memory().to(run.device, non_blocking=True)
+    target = run.train_y[rows].to(run.device, non_blocking=True)
+    with runtime.autocast(run.device, run.dtype):
+        logits = run.forward(input_ids=ids, attention_mask=mask).logits
     loss = F.cross_entropy(logits.float(), target)
     loss.backward()
-    runtime.optimizer_step(job.model, job.optimizer, job.params.max_grad_norm)
-    job.scheduler.step()
-    job.optimizer.zero_grad(set_to_none=True)
+    runtime.optimizer_step(run.model, run.optimizer, run.params.max_grad_norm)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
@@ -493,43 +492,43 @@ def finite_loss(value: float, where: str) -> float:
     return value
 
 
-def end_epoch(job: Job, progress: EpochProgress, train_loss: float, seconds_before: float,
+def end_epoch(run: FinetuneRun, progress: FinetuneProgress, train_loss: float, seconds_before: float,
               samples_before: int) -> dict:
     """Validate, keep the best weights, decide on early stopping, checkpoint; returns val scores."""
-    p, epoch = job.params, progress.epoch + 1
-    scores = job.score(job.val_ids, job.val_labels)
+    p, epoch = run.params, progress.epoch + 1
+    scores = run.score(run.val_ids, run.val_labels)
     progress.history.append({"epoch": epoch, "step": progress.global_step, "train_loss": train_loss,
                              "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
                              "train_seconds": round(progress.train_seconds - seconds_before, 3),
                              "train_samples": progress.samples - samples_before})
-    job.log(f"finetune: epoch {epoch} val accuracy {scores['accuracy']:.4f} macro F1 {scores['macro_f1']:.4f}")
+    run.say(f"finetune: epoch {epoch} val accuracy {scores['accuracy']:.4f} macro F1 {scores['macro_f1']:.4f}")
     value = scores[p.metric]
     if progress.best is None or value > progress.best:
         progress.best, progress.best_epoch, progress.bad_epochs = value, epoch, 0
-        keep_best(job, {"epoch": epoch, p.metric: value})
+        keep_best(run, {"epoch": epoch, p.metric: value})
     else:
         progress.bad_epochs += 1
     progress.epoch, progress.step_in_epoch = epoch, 0
     stop = bool(p.early_stopping_patience and progress.bad_epochs >= p.early_stopping_patience)
     if stop:
-        job.log(f"finetune: early stop after epoch {epoch}: no gain in {p.early_stopping_patience} epoch(s)")
-    progress.done = stop or progress.global_step >= job.total_steps or progress.epoch >= p.num_train_epochs
-    save_checkpoint(job, progress)
+        run.say(f"finetune: early stop after epoch {epoch}: no gain in {p.early_stopping_patience} epoch(s)")
+    progress.done = stop or progress.global_step >= run.total_steps or progress.epoch >= p.num_train_epochs
+    save_checkpoint(run, progress)
     return scores
 
 
-def keep_best(job: Job, info: dict[str, Any]) -> None:
-    if job.checkpoints is not None:
-        job.checkpoints.save_best(checkpoint.snapshot(job.model), info)
+def keep_best(run: FinetuneRun, info: dict[str, Any]) -> None:
+    if run.checkpoints is not None:
+        run.checkpoints.save_best(checkpoint.snapshot(run.model), info)
     else:
-        job.best_in_memory = {k: v.detach().to("cpu", copy=True) for k, v in job.model.state_dict().items()}
+        run.best_in_memory = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
 
 
-def load_best(job: Job) -> None:
-    if job.checkpoints is not None:
-        job.checkpoints.load_best(job.model)
-    elif job.best_in_memory is not None:
-        job.model.load_state_dict(job.best_in_memory)
+def restore_best(run: FinetuneRun) -> None:
+    if run.checkpoints is not None:
+        run.checkpoints.restore_best(run.model)
+    elif run.best_in_memory is not None:
+        run.model.load_state_dict(run.best_in_memory)
 
 
 @dataclass
@@ -551,56 +550,56 @@ def finetune(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, *
              show_progress: bool = True) -> FinetuneResult:
     """Fine-tune `base` on data["train"], select on data["val"], score data["test"] if given.
 
-    params: the finetune section (lmforge.config.FinetuneParams).
+    params: the finetune section (lmforge.config.finetune.FinetuneParams).
     on_epoch_end(epoch, val_metrics) runs after each epoch's validation (the tuner reports to
     its pruner there and may raise to stop); on_step(global_step) after each optimizer step.
     show_progress: a tqdm bar over the optimizer steps on stderr."""
     torch.manual_seed(seed)
-    job = prepare(base, data, params, seed, checkpoint_dir, log)
-    progress, resumed_from = resume(job)
-    trainable = sum(q.numel() for q in job.model.parameters() if q.requires_grad)
-    job.bar = tqdm(total=job.total_steps, initial=progress.global_step, disable=not show_progress, unit="step",
+    run = prepare_run(base, data, params, seed, checkpoint_dir, log)
+    progress, resumed_from = start_or_resume(run)
+    trainable = sum(q.numel() for q in run.model.parameters() if q.requires_grad)
+    run.bar = tqdm(total=run.total_steps, initial=progress.global_step, disable=not show_progress, unit="step",
                    desc="fine-tuning", dynamic_ncols=True, mininterval=1.0)
-    log(f"finetune: {len(job.train_ids)} train / {len(job.val_ids)} val rows, {len(job.labels)} labels, "
-        f"{job.total_steps} steps, device {job.device.type}, {'bf16' if job.dtype else 'fp32'}, "
-        f"compile {job.compiled}, {trainable:,} trainable parameters")
+    log(f"finetune: {len(run.train_ids)} train / {len(run.val_ids)} val rows, {len(run.labels)} labels, "
+        f"{run.total_steps} steps, device {run.device.type}, {'bf16' if run.dtype else 'fp32'}, "
+        f"compile {run.compiled}, {trainable:,} trainable parameters")
     while not progress.done and progress.epoch < params.num_train_epochs:
         seconds_before, samples_before = progress.train_seconds, progress.samples
-        train_loss = train_epoch(job, progress, on_step)
-        scores = end_epoch(job, progress, train_loss, seconds_before, samples_before)
-        job.bar.set_postfix(epoch=progress.epoch, val=f"{scores[params.metric]:.4f}")
+        train_loss = train_epoch(run, progress, on_step)
+        scores = end_epoch(run, progress, train_loss, seconds_before, samples_before)
+        run.bar.set_postfix(epoch=progress.epoch, val=f"{scores[params.metric]:.4f}")
         if on_epoch_end is not None:
             on_epoch_end(progress.epoch, scores)
-    job.bar.close()
-    return wrap_up(job, data, progress, resumed_from)
+    run.bar.close()
+    return wrap_up(run, data, progress, resumed_from)
 
 
-def wrap_up(job: Job, data: Mapping[str, LabelledTexts], progress: EpochProgress,
+def wrap_up(run: FinetuneRun, data: Mapping[str, LabelledTexts], progress: FinetuneProgress,
             resumed_from: int | None) -> FinetuneResult:
     """The best weights, LoRA merged, scored on val and test, moved to the CPU."""
-    load_best(job)
-    if job.params.method == "lora":
-        job.model = job.model.merge_and_unload()
-    job.model.eval()
-    val_scores = job.score(job.val_ids, job.val_labels)
+    restore_best(run)
+    if run.params.method == "lora":
+        run.model = run.model.merge_and_unload()
+    run.model.eval()
+    val_scores = run.score(run.val_ids, run.val_labels)
     test_scores, test_predictions = None, None
     if "test" in data and len(data["test"]):
-        test_predictions = [job.labels[i] for i in job.predict(job.encode(data["test"]))]
-        test_scores = classification_metrics(data["test"].labels, test_predictions, job.labels)
-    job.model.to("cpu")
+        test_predictions = [run.labels[i] for i in run.predict(run.encode(data["test"]))]
+        test_scores = classification_metrics(data["test"].labels, test_predictions, run.labels)
+    run.model.to("cpu")
     seconds = progress.train_seconds
     stats = {
         "steps": progress.global_step,
         "train_samples": progress.samples,
         "train_seconds": round(seconds, 3),
         "samples_per_second": round(progress.samples / seconds, 2) if seconds > 0 else None,
-        "device": torch.cuda.get_device_name() if job.device.type == "cuda" else "cpu",
-        "precision": "bf16" if job.dtype else "fp32",
-        "compiled": job.compiled,
+        "device": torch.cuda.get_device_name() if run.device.type == "cuda" else "cpu",
+        "precision": "bf16" if run.dtype else "fp32",
+        "compiled": run.compiled,
         "resumed_from_step": resumed_from,
-        "train_rows": len(job.train_ids),
+        "train_rows": len(run.train_ids),
     }
-    return FinetuneResult(model=job.model, tokenizer=job.tokenizer, labels=job.labels, history=progress.history,
+    return FinetuneResult(model=run.model, tokenizer=run.tokenizer, labels=run.labels, history=progress.history,
                           best_epoch=progress.best_epoch, val=val_scores, test=test_scores, stats=stats,
                           test_predictions=test_predictions)
 

@@ -174,7 +174,7 @@ def check_compatible(model, tok: TokenInfo, context: int, *, data_vocab: dict[st
 def build_model(p: Any, tok: TokenInfo, seed: int, *, data_vocab: dict[str, int] | None = None):
     """A model ready to train, on the CPU, in fp32.
 
-    p: the pretrain params (attributes as in lmforge.config.PretrainParams).
+    p: the pretrain params (attributes as in lmforge.config.pretrain.PretrainParams).
     data_vocab: the token->id map of the token folder's tokenizer, compared with init_from's tokenizer.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM

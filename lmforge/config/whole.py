@@ -1,0 +1,50 @@
+"""Params: the schema of the whole params.yaml, every section in its place.
+
+Imported by name (lmforge/config/__init__.py: whole_file_schema), never by a stage module: a stage
+depends on the modules of the sections it reads, not on this one (tests/test_dvc_deps.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lmforge.config import DATASETS, Section
+from lmforge.config.clean import CleanParams
+from lmforge.config.data_engine import DataEngineParams
+from lmforge.config.evaluate import EvaluateParams
+from lmforge.config.finetune import FinetuneParams
+from lmforge.config.pretrain import PretrainParams
+from lmforge.config.register import RegisterParams
+from lmforge.config.sources import Source
+from lmforge.config.split import SplitParams
+from lmforge.config.tokenize import TokenizeParams
+from lmforge.config.tune import TuneParams
+
+
+class Params(Section):
+    seed: int = Field(1337, ge=0)
+    # Processes for the data stages (null: every core). No stage lists it in dvc.yaml: the outputs
+    # are the same bytes whatever it is, so changing it reruns nothing.
+    workers: int | None = Field(None, ge=1)
+    data_engine: DataEngineParams = Field(default_factory=lambda: DataEngineParams())
+    datasets: list[Literal["corpus", "task"]] = list(DATASETS)
+    sources: dict[Literal["corpus", "task"], Source]
+    clean: dict[Literal["corpus", "task"], CleanParams]
+    split: dict[Literal["corpus", "task"], SplitParams]
+    tokenize: TokenizeParams = TokenizeParams()
+    pretrain: PretrainParams = PretrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tune: TuneParams = TuneParams()
+    finetune: FinetuneParams = FinetuneParams()
+    # "register" would shadow BaseModel.register (from ABCMeta): the attribute is register_.
+    register_: RegisterParams = Field(RegisterParams(), alias="register")
+
+    @model_validator(mode="after")
+    def _every_dataset_configured(self) -> Params:
+        for name in self.datasets:
+            for section in ("sources", "clean", "split"):
+                if name not in getattr(self, section):
+                    raise ValueError(f"dataset {name!r} has no entry under {section}")
+        return self
