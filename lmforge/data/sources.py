@@ -52,7 +52,7 @@ from lmforge.redaction import redact
 _CHUNK = 1 << 20
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-DEFAULT_MAX_BYTES = 64 * 2**30  # Source.max_bytes's default (lmforge/config.py), for callers without a Source
+DEFAULT_MAX_BYTES = 64 * 2**30  # Source.max_bytes's default (lmforge/config/sources.py), for callers without a Source
 
 
 class SourceError(UserError, RuntimeError):
@@ -380,7 +380,7 @@ def fetch_hf(name: str, revision: str | None, dest: Path, rows_per_shard: int = 
     dataset, _, split = name.partition("@")
     if not revision:
         raise SourceError(f"hf:{name}: give the dataset's revision (a commit of its repository) to pin it")
-    if not _COMMIT.fullmatch(revision):  # lmforge/config.py refuses it too; fetch() has other callers
+    if not _COMMIT.fullmatch(revision):  # lmforge/config/sources.py refuses it too; fetch() has other callers
         raise SourceError(f"hf:{name}: revision must be a full commit hash (40 lowercase hex characters): "
                           "a branch or tag name can move, so it pins nothing")
     try:

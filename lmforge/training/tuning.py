@@ -1,7 +1,7 @@
 """Hyperparameter search for fine-tuning: an Optuna study over finetune's knobs.
 
 - The search space is declared in params.yaml (`tune.space`: a finetune key, `lora.r` for a
-  LoRA knob, mapped to a float / int / categorical dimension); config.py checks every bound
+  LoRA knob, mapped to a float / int / categorical dimension); lmforge/config/tune.py checks every bound
   against finetune's own schema, so a space that cannot be sampled stops before any trial, with
   the key path.
 - TPE sampler (seeded by the params seed and the number of trials already in the study, so a
