@@ -3,6 +3,8 @@
     lmforge promote lmforge-sentiment                  # @champion <- @challenger if the gate passes
     lmforge promote lmforge-sentiment --force --reason "rollback after incident 12"
     lmforge trace models:/lmforge-sentiment@champion   # commit, data hashes, params, metrics, rebuild
+    lmforge generate models:/lmforge-lm@champion "ROMEO:" --max-new-tokens 60 --seed 1
+    lmforge chat models:/lmforge-lm@champion           # a conversation in the terminal, streamed
 
 Exit status: 0 done (or nothing to do), 1 the gate refused the promotion, 2 a user error (unknown
 name or alias, bad params). The gate (metric, direction, min_gain) is register.<model>.gate of
@@ -10,6 +12,11 @@ params.yaml for the model registered under NAME; a challenger that does not beat
 recorded on its version (the classifier's TF-IDF baseline) is refused before any champion is
 compared. --force with --reason overrides either refusal, recorded on the version. The registry is MLFLOW_TRACKING_URI, else
 register.tracking_uri of params.yaml, else sqlite:///<repo>/mlflow.db.
+
+generate and chat take a causal LM as a registry URI (its transformers folder is downloaded once
+into a temporary folder) or a folder, and stream what it generates (lmforge/generation.py). In
+chat, each line you type is a user turn; the conversation is kept until /reset; /exit or end of
+input leaves.
 """
 
 from __future__ import annotations
@@ -34,7 +41,23 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--reason", help="why a forced promotion is made; recorded on the version with the user")
     trace = sub.add_parser("trace", parents=[common], help="print where a registered model came from and how to rebuild it")
     trace.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    generate = sub.add_parser("generate", parents=[common, _sampling_flags()], help="continue a prompt once, streamed")
+    generate.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a transformers folder")
+    generate.add_argument("prompt", help="the text to continue")
+    chat = sub.add_parser("chat", parents=[common, _sampling_flags()], help="talk to a model in the terminal")
+    chat.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a transformers folder")
+    chat.add_argument("--system", help="a system message that opens the conversation")
     return parser
+
+
+def _sampling_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--max-new-tokens", type=int, default=128, help="the longest answer, in tokens (default: %(default)s)")
+    flags.add_argument("--temperature", type=float, default=0.7, help="0: greedy (default: %(default)s)")
+    flags.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default: %(default)s)")
+    flags.add_argument("--top-k", type=int, default=50, help="0: off (default: %(default)s)")
+    flags.add_argument("--seed", type=int, default=None, help="reproduce a sampled answer (default: a fresh one)")
+    return flags
 
 
 def _error(message: str) -> int:
@@ -44,6 +67,8 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("generate", "chat"):
+        return talk(args)
     if args.command == "promote" and args.force and not (args.reason and args.reason.strip()):
         _parser().error("--force needs --reason TEXT: a forced promotion records why")
     from lmforge.config import ConfigError, load_params
@@ -73,6 +98,82 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(err))
     print(decision.message, file=sys.stdout if decision.passed else sys.stderr)
     return 0 if decision.passed else 1
+
+
+def talk(args: argparse.Namespace) -> int:
+    """`generate` and `chat`: load the model, then stream its answers to stdout."""
+    import tempfile
+
+    from lmforge import generation
+    from lmforge.registry import registration as registry
+
+    try:
+        sampling = generation.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    except ValueError as err:
+        return _error(str(err))
+    with tempfile.TemporaryDirectory(prefix="lmforge-talk-") as scratch:
+        try:
+            folder = _model_folder(args.model, Path(scratch))
+        except registry.RegistryError as err:
+            return _error(str(err))
+        model, tokenizer = generation.load_causal_lm(folder)
+        if args.command == "generate":
+            _print_stream(generation.stream(model, tokenizer, args.prompt, sampling))
+            return 0
+        return _conversation(model, tokenizer, sampling, args.system)
+
+
+def _model_folder(model: str, scratch: Path) -> Path:
+    if model.startswith("models:/"):
+        from lmforge.config import load_params
+        from lmforge.registry import registration as registry
+
+        params = load_params(layout.PARAMS) if layout.PARAMS.exists() else None
+        with registry.using(registry.resolve_tracking_uri(params, layout.repo_root())):
+            return registry.model_folder(model, scratch)
+    folder = Path(model)
+    if not (folder / "config.json").exists():
+        from lmforge.registry.registration import RegistryError
+
+        raise RegistryError(f"{model} is neither a registry URI (models:/NAME@ALIAS) nor a transformers folder")
+    return folder
+
+
+def _print_stream(pieces) -> str:
+    reply = []
+    for piece in pieces:
+        print(piece, end="", flush=True)
+        reply.append(piece)
+    print(flush=True)
+    return "".join(reply)
+
+
+def _conversation(model, tokenizer, sampling, system: str | None) -> int:
+    """Read user turns from stdin until /exit or end of input; stream each reply, keep the history."""
+    from lmforge import generation
+
+    opening = [{"role": "system", "content": system}] if system else []
+    messages = list(opening)
+    interactive = sys.stdin.isatty()
+    print("chat: type a message; /reset starts over, /exit (or Ctrl-D) leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        text = line.strip()
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            messages = list(opening)
+            print("(the conversation starts over)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        reply = _print_stream(generation.stream(model, tokenizer, messages, sampling))
+        messages.append({"role": "assistant", "content": reply.strip()})
 
 
 def run() -> None:

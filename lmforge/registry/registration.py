@@ -660,6 +660,23 @@ def promotion_lock(client) -> Iterator[None]:
         yield
 
 
+def model_folder(uri: str, scratch: Path) -> Path:
+    """The transformers folder a registered version holds (its "model" artifact), downloaded into
+    `scratch`. Call it inside `using(uri)`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    parse_model_uri(uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch)))
+    except MlflowException as err:
+        raise RegistryError(f"{uri}: {err.message}") from None
+    found = sorted(p.parent for p in (local / "artifacts").rglob("config.json"))
+    if not found:
+        raise RegistryError(f"{uri} holds no transformers folder (no artifacts/*/config.json)")
+    return found[0]
+
+
 # --- trace --------------------------------------------------------------------------------------
 
 
