@@ -48,11 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         paths = saved_model.write_reports(Path(args.reports), result)
         flat = {f"{split}_{k}": v for split in params.evaluate.splits for k, v in result.metrics[split].items()
                 if isinstance(v, (int, float))}
+        if "base" in result.metrics:  # continued pretraining: the base model's figures beside
+            flat.update({f"base_{split}_{k}": v for split in params.evaluate.splits
+                         for k, v in result.metrics["base"][split].items() if isinstance(v, (int, float))})
         run.log_metrics(flat)
         for path in paths:
             run.log_artifact(path, "reports")
     for split in params.evaluate.splits:
         print(f"[evaluate] {saved_model.split_line(split, result.metrics[split], result.masked)}", flush=True)
+        if against_base := saved_model.base_line(split, result.metrics, result.masked):
+            print(f"[evaluate] {against_base}", flush=True)
     return 0
 
 

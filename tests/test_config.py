@@ -377,3 +377,18 @@ def test_max_memory_without_device_map_auto_is_refused_naming_both_knobs():
 def test_bad_device_map_knobs_are_refused(knobs, expected):
     with pytest.raises(ConfigError, match=expected):
         validate_params(evaluate_with(**{"device_map": "auto", **knobs}))
+
+
+def test_a_base_model_needs_its_own_tokenizer_named_in_tokenize():
+    params = copy.deepcopy(DEFAULT)
+    params["pretrain"]["init_from"] = "smollm2"
+    with pytest.raises(ConfigError, match="set tokenize.kind: pretrained and tokenize.model: 'smollm2'"):
+        validate_params(params)
+    params["tokenize"].update(kind="pretrained", model="smollm2")
+    assert validate_params(params).tokenize.model == "smollm2"
+    params["tokenize"]["model"] = None
+    with pytest.raises(ConfigError, match="tokenize: .*kind pretrained takes the tokenizer of `model`"):
+        validate_params(params)
+    params["tokenize"].update(kind="bpe", model="smollm2")
+    with pytest.raises(ConfigError, match="model is read only with kind pretrained"):
+        validate_params(params)

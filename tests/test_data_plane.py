@@ -235,6 +235,37 @@ def test_tokenize_samples_and_writes_an_index_of_shards(tmp_path):
     assert tokenizer.decode(first.tolist()) == texts["train"][0]
 
 
+def test_a_base_models_tokenizer_encodes_the_corpus_as_it_is(tmp_path):
+    """tokenize.kind pretrained: no tokenizer is learned; the base model's vocabulary, special
+    tokens and transformers files are kept, and documents end with its own end-of-sequence id."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import lm_folder
+
+    split_dir = tmp_path / "split"
+    texts = {"train": ["ROMEO: But soft, what light?", "JULIET: O Romeo!"], "val": ["ROMEO: wherefore"],
+             "test": ["JULIET: art thou"]}
+    index = {}
+    for split, rows in texts.items():
+        (split_dir / split).mkdir(parents=True)
+        pd.DataFrame({"id": [f"{split}-{i}" for i in range(len(rows))], "text": rows}).to_parquet(
+            split_dir / split / "part-00000.parquet", index=False)
+        index[split] = [{"file": f"{split}/part-00000.parquet", "rows": len(rows), "bytes": sum(len(t) for t in rows)}]
+    (split_dir / "index.json").write_text(json.dumps(index))
+    meta = write_token_shards(split_dir, tmp_path / "tokens", "pretrained", 0, 1, sample_mb=1, seed=0,
+                              work_dir=tmp_path / "work", engine=Engine(workers=1), progress=False,
+                              pretrained=lm_folder(), pretrained_name="tiny-llama")
+    base = AutoTokenizer.from_pretrained(lm_folder())
+    assert (meta["kind"], meta["tokenizer_from"], meta["vocab_size"]) == ("pretrained", "tiny-llama", len(base))
+    assert meta["special_ids"]["eos"] == base.eos_token_id and "tokenizer_sample" not in meta
+    expected = []
+    for text in texts["train"]:
+        expected += base(text, add_special_tokens=False)["input_ids"] + [base.eos_token_id]
+    assert np.asarray(load_split(tmp_path / "tokens", "train", meta)).tolist() == expected
+    assert (tmp_path / "tokens/tokenizer.json").read_bytes() == (lm_folder() / "tokenizer.json").read_bytes()
+    assert AutoTokenizer.from_pretrained(tmp_path / "tokens/tokenizer").get_vocab() == base.get_vocab()
+
+
 def test_a_vocabulary_past_65536_is_stored_as_uint32(tmp_path):
     alphabet = [chr(c) for c in range(0x4E00, 0xA000)] + [chr(c) for c in range(0xAC00, 0xD7A4)] + \
                [chr(c) for c in range(0x20000, 0x2A000)]

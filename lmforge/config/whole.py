@@ -42,6 +42,16 @@ class Params(Section):
     register_: RegisterParams = Field(RegisterParams(), alias="register")
 
     @model_validator(mode="after")
+    def _base_model_reads_its_own_tokens(self) -> Params:
+        # Continued pretraining needs the corpus in the base model's own tokens: a learned BPE
+        # would give its embeddings other meanings.
+        base = self.pretrain.init_from
+        if base is not None and (self.tokenize.kind != "pretrained" or self.tokenize.model != base):
+            raise ValueError(f"pretrain.init_from is {base!r}: set tokenize.kind: pretrained and tokenize.model: "
+                             f"{base!r} too, so the corpus is encoded with that model's tokenizer")
+        return self
+
+    @model_validator(mode="after")
     def _every_dataset_configured(self) -> Params:
         for name in self.datasets:
             for section in ("sources", "clean", "split"):

@@ -25,6 +25,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmforge.config.tokenize import TokenizeParams
+from lmforge.errors import UserError
 
 if TYPE_CHECKING:
     from lmforge.data.engine import Engine
@@ -196,9 +197,9 @@ class FastEncoder:
 
     CHECKED_BYTES = 100_000  # at about 1 MB/s for `tokenizers`, 0.1 s a shard
 
-    def __init__(self, tokenizer_path: str):
+    def __init__(self, tokenizer_path: str, eos_token: str = SPECIAL_TOKENS["eos"]):
         self.reference = Tokenizer.from_file(tokenizer_path)
-        self.eos = self.reference.token_to_id(SPECIAL_TOKENS["eos"])
+        self.eos = self.reference.token_to_id(eos_token)
         try:
             import fastokens
 
@@ -229,11 +230,13 @@ class FastEncoder:
                 return
 
 
-def encode_shard(tokenizer_path: str, in_path: str, out_path: str, dtype_name: str) -> dict:
-    """Encode one split shard (parquet, column `text`) into a flat .bin of ids, a batch at a time."""
+def encode_shard(tokenizer_path: str, in_path: str, out_path: str, dtype_name: str,
+                 eos_token: str = SPECIAL_TOKENS["eos"]) -> dict:
+    """Encode one split shard (parquet, column `text`) into a flat .bin of ids, a batch at a time,
+    each document followed by `eos_token`."""
     import pyarrow.parquet as pq
 
-    encoder = FastEncoder(tokenizer_path)
+    encoder = FastEncoder(tokenizer_path, eos_token)
     dtype = np.dtype(dtype_name)
     reader = pq.ParquetFile(in_path)
     tokens = documents = text_bytes = 0
@@ -249,16 +252,51 @@ def encode_shard(tokenizer_path: str, in_path: str, out_path: str, dtype_name: s
             "encoder": "fastokens" if encoder.fast is not None else "tokenizers"}
 
 
-def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bpe"], vocab_size: int,
+def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bpe", "pretrained"], vocab_size: int,
                        min_frequency: int, sample_mb: float, seed: int, work_dir: Path, engine: Engine,
-                       progress: bool = True) -> dict:
-    """Learn the tokenizer on a sample of split_dir's train parts, encode every part of every split
-    into out_dir/<split>/part-NNNNN.bin on the data engine, and write meta.json with the index."""
+                       progress: bool = True, pretrained: Path | None = None, pretrained_name: str | None = None) -> dict:
+    """Learn the tokenizer on a sample of split_dir's train parts (kind char or bpe), or take the
+    one of the `pretrained` model folder (kind pretrained, its vocabulary and special tokens kept),
+    encode every part of every split into out_dir/<split>/part-NNNNN.bin on the data engine, and
+    write meta.json with the index."""
     from lmforge.data.engine import run_shards
 
     split_dir, out_dir = Path(split_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = json.loads((split_dir / "index.json").read_text())
+    if kind == "pretrained":
+        meta = take_tokenizer(Path(pretrained), out_dir, pretrained_name or str(pretrained))
+    else:
+        meta = learn_tokenizer(split_dir, index, out_dir, kind, vocab_size, min_frequency, sample_mb, seed,
+                               work_dir, engine, progress)
+    jobs, names = [], []
+    for split in SPLITS:
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        for entry in index[split]:
+            name = f"{split}/{Path(entry['file']).stem}.bin"
+            names.append((split, name))
+            jobs.append((str(out_dir / "tokenizer.json"), str(split_dir / entry["file"]), str(out_dir / name), meta["dtype"],
+                         meta["special_tokens"]["eos"]))
+    reports = run_shards(encode_shard, jobs, Path(work_dir) / "encode", engine=engine, desc="encoding", progress=progress)
+    for split in SPLITS:
+        mine = [(name, r) for (s, name), r in zip(names, reports) if s == split]
+        meta["splits"][split] = {
+            "tokens": sum(r["tokens"] for _, r in mine),
+            "bytes": sum(r["bytes_in"] for _, r in mine),
+            "documents": sum(r["documents"] for _, r in mine),
+            "shards": [{"file": name, "tokens": r["tokens"]} for name, r in mine],
+        }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def learn_tokenizer(split_dir: Path, index: dict, out_dir: Path, kind: Literal["char", "bpe"], vocab_size: int,
+                    min_frequency: int, sample_mb: float, seed: int, work_dir: Path, engine: Engine,
+                    progress: bool) -> dict:
+    """Train a tokenizer on a seeded sample of the train split, save it (tokenizer.json and the
+    transformers folder) into out_dir and return the start of meta.json."""
+    from lmforge.data.engine import run_shards
+
     train_bytes = sum(entry["bytes"] for entry in index["train"])
     if not train_bytes:
         raise ValueError("the train split is empty: nothing to learn a tokenizer from")
@@ -274,24 +312,38 @@ def write_token_shards(split_dir: Path, out_dir: Path, kind: Literal["char", "bp
     as_transformers_tokenizer(tokenizer).save_pretrained(str(out_dir / "tokenizer"))
     meta = _meta(tokenizer, kind)
     meta["tokenizer_sample"] = {"fraction": round(fraction, 6), "train_bytes": train_bytes}
-    jobs, names = [], []
-    for split in SPLITS:
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-        for entry in index[split]:
-            name = f"{split}/{Path(entry['file']).stem}.bin"
-            names.append((split, name))
-            jobs.append((str(out_dir / "tokenizer.json"), str(split_dir / entry["file"]), str(out_dir / name), meta["dtype"]))
-    reports = run_shards(encode_shard, jobs, Path(work_dir) / "encode", engine=engine, desc="encoding", progress=progress)
-    for split in SPLITS:
-        mine = [(name, r) for (s, name), r in zip(names, reports) if s == split]
-        meta["splits"][split] = {
-            "tokens": sum(r["tokens"] for _, r in mine),
-            "bytes": sum(r["bytes_in"] for _, r in mine),
-            "documents": sum(r["documents"] for _, r in mine),
-            "shards": [{"file": name, "tokens": r["tokens"]} for name, r in mine],
-        }
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+class PretrainedTokenizerError(UserError, ValueError):
+    """The base model's folder holds no tokenizer this stage can encode with."""
+
+
+def take_tokenizer(folder: Path, out_dir: Path, name: str) -> dict:
+    """The tokenizer of a base model folder, unchanged (vocabulary, special tokens, chat template),
+    copied into out_dir; returns the start of meta.json. Documents are separated by the model's own
+    end-of-sequence token; pad, mask and unk fall back to it where the model has none."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    source = folder / "tokenizer.json"
+    if not source.is_file():
+        raise PretrainedTokenizerError(f"tokenize.model: {folder} holds no tokenizer.json (a fast tokenizer) to encode with")
+    hf = AutoTokenizer.from_pretrained(folder)
+    if hf.eos_token is None:
+        raise PretrainedTokenizerError(f"tokenize.model: the tokenizer of {folder} has no end-of-sequence token "
+                                       "to separate documents with")
+    shutil.copyfile(source, out_dir / "tokenizer.json")
+    hf.save_pretrained(str(out_dir / "tokenizer"))
+    tokenizer = Tokenizer.from_file(str(source))
+    special = {"eos": hf.eos_token}
+    for role in ("pad", "mask", "unk"):
+        special[role] = getattr(hf, f"{role}_token", None) or hf.eos_token
+    vocab = tokenizer.get_vocab_size()
+    return {"kind": "pretrained", "tokenizer_from": name, "vocab_size": vocab, "dtype": token_dtype(vocab).name,
+            "special_tokens": special, "special_ids": {k: tokenizer.token_to_id(v) for k, v in special.items()},
+            "splits": {}}
 
 
 def _train_on_cores(workers: int) -> None:

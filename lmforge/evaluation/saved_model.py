@@ -71,7 +71,37 @@ def evaluate(e: Any, seed: int, tokens_dir: Path, model_dir: Path, default_conte
         positions = score_splits(model, e, seed, tokens_dir, meta, tok, context, masked, device, metrics)
         samples, metrics["samples_settings"] = draw_samples(model, tokenizer, e, seed, tokens_dir, meta, tok, context,
                                                             masked, device)
+    base = info.get("base_model")
+    if base:
+        metrics["base"] = score_base(auto, base, e, seed, tokens_dir, meta, tok, context, masked, device)
+        metrics["vs_base"] = gains_over_base(metrics, e.splits, masked)
     return Evaluation(metrics=metrics, samples=samples, positions=positions, masked=masked)
+
+
+def score_base(auto, base: dict, e: Any, seed: int, tokens_dir: Path, meta: dict, tok, context: int, masked: bool,
+               device) -> dict[str, Any]:
+    """The base model a continued pretraining started from (lmforge.json's base_model), scored on
+    the same tokens, windows and seed as the continued one."""
+    import torch
+
+    from lmforge.training.model import check_compatible
+
+    folder = Path(base["folder"])
+    if not (folder / "config.json").exists() and not base.get("gguf_file"):
+        raise NoModelError(f"{folder}, the base model this one continued, is gone: its loss cannot be compared")
+    kwargs = {"gguf_file": base["gguf_file"]} if base.get("gguf_file") else {}
+    model = auto.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32, **kwargs).to(device)
+    check_compatible(model, tok, context, source=str(folder))
+    scores: dict[str, Any] = {"model": str(folder)}
+    score_splits(model, e, seed, tokens_dir, meta, tok, context, masked, device, scores)
+    return scores
+
+
+def gains_over_base(metrics: dict, splits, masked: bool) -> dict[str, dict[str, float]]:
+    """Per split, how much lower the continued model's loss is than the base model's (positive:
+    continued pretraining helped on these tokens)."""
+    key = "masked_loss" if masked else "loss"
+    return {split: {f"{key}_drop": metrics["base"][split][key] - metrics[split][key]} for split in splits}
 
 
 @contextlib.contextmanager
@@ -186,6 +216,15 @@ def write_reports(reports: Path, result: Evaluation) -> list[Path]:
         for i in range(length):
             writer.writerow([i, *[f"{positions[s][i]:.6f}" for s in splits]])
     return [reports / "metrics.json", reports / "samples.md", reports / "loss_by_position.csv"]
+
+
+def base_line(split: str, metrics: dict[str, Any], masked: bool) -> str | None:
+    """The base model's figure beside the continued one's, for the log; None without a base."""
+    if "base" not in metrics:
+        return None
+    key = "masked_loss" if masked else "loss"
+    return (f"{split}: base model {key} {metrics['base'][split][key]:.3f} -> continued {metrics[split][key]:.3f} "
+            f"on the same tokens")
 
 
 def split_line(split: str, m: dict[str, Any], masked: bool) -> str:

@@ -620,8 +620,11 @@ def model_info(result: TrainResult, p: Any, seed: int, tokens_dir: Path | str) -
     """lmforge.json of the saved model: its arch, context and seed, the run key, the token data's
     meta.json and the run's summary (evaluation reads its context from here)."""
     meta = json.loads((Path(tokens_dir) / "meta.json").read_text())
-    return {"arch": p.arch, "masked": result.masked, "context": p.context, "seed": seed,
+    info = {"arch": p.arch, "masked": result.masked, "context": p.context, "seed": seed,
             "run_key": result.run_dir.name, "tokens": meta, "train": result.summary()}
+    if p.init_from:  # continued pretraining: evaluation scores the base model beside this one
+        info["base_model"] = {"folder": str(Path(p.init_from).resolve()), "gguf_file": p.gguf_file}
+    return info
 
 
 def run_metrics(result: TrainResult) -> dict[str, Any]:
