@@ -6,7 +6,6 @@ import io
 import os
 import subprocess
 
-import pytest
 
 from tests.conftest import BIN
 from tests.test_register import make_project, register, store  # noqa: F401 (store: the module's MLflow store)
