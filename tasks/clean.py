@@ -38,6 +38,8 @@ def main() -> None:
             with atomic_dir(layout.CLEAN / args.dataset) as out:
                 if isinstance(section, CleanDocuments):
                     report = clean_corpus(raw_dir, section, out, work, data_engine(params))
+                elif section.kind == "chat":
+                    report = _clean_chat(raw_dir, section, out)
                 else:
                     report = _clean_labelled(raw_dir, section, args.dataset, out)
         except UserError as err:
@@ -59,6 +61,17 @@ def main() -> None:
               f"{cut['cuts_at_line_breaks']} at line breaks")
     for reason, count in report["quarantine_by_reason"].items():
         print(f"  quarantined {count:>6}  {reason[:100]}")
+
+
+def _clean_chat(raw_dir: Path, section, out: Path) -> dict:
+    from lmforge.data.conversations import clean_conversations
+
+    result = clean_conversations(raw_dir, section.layout, section.max_chars)
+    for folder, frame in (("kept", result.kept), ("quarantine", result.quarantine)):
+        (out / folder).mkdir()
+        frame.to_parquet(out / folder / "part-00000.parquet", index=False)
+    bytes_in = sum(p.stat().st_size for p in raw_dir.rglob("*") if p.is_file() and p.name != "manifest.json")
+    return {**result.report, "bytes_in": bytes_in, "shards": 1}
 
 
 def _clean_labelled(raw_dir: Path, section, dataset: str, out: Path) -> dict:

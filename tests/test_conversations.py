@@ -50,8 +50,16 @@ def test_good_conversations_are_kept_as_json_messages(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
     result = clean_conversations(tmp_path, layout="messages", max_chars=1000)
     assert result.report["rows_kept"] == 3 and result.report["rows_quarantined"] == 0
-    assert json.loads(result.kept["messages"][2]) == chats[2]["messages"]
+    assert json.loads(result.kept["text"][2]) == chats[2]["messages"]
     assert result.kept["turns"].tolist() == [2, 2, 2] and result.kept["id"].tolist() == ["a.jsonl:1", "a.jsonl:2", "a.jsonl:3"]
+
+
+def test_a_repeated_conversation_is_quarantined_naming_the_first(tmp_path):
+    chat = {"messages": [turn("user", "Hi"), turn("assistant", "Hello")]}
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({**chat, "id": i}) for i in ("one", "two")) + "\n")
+    result = clean_conversations(tmp_path, layout="messages", max_chars=100)
+    assert result.kept["id"].tolist() == ["one"]
+    assert result.quarantine[["id", "reason"]].values.tolist() == [["two", "repeats conversation one"]]
 
 
 def test_the_chitchat_layout_alternates_its_speakers_as_user_and_assistant(tmp_path):
@@ -69,7 +77,7 @@ def test_the_chitchat_layout_alternates_its_speakers_as_user_and_assistant(tmp_p
     (folder / "dataset.json").write_text(json.dumps(dataset))
     result = clean_conversations(tmp_path, layout="chitchat", max_chars=1000)
     assert result.report["rows_in"] == 2 and result.report["rows_kept"] == 1
-    assert json.loads(result.kept["messages"][0]) == [turn("user", "Hello\nHow are you?"), turn("assistant", "im doing good"),
+    assert json.loads(result.kept["text"][0]) == [turn("user", "Hello\nHow are you?"), turn("assistant", "im doing good"),
                                                       turn("user", "Glad to hear")]
     assert result.quarantine["reason"].tolist() == ["an assistant turn"]
     assert chitchat_messages([]) == []
@@ -80,3 +88,25 @@ def test_a_folder_without_conversations_is_a_clear_error(tmp_path):
         clean_conversations(tmp_path, layout="messages", max_chars=10)
     with pytest.raises(ConversationError, match="unknown conversation layout 'csv'"):
         clean_conversations(tmp_path, layout="csv", max_chars=10)
+
+
+@pytest.mark.slow
+def test_conversations_flow_through_ingest_clean_and_split_in_dvc(dvc_repo, sources, tmp_path):
+    import pandas as pd
+
+    from tests.conftest import run, sha256, write_params
+
+    chats = tmp_path / "chats.jsonl"
+    good = [{"messages": [turn("user", f"What is {i} + {i}?"), turn("assistant", f"It is {2 * i}.")]} for i in range(30)]
+    bad = [{"messages": [turn("user", "Hello?")]}, {"messages": [turn("robot", "beep"), turn("assistant", "hi")]}]
+    chats.write_text("\n".join(json.dumps(c) for c in good + bad) + "\n{broken\n")
+    write_params(dvc_repo, sources, datasets=["corpus", "task", "chat"],
+                 **{"sources.chat": {"uri": str(chats), "sha256": sha256(chats)}, "clean.chat.layout": "messages"})
+    run(["dvc", "repro", "split@chat"], dvc_repo)
+    report = json.loads((dvc_repo / "reports/clean/chat.json").read_text())
+    assert (report["rows_in"], report["rows_kept"], report["rows_quarantined"]) == (33, 30, 3)
+    quarantine = pd.read_parquet(dvc_repo / "data/clean/chat/quarantine")
+    assert sorted(quarantine["reason"]) == ["an assistant turn", "every role one of system, user, assistant", "not JSON"]
+    splits = {s: pd.read_parquet(dvc_repo / f"data/split/chat/{s}.parquet") for s in ("train", "val", "test")}
+    assert [len(f) for f in splits.values()] == [24, 3, 3]
+    assert json.loads(splits["val"]["text"][0])[1]["role"] == "assistant"

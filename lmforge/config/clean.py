@@ -1,4 +1,5 @@
-"""The `clean` section: per dataset, documents (a corpus) or labelled rows (a task) (lmforge/data/cleaning.py)."""
+"""The `clean` section: per dataset, documents (a corpus), labelled rows (a task) or conversations (chat)
+(lmforge/data/cleaning.py, lmforge/data/conversations.py)."""
 
 from __future__ import annotations
 
@@ -77,4 +78,12 @@ class CleanLabelled(Section):
         return self
 
 
-CleanParams = Annotated[CleanDocuments | CleanLabelled, Field(discriminator="kind")]
+class CleanChat(Section):
+    """Conversations for chat fine-tuning (lmforge/data/conversations.py)."""
+
+    kind: Literal["chat"] = "chat"
+    layout: Literal["messages", "chitchat"] = "messages"  # JSONL {"messages": [...]} or chitchat-dataset's dataset.json
+    max_chars: int = Field(8000, ge=1)  # a longer conversation (its contents together) is quarantined
+
+
+CleanParams = Annotated[CleanDocuments | CleanLabelled | CleanChat, Field(discriminator="kind")]

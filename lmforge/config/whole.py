@@ -29,10 +29,10 @@ class Params(Section):
     # are the same bytes whatever it is, so changing it reruns nothing.
     workers: int | None = Field(None, ge=1)
     data_engine: DataEngineParams = Field(default_factory=lambda: DataEngineParams())
-    datasets: list[Literal["corpus", "task"]] = list(DATASETS)
-    sources: dict[Literal["corpus", "task"], Source]
-    clean: dict[Literal["corpus", "task"], CleanParams]
-    split: dict[Literal["corpus", "task"], SplitParams]
+    datasets: list[Literal["corpus", "task", "chat"]] = list(DATASETS)
+    sources: dict[Literal["corpus", "task", "chat"], Source]
+    clean: dict[Literal["corpus", "task", "chat"], CleanParams]
+    split: dict[Literal["corpus", "task", "chat"], SplitParams]
     tokenize: TokenizeParams = TokenizeParams()
     pretrain: PretrainParams = PretrainParams()
     evaluate: EvaluateParams = EvaluateParams()

@@ -1,7 +1,7 @@
 """Conversations for chat fine-tuning: read, validated with pandera, malformed ones quarantined.
 
     result = clean_conversations(raw_dir, layout="messages", max_chars=8000)
-    result.kept        # id, messages (JSON text: [{"role", "content"}, ...]), turns, chars
+    result.kept        # id, text (the messages as JSON: [{"role", "content"}, ...]), turns, chars
     result.quarantine  # id, raw (what was read, cut to 2,000 chars), reason
     result.report      # rows_in = rows_kept + rows_quarantined, and the count of each reason
 
@@ -15,7 +15,9 @@ Layouts:
 
 A conversation is kept when every role is known, no content is empty, it has an assistant turn,
 and its contents add up to at most max_chars characters. A line that is not UTF-8 or not JSON, or
-holds no messages list, is quarantined with that reason; nothing read is dropped unaccounted.
+holds no messages list, is quarantined with that reason, and so is a repeat of a kept conversation
+(naming the first); nothing read is dropped unaccounted. The kept conversations' `text` is their
+messages as JSON, so they split as any table of texts does (splitting.py).
 """
 
 from __future__ import annotations
@@ -149,8 +151,10 @@ def clean_conversations(raw_dir: Path, layout: str, max_chars: int) -> CleanConv
     frame = pd.DataFrame(rows, columns=["id", "messages", "chars"]).astype({"chars": int})
     kept, failed = _validate(frame, conversation_schema(max_chars))
     quarantine = pd.DataFrame(unreadable + failed, columns=["id", "raw", "reason"])
-    kept = pd.DataFrame({"id": kept["id"], "messages": [json.dumps(m, ensure_ascii=False) for m in kept["messages"]],
+    kept = pd.DataFrame({"id": kept["id"], "text": [json.dumps(m, ensure_ascii=False) for m in kept["messages"]],
                          "turns": [len(m) for m in kept["messages"]], "chars": kept["chars"]}).reset_index(drop=True)
+    kept, repeats = _drop_repeats(kept)
+    quarantine = pd.concat([quarantine, repeats], ignore_index=True)
     rows_in = len(rows) + len(unreadable)
     if rows_in != len(kept) + len(quarantine):
         raise AssertionError(f"conversation accounting broke: {rows_in} in, {len(kept)} kept, {len(quarantine)} quarantined")
@@ -158,6 +162,15 @@ def clean_conversations(raw_dir: Path, layout: str, max_chars: int) -> CleanConv
               "quarantine_by_reason": quarantine["reason"].value_counts().to_dict(),
               "turns_kept": int(kept["turns"].sum()), "chars_kept": int(kept["chars"].sum())}
     return CleanConversations(kept, quarantine, report)
+
+
+def _drop_repeats(kept: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The first of each identical conversation kept; the repeats as quarantine records naming it."""
+    first = kept.groupby("text", sort=False)["id"].transform("first")
+    repeat = first != kept["id"]
+    records = pd.DataFrame({"id": kept.loc[repeat, "id"], "raw": kept.loc[repeat, "text"].str.slice(0, RAW_SHOWN),
+                            "reason": "repeats conversation " + first[repeat]})
+    return kept[~repeat].reset_index(drop=True), records
 
 
 def _validate(frame: pd.DataFrame, schema: pa.DataFrameSchema) -> tuple[pd.DataFrame, list[dict]]:
