@@ -50,6 +50,8 @@ def raw_params(pretrain: dict | None = None, evaluate: dict | None = None) -> di
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw = copy.deepcopy(raw)
     raw["pretrain"] = {**raw.get("pretrain", {}), **TINY, **(pretrain or {})}
+    if raw["pretrain"].get("init_from"):  # params.yaml asks the tokenize stage for the base model's tokenizer too
+        raw["tokenize"] = {**raw["tokenize"], "kind": "pretrained", "model": raw["pretrain"]["init_from"]}
     raw["evaluate"] = {**raw.get("evaluate", {}), **{"samples": 1, "sample_tokens": 20, "device": "cpu"},
                        **(evaluate or {})}
     return raw
