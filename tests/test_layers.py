@@ -40,3 +40,14 @@ def test_no_import_runs_back_up_the_layers(path):
     upward = sorted(name for name in imported_modules(ROOT / path)
                     if (layer := layer_of_module(name)) is not None and LAYERS.index(layer) > own)
     assert not upward, f"{path} ({layer_of(path)}) imports from a layer above it: {', '.join(upward)}"
+
+
+@pytest.mark.parametrize("stage", ["tasks.pretrain", "tasks.evaluate"])
+def test_the_stages_that_read_tokens_import_neither_the_data_engine_nor_the_tokenizer_trainer(stage):
+    """They read token shards through lmforge/data/token_shards.py: an edit to the engine, the
+    tokenizer trainer or the tokenize section reruns tokenize, not training."""
+    from tests.test_dvc_deps import import_closure
+
+    closure = {p.relative_to(ROOT).as_posix() for p in import_closure(stage)}
+    assert "lmforge/data/token_shards.py" in closure
+    assert not closure & {"lmforge/data/engine.py", "lmforge/data/tokenization.py", "lmforge/config/tokenize.py"}
