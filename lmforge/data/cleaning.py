@@ -185,16 +185,19 @@ class CleanResult:
     report: dict
 
 
-def _split_failures(frame: pd.DataFrame, schema: pa.DataFrameSchema) -> tuple[pd.DataFrame, pd.Series]:
-    """Validate lazily; return the passing rows and, per failing row index, its failed checks."""
+def split_failures(frame: pd.DataFrame, schema: pa.DataFrameSchema,
+                   name_columns: bool = True) -> tuple[pd.DataFrame, pd.Series]:
+    """Validate lazily; return the passing rows and, per failing row index, its failed checks
+    ("column: check", or the check alone where its name says enough)."""
     try:
         schema.validate(frame, lazy=True)
         return frame, pd.Series(dtype=str)
     except SchemaErrors as err:
         cases = err.failure_cases.dropna(subset=["index"])
-        reasons = (cases["column"].astype(str) + ": " + cases["check"].astype(str)).groupby(cases["index"]).agg(
-            lambda r: "; ".join(sorted(set(r)))
-        )
+        checks = cases["check"].astype(str)
+        if name_columns:
+            checks = cases["column"].astype(str) + ": " + checks
+        reasons = checks.groupby(cases["index"]).agg(lambda r: "; ".join(sorted(set(r))))
         bad = frame.index.isin(reasons.index)
         return frame[~bad], reasons
 
@@ -306,7 +309,7 @@ def clean_document_batch(records: list[RawDocument], params: CleanDocuments,
             continue
         rows.append({**row, "text": normalise_document(text, params, repairs)})
     frame = pd.DataFrame(rows, columns=DOCUMENT_COLUMNS)
-    valid, reasons = _split_failures(frame, document_schema(params))
+    valid, reasons = split_failures(frame, document_schema(params))
     failed = _with_reason(frame.loc[reasons.index], reasons)
     parts = [p.reindex(columns=QUARANTINE_COLUMNS, fill_value="") for p in (pd.DataFrame(unusable), failed) if len(p)]
     quarantined = pd.concat(parts, ignore_index=True) if parts else _empty(QUARANTINE_COLUMNS)
@@ -585,7 +588,7 @@ def clean_examples(raw_dir: Path, params: CleanLabelled, dataset: str) -> CleanR
         outside = ~raw["source"].isin(params.keep_sources).to_numpy()
         quarantined.append(_with_reason(frame[outside], "source not in keep_sources"))
         frame = frame[~outside]
-    valid, reasons = _split_failures(frame, example_schema(params))
+    valid, reasons = split_failures(frame, example_schema(params))
     quarantined.append(_with_reason(frame.loc[reasons.index], reasons))
     valid, conflicts = _drop_conflicting_labels(valid)
     kept, duplicates = _dedupe(valid)

@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 import pandas as pd
 import pandera.pandas as pa
-from pandera.errors import SchemaErrors
 
+from lmforge.data.cleaning import split_failures
 from lmforge.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -149,7 +149,9 @@ def clean_conversations(raw_dir: Path, layout: str, max_chars: int) -> CleanConv
         else:
             unreadable.append({"id": conversation_id, "raw": str(messages)[:RAW_SHOWN], "reason": reason})
     frame = pd.DataFrame(rows, columns=["id", "messages", "chars"]).astype({"chars": int})
-    kept, failed = _validate(frame, conversation_schema(max_chars))
+    kept, reasons = split_failures(frame, conversation_schema(max_chars), name_columns=False)
+    failed = [{"id": frame.at[i, "id"], "raw": json.dumps(frame.at[i, "messages"], ensure_ascii=False)[:RAW_SHOWN],
+               "reason": reasons[i]} for i in reasons.index]
     quarantine = pd.DataFrame(unreadable + failed, columns=["id", "raw", "reason"])
     kept = pd.DataFrame({"id": kept["id"], "text": [json.dumps(m, ensure_ascii=False) for m in kept["messages"]],
                          "turns": [len(m) for m in kept["messages"]], "chars": kept["chars"]}).reset_index(drop=True)
@@ -171,17 +173,3 @@ def _drop_repeats(kept: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     records = pd.DataFrame({"id": kept.loc[repeat, "id"], "raw": kept.loc[repeat, "text"].str.slice(0, RAW_SHOWN),
                             "reason": "repeats conversation " + first[repeat]})
     return kept[~repeat].reset_index(drop=True), records
-
-
-def _validate(frame: pd.DataFrame, schema: pa.DataFrameSchema) -> tuple[pd.DataFrame, list[dict]]:
-    """The passing rows, and for each failing row a quarantine record with every check it failed."""
-    try:
-        schema.validate(frame, lazy=True)
-        return frame, []
-    except SchemaErrors as err:
-        cases = err.failure_cases.dropna(subset=["index"])
-        reasons = cases["check"].astype(str).groupby(cases["index"]).agg(lambda r: "; ".join(sorted(set(r))))
-    bad = frame.index.isin(reasons.index)
-    failed = [{"id": frame.at[i, "id"], "raw": json.dumps(frame.at[i, "messages"], ensure_ascii=False)[:RAW_SHOWN],
-               "reason": reasons[i]} for i in frame.index[bad]]
-    return frame[~bad], failed
