@@ -80,20 +80,18 @@ def evaluate(e: Any, seed: int, tokens_dir: Path, model_dir: Path, default_conte
 
 def score_base(auto, base: dict, e: Any, seed: int, tokens_dir: Path, meta: dict, tok, context: int, masked: bool,
                device) -> dict[str, Any]:
-    """The base model a continued pretraining started from (lmforge.json's base_model), scored on
-    the same tokens, windows and seed as the continued one."""
-    import torch
-
+    """The base model a continued pretraining started from (lmforge.json's base_model), placed as
+    the continued one was and scored on the same tokens, windows and seed."""
     from lmforge.training.model import check_compatible
 
     folder = Path(base["folder"])
     if not (folder / "config.json").exists() and not base.get("gguf_file"):
         raise NoModelError(f"{folder}, the base model this one continued, is gone: its loss cannot be compared")
-    kwargs = {"gguf_file": base["gguf_file"]} if base.get("gguf_file") else {}
-    model = auto.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32, **kwargs).to(device)
-    check_compatible(model, tok, context, source=str(folder))
-    scores: dict[str, Any] = {"model": str(folder)}
-    score_splits(model, e, seed, tokens_dir, meta, tok, context, masked, device, scores)
+    load = {"gguf_file": base["gguf_file"]} if base.get("gguf_file") else {}
+    with placed_model(auto, folder, e, device, **load) as (model, device, _):
+        check_compatible(model, tok, context, source=str(folder))
+        scores: dict[str, Any] = {"model": str(folder)}
+        score_splits(model, e, seed, tokens_dir, meta, tok, context, masked, device, scores)
     return scores
 
 
@@ -105,13 +103,14 @@ def gains_over_base(metrics: dict, splits, masked: bool) -> dict[str, dict[str, 
 
 
 @contextlib.contextmanager
-def placed_model(auto, model_dir: Path, e: Any, device):
+def placed_model(auto, model_dir: Path, e: Any, device, **load: Any):
     """(model, the device its inputs go to, placement) while the block runs. device_map none: the
     whole model on `device` (placement "whole"); auto: accelerate spreads its layers over the GPUs,
-    CPU memory and disk (placement: how many of the model's blocks each device holds)."""
+    CPU memory and disk (placement: how many of the model's blocks each device holds). `load`: more
+    from_pretrained arguments (a GGUF file)."""
     import torch
 
-    kwargs = {"attn_implementation": "sdpa", "dtype": torch.float32}
+    kwargs = {"attn_implementation": "sdpa", "dtype": torch.float32, **load}
     if e.device_map == "none":
         yield auto.from_pretrained(model_dir, **kwargs).to(device), device, "whole"
         return
