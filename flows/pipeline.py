@@ -34,7 +34,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.parse
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from lmforge.config.overrides import apply_overrides as override_params
 from lmforge.config import parse_yaml
 from lmforge.errors import UserError
 from lmforge.flat import flatten
-from lmforge.redaction import redact
+from lmforge.redaction import redact, without_credentials
 from lmforge.registry import tracking
 from tasks._common import USER_ERROR_EXIT  # what tasks/_common.py:fail() exits with
 from tasks.lineage import locked_dvc_repo
@@ -272,7 +271,7 @@ def mlflow_run_url(root: Path, stage: str, started_at: float) -> str | None:
     )
     if not runs:
         return None
-    base = without_userinfo(uri).rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    base = without_credentials(uri).rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}"
 
 
@@ -379,13 +378,6 @@ def run_experiment(root: Path, addrs: list[str], targets: list[str] | None, over
     return {"name": experiment, "overrides": overrides, "metrics": experiment_metrics(root, experiment),
             "stages": stage_statuses(output, addrs), "seconds": round(time.perf_counter() - start, 2),
             "waited": waited}
-
-
-def without_userinfo(url: str) -> str:
-    """The URL without user and password: a link in the Prefect UI must carry no credential."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
 
 
 def publish_experiment(experiment: dict) -> None:

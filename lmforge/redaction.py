@@ -3,6 +3,7 @@
     redact("postgresql://optuna:hunter2@db:5432/study")   -> "postgresql://optuna:***@db:5432/study"
     redact("https://token@host/x?api_key=abc&n=1")        -> "https://***@host/x?api_key=***&n=1"
     redact_all({"tune": {"storage": "...", "trials": 8}})  -> the same structure, every string redacted
+    without_credentials("http://u:pw@host:5000/x")        -> "http://host:5000/x" (for a link that must work)
 
 Credentials reach lmforge inside URLs: a tune.storage or tracking URI with user:password, a
 token as the user part, a signed or keyed query string. Anything that leaves the process (MLflow
@@ -14,6 +15,7 @@ which user; a userinfo of one part (often a token) is masked whole.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from typing import Any, Mapping
 
 MASK = "***"
@@ -50,3 +52,11 @@ def redact_all(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(redact_all(item) for item in value)
     return value
+
+
+def without_credentials(url: str) -> str:
+    """The URL without user and password: a link shown to people (the Prefect UI's) must work and
+    carry no credential, which a masked `user:***@` would not."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
