@@ -33,7 +33,6 @@ import hashlib
 import math
 import re
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -263,25 +262,6 @@ def predict(model: torch.nn.Module, encoded: Sequence[np.ndarray], *, pad_id: in
 # --- the run --------------------------------------------------------------------------------
 
 
-def compile_blocks(model: torch.nn.Module, log: Callable[[str], None]) -> torch.nn.Module:
-    """Compile each transformer block in place (regional compilation); the whole model if it names no blocks.
-
-    Why blocks: a model's blocks share one forward, so Dynamo traces it and Inductor compiles it once for all
-    of them (SmolLM2's 30 layers cost what one costs), and a new batch width recompiles one block, not the
-    model. The glue between them (embeddings, transformers' mask building, the head) stays eager: a handful
-    of kernels. dynamic=True because length-grouped batches vary in width."""
-    kinds = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
-    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
-    if not blocks:
-        log(f"finetune: {type(model).__name__} names no blocks to compile: compiling the whole model")
-        return torch.compile(model, dynamic=True)
-    for block in blocks:
-        block.compile(dynamic=True)
-    counts = Counter(type(block).__name__ for block in blocks)
-    log("finetune: compiled " + ", ".join(f"{n} {kind}" for kind, n in counts.most_common()))
-    return model
-
-
 # A block's index in the parameter names of BERT (encoder.layer.N), Llama (model.layers.N) and GPT-2 (h.N).
 BLOCK_INDEX = re.compile(r"\.(?:layer|layers|h)\.(\d+)\.")
 
@@ -409,7 +389,7 @@ def prepare_run(base: Path | str, data: Mapping[str, LabelledTexts], params: Any
         checkpoints = runtime.RunCheckpoints(checkpoint_dir, fingerprint(params, seed, base, labels, train, val),
                                              runtime.Dist(device=device))
     return FinetuneRun(params=params, seed=seed, labels=labels, tokenizer=tokenizer, model=model,
-               forward=compile_blocks(model, log) if compiled else model,
+               forward=runtime.compile_blocks(model, lambda m: log(f"finetune: {m}")) if compiled else model,
                device=device, dtype=runtime.compute_dtype(params.precision, device), compiled=compiled,
                train_ids=encode_split(tokenizer, train, params),
                train_y=torch.tensor([label_id[v] for v in train.labels], dtype=torch.long),

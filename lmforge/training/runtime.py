@@ -25,6 +25,7 @@ import json
 import math
 import os
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -185,6 +186,25 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
+
+
+def compile_blocks(model: torch.nn.Module, log: Callable[[str], None]) -> torch.nn.Module:
+    """Compile each transformer block in place (regional compilation); the whole model if it names no blocks.
+
+    Why blocks: a model's blocks share one forward, so Dynamo traces it and Inductor compiles it once for all
+    of them (SmolLM2's 30 layers cost what one costs), and a new batch width recompiles one block, not the
+    model. The glue between them (embeddings, transformers' mask building, the head) stays eager: a handful
+    of kernels. dynamic=True because length-grouped batches vary in width."""
+    kinds = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
+    if not blocks:
+        log(f"{type(model).__name__} names no blocks to compile: compiling the whole model")
+        return torch.compile(model, dynamic=True)
+    for block in blocks:
+        block.compile(dynamic=True)
+    counts = Counter(type(block).__name__ for block in blocks)
+    log("compiled " + ", ".join(f"{n} {kind}" for kind, n in counts.most_common()))
+    return model
 
 
 # --- optimizer and schedules ---------------------------------------------------------------------
