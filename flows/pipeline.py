@@ -11,7 +11,7 @@ whose upstream tasks succeeded start at once, so the corpus and task branches ru
 A stage that exits with code 2 failed for a user error (bad params or data): it is not retried
 and nothing downstream runs. Any other failure is retried with exponential backoff.
 
-The training stages (pretrain, tune, finetune) want the accelerator to themselves: each holds a
+The training stages (pretrain, tune, finetune, sft) want the accelerator to themselves: each holds a
 slot of the Prefect global concurrency limit `lmforge-accelerator` while it runs, one slot by
 default, so on one GPU they take turns where the graph would start them side by side. The limit
 is the server's, shared by every flow run on it (see and change it under Concurrency in the UI);
@@ -55,7 +55,7 @@ from tasks.lineage import locked_dvc_repo
 
 DEFAULT_RETRIES = {"ingest": 3}  # per stage name (the part before '@'); others use `retries`
 ACCELERATOR_LIMIT = "lmforge-accelerator"  # a Prefect global concurrency limit
-TRAINING_STAGES = ["pretrain", "tune", "finetune"]  # stage names that hold an accelerator slot while they run
+TRAINING_STAGES = ["pretrain", "tune", "finetune", "sft"]  # stage names that hold an accelerator slot while they run
 # `dvc repro` exits 255 whatever the stage's command did, and says the command's status only in
 # its message ("failed to run: <cmd>, exited with N"); in-process, DVC's StageCmdFailedError keeps
 # no status either. So the status is read back from that message.
@@ -70,6 +70,7 @@ MEMORY_KNOBS = {
     "evaluate": "evaluate.batch_size",
     "tune": "tune.space's batch_size choices or finetune.max_length",
     "finetune": "finetune.batch_size or finetune.max_length",
+    "sft": "sft.batch_size or sft.max_length",
 }
 
 

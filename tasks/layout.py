@@ -20,6 +20,7 @@ CLEAN = Path("data/clean")  # clean writes CLEAN/<dataset>
 SPLIT = Path("data/split")  # split writes SPLIT/<dataset>
 TASK_SPLIT = SPLIT / "task"
 CORPUS_SPLIT = SPLIT / "corpus"
+CHAT_SPLIT = SPLIT / "chat"  # what sft reads by default (sft.dataset)
 TOKENS = Path("data/tokens")  # tokenize's token shards, meta.json and tokenizer
 WORK = Path("data/.work")  # the data stages' scratch folders (no DVC output)
 
@@ -27,6 +28,8 @@ PRETRAINED = Path("models/pretrained")  # pretrain's model; finetune.base_model 
 CHECKPOINTS = Path("models/checkpoints")  # pretrain's run folders, kept between runs (persist)
 FINETUNED = Path("models/finetuned")
 FINETUNE_CHECKPOINTS = Path("models/finetune-checkpoints")
+CHAT_MODEL = Path("models/chat")  # sft's model
+SFT_CHECKPOINTS = Path("models/sft-checkpoints")
 
 REPORTS = Path("reports")
 CLEAN_REPORTS = REPORTS / "clean"  # clean writes CLEAN_REPORTS/<dataset>.json
@@ -39,6 +42,8 @@ TUNE_REPORTS = REPORTS / "tune"
 TUNE_BEST = TUNE_REPORTS / "best.yaml"  # tune's best trial, which finetune reads
 FINETUNE_REPORTS = REPORTS / "finetune"
 FINETUNE_METRICS = FINETUNE_REPORTS / "metrics.json"
+SFT_REPORTS = REPORTS / "sft"
+SFT_METRICS = SFT_REPORTS / "metrics.json"
 REGISTER_REPORT = REPORTS / "register.json"
 SUMMARY = REPORTS / "summary.md"  # tasks/summarize.py's page (no DVC stage)
 TIMINGS = REPORTS / "timings"  # each stage's wall time (no DVC output: it differs on every run)

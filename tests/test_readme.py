@@ -25,7 +25,7 @@ def test_readme_opens_with_the_two_commands():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2400)
 def test_make_run_from_a_clone_builds_registers_and_summarises(tmp_path):
     clone = tmp_path / "clone"
     run(["git", "clone", "--quiet", str(ROOT), str(clone)], tmp_path)

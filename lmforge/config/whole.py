@@ -17,6 +17,7 @@ from lmforge.config.evaluate import EvaluateParams
 from lmforge.config.finetune import FinetuneParams
 from lmforge.config.pretrain import PretrainParams
 from lmforge.config.register import RegisterParams
+from lmforge.config.sft import SftParams
 from lmforge.config.sources import Source
 from lmforge.config.split import SplitParams
 from lmforge.config.tokenize import TokenizeParams
@@ -38,6 +39,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     tune: TuneParams = TuneParams()
     finetune: FinetuneParams = FinetuneParams()
+    sft: SftParams = SftParams()
     # "register" would shadow BaseModel.register (from ABCMeta): the attribute is register_.
     register_: RegisterParams = Field(RegisterParams(), alias="register")
 
@@ -49,6 +51,14 @@ class Params(Section):
         if base is not None and (self.tokenize.kind != "pretrained" or self.tokenize.model != base):
             raise ValueError(f"pretrain.init_from is {base!r}: set tokenize.kind: pretrained and tokenize.model: "
                              f"{base!r} too, so the corpus is encoded with that model's tokenizer")
+        return self
+
+    @model_validator(mode="after")
+    def _sft_reads_a_chat_dataset(self) -> Params:
+        name = self.sft.dataset
+        if name in self.clean and self.clean[name].kind != "chat":
+            raise ValueError(f"sft.dataset is {name!r}, a dataset of kind {self.clean[name].kind!r}: "
+                             "chat fine-tuning reads conversations (clean.<dataset>.kind: chat)")
         return self
 
     @model_validator(mode="after")

@@ -66,6 +66,8 @@ def encode_conversation(tokenizer, messages: Sequence[dict[str, str]], max_lengt
             _extend(ids, learn, whole, True)
         else:
             _extend(ids, learn, _render(tokenizer, messages[: turn + 1], template, cue=False), False)
+        if len(ids) > max_length:  # the later turns would be cut anyway: rendering them costs quadratic time
+            break
     ids, learn = ids[:max_length], learn[:max_length]
     targets = [ids[t + 1] if learn[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
     return Example(ids, targets)
