@@ -35,6 +35,7 @@ run: setup
 	dvc repro
 	-lmforge promote lmforge-sentiment
 	-lmforge promote lmforge-lm
+	-lmforge promote lmforge-chat
 	$(PY) -m tasks.summarize
 
 # The same graph as a Prefect flow: each stage a task, shown in the Prefect UI (`make ui`).

@@ -1,6 +1,6 @@
-"""Stage `register`: log the fine-tuned classifier and the pretrained LM to MLflow and register them.
+"""Stage `register`: log the fine-tuned classifier, the pretrained LM and the chat model to MLflow and register them.
 
-    python -m tasks.register [--only sentiment|lm]
+    python -m tasks.register [--only sentiment|lm|chat]
 
 Each model of MODELS below becomes a pyfunc (lmforge/registry/serving.py) with a
 signature and an input example, registered under its name from params.yaml (register.<model>.name)
@@ -44,6 +44,13 @@ MODELS = {
                          "register.serving"),
         datasets=str(layout.CORPUS_SPLIT), rebuild=("pretrain", "evaluate"),
         build_hint="run `dvc repro pretrain evaluate` first"),
+    "chat": ModelSpec(
+        key="chat", kind="chat", folder=str(layout.CHAT_MODEL), metrics=str(layout.SFT_METRICS),
+        params_sections=("seed", "clean.chat", "split.chat", "sft", "register.chat", "register.serving"),
+        datasets=str(layout.CHAT_SPLIT), rebuild=("sft",), build_hint="run `dvc repro sft` first",
+        # sft scores the base model on the same held-out conversations: promotion needs the chat
+        # model's loss to beat it
+        baseline="base", baseline_name="base model"),
 }
 
 
@@ -63,7 +70,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.register", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default=str(layout.PARAMS), help="the params file (default: %(default)s)")
     parser.add_argument("--only", choices=list(MODELS), action="append",
-                        help="register only this model (repeatable; default: both)")
+                        help="register only this model (repeatable; default: all)")
     parser.add_argument("--report", default=str(layout.REGISTER_REPORT), help="where to write the report (default: %(default)s)")
     return parser.parse_args(argv)
 

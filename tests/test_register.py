@@ -21,7 +21,7 @@ import yaml
 
 from tasks.lineage import dvc_md5
 from tests.conftest import ROOT, run
-from tests.tiny_models import lm_folder, sentiment_folder
+from tests.tiny_models import chat_folder, lm_folder, sentiment_folder
 
 
 def md5(path: Path) -> str:
@@ -52,22 +52,33 @@ def make_project(root: Path, name: str, *, accuracy: float = 0.8, lock: bool = T
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["register"]["sentiment"]["name"] = f"{name}-sentiment"
     params["register"]["lm"]["name"] = f"{name}-lm"
+    params["register"]["chat"]["name"] = f"{name}-chat"
     params["finetune"] = {**(params.get("finetune") or {}), "learning_rate": lr}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    for source, target in ((sentiment_folder(), "models/finetuned"), (lm_folder(), "models/pretrained")):
+    for source, target in ((sentiment_folder(), "models/finetuned"), (lm_folder(), "models/pretrained"),
+                           (chat_folder(), "models/chat")):
         shutil.rmtree(root / target, ignore_errors=True)
         shutil.copytree(source, root / target)
     write_metrics(root, accuracy if metrics is None else metrics)
     (root / "reports/evaluate").mkdir(parents=True, exist_ok=True)
     (root / "reports/evaluate/metrics.json").write_text(json.dumps(
         {"model": "models/pretrained", "val": {"loss": 3.2, "perplexity": 24.5}, "test": {"loss": 3.3, "perplexity": 27.1}}))
+    (root / "reports/sft").mkdir(parents=True, exist_ok=True)
+    (root / "reports/sft/metrics.json").write_text(json.dumps(
+        {"base": {"val": {"loss": 3.9}, "test": {"loss": 3.8}}, "val": {"loss": 3.4}, "test": {"loss": 3.5}}))
     split = root / "data/split/task"
     split.mkdir(parents=True, exist_ok=True)
     for part, rows in (("train", 8), ("val", 2), ("test", 2)):
         frame = pd.DataFrame({"id": range(rows), "text": [f"review {i} of {part}" for i in range(rows)],
                               "label": [i % 2 for i in range(rows)]})
         frame.to_parquet(split / f"{part}.parquet", index=False)
+    chats = root / "data/split/chat"
+    chats.mkdir(parents=True, exist_ok=True)
+    for part, rows in (("train", 4), ("val", 1), ("test", 1)):
+        talk = [json.dumps([{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}])
+                for i in range(rows)]
+        pd.DataFrame({"id": [str(i) for i in range(rows)], "text": talk}).to_parquet(chats / f"{part}.parquet", index=False)
     if lock:
         # the deps' hashes are made up; the outputs' are DVC's own, as register checks them
         out = lambda path: {"path": path, "hash": "md5", "md5": dvc_md5(root / path)}  # noqa: E731
@@ -79,6 +90,9 @@ def make_project(root: Path, name: str, *, accuracy: float = 0.8, lock: bool = T
             "pretrain": {"cmd": "python -m tasks.pretrain",
                          "deps": [{"path": "data/tokens", "hash": "md5", "md5": "44444444444444444444444444444444.dir"}],
                          "outs": [out("models/pretrained")]},
+            "sft": {"cmd": "python -m tasks.sft",
+                    "deps": [{"path": "data/split/chat", "hash": "md5", "md5": "55555555555555555555555555555555.dir"}],
+                    "outs": [out("models/chat"), out("reports/sft/metrics.json")]},
         }
         (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False))
     if not (root / ".git").exists():
@@ -478,7 +492,7 @@ def test_dvc_repro_runs_the_register_stage(store, dvc_repo, monkeypatch):
     first = run(["dvc", "repro", "--single-item", "register"], dvc_repo)
     assert "Running stage 'register'" in first.stdout
     report = json.loads((dvc_repo / "reports/register.json").read_text())
-    assert {m["name"]: m["version"] for m in report["models"].values()} == {"dvc-sentiment": 1, "dvc-lm": 1}
+    assert {m["name"]: m["version"] for m in report["models"].values()} == {"dvc-sentiment": 1, "dvc-lm": 1, "dvc-chat": 1}
     assert "register" in yaml.safe_load((dvc_repo / "dvc.lock").read_text())["stages"]
     second = run(["dvc", "repro", "--single-item", "register"], dvc_repo)
     assert "Running stage 'register'" not in second.stdout

@@ -2,7 +2,8 @@
 
 `sentiment_folder()`: a 2-layer, 32-wide BERT classifier with a WordPiece tokenizer trained on the
 fly, fitted on clearly positive and clearly negative reviews until it labels them right.
-`lm_folder()`: a 2-layer, 32-wide Llama causal LM with a byte-level BPE tokenizer (untrained).
+`lm_folder()`: a 2-layer, 32-wide Llama causal LM with a byte-level BPE tokenizer (untrained);
+`chat_folder()`: the same with a chat template, as the sft stage leaves models/chat.
 Both are plain `save_pretrained` folders, like the pipeline's models/finetuned and models/pretrained.
 `lm_gguf()`: lm_folder's model and tokenizer as one F32 GGUF file, laid out as llama.cpp's converter
 writes a Llama (the packaged SmolLM2 is such a file).
@@ -111,6 +112,21 @@ def lm_folder() -> Path:
     model = LlamaForCausalLM(config)
     folder = _root() / "pretrained"
     model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@functools.lru_cache(maxsize=None)
+def chat_folder() -> Path:
+    """lm_folder's model with lmforge's plain chat template in its tokenizer, as sft saves a chat model."""
+    from transformers import AutoTokenizer
+
+    from lmforge.generation import DEFAULT_CHAT_TEMPLATE
+
+    folder = _root() / "chat"
+    shutil.copytree(lm_folder(), folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     return folder
 

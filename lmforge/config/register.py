@@ -48,10 +48,15 @@ class RegisterParams(Section):
         name="lmforge-sentiment", gate={"metric": "accuracy", "direction": "max"}))
     lm: Model = Field(default_factory=lambda: RegisterParams.Model(
         name="lmforge-lm", gate={"metric": "perplexity", "direction": "min"}))
+    chat: Model = Field(default_factory=lambda: RegisterParams.Model(
+        name="lmforge-chat", gate={"metric": "loss", "direction": "min"}))
     serving: Serving = Field(default_factory=lambda: RegisterParams.Serving())
 
     @model_validator(mode="after")
     def _distinct_names(self) -> RegisterParams:
-        if self.sentiment.name == self.lm.name:
-            raise ValueError(f"sentiment.name and lm.name are both {self.lm.name!r}: give each model its own name")
+        names = {"sentiment": self.sentiment.name, "lm": self.lm.name, "chat": self.chat.name}
+        for key, name in names.items():
+            same = [other for other, n in names.items() if n == name and other != key]
+            if same:
+                raise ValueError(f"{key}.name and {same[0]}.name are both {name!r}: give each model its own name")
         return self

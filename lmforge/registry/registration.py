@@ -72,7 +72,7 @@ class ModelSpec:
     """One model to register; every path is relative to the project root given beside it."""
 
     key: str  # its section under `register` in the params ("sentiment", "lm")
-    kind: str  # "classifier" | "generator": the pyfunc that serves it
+    kind: str  # "classifier" | "generator" | "chat": the pyfunc that serves it
     folder: str  # the transformers folder
     metrics: str  # the metrics JSON that scored it
     params_sections: tuple[str, ...]  # dotted params sections that made it
@@ -274,7 +274,7 @@ def latest_version(client, name: str):
 def _check_folder(folder: Path, spec: ModelSpec) -> None:
     if not (folder / "config.json").exists():
         raise RegistryError(f"{folder} holds no transformers model (no config.json): {spec.build_hint}")
-    if spec.kind == "generator":
+    if spec.kind in ("generator", "chat"):
         config = json.loads((folder / "config.json").read_text())
         architectures = config.get("architectures") or []
         if not any(a.endswith("ForCausalLM") for a in architectures):
@@ -406,6 +406,8 @@ def _pyfunc(spec: ModelSpec, params):
         example = ["A wonderful film, I loved it.", "A dull, tedious film."]
         return serving.TextClassifier(), serving.classifier_signature(), pd.DataFrame({serving.TEXT_COLUMN: example})
     signature = serving.generator_signature(params.register_.serving.max_new_tokens)
+    if spec.kind == "chat":
+        return serving.ChatGenerator(), signature, pd.DataFrame({serving.TEXT_COLUMN: ["Hi! How are you?"]})
     return serving.TextGenerator(), signature, pd.DataFrame({serving.TEXT_COLUMN: ["ROMEO:"]})
 
 

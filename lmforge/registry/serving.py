@@ -6,7 +6,8 @@
     -> {"predictions": [{"label": "positive", "probability": 0.97}, ...]}
 
 `TextClassifier` answers a label and its probability per text; `TextGenerator` answers the
-generated continuation per prompt. Both load the folder logged as the artifact "model" (a plain
+generated continuation per prompt; `ChatGenerator` answers each text as a user message, through
+the model's chat template. Both load the folder logged as the artifact "model" (a plain
 `save_pretrained` folder, so the registry holds exactly what the pipeline built) and check every
 request before touching the model: no texts, a non-text entry, too many texts or a text that is
 too long raise `MlflowException(INVALID_PARAMETER_VALUE)`, which the scoring server answers with
@@ -201,7 +202,7 @@ class TextGenerator(_Base):
                     self.torch.seed()  # unseeded: fresh randomness for every prompt
                 else:
                     self.torch.manual_seed(int(seed))  # seeded: the same answer every time
-                ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+                ids = self._prompt_ids(text)
                 if context_len:
                     ids = ids[:, -max(1, context_len - new_tokens):]
                 if ids.shape[1] == 0:
@@ -212,6 +213,9 @@ class TextGenerator(_Base):
                 outputs.append(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         return pd.DataFrame({"generated_text": outputs})
 
+    def _prompt_ids(self, text: str):
+        return self.tokenizer(text, return_tensors="pt")["input_ids"]
+
     def _pad_id(self) -> int | None:
         for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, self.model.config.eos_token_id):
             if isinstance(candidate, list):
@@ -219,6 +223,17 @@ class TextGenerator(_Base):
             if candidate is not None:
                 return int(candidate)
         return 0
+
+
+class ChatGenerator(TextGenerator):
+    """A chat model: each text is one user message, answered through the tokenizer's chat
+    template (the reply alone, without the template's markers)."""
+
+    def _prompt_ids(self, text: str):
+        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        # the template writes any special tokens itself
+        return self.tokenizer(rendered, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
 
 def classifier_signature():
