@@ -4,7 +4,8 @@
     lmforge promote lmforge-sentiment --force --reason "rollback after incident 12"
     lmforge trace models:/lmforge-sentiment@champion   # commit, data hashes, params, metrics, rebuild
     lmforge generate models:/lmforge-lm@champion "ROMEO:" --max-new-tokens 60 --seed 1
-    lmforge chat models:/lmforge-lm@champion           # a conversation in the terminal, streamed
+    lmforge chat models:/lmforge-chat@champion         # a conversation in the terminal, streamed
+    lmforge generate models:/lmforge-chat@champion --chat "How are you?"   # one reply
 
 Exit status: 0 done (or nothing to do), 1 the gate refused the promotion, 2 a user error (unknown
 name or alias, bad params). The gate (metric, direction, min_gain) is register.<model>.gate of
@@ -44,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", parents=[common, _sampling_flags()], help="continue a prompt once, streamed")
     generate.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a transformers folder")
     generate.add_argument("prompt", help="the text to continue")
+    generate.add_argument("--chat", action="store_true",
+                          help="send the prompt as one user message through the model's chat template, and print the reply")
     chat = sub.add_parser("chat", parents=[common, _sampling_flags()], help="talk to a model in the terminal")
     chat.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a transformers folder")
     chat.add_argument("--system", help="a system message that opens the conversation")
@@ -118,7 +121,8 @@ def talk(args: argparse.Namespace) -> int:
             return _error(str(err))
         model, tokenizer = generation.load_causal_lm(folder)
         if args.command == "generate":
-            _print_stream(generation.stream(model, tokenizer, args.prompt, sampling))
+            prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+            _print_stream(generation.stream(model, tokenizer, prompt, sampling))
             return 0
         return _conversation(model, tokenizer, sampling, args.system)
 

@@ -84,7 +84,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | Non
 
 @pytest.fixture
 def sources(tmp_path: Path) -> dict[str, Path]:
-    """Small real source files: a tar.gz of plays and a reviews CSV."""
+    """Small real source files: a tar.gz of plays, a reviews CSV and conversations in JSONL."""
     src = tmp_path / "sources"
     src.mkdir()
     plays = {f"pkg/texts/{t.lower()}_gut.txt": play(t).encode() for t in
@@ -93,7 +93,20 @@ def sources(tmp_path: Path) -> dict[str, Path]:
     tar = make_tar(src / "plays.tar.gz", plays)
     csv = src / "reviews.csv"
     csv.write_text(reviews_csv())
-    return {"corpus": tar, "task": csv}
+    chats = src / "chats.jsonl"
+    chats.write_text(chats_jsonl())
+    return {"corpus": tar, "task": csv, "chat": chats}
+
+
+def chats_jsonl(n: int = 40) -> str:
+    """n short two-turn conversations in the messages layout, one JSON record a line."""
+    import json
+
+    def talk(i: int) -> list[dict[str, str]]:
+        return [{"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
+
+    return "".join(json.dumps({"messages": talk(i)}) + "\n" for i in range(n))
 
 
 def write_params(repo: Path, sources: dict[str, Path], **overrides) -> None:
@@ -103,7 +116,9 @@ def write_params(repo: Path, sources: dict[str, Path], **overrides) -> None:
     params["sources"] = {
         "corpus": {"uri": f"file:{sources['corpus']}#pkg/texts/*_gut.txt", "sha256": sha256(sources["corpus"])},
         "task": {"uri": str(sources["task"]), "sha256": sha256(sources["task"])},
+        "chat": {"uri": str(sources["chat"]), "sha256": sha256(sources["chat"])},
     }
+    params["clean"]["chat"]["layout"] = "messages"
     params["clean"]["corpus"]["min_chars"] = 100
     params["split"]["task"]["max_rows"] = None
     params["tokenize"]["vocab_size"] = 300

@@ -76,3 +76,23 @@ def test_the_console_command_chats_with_the_registered_model(store, tmp_path, mo
                              capture_output=True, text=True, timeout=300,
                              env={**os.environ, "MLFLOW_TRACKING_URI": store})
     assert missing.returncode == 2 and "error:" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_chat_champion_answers_lmforge_chat_and_generate(store, tmp_path, monkeypatch):  # noqa: F811
+    """The sft stage's model as the registry files it: registered, promoted past its base model,
+    then talked to by alias with the installed `lmforge` command."""
+    root = make_project(tmp_path / "proj", "talkchat")
+    register(root, monkeypatch, "chat")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    promoted = subprocess.run([str(BIN / "lmforge"), "promote", "talkchat-chat"], cwd=root, capture_output=True,
+                              text=True, timeout=300, env=env)
+    assert promoted.returncode == 0 and "champion" in promoted.stdout + promoted.stderr, promoted.stderr[-2000:]
+    chatted = subprocess.run([str(BIN / "lmforge"), "chat", "models:/talkchat-chat@champion", "--max-new-tokens", "4",
+                              "--temperature", "0"], cwd=root, input="hi 3\nand again\n/exit\n", capture_output=True,
+                             text=True, timeout=300, env=env)
+    assert chatted.returncode == 0, chatted.stderr[-2000:]
+    assert chatted.stdout.count("model> ") == 2
+    generated = subprocess.run([str(BIN / "lmforge"), "generate", "models:/talkchat-chat@champion", "hi 3", "--chat",
+                                "--seed", "1",
+                                "--max-new-tokens", "4"], cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr[-2000:]
