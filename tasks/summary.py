@@ -48,7 +48,7 @@ def _missing(what: str) -> list[str]:
 def data_section(reports: Path) -> list[str]:
     lines = ["## Data", "", "| dataset | rows in | kept | quarantined | top quarantine reasons | train / val / test |",
              "|---|---:|---:|---:|---|---|"]
-    for name in ("corpus", "task"):
+    for name in ("corpus", "task", "chat"):
         clean, split = _load(reports / "clean" / f"{name}.json"), _load(reports / "split" / f"{name}.json")
         if clean is None:
             continue
@@ -85,8 +85,7 @@ def metrics_section(title: str, path: Path, images: list[str], reports: Path) ->
     return lines + [""]
 
 
-def samples_section(reports: Path) -> list[str]:
-    samples = reports / "evaluate" / "samples.md"
+def samples_section(samples: Path, title: str = "Samples") -> list[str]:
     if not samples.exists():
         return []
     body = samples.read_text().strip().splitlines()
@@ -95,7 +94,7 @@ def samples_section(reports: Path) -> list[str]:
     while body and not body[0].strip():
         body = body[1:]
     # Demote the file's own headings below this page's.
-    return ["## Samples", ""] + [("#" + line if line.startswith("#") else line) for line in body] + [""]
+    return [f"## {title}", ""] + [("#" + line if line.startswith("#") else line) for line in body] + [""]
 
 
 def _figure(version: object, value: object) -> str:
@@ -172,11 +171,13 @@ def build_summary(reports: Path | str = "reports", aliases: dict[str, dict[str, 
     lines += data_section(reports)
     lines += metrics_section("Pretraining", reports / "pretrain" / "metrics.json", ["pretrain/loss.png"], reports)
     lines += metrics_section("Evaluation (against the unigram baseline)", reports / "evaluate" / "metrics.json", [], reports)
-    lines += samples_section(reports)
+    lines += samples_section(reports / "evaluate" / "samples.md")
     lines += metrics_section("Tuning (best trial)", reports / "tune" / "best.yaml",
                              ["tune/optimization_history.png", "tune/param_importances.png"], reports)
     lines += metrics_section("Fine-tuning (against TF-IDF + logistic regression)", reports / "finetune" / "metrics.json",
                              ["finetune/confusion_matrix.png"], reports)
+    lines += metrics_section("Chat fine-tuning (against the base model)", reports / "sft" / "metrics.json", [], reports)
+    lines += samples_section(reports / "sft" / "samples.md", "Chat replies")
     lines += registry_section(reports, aliases, standings)
     lines += timing_section(reports)
     return "\n".join(lines).rstrip() + "\n"
