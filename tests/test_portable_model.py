@@ -25,11 +25,13 @@ from tests.tiny_models import NEGATIVE, POSITIVE
 
 NAME = "portable-sentiment"
 URI = f"models:/{NAME}@champion"
+CHAT_NAME = "portable-chat"
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> str:
-    """A registry whose portable-sentiment@champion is the tiny classifier, registered as the stage does."""
+    """A registry whose portable-sentiment@champion is the tiny classifier and portable-chat@champion
+    the tiny chat model, registered as the stage does."""
     import mlflow
 
     from lmforge.config import load_params
@@ -49,6 +51,8 @@ def registry(tmp_path_factory) -> str:
     with registry.using(uri) as client:
         registry.register_model(MODELS["sentiment"], params, root, log=lambda _: None)
         assert registry.promote(NAME, params.register_.sentiment.gate, client=client).promoted
+        registry.register_model(MODELS["chat"], params, root, log=lambda _: None)
+        assert registry.promote(CHAT_NAME, params.register_.chat.gate, client=client).promoted
     yield uri
     patch.undo()
 
@@ -100,6 +104,23 @@ def test_a_registered_version_loads_and_predicts_without_lmforge(registry, bare_
     assert answer["labels"] == ["positive", "negative"]
     # the wrapper class resolved from the code logged with the model, nowhere else
     assert "/code/lmforge/registry/serving.py" in answer["serving"]
+
+
+CHAT_ANSWER = f"""
+import json, sys
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model("models:/{CHAT_NAME}@champion")
+answer = model.predict(pd.DataFrame({{"text": ["hi 3", "what now?"]}}), params={{"max_new_tokens": 4}})
+print(json.dumps({{"replies": answer["generated_text"].tolist(), "wrapper": type(model.unwrap_python_model()).__name__}}))
+"""
+
+
+def test_a_registered_chat_version_answers_through_its_template_without_lmforge(registry, bare_python, tmp_path):
+    loaded = run_bare(bare_python, registry, CHAT_ANSWER, tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    answer = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert answer["wrapper"] == "ChatGenerator" and len(answer["replies"]) == 2
+    assert all(isinstance(reply, str) for reply in answer["replies"])
 
 
 def test_a_registered_version_pins_its_requirements_and_carries_only_its_code(registry):
