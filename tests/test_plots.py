@@ -69,6 +69,15 @@ def write_finetune(repo: Path, matrix: list[list[int]], accuracy: float) -> None
     write_predictions(reports / "predictions.csv", rows_of(matrix))
 
 
+def write_sft(repo: Path, offset: float) -> None:
+    from tasks.sft import write_history
+
+    history = [{"step": 10 * e, "epoch": 1, "train_loss": 3.0 - e / 10 + offset, "val_loss": 3.1 - e / 10 + offset,
+                "lr": 1e-4, "tokens": 1000 * e} for e in (1, 2, 3)]
+    (repo / "reports/sft").mkdir(parents=True, exist_ok=True)
+    write_history(repo / "reports/sft/history.csv", history)
+
+
 def write_tune(repo: Path, values: list[float]) -> None:
     import optuna
 
@@ -98,6 +107,7 @@ def two_experiments(tmp_path_factory) -> Path:
         write_pretrain(repo, offset)
         write_finetune(repo, matrix, accuracy)
         write_tune(repo, trials)
+        write_sft(repo, offset)
         run(["git", "add", "-A"], repo)
         run(["git", "commit", "-q", "-m", f"experiment at accuracy {accuracy}"], repo)
     return repo
@@ -135,6 +145,8 @@ def test_plots_diff_overlays_two_experiments(two_experiments: Path):
         (rev, column): 2 for rev in ("HEAD~1", "HEAD") for column in ("val_accuracy", "val_macro_f1")}
     assert series(charts["finetune_loss"]) == {(rev, ""): 2 for rev in ("HEAD~1", "HEAD")}
     assert {p["train_loss"] for p in charts["finetune_loss"]["data"]["values"]} == {"1.0", "0.5"}
+    assert series(charts["sft_loss"]) == {(rev, column): 3 for rev in ("HEAD~1", "HEAD")
+                                          for column in ("train_loss", "val_loss")}
 
     # The confusion template: one cell count per (actual, predicted), one panel per experiment.
     confusion = charts["finetune_confusion"]
