@@ -161,7 +161,8 @@ def examples_loss(model: torch.nn.Module, examples: Sequence[Example], *, row_le
     for rows in batches_of(pack(examples, row_length), batch_size):
         batch = collate(rows, pad_id)
         with runtime.autocast(device, dtype):
-            logits = model(**{k: v.to(device) for k, v in batch.model_inputs().items()}).logits
+            # no KV cache: scoring never decodes, and compiled blocks would recompile on one
+            logits = model(**{k: v.to(device) for k, v in batch.model_inputs().items()}, use_cache=False).logits
         targets = batch.targets.to(device)
         total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                                    ignore_index=IGNORE, reduction="sum").double()
