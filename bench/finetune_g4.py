@@ -6,6 +6,15 @@ lmforge's loop uses (length-grouped batches, padding to a multiple of 8, bf16, t
 against lmforge's loop with the Trainer's one truncation (head), same batch, lr and epochs.
 
     python bench/finetune_g4.py --data DIR --model DIR --cases trainer,lmforge --out OUT
+    python bench/finetune_g4.py ... --cases smollm2-trainer-fair --against OUT/g4.jsonl   # the other side, later
+    python bench/finetune_g4.py --data DIR --model - --cases none --budget 0 --against A/g4.jsonl --against B/g4.jsonl
+
+Every case records what tells two models apart, not only their accuracy: a sha256 of the scored
+weights (the same digest means the same weights), each test row's predicted class (`test_predicted`,
+class ids in label order), the confusion counts, the mean test loss and a digest of the test
+probabilities. A closing `pairs` line counts, for each two cases of this call (and of --against's
+file, when its test split has the same digest), the test rows on which they predict differently;
+--budget 0 trains nothing, so the last line above only compares two earlier calls' files.
 
 DIR for --data holds {train,val,test}.jsonl.gz (one {"text", "label"} object a line, the seeded
 80/10/10 IMDB split) or the split stage's parquet files; --model a transformers folder.
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import sys
 import time
@@ -91,10 +101,68 @@ def load(folder: Path, limit: int | None = None) -> dict[str, LabelledTexts]:
     return out
 
 
+def split_sha256(split: LabelledTexts) -> str:
+    """sha256 of a split's texts and labels, in order: two calls scored the same rows when it matches."""
+    digest = hashlib.sha256()
+    for text, label in zip(split.texts, split.labels):
+        digest.update(text.encode("utf-8", "replace") + b"\x00" + label.encode() + b"\x01")
+    return digest.hexdigest()
+
+
+def weights_sha256(net) -> str:
+    """sha256 over the model's state dict (each name, dtype, shape and the bytes), in name order:
+    the scored weights, compared across cases and calls (the same digest means the same model)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_evidence(logits, truth, labels: list[str]) -> dict:
+    """From a model's test logits (rows in test order): what tells it apart from another model
+    beyond its accuracy. test_predicted: each row's class id (one digit each up to 10 labels)."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)
+    truth = np.asarray(truth)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    pred = logits.argmax(-1)
+    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    np.add.at(confusion, (truth, pred), 1)
+    return {
+        "test_correct": int((pred == truth).sum()), "test_rows": len(truth),
+        "test_confusion": confusion.tolist(),  # rows: true label, columns: predicted, in label order
+        "test_loss": round(float(-logp[np.arange(len(truth)), truth].mean()), 6),
+        "test_probs_sha256": hashlib.sha256(np.round(np.exp(logp), 4).astype(np.float32).tobytes()).hexdigest(),
+        "test_predicted": "".join(map(str, pred)) if len(labels) <= 10 else pred.tolist(),
+    }
+
+
+def disagreements(rows: list[dict]) -> list[dict]:
+    """For each two rows with test predictions: on how many test rows they predict differently,
+    and whether they scored the same weights."""
+    scored = [r for r in rows if "test_predicted" in r]
+    out = []
+    for i, a in enumerate(scored):
+        for b in scored[i + 1 :]:
+            pa, pb = list(a["test_predicted"]), list(b["test_predicted"])
+            if len(pa) != len(pb):
+                continue
+            out.append({"a": a["case"], "b": b["case"], "a_seed": a.get("seed"), "b_seed": b.get("seed"),
+                        "disagree": sum(x != y for x, y in zip(pa, pb)), "rows": len(pa),
+                        "same_weights": a.get("weights_sha256") == b.get("weights_sha256")})
+    return out
+
+
 def table(rows: list[dict]) -> str:
     """The cases side by side; samples/s all = every train epoch (first-epoch compile included)."""
-    head = ("case", "seed", "bs", "lr", "ep", "compiled", "test_acc", "val_acc", "best_ep",
-            "samples/s all", "steady (ep 2..)", "epoch s")
+    head = ("case", "seed", "bs", "lr", "ep", "compiled", "test_acc", "test_loss", "val_acc", "best_ep",
+            "samples/s all", "steady (ep 2..)", "epoch s", "weights")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         if "settings" not in r:
@@ -104,9 +172,11 @@ def table(rows: list[dict]) -> str:
         hist = r.get("history") or []
         lines.append(" | ".join(str(x) for x in (
             r["case"], r.get("seed"), st["batch_size"], st["learning_rate"], st["num_train_epochs"], r.get("compiled", "-"),
-            round(r["test_accuracy"], 4), round(r["val_accuracy"], 4) if "val_accuracy" in r else "-",
+            round(r["test_accuracy"], 4), r.get("test_loss", "-"),
+            round(r["val_accuracy"], 4) if "val_accuracy" in r else "-",
             r.get("best_epoch", "-"), r["train_samples_per_second"], r.get("steady_samples_per_second", "-"),
-            "/".join(str(round(h["train_seconds"], 1)) for h in hist) or r.get("train_seconds"))))
+            "/".join(str(round(h["train_seconds"], 1)) for h in hist) or r.get("train_seconds"),
+            r.get("weights_sha256", "-")[:12])))
     return "\n".join(lines)
 
 
@@ -117,14 +187,49 @@ def run_lmforge(model: Path, data, settings: dict, seed: int) -> dict:
     wall = time.perf_counter() - start
     later = [h for h in result.history[1:]]
     steady = (sum(h["train_samples"] for h in later) / sum(h["train_seconds"] for h in later)) if later else None
+    evidence = lmforge_evidence(result, data, params)
     return {
-        "test_accuracy": result.test["accuracy"], "test_macro_f1": result.test["macro_f1"],
+        "test_accuracy": result.test["accuracy"], "test_macro_f1": result.test["macro_f1"], **evidence,
         "val_accuracy": result.val["accuracy"], "best_epoch": result.best_epoch,
         "train_samples_per_second": result.stats["samples_per_second"],
         "steady_samples_per_second": round(steady, 1) if steady else None,
         "train_seconds": result.stats["train_seconds"], "wall_seconds": round(wall, 1),
         "history": result.history, "compiled": result.stats["compiled"], "precision": result.stats["precision"],
     }
+
+
+def lmforge_evidence(result, data, params) -> dict:
+    """test_evidence of the weights lmforge scored (result.model: the best epoch's, back on the CPU),
+    their logits taken as finetune's predict takes its classes (same encoding, batches and autocast),
+    and the weights' digest. scored_mismatch: rows whose class here differs from finetune's own
+    test predictions (0, or a near-tie or two: anything more means this is not the model it scored)."""
+    import numpy as np
+    import torch
+
+    from lmforge.training import runtime
+    from lmforge.training.finetuning import collate, encode_split
+
+    device = runtime.pick_device(params.device, "finetune.device")
+    dtype = runtime.compute_dtype(params.precision, device)
+    net = result.model.to(device).eval()
+    encoded = encode_split(result.tokenizer, data["test"], params)
+    order = np.argsort([len(e) for e in encoded], kind="stable")
+    pad_id = int(result.tokenizer.pad_token_id)
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(order), params.eval_batch_size):
+            ids, mask = collate(encoded, order[start : start + params.eval_batch_size], pad_id, params.pad_multiple,
+                                params.max_length)
+            with runtime.autocast(device, dtype):
+                parts.append(net(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu())
+    net.to("cpu")
+    logits = np.empty((len(encoded), len(result.labels)), dtype=np.float32)
+    logits[order] = torch.cat(parts).numpy()
+    lid = {name: i for i, name in enumerate(result.labels)}
+    evidence = test_evidence(logits, [lid[y] for y in data["test"].labels], result.labels)
+    scored = [lid[y] for y in result.test_predictions]
+    evidence["scored_mismatch"] = int(sum(a != b for a, b in zip(logits.argmax(-1), scored)))
+    return {"weights_sha256": weights_sha256(result.model), **evidence}
 
 
 def run_trainer(model: Path, data, settings: dict, seed: int) -> dict:
@@ -170,8 +275,15 @@ def run_trainer(model: Path, data, settings: dict, seed: int) -> dict:
     trainer = Trainer(model=net, args=args, train_dataset=train, data_collator=collator, processing_class=tok)
     out = trainer.train()
     pred = trainer.predict(test)
-    acc = float(np.mean(pred.predictions.argmax(-1) == pred.label_ids))
-    return {"test_accuracy": acc, "train_samples_per_second": round(out.metrics["train_samples_per_second"], 1),
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    acc = float(np.mean(logits.argmax(-1) == pred.label_ids))
+    evidence = test_evidence(logits, pred.label_ids, labels)
+    c = np.asarray(evidence["test_confusion"])
+    both = c.sum(0) + c.sum(1)  # per class: predicted + true (F1 = 2 TP / both, 0 where both is 0, as sklearn)
+    macro_f1 = float(np.mean(np.where(both > 0, 2 * np.diag(c) / np.maximum(both, 1), 0.0)))
+    # net: the model the Trainer trained and scored (trainer.model_wrapped may be its compiled wrapper)
+    return {"test_accuracy": acc, "test_macro_f1": macro_f1, "weights_sha256": weights_sha256(net),
+            **evidence, "train_samples_per_second": round(out.metrics["train_samples_per_second"], 1),
             "train_seconds": round(out.metrics["train_runtime"], 1)}
 
 
@@ -184,6 +296,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; later cases are skipped past it")
     parser.add_argument("--limit", type=int, default=None, help="train rows (val/test: a quarter); smoke tests")
+    parser.add_argument("--against", action="append", default=[], metavar="G4_JSONL",
+                        help="an earlier call's g4.jsonl (repeatable): its cases join the closing pairs line "
+                             "(same test split only)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting in every case (smoke tests: --set compile=false --set num_train_epochs=1)")
     args = parser.parse_args()
@@ -195,8 +310,15 @@ def main() -> None:
     data = load(Path(args.data), args.limit)
     facts = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
              "torch": torch.__version__, "transformers": transformers.__version__,
-             "rows": {k: len(v) for k, v in data.items()}}
+             "rows": {k: len(v) for k, v in data.items()}, "test_sha256": split_sha256(data["test"])}
     print(json.dumps({"case": "facts", **facts}), flush=True)
+    earlier = []
+    for against in args.against:
+        before = [json.loads(line) for line in Path(against).read_text().splitlines() if line.strip()]
+        if before and before[0].get("test_sha256") == facts["test_sha256"]:
+            earlier += [{**r, "case": f"{r['case']} ({against})"} for r in before[1:] if "test_predicted" in r]
+        else:
+            print(f"--against {against}: another test split (or no test_sha256); not compared", file=sys.stderr)
     lines = []
     for name in args.cases.split(","):
         if time.perf_counter() - started > args.budget:
@@ -221,7 +343,14 @@ def main() -> None:
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "g4.jsonl").write_text("\n".join(json.dumps(r) for r in [facts, *lines]) + "\n")
+    pairs = {"case": "pairs", "pairs": disagreements(earlier + lines)}
+    print(json.dumps(pairs), flush=True)
+    if args.out:
+        (Path(args.out) / "g4.jsonl").write_text("\n".join(json.dumps(r) for r in [facts, *lines, pairs]) + "\n")
     print(table(lines), flush=True)
+    for p in pairs["pairs"]:
+        print(f"{p['a']} vs {p['b']}: {p['disagree']} of {p['rows']} test rows predicted differently, "
+              f"{'the same' if p['same_weights'] else 'different'} weights", flush=True)
 
 
 if __name__ == "__main__":
