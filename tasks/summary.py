@@ -171,6 +171,7 @@ def build_summary(reports: Path | str = "reports", aliases: dict[str, dict[str, 
     lines += data_section(reports)
     lines += metrics_section("Pretraining", reports / "pretrain" / "metrics.json", ["pretrain/loss.png"], reports)
     lines += metrics_section("Evaluation (against the unigram baseline)", reports / "evaluate" / "metrics.json", [], reports)
+    lines += metrics_section("Benchmarks (lm-evaluation-harness)", reports / "evaluate" / "benchmarks.json", [], reports)
     lines += samples_section(reports / "evaluate" / "samples.md")
     lines += metrics_section("Tuning (best trial)", reports / "tune" / "best.yaml",
                              ["tune/optimization_history.png", "tune/param_importances.png"], reports)

@@ -21,7 +21,8 @@ def test_init_from_a_base_model_continues_it_and_evaluate_compares_the_two(dvc_r
         "pretrain.context": 32, "pretrain.batch_size": 8, "pretrain.max_steps": 30, "pretrain.warmup_steps": 3,
         "pretrain.eval_steps": 10, "pretrain.eval_batches": 2, "pretrain.save_steps": 100,
         "pretrain.learning_rate": 0.003, "pretrain.device": "cpu",
-        "evaluate.max_tokens": 4096, "evaluate.samples": 1, "evaluate.sample_tokens": 8, "evaluate.device": "cpu"})
+        "evaluate.max_tokens": 4096, "evaluate.samples": 1, "evaluate.sample_tokens": 8, "evaluate.device": "cpu",
+        "evaluate.benchmarks": []})
     done = run(["dvc", "repro", "evaluate"], dvc_repo)
 
     meta = json.loads((dvc_repo / "data/tokens/meta.json").read_text())

@@ -98,6 +98,8 @@ def test_pretrain_then_evaluate_through_the_stages_with_mlflow(tmp_path, monkeyp
         assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
     samples = (root / "reports/evaluate/samples.md").read_text()
     assert samples.count("**prompt:** `KING:`") == 2
+    bench = json.loads((root / "reports/evaluate/benchmarks.json").read_text())
+    assert bench == {"tasks": {}, "skipped": "evaluate.benchmarks is empty"}  # written even then: DVC expects it
     positions = list(csv.DictReader((root / "reports/evaluate/loss_by_position.csv").open()))
     assert len(positions) == 32 and set(positions[0]) == {"position", "val_loss", "test_loss"}
     # Later positions see more context: they predict better than the first.

@@ -13,6 +13,26 @@ from lmforge.config import Section
 _MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*[KMG]i?B$", re.IGNORECASE)
 
 
+# The lm-evaluation-harness tasks lmforge/evaluation/benchmarks.py has local documents for (its TASKS).
+BenchmarkName = Literal["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "copa", "social_iqa",
+                        "commonsense_qa"]
+
+
+class Benchmark(Section):
+    """One harness task: the first `limit` documents of the split the harness scores (null: all of
+    them), each after `num_fewshot` solved examples (0: zero-shot, as most published figures)."""
+
+    name: BenchmarkName
+    limit: int | None = Field(None, ge=1)
+    num_fewshot: int = Field(0, ge=0)
+
+
+def _default_benchmarks() -> list[Benchmark]:
+    # Sized for 2 CPU cores: ~11 s for the 1M-parameter default model, ~55 s for SmolLM2-135M.
+    # piqa is left out: its longest answers pass the default model's 128 positions.
+    return [Benchmark(name=name, limit=100) for name in ("hellaswag", "arc_easy", "winogrande")]
+
+
 class EvaluateParams(Section):
     """lmforge/evaluation/language_model.py: losses over whole splits, a unigram baseline, samples."""
 
@@ -33,6 +53,9 @@ class EvaluateParams(Section):
     # device_map auto only: accelerate's cap per device, a GPU index or cpu -> a size such as 60GiB;
     # a device left out gets nothing, and disk takes what fits nowhere (null: what each device has free).
     max_memory: dict[str, str] | None = None
+    # lm-evaluation-harness tasks scored on the model (lmforge/evaluation/benchmarks.py); []: none.
+    benchmarks: list[Benchmark] = Field(default_factory=_default_benchmarks)
+    benchmark_batch_size: int = Field(16, ge=1)  # documents' choices per forward pass in the harness
 
     @field_validator("max_memory", mode="before")
     @classmethod
@@ -58,6 +81,9 @@ class EvaluateParams(Section):
     def _distinct(self) -> EvaluateParams:
         if len(set(self.splits)) != len(self.splits):
             raise ValueError(f"splits lists a split twice: {self.splits}")
+        names = [b.name for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"benchmarks lists a task twice: {names}")
         if self.samples and not self.prompts:
             raise ValueError("samples > 0 needs at least one prompt")
         return self
