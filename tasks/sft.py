@@ -2,7 +2,9 @@
 
     python -m tasks.sft            # what dvc.yaml runs; resumes a killed run
 
-Reads params.yaml (seed, sft) and data/split/<sft.dataset>/{train,val,test}.parquet. Writes
+Trains with TRL's SFTTrainer inside lmforge's contract (sft.engine: trl, lmforge/training/chat_trl.py)
+or lmforge's own loop (engine: lmforge, lmforge/training/chat_tuning.py); auto picks TRL on a GPU and
+the own loop on the CPU, where each was measured faster. Both are scored, checkpointed and saved alike. Reads params.yaml (seed, sft) and data/split/<sft.dataset>/{train,val,test}.parquet. Writes
 models/chat/ (a transformers folder whose tokenizer carries its chat template; a LoRA run's
 adapters also on their own in models/chat/adapter), models/sft-checkpoints/ (kept between runs,
 for resuming), reports/sft/ (metrics.json with the base model's held-out loss beside the chat
@@ -76,6 +78,18 @@ def write_samples(path: Path, samples: list[dict[str, str]], base_model: str) ->
         Path(tmp).write_text("\n".join(lines))
 
 
+def with_engine(section):
+    """The sft section with `engine: auto` decided: TRL on a GPU (1.38x lmforge's loop on one H100,
+    bench/results/2026-12-06-h100-sft-trl.json), lmforge's own loop on the CPU (about 2x TRL's
+    speed on 2 cores, docs/post-training.md)."""
+    if section.engine != "auto":
+        return section
+    import torch
+
+    gpu = section.device != "cpu" and torch.cuda.is_available()
+    return section.model_copy(update={"engine": "trl" if gpu else "lmforge"})
+
+
 def run(args: argparse.Namespace) -> dict:
     from lmforge.atomic import atomic_dir, write_json
     from lmforge.config import load_params
@@ -84,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
     from lmforge.training.chat_tuning import chat_finetune, read_conversations, save_chat_model
 
     params = load_params(args.params)
-    section = params.sft
+    section = with_engine(params.sft)
     base = resolve_base_model(section.base_model, pretrained_dir=layout.PRETRAINED)
     data = read_conversations(args.data or layout.SPLIT / section.dataset)
     reports = Path(args.reports)
@@ -92,9 +106,13 @@ def run(args: argparse.Namespace) -> dict:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     with tracking.stage_run("sft", {"seed": params.seed, "sft": section.model_dump()},
-                            tags={"base_model": section.base_model, "method": section.method}) as mlrun:
-        result = chat_finetune(base, data, section, seed=params.seed, checkpoint_dir=args.checkpoints,
-                               on_metrics=lambda step, values: mlrun.log_metrics(values, step=step), log=log)
+                            tags={"base_model": section.base_model, "method": section.method,
+                                  "engine": section.engine}) as mlrun:
+        finetune = chat_finetune
+        if section.engine == "trl":
+            from lmforge.training.chat_trl import trl_finetune as finetune
+        result = finetune(base, data, section, seed=params.seed, checkpoint_dir=args.checkpoints,
+                          on_metrics=lambda step, values: mlrun.log_metrics(values, step=step), log=log)
         log("sft: sample replies of the base and the chat model")
         samples = sample_replies(base, result, section)
         with atomic_dir(Path(args.out)) as tmp:
@@ -102,6 +120,7 @@ def run(args: argparse.Namespace) -> dict:
         metrics = {
             "base_model": section.base_model,
             "method": section.method,
+            "engine": section.engine,
             "base": result.base,
             "val": result.val,
             "test": result.test,

@@ -5,6 +5,7 @@ The clone borrows this checkout's .venv (make's -o flag keeps the install step f
 the test measures the pipeline, not pip.
 """
 
+import json
 import re
 import subprocess
 
@@ -34,8 +35,13 @@ def test_make_run_from_a_clone_builds_registers_and_summarises(tmp_path):
     result = subprocess.run(["make", "-o", ".venv/.installed", "run"], cwd=clone, capture_output=True, text=True)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
-    for stage in ("ingest@corpus", "clean@task", "tokenize", "pretrain", "evaluate", "tune", "finetune", "register"):
+    for stage in ("ingest@corpus", "clean@task", "tokenize", "pretrain", "evaluate", "tune", "finetune", "sft",
+                  "register"):
         assert f"[{stage}] done in" in log, f"no time printed for {stage}"
+    bench = json.loads((clone / "reports/evaluate/benchmarks.json").read_text())
+    assert {"hellaswag", "arc_easy"} <= set(bench["tasks"]) and bench["tasks"]["hellaswag"]["examples"] > 0
+    chat = json.loads((clone / "reports/sft/metrics.json").read_text())
+    assert chat["test"]["loss"] < chat["base"]["test"]["loss"]  # the chat model learned the held-out replies
     summary = (clone / "reports/summary.md").read_text()
     assert "## Registry" in summary and "@champion = v1" in summary
     assert "_has not run yet._" not in summary

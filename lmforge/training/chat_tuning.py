@@ -199,7 +199,7 @@ def fingerprint(params: Any, seed: int, base: Path | str, train: Sequence[Conver
         digest.update(b"\x01")
     return {"seed": seed, "base": str(base), "data": digest.hexdigest(),
             **runtime.recorded_knobs("sft.", params.model_dump(), operational=OPERATIONAL_KEYS,
-                                     later_at_old_behaviour={})}
+                                     later_at_old_behaviour={"engine": "lmforge"})}
 
 
 @dataclass
