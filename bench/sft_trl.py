@@ -44,7 +44,7 @@ How each side is set up:
   one the same logits as it gets alone (with a causal-only control that must differ).
 - Assistant-only loss needs a chat template with {% generation %} markers. SmolLM2's ChatML
   template (and lmforge.generation.DEFAULT_CHAT_TEMPLATE, for models without one) has none, so
-  this file carries marked copies (SMOLLM2_GENERATION_TEMPLATE, PLAIN_GENERATION_TEMPLATE) that
+  lmforge/training/chat_trl.py carries marked copies (SMOLLM2_GENERATION_TEMPLATE, PLAIN_GENERATION_TEMPLATE) that
   render byte-identical text, the
   marked span being exactly what lmforge's packing.encode_conversation learns (the reply, its
   <|im_end|> and the line break after it). The bench checks that TRL's assistant mask equals
@@ -94,46 +94,9 @@ import numpy as np
 import torch
 
 # --- chat templates with generation markers ----------------------------------------------------
-
-# SmolLM2's own template (as the packaged folder's chat_template.jinja holds it) ...
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# ... and the same text with the assistant's reply, its <|im_end|> and the line break marked.
-SMOLLM2_GENERATION_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endgeneration %}"
-    "{% else %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# lmforge.generation.DEFAULT_CHAT_TEMPLATE (models with no template of their own), marked: the
-# reply is what follows "Assistant:", its leading space and trailing line break included.
-PLAIN_GENERATION_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}{{ message['role'] | capitalize }}:"
-    "{% generation %} {{ message['content'] }}\n{% endgeneration %}"
-    "{% else %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
-def generation_template(template: str) -> str:
-    """The {% generation %}-marked twin of a chat template this bench knows."""
-    from lmforge.generation import DEFAULT_CHAT_TEMPLATE
-
-    known = {SMOLLM2_TEMPLATE.strip(): SMOLLM2_GENERATION_TEMPLATE, DEFAULT_CHAT_TEMPLATE.strip(): PLAIN_GENERATION_TEMPLATE}
-    if "{% generation %}" in template or "{%- generation" in template:
-        return template
-    if template.strip() in known:
-        return known[template.strip()]
-    raise SystemExit("the model's chat template has no {% generation %} markers and this bench carries no marked "
-                     "twin of it: add one beside SMOLLM2_GENERATION_TEMPLATE in bench/sft_trl.py")
+# TRL's assistant-only loss needs a {% generation %}-marked twin of the chat template: the stage's
+# TRL engine carries them (SmolLM2's ChatML and lmforge's plain template) and this bench uses the same.
+from lmforge.training.chat_trl import generation_template  # noqa: E402
 
 
 # --- data ---------------------------------------------------------------------------------------
