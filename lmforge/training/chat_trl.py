@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from lmforge.generation import DEFAULT_CHAT_TEMPLATE
 from lmforge.training import chat_tuning, checkpoint, runtime
-from lmforge.training.chat_tuning import ChatResult, Conversation, SftError
+from lmforge.training.chat_tuning import ChatResult, Conversation, SftError, train_stats
 from lmforge.training.packing import IGNORE, Example
 
 ENGINE = "trl"
@@ -541,24 +541,9 @@ def wrap_up(run: TrlRun, trainer, resumed: int | None) -> ChatResult:
     val_scores = run.score_conversations(run.val)
     test_scores = run.score_conversations(run.test) if run.test else None
     run.model.to("cpu")
-    seconds = progress.train_seconds
-    stats = {
-        "steps": trainer.state.global_step,
-        "tokens": progress.tokens,
-        "target_tokens": progress.target_tokens,
-        "train_seconds": round(seconds, 3),
-        "tokens_per_second": round(progress.tokens / seconds, 1) if seconds > 0 else None,
-        "device": torch.cuda.get_device_name() if run.device.type == "cuda" else "cpu",
-        "precision": "bf16" if run.dtype else "fp32",
-        "compiled": run.compiled,
-        "resumed_from_step": resumed,
-        "train_conversations": len(run.train),
-        "val_conversations": len(run.val_examples),
-        "dropped_conversations": run.dropped,
-        "trainable_parameters": sum(q.numel() for q in run.model.parameters() if q.requires_grad),
-        "engine": ENGINE,
-        "trl": trl.__version__,
-    }
+    stats = {**train_stats(run, progress, steps=trainer.state.global_step, resumed_from=resumed,
+                           val_count=len(run.val_examples)),
+             "engine": ENGINE, "trl": trl.__version__}
     return ChatResult(model=run.model, tokenizer=run.tokenizer, method=run.params.method, history=progress.history,
                       best_step=progress.best_step, base=progress.base or {}, val=val_scores, test=test_scores,
                       stats=stats)

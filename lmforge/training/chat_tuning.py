@@ -467,9 +467,18 @@ def wrap_up(run: ChatRun, progress: ChatProgress, test: list[Example] | None, re
     val_scores = run.score(run.val)
     test_scores = run.score(test) if test else None
     run.model.to("cpu")
+    stats = train_stats(run, progress, steps=progress.global_step, resumed_from=resumed_from, val_count=len(run.val))
+    return ChatResult(model=run.model, tokenizer=run.tokenizer, method=run.params.method, history=progress.history,
+                      best_step=progress.best_step, base=progress.base or {}, val=val_scores, test=test_scores,
+                      stats=stats)
+
+
+def train_stats(run, progress, *, steps: int, resumed_from: int | None, val_count: int) -> dict[str, Any]:
+    """A finished run's figures, as either engine reports them (run: its model, device, dtype,
+    compiled, train and dropped; progress: its tokens, target_tokens and train_seconds)."""
     seconds = progress.train_seconds
-    stats = {
-        "steps": progress.global_step,
+    return {
+        "steps": steps,
         "tokens": progress.tokens,
         "target_tokens": progress.target_tokens,
         "train_seconds": round(seconds, 3),
@@ -479,13 +488,10 @@ def wrap_up(run: ChatRun, progress: ChatProgress, test: list[Example] | None, re
         "compiled": run.compiled,
         "resumed_from_step": resumed_from,
         "train_conversations": len(run.train),
-        "val_conversations": len(run.val),
+        "val_conversations": val_count,
         "dropped_conversations": run.dropped,
         "trainable_parameters": sum(q.numel() for q in run.model.parameters() if q.requires_grad),
     }
-    return ChatResult(model=run.model, tokenizer=run.tokenizer, method=run.params.method, history=progress.history,
-                      best_step=progress.best_step, base=progress.base or {}, val=val_scores, test=test_scores,
-                      stats=stats)
 
 
 ADAPTER_FOLDER = "adapter"  # inside the saved model: a LoRA run's adapters on their own (peft's format)
