@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.errors import UserError
 from lmforge.generation import DEFAULT_CHAT_TEMPLATE
-from lmforge.training import checkpoint, runtime
+from lmforge.training import runtime
 from lmforge.training.packing import IGNORE, Example, TemplateError, collate, encode_conversation, pack
 
 SPLITS = ("train", "val", "test")
@@ -336,12 +336,6 @@ def train_step(run: ChatRun, rows: Sequence[list[Example]]) -> tuple[torch.Tenso
     return loss.detach(), fed, learned
 
 
-def finite_loss(value: float, where: str) -> float:
-    if not math.isfinite(value):
-        raise FloatingPointError(f"training loss is {value} at {where}")
-    return value
-
-
 def evaluate(run: ChatRun, progress: ChatProgress, train_loss: float | None,
              on_metrics: Callable[[int, dict], None] | None) -> None:
     """Score val, keep the weights if they are the best so far, record a history row."""
@@ -354,23 +348,9 @@ def evaluate(run: ChatRun, progress: ChatProgress, train_loss: float | None,
             + (f" (train {train_loss:.4f})" if train_loss is not None else ""))
     if progress.best_val is None or scores["loss"] < progress.best_val:
         progress.best_val, progress.best_step = scores["loss"], step
-        keep_best(run, {"step": step, "val_loss": scores["loss"]})
+        runtime.keep_best(run, {"step": step, "val_loss": scores["loss"]})
     if on_metrics is not None:
         on_metrics(step, {"val_loss": scores["loss"]})
-
-
-def keep_best(run: ChatRun, info: dict[str, Any]) -> None:
-    if run.checkpoints is not None:
-        run.checkpoints.save_best(checkpoint.snapshot(run.model), info)
-    else:
-        run.best_in_memory = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
-
-
-def restore_best(run: ChatRun) -> None:
-    if run.checkpoints is not None:
-        run.checkpoints.restore_best(run.model)
-    elif run.best_in_memory is not None:
-        run.model.load_state_dict(run.best_in_memory)
 
 
 def train(run: ChatRun, progress: ChatProgress, on_metrics: Callable[[int, dict], None] | None) -> None:
@@ -396,7 +376,7 @@ def train(run: ChatRun, progress: ChatProgress, on_metrics: Callable[[int, dict]
             last = step >= run.total_steps
             mean = None
             if step % p.logging_steps == 0 or step % p.eval_steps == 0 or last:
-                mean = finite_loss((running / counted).item(), f"step {step}")
+                mean = runtime.finite_loss((running / counted).item(), f"step {step}")
                 running, counted = torch.zeros((), device=run.device), 0
                 run.bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
                 if on_metrics is not None:
@@ -461,7 +441,7 @@ def chat_finetune(base: Path | str, data: Mapping[str, Sequence[Conversation]], 
 
 def wrap_up(run: ChatRun, progress: ChatProgress, test: list[Example] | None, resumed_from: int | None) -> ChatResult:
     """The best weights, scored on val and test, moved to the CPU."""
-    restore_best(run)
+    runtime.restore_best(run)
     run.model.eval()
     run.model.config.use_cache = True  # from here on the model decodes
     val_scores = run.score(run.val)

@@ -46,7 +46,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lmforge.errors import UserError
 from lmforge.training.classification_scores import classification_metrics
-from lmforge.training import checkpoint, runtime
+from lmforge.training import runtime
 
 SPLITS = ("train", "val", "test")
 # finetune params that change how a run computes or is reported, not the weights it ends with.
@@ -434,7 +434,7 @@ def train_epoch(run: FinetuneRun, progress: FinetuneProgress, on_step: Callable[
         step = progress.global_step
         run.bar.update(1)
         if step % p.logging_steps == 0:
-            mean = finite_loss((running / counted).item(), f"step {step}")
+            mean = runtime.finite_loss((running / counted).item(), f"step {step}")
             run.bar.set_postfix(epoch=progress.epoch + 1, loss=f"{mean:.4f}", refresh=False)
             run.say(f"finetune: epoch {progress.epoch + 1} step {step}/{run.total_steps} loss {mean:.4f} "
                     f"lr {run.scheduler.get_last_lr()[0]:.2e}")
@@ -447,7 +447,7 @@ def train_epoch(run: FinetuneRun, progress: FinetuneProgress, on_step: Callable[
             on_step(step)
     runtime.synchronize(run.device)
     progress.train_seconds += time.perf_counter() - started
-    return finite_loss((running / counted).item(), f"epoch {progress.epoch + 1}") if counted else math.nan
+    return runtime.finite_loss((running / counted).item(), f"epoch {progress.epoch + 1}") if counted else math.nan
 
 
 def train_step(run: FinetuneRun, rows: np.ndarray) -> torch.Tensor:
@@ -466,12 +466,6 @@ def train_step(run: FinetuneRun, rows: np.ndarray) -> torch.Tensor:
     return loss.detach()
 
 
-def finite_loss(value: float, where: str) -> float:
-    if not math.isfinite(value):
-        raise FloatingPointError(f"training loss is {value} at {where}")
-    return value
-
-
 def end_epoch(run: FinetuneRun, progress: FinetuneProgress, train_loss: float, seconds_before: float,
               samples_before: int) -> dict:
     """Validate, keep the best weights, decide on early stopping, checkpoint; returns val scores."""
@@ -485,7 +479,7 @@ def end_epoch(run: FinetuneRun, progress: FinetuneProgress, train_loss: float, s
     value = scores[p.metric]
     if progress.best is None or value > progress.best:
         progress.best, progress.best_epoch, progress.bad_epochs = value, epoch, 0
-        keep_best(run, {"epoch": epoch, p.metric: value})
+        runtime.keep_best(run, {"epoch": epoch, p.metric: value})
     else:
         progress.bad_epochs += 1
     progress.epoch, progress.step_in_epoch = epoch, 0
@@ -495,20 +489,6 @@ def end_epoch(run: FinetuneRun, progress: FinetuneProgress, train_loss: float, s
     progress.done = stop or progress.global_step >= run.total_steps or progress.epoch >= p.num_train_epochs
     save_checkpoint(run, progress)
     return scores
-
-
-def keep_best(run: FinetuneRun, info: dict[str, Any]) -> None:
-    if run.checkpoints is not None:
-        run.checkpoints.save_best(checkpoint.snapshot(run.model), info)
-    else:
-        run.best_in_memory = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
-
-
-def restore_best(run: FinetuneRun) -> None:
-    if run.checkpoints is not None:
-        run.checkpoints.restore_best(run.model)
-    elif run.best_in_memory is not None:
-        run.model.load_state_dict(run.best_in_memory)
 
 
 @dataclass
@@ -557,7 +537,7 @@ def finetune(base: Path | str, data: Mapping[str, LabelledTexts], params: Any, *
 def wrap_up(run: FinetuneRun, data: Mapping[str, LabelledTexts], progress: FinetuneProgress,
             resumed_from: int | None) -> FinetuneResult:
     """The best weights, LoRA merged, scored on val and test, moved to the CPU."""
-    restore_best(run)
+    runtime.restore_best(run)
     if run.params.method == "lora":
         run.model = run.model.merge_and_unload()
     run.model.eval()

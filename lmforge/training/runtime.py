@@ -420,3 +420,30 @@ class RunCheckpoints:
         checkpoint.read_state(best)
         checkpoint.load_weights(best, model)
         return True
+
+
+# --- what every loop does around its steps ---------------------------------------------------------
+
+
+def finite_loss(value: float, where: str) -> float:
+    """The loss, or FloatingPointError naming where it stopped being finite."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"training loss is {value} at {where}")
+    return value
+
+
+def keep_best(run, info: dict[str, Any]) -> None:
+    """Keep a run's weights as its best: in its RunCheckpoints folder, or (a run without one) as a
+    CPU copy in run.best_in_memory. run: a loop's run (checkpoints, model, best_in_memory)."""
+    if run.checkpoints is not None:
+        run.checkpoints.save_best(checkpoint.snapshot(run.model), info)
+    else:
+        run.best_in_memory = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+
+
+def restore_best(run) -> None:
+    """Load what keep_best kept back into run.model (nothing kept: the weights stay as they are)."""
+    if run.checkpoints is not None:
+        run.checkpoints.restore_best(run.model)
+    elif run.best_in_memory is not None:
+        run.model.load_state_dict(run.best_in_memory)
