@@ -45,7 +45,8 @@ def benchmark_scores(settings, model: Path, masked: bool) -> dict:
 def benchmark_line(name: str, task: dict) -> str:
     figures = ", ".join(f"{metric} {task[metric]:.3f} ± {task.get(metric + '_stderr') or 0:.3f}"
                         for metric in ("acc", "acc_norm") if isinstance(task.get(metric), float))
-    return f"{name} ({task['examples']} of {task['documents']}, {task['num_fewshot']}-shot): {figures}"
+    passed = f"; {len(task['too_long'])} passed over: an answer longer than the model" if task.get("too_long") else ""
+    return f"{name} ({task['examples']} of {task['documents']}, {task['num_fewshot']}-shot{passed}): {figures}"
 
 
 def main(argv: list[str] | None = None) -> int:

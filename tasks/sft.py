@@ -9,7 +9,8 @@ models/chat/ (a transformers folder whose tokenizer carries its chat template; a
 adapters also on their own in models/chat/adapter), models/sft-checkpoints/ (kept between runs,
 for resuming), reports/sft/ (metrics.json with the base model's held-out loss beside the chat
 model's, history.csv for dvc.yaml's loss chart, samples.md: replies of the base model and the
-chat model to sft.sample_prompts) and one MLflow run with the loss curves.
+chat model to sft.sample_prompts; benchmarks.json: the harness tasks of sft.benchmarks scored
+on both, side by side) and one MLflow run with the loss curves.
 """
 
 from __future__ import annotations
@@ -78,6 +79,29 @@ def write_samples(path: Path, samples: list[dict[str, str]], base_model: str) ->
         Path(tmp).write_text("\n".join(lines))
 
 
+def benchmarks_side_by_side(base_folder: Path, chat_folder: Path, section, log) -> dict:
+    """The harness's scores of the base model and of the chat model on the same documents, and the
+    change in points: fine-tuning that forgets shows as a drop, not silently. Both are scored in
+    float32, whatever dtype each was saved in, so the change is the fine-tuning's alone."""
+    if not section.benchmarks:
+        return {"tasks": {}, "skipped": "sft.benchmarks is empty"}
+    from lmforge.evaluation.benchmarks import run_benchmarks
+
+    runs = {side: run_benchmarks(folder, section.benchmarks, batch_size=section.benchmark_batch_size,
+                                 device=section.device, dtype="float32")
+            for side, folder in (("base", base_folder), ("chat", chat_folder))}
+    tasks = {}
+    for name, base in runs["base"]["tasks"].items():
+        chat = runs["chat"]["tasks"][name]
+        change = {metric: round(100 * (chat[metric] - base[metric]), 2)
+                  for metric in ("acc", "acc_norm") if isinstance(base.get(metric), float)}
+        tasks[name] = {"base": base, "chat": chat, "change_points": change}
+        figures = ", ".join(f"{metric} {base[metric]:.3f} -> {chat[metric]:.3f} ({points:+.1f} points)"
+                            for metric, points in change.items())
+        log(f"sft: {name} ({chat['examples']} documents): {figures}")
+    return {"harness": runs["chat"]["harness"], "data": runs["chat"]["data"], "tasks": tasks}
+
+
 def with_engine(section):
     """The sft section with `engine: auto` decided: TRL on a GPU (1.38x lmforge's loop on one H100,
     bench/results/2026-12-06-h100-sft-trl.json), lmforge's own loop on the CPU (about 2x TRL's
@@ -117,6 +141,8 @@ def run(args: argparse.Namespace) -> dict:
         samples = sample_replies(base, result, section)
         with atomic_dir(Path(args.out)) as tmp:
             save_chat_model(result, tmp)
+        log("sft: benchmarks of the base and the chat model")
+        bench = benchmarks_side_by_side(base, Path(args.out), section, log)
         metrics = {
             "base_model": section.base_model,
             "method": section.method,
@@ -135,13 +161,17 @@ def run(args: argparse.Namespace) -> dict:
         write_json(reports / "metrics.json", metrics)
         write_history(reports / "history.csv", result.history)
         write_samples(reports / "samples.md", samples, section.base_model)
+        write_json(reports / "benchmarks.json", bench)
         flat = {f"{split}_{k}": v for split in ("val", "test") for k, v in (metrics[split] or {}).items()
                 if k in ("loss", "perplexity")}
         flat.update({f"base_{split}_loss": result.base[split]["loss"] for split in result.base})
         flat.update({"train_tokens_per_second": result.stats["tokens_per_second"] or 0.0,
                      "train_seconds": result.stats["train_seconds"]})
+        flat.update({f"bench_{task}_{metric}_{side}": scores[side][metric]
+                     for task, scores in bench["tasks"].items() for metric in scores["change_points"]
+                     for side in ("base", "chat")})
         mlrun.log_metrics(flat)
-        for name in ("metrics.json", "history.csv", "samples.md"):
+        for name in ("metrics.json", "history.csv", "samples.md", "benchmarks.json"):
             mlrun.log_artifact(reports / name)
 
     # A finished run leaves nothing to resume: its best weights are in models/chat.

@@ -72,7 +72,7 @@ def _scored_split(config: dict) -> str:
 
 
 def test_every_task_has_a_file_and_the_config_knows_every_task():
-    from lmforge.config.evaluate import BenchmarkName
+    from lmforge.config import BenchmarkName
 
     files = {path.stem for path in benchmarks.TASKS_DIR.glob("*.yaml")}
     assert files == set(benchmarks.TASKS) == set(typing.get_args(BenchmarkName)) == set(HARNESS_FILES)
@@ -165,10 +165,12 @@ def test_the_arc_rebuild_gives_back_the_shipped_validation_set(data: Path, tmp_p
 # --- scoring: the harness's command line against run_benchmarks ----------------------------------
 
 
-def _cli(model: Path, tasks: list[str], out: Path, num_fewshot: int = 0) -> dict:
-    """`lm_eval --model hf` in a subprocess, offline, on the same folder, tasks and batch size."""
+def _cli(model: Path, tasks: list[str], out: Path, num_fewshot: int = 0, samples: dict | None = None) -> dict:
+    """`lm_eval --model hf` in a subprocess, offline, on the same folder, tasks and batch size: the
+    first LIMIT documents, or the ones `samples` names (its --samples)."""
+    chosen = ["--samples", json.dumps(samples)] if samples else ["--limit", str(LIMIT)]
     cmd = [str(BIN / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={model}", "--tasks", ",".join(tasks),
-           "--include_path", str(benchmarks.TASKS_DIR), "--limit", str(LIMIT), "--num_fewshot", str(num_fewshot),
+           "--include_path", str(benchmarks.TASKS_DIR), *chosen, "--num_fewshot", str(num_fewshot),
            "--batch_size", str(BATCH), "--device", "cpu", "--output_path", str(out), "--log_samples"]
     done = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
@@ -240,7 +242,27 @@ def test_a_model_in_memory_scores_as_its_folder_and_keeps_its_mode(model: Path, 
             assert in_memory["tasks"][name][metric] == pytest.approx(from_folder["tasks"][name][metric], abs=1e-12)
 
 
-def test_an_answer_longer_than_the_model_is_a_clear_error(data: Path):
-    # lm_folder() has 64 positions; HellaSwag's endings pass that in its byte-sized tokens.
-    with pytest.raises(BenchmarkError, match="longer than the model's 64 positions"):
-        run_benchmarks(lm_folder(), [BenchmarkTask("hellaswag", 5)], batch_size=BATCH, device="cpu")
+def test_documents_whose_answers_pass_the_window_are_passed_over_and_counted(data: Path, tmp_path: Path):
+    # lm_folder() has 64 positions; some PIQA answers pass that in its byte-sized tokens, which the
+    # harness cannot score (it stops on an assertion). The first LIMIT documents that fit are scored
+    # instead, and the harness's command line given the same documents agrees.
+    ours = run_benchmarks(lm_folder(), [BenchmarkTask("piqa", LIMIT)], batch_size=BATCH, device="cpu", samples=True)
+    scored = ours["tasks"]["piqa"]
+    passed_over = scored["too_long"]
+    assert scored["examples"] == LIMIT and passed_over
+    chosen = [i for i in range(LIMIT + len(passed_over)) if i not in passed_over]  # the first LIMIT that fit
+    assert max(passed_over) < chosen[-1]
+    cli = _cli(lm_folder(), ["piqa"], tmp_path / "cli", samples={"piqa": chosen})
+    for metric in ("acc", "acc_norm"):
+        assert scored[metric] == pytest.approx(cli["results"]["piqa"][f"{metric},none"], abs=1e-12)
+
+
+def test_the_longest_answers_are_what_the_pinned_data_holds(data: Path):
+    # run_benchmarks skips the window check for a model whose window is longer than these
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=str(benchmarks.TASKS_DIR), include_defaults=False)
+    for name, spec in benchmarks.TASKS.items():
+        task = get_task_dict([name], manager)[name]
+        task.build_all_requests(limit=None)
+        assert max(len(r.args[1].encode()) for r in task.instances) == spec.longest_answer_bytes, name

@@ -45,7 +45,8 @@ def test_dvc_repro_sft_writes_a_chat_model_that_answers_messages_through_a_pipel
     from transformers import pipeline
 
     write_params(dvc_repo, sources, **{f"sft.{k}": v for k, v in TINY.items()},
-                 **{"sft.base_model": str(lm_folder()), "sft.sample_prompts": ["What is 3 plus 3?"], "sft.num_train_epochs": 2})
+                 **{"sft.base_model": str(lm_folder()), "sft.sample_prompts": ["What is 3 plus 3?"], "sft.num_train_epochs": 2,
+                    "sft.benchmarks": [{"name": "copa", "limit": 6}], "sft.benchmark_batch_size": 8})
     done = run(["dvc", "repro", "sft"], dvc_repo)
     assert "Running stage 'sft'" in done.stdout and "split@chat" in done.stdout
 
@@ -63,6 +64,11 @@ def test_dvc_repro_sft_writes_a_chat_model_that_answers_messages_through_a_pipel
         assert metrics["vs_base"][split] == pytest.approx(metrics["base"][split]["loss"] - metrics[split]["loss"], abs=1e-5)
     history = pd.read_csv(dvc_repo / "reports/sft/history.csv")
     assert history["step"].tolist() == [4, 8, 12] and history["val_loss"].notna().all()
+    # the base and the chat model on the same benchmark documents, the change in points beside
+    bench = json.loads((dvc_repo / "reports/sft/benchmarks.json").read_text())["tasks"]["copa"]
+    assert bench["base"]["examples"] == bench["chat"]["examples"] == 6
+    for metric, points in bench["change_points"].items():
+        assert points == pytest.approx(100 * (bench["chat"][metric] - bench["base"][metric]), abs=0.01)
     samples = (dvc_repo / "reports/sft/samples.md").read_text()
     assert "## What is 3 plus 3?" in samples and "**base:**" in samples and "**chat:**" in samples
 

@@ -24,7 +24,7 @@ import io
 import re
 from collections.abc import Hashable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -50,6 +50,20 @@ class Section(BaseModel):
 
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+# The lm-evaluation-harness tasks lmforge/evaluation/benchmarks.py has local documents for (its
+# TASKS). Scored by evaluate (the pretrained model) and by sft (the base and the chat model).
+BenchmarkName = Literal["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "copa", "social_iqa",
+                        "commonsense_qa"]
+
+
+class Benchmark(Section):
+    """One harness task: the first `limit` documents of the split the harness scores (null: all of
+    them), each after `num_fewshot` solved examples (0: zero-shot, as most published figures)."""
+
+    name: BenchmarkName
+    limit: int | None = Field(None, ge=1)
+    num_fewshot: int = Field(0, ge=0)
 
 
 # --- training stages: see the modules that use them -------------------------------------------

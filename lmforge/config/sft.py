@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from lmforge.config import Fraction, Section
+from lmforge.config import Benchmark, Fraction, Section
 
 
 class SftParams(Section):
@@ -47,3 +47,8 @@ class SftParams(Section):
     compile: bool | Literal["auto"] = "auto"
     sample_prompts: list[str] = Field(default_factory=lambda: ["Hi! How was your weekend?"], max_length=32)
     sample_tokens: int = Field(48, ge=1, le=4096)
+    # Harness tasks scored on the base model and on the chat model, the same documents for both
+    # (reports/sft/benchmarks.json): fine-tuning that forgets shows as a drop. []: none.
+    benchmarks: list[Benchmark] = Field(default_factory=lambda: [Benchmark(name=name, limit=50)
+                                                                 for name in ("hellaswag", "arc_easy", "piqa")])
+    benchmark_batch_size: int = Field(16, ge=1)
