@@ -108,8 +108,10 @@ def test_gpu_overlay_over_params_is_the_measured_gpu_recipe():
     # nor is the chat dataset, read only when `datasets` lists it.
     then = merge_overlay(with_new_names(yaml.safe_load(shown.stdout)), CHANGED_SINCE)
     now, then = validate_params(gpu_params()), validate_params(then)
-    # nor is chat fine-tuning (sft), added after the recipe was measured.
-    outside = {"tune": True, "sources": {"chat"}, "clean": {"chat"}, "split": {"chat"}, "sft": True, "datasets": True}
+    # nor is chat fine-tuning (sft), added after the recipe was measured, nor the benchmarks evaluate
+    # scores the trained model on (they change no training).
+    outside = {"tune": True, "sources": {"chat"}, "clean": {"chat"}, "split": {"chat"}, "sft": True, "datasets": True,
+               "evaluate": {"benchmarks", "benchmark_batch_size"}}
     assert now.model_dump(exclude=outside) == then.model_dump(exclude=outside)
     assert set(then.datasets) <= set(now.datasets)
     assert not now.finetune.use_tuned
