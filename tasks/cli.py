@@ -6,6 +6,7 @@
     lmforge generate models:/lmforge-lm@champion "ROMEO:" --max-new-tokens 60 --seed 1
     lmforge chat models:/lmforge-chat@champion         # a conversation in the terminal, streamed
     lmforge generate models:/lmforge-chat@champion --chat "How are you?"   # one reply
+    lmforge serve models:/lmforge-chat@champion       # the OpenAI API on 127.0.0.1:8000/v1
 
 Exit status: 0 done (or nothing to do), 1 the gate refused the promotion, 2 a user error (unknown
 name or alias, bad params). The gate (metric, direction, min_gain) is register.<model>.gate of
@@ -27,6 +28,9 @@ import sys
 from pathlib import Path
 
 from tasks import layout
+
+API_KEY_VARIABLE = "LMFORGE_API_KEY"  # read from the environment: a flag would show in every process list
+LOOPBACK = "127.0.0.1"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", parents=[common, _sampling_flags()], help="talk to a model in the terminal")
     chat.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a transformers folder")
     chat.add_argument("--system", help="a system message that opens the conversation")
+    serve = sub.add_parser("serve", parents=[common], help="serve a causal LM over the OpenAI API (completions, chat, streaming)")
+    serve.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a transformers folder")
+    serve.add_argument("--host", default=None, help=f"the address to listen on (default: {LOOPBACK}); any other needs an API key")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default=None, help="cpu or cuda[:N] (default: CUDA when visible)")
+    serve.add_argument("--max-tokens", type=int, default=1024, help="the most tokens a request may ask for")
+    serve.add_argument("--max-running", type=int, default=64, help="requests generating at once")
+    serve.add_argument("--max-waiting", type=int, default=256, help="requests queued behind them before a 429")
+    serve.add_argument("--timeout", type=float, default=300.0, help="seconds a request may run")
+    serve.add_argument("--max-body-bytes", type=int, default=1_000_000, help="the largest request body")
+    serve.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from free GPU memory)")
+    serve.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per batch step (default: sized by transformers)")
     return parser
 
 
@@ -72,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("generate", "chat"):
         return talk(args)
+    if args.command == "serve":
+        return serve(args)
     if args.command == "promote" and args.force and not (args.reason and args.reason.strip()):
         _parser().error("--force needs --reason TEXT: a forced promotion records why")
     from lmforge.config import ConfigError, load_params
@@ -125,6 +143,67 @@ def talk(args: argparse.Namespace) -> int:
             _print_stream(generation.stream(model, tokenizer, prompt, sampling))
             return 0
         return _conversation(model, tokenizer, sampling, args.system)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`serve`: the OpenAI API over a causal LM until interrupted (lmforge/serve/)."""
+    import ipaddress
+    import os
+    import tempfile
+
+    from lmforge.registry.registration import RegistryError
+
+    api_key = os.environ.get(API_KEY_VARIABLE) or None
+    args.host, args.device = args.host or LOOPBACK, args.device or "auto"
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and api_key is None:
+        return _error(f"serving on {args.host} (not loopback) needs an API key: set {API_KEY_VARIABLE}")
+    with tempfile.TemporaryDirectory(prefix="lmforge-serve-") as scratch:
+        try:
+            served = _served_model(args.model, Path(scratch))
+        except RegistryError as err:
+            return _error(str(err))
+        return _run_server(args, served, api_key)
+
+
+def _served_model(model: str, scratch: Path):
+    from lmforge.serve import models
+
+    if model.startswith("models:/"):
+        from lmforge.config import load_params
+        from lmforge.registry import registration as registry
+
+        params = load_params(layout.PARAMS) if layout.PARAMS.exists() else None
+        with registry.using(registry.resolve_tracking_uri(params, layout.repo_root())) as client:
+            served = models.from_registry(model, scratch, client)
+    else:
+        served = models.from_folder(model)
+    models.check_causal(served)
+    return served
+
+
+def _run_server(args: argparse.Namespace, served, api_key: str | None) -> int:
+    import uvicorn
+
+    from lmforge import generation
+    from lmforge.serve.app import Limits, create_app
+    from lmforge.serve.engine import Engine, EngineSettings
+
+    model, tokenizer = generation.load_causal_lm(served.folder, device=args.device)
+    engine = Engine(model, tokenizer, EngineSettings(num_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens))
+    engine.start()
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, max_running=args.max_running,
+                    max_waiting=args.max_waiting, timeout_s=args.timeout, api_key=api_key)
+    app = create_app(engine, served, tokenizer, limits)
+    print(f"serving {served.id} on http://{args.host}:{args.port}/v1 (OpenAI API; /metrics, /health)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0
 
 
 def _model_folder(model: str, scratch: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The core library's layers import downwards only: base < data < training < evaluation < registry.
+"""The core library's layers import downwards only: base < data < training < evaluation < registry < serve.
 
 A module may import its own layer and those below it. An import that runs back up (a training
 module importing evaluation, say) ties a lower stage's code to a higher one's, so an edit made
@@ -11,7 +11,7 @@ import pytest
 
 from tests.test_dvc_deps import ROOT, imported_modules
 
-LAYERS = ("base", "data", "training", "evaluation", "registry")
+LAYERS = ("base", "data", "training", "evaluation", "registry", "serve")
 # lmforge/*.py and lmforge/config/ are the base, except the old pyfunc import path kept for
 # versions registered before lmforge/registry/ existed (it re-exports registry.serving).
 COMPAT_SHIMS = {"lmforge/serving.py": "registry"}

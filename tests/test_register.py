@@ -221,6 +221,64 @@ def test_registered_models_predict(store, tmp_path, monkeypatch):
     assert len({sample() for _ in range(4)}) > 1
 
 
+
+def test_registered_pyfuncs_take_a_plain_list_of_texts(store, tmp_path, monkeypatch):
+    """As the transformers flavor does: a list of texts, or one text, as well as a DataFrame. The
+    signature declares no input schema, so MLflow hands the list over instead of refusing it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tests.tiny_models import NEGATIVE, POSITIVE
+
+    root = make_project(tmp_path / "proj", "listed")
+    register(root, monkeypatch)
+    classifier = mlflow.pyfunc.load_model("models:/listed-sentiment@challenger")
+    assert classifier.metadata.get_input_schema() is None
+    answer = classifier.predict(["A fine film.", "Dreadful."])
+    assert len(answer) == 2 and set(answer["label"]) <= {"positive", "negative"}
+    assert classifier.predict([POSITIVE, NEGATIVE])["label"].tolist() == ["positive", "negative"]
+    assert classifier.predict(NEGATIVE)["label"].tolist() == ["negative"]
+    framed = classifier.predict(pd.DataFrame({"id": ["1", "2"], "text": [POSITIVE, NEGATIVE]}))
+    assert framed.equals(classifier.predict([POSITIVE, NEGATIVE]))
+    with pytest.raises(MlflowException, match="no texts"):
+        classifier.predict([])
+    with pytest.raises(MlflowException, match="text 1 is a int") as err:
+        classifier.predict(["SECRET", 3])
+    assert "SECRET" not in err.value.message
+    for name in ("listed-lm", "listed-chat"):
+        generator = mlflow.pyfunc.load_model(f"models:/{name}@challenger")
+        assert [p.name for p in generator.metadata.get_params_schema().params] == ["max_new_tokens", "temperature", "seed"]
+        replies = generator.predict(["A fine film.", "Dreadful."], params={"max_new_tokens": 3})["generated_text"]
+        assert len(replies) == 2 and all(isinstance(reply, str) for reply in replies), name
+        assert generator.predict(["Hello"], params={"max_new_tokens": 3}).shape == (1, 1)
+        with pytest.raises(MlflowException, match="max_new_tokens must be between 1"):
+            generator.predict(["Hello"], params={"max_new_tokens": 0})
+
+
+def test_a_version_with_the_earlier_text_signature_still_loads_and_predicts(store, tmp_path, monkeypatch):
+    """Versions registered before the list support declare a named `text` column: MLflow still
+    enforces it for them, and DataFrames and {"inputs": [...]} over HTTP are answered as before."""
+    import mlflow
+    from mlflow.models.signature import ModelSignature
+    from mlflow.pyfunc import scoring_server
+    from mlflow.types.schema import ColSpec, Schema
+
+    from lmforge.registry import serving
+    from tests.tiny_models import NEGATIVE, POSITIVE
+
+    earlier = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+                             outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]))
+    monkeypatch.setattr(serving, "classifier_signature", lambda: earlier)
+    root = make_project(tmp_path / "proj", "earlier")
+    register(root, monkeypatch, "sentiment")
+    model = mlflow.pyfunc.load_model("models:/earlier-sentiment@challenger")
+    schema = model.metadata.get_input_schema()
+    assert schema.input_names() == ["text"]
+    assert model.predict(pd.DataFrame({"text": [POSITIVE, NEGATIVE]}))["label"].tolist() == ["positive", "negative"]
+    answer = scoring_server.invocations(json.dumps({"inputs": [POSITIVE, NEGATIVE]}), "application/json", model, schema)
+    assert answer.status == 200
+    assert [p["label"] for p in json.loads(answer.response)["predictions"]] == ["positive", "negative"]
+
 def test_missing_gate_metric_fails_clearly(store, tmp_path, monkeypatch, capsys):
     root = make_project(tmp_path / "proj", "nogate", metrics={"loss": 0.4, "macro_f1": 0.7})
     with pytest.raises(SystemExit) as stop:

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -34,6 +35,8 @@ LIMIT = MAX_TEXTS * (MAX_CHARS * 6 + 16) + 4096  # its body cap: room for 8 text
     (pd.DataFrame({"a": ["x"], "b": ["y"]}), "expected a `text` column, got 2 other columns"),
     ({"secret_a": ["x"], "secret_b": ["y"]}, "expected a `text` field, got 2 other fields"),
     (42, "expected a list of texts"),
+    ([{"secret_a": "x", "secret_b": "y"}], "expected a `text` column, got 2 other columns"),
+    (np.array(["fine", None], dtype=object), "text 1 is a NoneType"),
 ])
 def test_bad_requests_raise_invalid_parameter_value(request_input, message):
     from mlflow.exceptions import MlflowException
@@ -53,12 +56,25 @@ def test_bad_requests_raise_invalid_parameter_value(request_input, message):
     pd.DataFrame({"text": ["a", "b"]}),
     pd.DataFrame({"review": ["a", "b"]}),
     ["a", "b"],
-    pd.DataFrame({"text": [["a", "b"]]}),  # what pyfunc makes of a Python {"text": [...]}
+    pd.DataFrame({"text": [["a", "b"]]}),  # what the old named schema made of a Python {"text": [...]}
+    pd.DataFrame({"id": ["1", "2"], "text": ["a", "b"]}),  # the `text` column, not the first
+    ("a", "b"),
+    np.array(["a", "b"]),  # the scoring server's {"inputs": [...]}
+    {"text": np.array(["a", "b"])},  # its {"inputs": {"text": [...]}}
+    [{"text": "a"}, {"text": "b"}],  # records
+    [{"text": np.array("a")}, {"text": np.array("b")}],  # the scoring server's {"inputs": [{"text": ...}, ...]}
 ])
 def test_request_shapes_accepted(request_input):
     from lmforge.registry.serving import texts_from
 
     assert texts_from(request_input, max_texts=4, max_chars=100) == ["a", "b"]
+
+
+@pytest.mark.parametrize("request_input", ["a", np.array("a"), {"text": "a"}])
+def test_one_text_is_a_request_of_one(request_input):
+    from lmforge.registry.serving import texts_from
+
+    assert texts_from(request_input, max_texts=4, max_chars=100) == ["a"]
 
 
 def test_the_guard_counts_the_bytes_it_receives_and_stops_past_the_cap():
@@ -258,6 +274,11 @@ def test_served_champion_labels_reviews_and_rejects_bad_requests(champion, tmp_p
 
         status, body = post(f"{base}/invocations", json.dumps({"dataframe_records": [{"text": POSITIVE}]}).encode())
         assert status == 200 and body["predictions"][0]["label"] == "positive"
+        # the other request shapes: one text, a dataframe_split with more columns than `text`, records
+        for shape in ({"inputs": NEGATIVE}, {"inputs": {"text": [NEGATIVE]}}, {"inputs": [{"text": NEGATIVE}]},
+                      {"dataframe_split": {"columns": ["id", "text"], "data": [["7", NEGATIVE]]}}):
+            status, body = post(f"{base}/invocations", json.dumps(shape).encode())
+            assert status == 200 and [p["label"] for p in body["predictions"]] == ["negative"], (shape, body)
 
         # each rejection says what is wrong and quotes nothing of the request (MLflow's own
         # messages would: "Failed to predict data '<the data>'", "Input: <the body>")
@@ -267,8 +288,10 @@ def test_served_champion_labels_reviews_and_rejects_bad_requests(champion, tmp_p
             (json.dumps({"inputs": []}).encode(), "no texts"),
             (json.dumps({"inputs": ["SECRET"] * 9}).encode(), "holds 9 texts; the limit is 8"),
             (json.dumps({"inputs": ["fine", "SECRET " * 500]}).encode(), "text 1 has 3500 characters; the limit is 2000"),
-            (json.dumps({"dataframe_records": [{"SECRET": "x", "other": "y"}]}).encode(), "one `text` column"),
-            (json.dumps({"inputs": "SECRET"}).encode(), "one `text` column"),
+            (json.dumps({"dataframe_records": [{"SECRET": "x", "other": "y"}]}).encode(), "expected a `text` column"),
+            (json.dumps({"inputs": {"SECRET": ["x"], "other": ["y"]}}).encode(), "expected a `text` field"),
+            (json.dumps({"inputs": ["fine", None]}).encode(), "text 1 is a NoneType"),
+            (json.dumps({"inputs": ["fine", "   "]}).encode(), "text 1 is empty"),
         ):
             status, raw = post_raw(f"{base}/invocations", bad)
             assert status == 400, (bad[:60], status, raw)

@@ -16,6 +16,17 @@ and never quotes the input. The caps come from the logged `model_config`; under 
 server, lmforge/registry/guard.py also caps the request body (`max_body_bytes`) before it is read
 and keeps MLflow's own messages from quoting the request.
 
+A request may be a plain list of texts or one text (`predict(["A fine film.", "Dreadful."])`), a
+DataFrame with a `text` column (other columns are ignored), `{"text": [...]}`, or over HTTP
+`{"inputs": [...]}`, `{"inputs": "one text"}`, `dataframe_split` or `dataframe_records`. The
+signatures therefore declare no input schema, only outputs (and the generators' params): MLflow
+enforces an input schema before `predict` sees the request, and neither column schema fits all of
+these. A named `text` column makes a Python list a DataFrame with column 0 and refuses it ("Model
+is missing inputs ['text']"); an unnamed column keeps only a DataFrame's first column (the `id` of
+an `id, text` frame, silently) and refuses an empty list in its own words, which quote the input.
+Without one, `texts_from` is the one check. Versions registered earlier keep their named `text`
+signature, which MLflow enforces for them as before (DataFrames, `{"inputs": [...]}` over HTTP).
+
 A registered model carries this module, guard.py and the two package `__init__` files
 (code_paths: lmforge/registry/registration.py), so it loads where lmforge is not installed: this
 module imports nothing else of lmforge, and torch and transformers only in `load_context`.
@@ -62,8 +73,12 @@ def body_limit(config: dict) -> int:
 def texts_from(model_input: Any, max_texts: int, max_chars: int) -> list[str]:
     """The list of texts in a request, or an MlflowException saying what is wrong with it.
 
-    Accepts what the scoring server hands over for {"inputs": [...]} (a dict of one column),
-    a DataFrame with a `text` column (or a single column), a Series, a list, an array or one string.
+    Accepts a list (or tuple, array, Series) of texts, one text, a DataFrame with a `text` column
+    (or a single column), a dict of one column ({"text": [...]}), a list of records
+    ([{"text": ...}, ...]), and what MLflow makes of these: under a signature with no input schema
+    the scoring server hands over an array for {"inputs": [...]} (0-d for {"inputs": "a text"}) and
+    a DataFrame for dataframe_split/records; under the named `text` schema of earlier versions, a
+    DataFrame with a `text` column (one row holding the whole list, for a Python {"text": [...]}).
     """
     import numpy as np
     import pandas as pd
@@ -78,6 +93,10 @@ def texts_from(model_input: Any, max_texts: int, max_chars: int) -> list[str]:
             data = next(iter(data.values()))
         else:
             raise invalid(f"expected a `{TEXT_COLUMN}` field, got {len(data)} other fields")
+    if isinstance(data, np.ndarray) and data.ndim == 0:
+        data = data.item()  # the scoring server's array for {"inputs": "a text"}
+    if isinstance(data, (list, tuple)) and data and all(isinstance(row, dict) for row in data):
+        data = pd.DataFrame(list(data))  # records: [{"text": ...}, ...]
     if isinstance(data, pd.DataFrame):
         if TEXT_COLUMN in data.columns:
             data = data[TEXT_COLUMN]
@@ -91,6 +110,8 @@ def texts_from(model_input: Any, max_texts: int, max_chars: int) -> list[str]:
         data = data.tolist()
     if not isinstance(data, (list, tuple)):
         raise invalid(f"expected a list of texts, got {type(data).__name__}")
+    # the scoring server makes each value of {"inputs": [{"text": "a text"}, ...]} a 0-d array
+    data = [item.item() if isinstance(item, np.ndarray) and item.ndim == 0 else item for item in data]
     if len(data) == 1 and isinstance(data[0], (list, tuple, np.ndarray)):
         # pyfunc turns a Python {"text": [...]} into one row holding the whole list
         data = list(data[0])
@@ -237,14 +258,15 @@ class ChatGenerator(TextGenerator):
 
 
 def classifier_signature():
+    """Outputs only: no input schema, so a list of texts reaches `predict` as it is (module docstring)."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]),
-                          outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]))
+    return ModelSignature(outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]))
 
 
 def generator_signature(max_new_tokens: int):
+    """Outputs and params only: no input schema, so a list of prompts reaches `predict` as it is."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -253,5 +275,4 @@ def generator_signature(max_new_tokens: int):
         ParamSpec("temperature", "double", 0.0),
         ParamSpec("seed", "long", None),  # None: each request samples afresh
     ])
-    return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]),
-                          outputs=Schema([ColSpec("string", "generated_text")]), params=params)
+    return ModelSignature(outputs=Schema([ColSpec("string", "generated_text")]), params=params)
