@@ -44,6 +44,7 @@ Imports trl, datasets and peft only when a run starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -446,12 +447,16 @@ def sft_config(run: TrlRun, output_dir: Path):
 def build_trainer(run: TrlRun, output_dir: Path, show_progress: bool):
     """The Trainer over the packed conversations, with lmforge's optimizer, schedule and steps."""
     from datasets import Dataset
+    from datasets.table import InMemoryTable
     from datasets.utils import logging as datasets_logging
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer_class, callback = trainer_classes(run)
     run.tokenizer.chat_template = run.marked
-    dataset = Dataset.from_list([{"messages": list(messages)} for messages in run.train])
+    rows = [{"messages": list(messages)} for messages in run.train]
+    # A fingerprint of our own: datasets would otherwise pickle every row with dill to make one.
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    dataset = Dataset(InMemoryTable.from_pylist(rows), fingerprint=digest)
     bars = datasets_logging.is_progress_bar_enabled()
     if not show_progress:  # tokenising and packing show bars of their own
         datasets_logging.disable_progress_bar()
