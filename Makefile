@@ -72,3 +72,11 @@ SERVE_MODEL ?= models:/lmforge-sentiment@champion
 serve: setup
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 	$(VENV)/bin/mlflow models serve -m $(SERVE_MODEL) --env-manager local -h 127.0.0.1 -p 5001
+
+# Serve the chat champion over the OpenAI API on loopback (lmforge serve): /v1/models,
+# /v1/completions, /v1/chat/completions (stream: true), /metrics. LLM_MODEL picks another causal LM.
+.PHONY: serve-llm
+LLM_MODEL ?= models:/lmforge-chat@champion
+serve-llm: setup
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+	$(VENV)/bin/lmforge serve $(LLM_MODEL) --host 127.0.0.1 --port 8000
