@@ -43,14 +43,14 @@ MODELS = {
         params_sections=("seed", "clean.corpus", "split.corpus", "tokenize", "pretrain", "evaluate", "register.lm",
                          "register.serving"),
         datasets=str(layout.CORPUS_SPLIT), rebuild=("pretrain", "evaluate"),
-        build_hint="run `dvc repro pretrain evaluate` first"),
+        build_hint="run `dvc repro pretrain evaluate` first", benchmarks=str(layout.EVALUATE_BENCHMARKS)),
     "chat": ModelSpec(
         key="chat", kind="chat", folder=str(layout.CHAT_MODEL), metrics=str(layout.SFT_METRICS),
         params_sections=("seed", "clean.chat", "split.chat", "sft", "register.chat", "register.serving"),
         datasets=str(layout.CHAT_SPLIT), rebuild=("sft",), build_hint="run `dvc repro sft` first",
         # sft scores the base model on the same held-out conversations: promotion needs the chat
         # model's loss to beat it
-        baseline="base", baseline_name="base model"),
+        baseline="base", baseline_name="base model", benchmarks=str(layout.SFT_BENCHMARKS)),
 }
 
 

@@ -289,6 +289,28 @@ def test_missing_gate_metric_fails_clearly(store, tmp_path, monkeypatch, capsys)
     assert client(store).search_model_versions("name = 'nogate-sentiment'") == []
 
 
+def test_benchmark_figures_go_on_the_version_and_a_gate_may_name_one(store, tmp_path, monkeypatch):
+    root = make_project(tmp_path / "proj", "bench")
+    hellaswag = {"acc": 0.29, "acc_stderr": 0.045, "acc_norm": 0.31, "acc_norm_stderr": 0.046, "examples": 100}
+    (root / "reports/evaluate/benchmarks.json").write_text(json.dumps(
+        {"tasks": {"hellaswag": hellaswag, "winogrande": {"acc": 0.52, "acc_stderr": 0.05, "examples": 100}}}))
+    (root / "reports/sft/benchmarks.json").write_text(json.dumps(
+        {"tasks": {"hellaswag": {"base": {"acc_norm": 0.40}, "chat": {"acc_norm": 0.42}, "change_points": {}}}}))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for key in ("lm", "chat"):
+        params["register"][key]["gate"] = {"metric": "bench.hellaswag.acc_norm", "direction": "max", "min_gain": 0.0}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    register(root, monkeypatch, "lm", "chat")
+    lm = client(store).get_model_version("bench-lm", "1").tags
+    assert float(lm["metric.bench.hellaswag.acc_norm"]) == 0.31 and float(lm["metric.bench.winogrande.acc"]) == 0.52
+    assert lm["gate.metric_key"] == "bench.hellaswag.acc_norm" and float(lm["gate.value"]) == 0.31
+    assert float(lm["metric.perplexity" if "metric.perplexity" in lm else "metric.test.perplexity"]) == 27.1
+    chat = client(store).get_model_version("bench-chat", "1").tags
+    # the chat model's figure is gated; the base model's, on the same documents, is its baseline
+    assert float(chat["gate.value"]) == 0.42 and chat["baseline.metric_key"] == "base.bench.hellaswag.acc_norm"
+    assert float(chat["baseline.value"]) == 0.40
+
+
 def test_without_dvc_lock_lineage_says_so(store, tmp_path, monkeypatch):
     root = make_project(tmp_path / "proj", "nolock", lock=False)
     register(root, monkeypatch, "sentiment")

@@ -86,6 +86,9 @@ class ModelSpec:
     # (None: no baseline); its gate metric is looked up there as in the model's own metrics.
     baseline: str | None = None
     baseline_name: str = "baseline"  # how messages and the summary call it ("TF-IDF baseline")
+    # The lm-evaluation-harness report that scored it (None: none): its figures join the metrics as
+    # bench.<task>.<metric>, so they are recorded on the version and a gate may name one.
+    benchmarks: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,22 @@ def numeric_metrics(payload: Any) -> dict[str, float]:
     to gate on), names cut to what MLflow takes (word characters, / . - : and space)."""
     return {_UNSAFE.sub("_", key): float(value) for key, value in flatten(payload).items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value}
+
+
+BENCHMARK_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+
+
+def benchmark_metrics(report: Mapping[str, Any], baseline: str | None = None) -> dict[str, float]:
+    """bench.<task>.<metric> of a benchmark report: evaluate's ({"tasks": {name: {acc, ...}}}) or
+    sft's, whose tasks hold the tuned model's figures under "chat" and the base model's under
+    "base" (those as <baseline>.bench.<task>.<metric>, where the gate finds a baseline's figures)."""
+    found: dict[str, float] = {}
+    for name, task in (report.get("tasks") or {}).items():
+        sides = [("", task.get("chat", task))] + ([(f"{baseline}.", task["base"])] if baseline and "base" in task else [])
+        for prefix, scores in sides:
+            found.update({f"{prefix}bench.{name}.{metric}": float(scores[metric]) for metric in BENCHMARK_METRICS
+                          if isinstance(scores.get(metric), (int, float)) and not isinstance(scores.get(metric), bool)})
+    return found
 
 
 def find_metric(metrics: Mapping[str, float], metric: str) -> tuple[str, float] | None:
@@ -339,6 +358,8 @@ def _gate_metrics(root: Path, spec: ModelSpec, gate) -> tuple[dict[str, float], 
     if not metrics_path.exists():
         raise RegistryError(f"{spec.metrics} is missing: the model has no evaluation to register it with")
     metrics = numeric_metrics(json.loads(metrics_path.read_text()))
+    if spec.benchmarks and (root / spec.benchmarks).exists():
+        metrics.update(benchmark_metrics(json.loads((root / spec.benchmarks).read_text()), spec.baseline))
     gate_figure = find_metric(metrics, gate.metric)
     if gate_figure is None:
         shown = ", ".join(sorted(metrics)) or "none"
