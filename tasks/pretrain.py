@@ -108,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     runner = tracking.stage_run("pretrain", logged, tags=lineage) if rank == 0 else _no_run()
     with runner as run:
         result = pretraining.train(p, seed=params.seed, tokens_dir=Path(args.tokens), checkpoint_root=args.checkpoints,
-                                   on_metrics=run.log_metrics)
+                                   on_metrics=run.log_metrics, scorer=benchmark_scorer(p, Path(args.tokens)))
         if result.dist.main:
             pretraining.save_model(result.model, Path(args.tokens), Path(args.out),
                                    pretraining.model_info(result, p, params.seed, args.tokens))
             metrics = {**pretraining.run_metrics(result), "stage_s": time.perf_counter() - STARTED}
+            if result.history.get("benchmarks"):  # the last scores of pretrain.benchmark_steps; MLflow has the curves
+                metrics["benchmarks"] = result.history["benchmarks"][-1]
             paths = pretraining.write_reports(result, Path(args.reports), metrics)
             run.set_tags({"run_key": result.run_dir.name, "resumed_from": result.resumed_from})
             run.log_metrics({f"final_{k}": v for k, v in metrics.items() if not isinstance(v, bool)})
@@ -128,6 +130,26 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def benchmark_scorer(p, tokens: Path):
+    """pretrain.benchmark_steps: the harness's scores of the model in training, on
+    pretrain.benchmark_tasks, as bench_<task>_<metric>; None when off (or a masked LM, which the
+    benchmarks do not score)."""
+    if not p.benchmark_steps or not p.benchmark_tasks or p.arch == "bert":
+        return None
+    from transformers import AutoTokenizer
+
+    from lmforge.evaluation.benchmarks import run_benchmarks
+
+    tokenizer = AutoTokenizer.from_pretrained(tokens / "tokenizer")
+
+    def score(model) -> dict[str, float]:
+        report = run_benchmarks(model, p.benchmark_tasks, tokenizer=tokenizer)
+        return {f"bench_{name}_{metric}": task[metric] for name, task in report["tasks"].items()
+                for metric in ("acc", "acc_norm") if isinstance(task.get(metric), float)}
+
+    return score
 
 
 class _no_run:

@@ -141,6 +141,22 @@ def test_tiny_decoder_beats_unigram_reloads_and_generates(tokens, tmp_path):
     assert isinstance(tokenizer.decode(out[0]), str)
 
 
+def test_benchmark_steps_score_the_model_in_training_beside_the_loss(tokens, tmp_path):
+    from tasks.pretrain import benchmark_scorer
+
+    p = fx.params({"max_steps": 40, "eval_steps": 20, "save_steps": 20, "benchmark_steps": 20,
+                   "benchmark_tasks": [{"name": "copa", "limit": 6}]}).pretrain
+    seen: list[tuple[dict, int]] = []
+    result = pretraining.train(p, seed=3, tokens_dir=tokens, checkpoint_root=tmp_path / "ckpt", progress=False,
+                               on_metrics=lambda m, s: seen.append((m, s)), scorer=benchmark_scorer(p, tokens))
+    rows = result.history["benchmarks"]
+    assert [row["step"] for row in rows] == [20, 40]
+    assert all(0.0 <= row["bench_copa_acc"] <= 1.0 for row in rows)
+    assert [s for m, s in seen if "bench_copa_acc" in m] == [20, 40]  # logged beside the loss
+    assert result.history["val"][-1]["step"] == 40 and result.model.training  # scoring gave training mode back
+    assert benchmark_scorer(fx.params().pretrain, tokens) is None  # benchmark_steps null: off
+
+
 def test_gpt2_style_decoder_trains(tokens, tmp_path):
     from transformers import AutoModelForCausalLM
 

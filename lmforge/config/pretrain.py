@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmforge.config import Fraction, Section, refuse_renamed_knobs
+from lmforge.config import Benchmark, Fraction, Section, refuse_renamed_knobs
 
 
 class PretrainParams(Section):
@@ -48,6 +48,11 @@ class PretrainParams(Section):
     # evaluation, checkpoints, runtime
     eval_steps: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
+    # Every benchmark_steps steps (null: never), the lm-evaluation-harness scores the model in
+    # training on benchmark_tasks (lmforge/evaluation/benchmarks.py), logged beside the loss.
+    benchmark_steps: int | None = Field(None, ge=1)
+    benchmark_tasks: list[Benchmark] = Field(default_factory=lambda: [Benchmark(name="hellaswag", limit=50),
+                                                                      Benchmark(name="arc_easy", limit=50)])
     save_steps: int = Field(50, ge=1)
     save: Literal["best", "last"] = "best"
     logging_steps: int = Field(10, ge=1)

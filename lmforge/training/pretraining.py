@@ -60,7 +60,8 @@ from lmforge.training.runtime import Dist
 
 # Knobs that change how a run computes, not what it trains (kernels, fusion and bf16 gradient
 # transfer move the last bits only): they stay out of the run key, so a resume may change them.
-OPERATIONAL_KEYS = {"eval_steps", "save_steps", "logging_steps", "compile", "compile_mode", "attention", "cuda_graph",
+OPERATIONAL_KEYS = {"eval_steps", "save_steps", "logging_steps", "benchmark_steps", "benchmark_tasks",
+                    "compile", "compile_mode", "attention", "cuda_graph",
                     "fused_loss", "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype",
                     "ddp_overlap", "parallel", "activation_checkpointing", "nproc_per_node", "nnodes",
                     "rdzv_endpoint", "async_checkpoint"}
@@ -76,6 +77,9 @@ LATER_KEYS_AT_OLD_BEHAVIOUR = {"param_dtype": "fp32", "optimizer": "adamw", "muo
 NAMES_BEFORE_THE_RENAME = {new.removeprefix("pretrain."): old.removeprefix("pretrain.")
                            for old, new in RENAMED_KEYS.items() if old.startswith("pretrain.")}
 Metrics = Callable[[dict[str, float], int], None]
+# Scores of the model in training, by name (pretrain.benchmark_steps): the caller brings the scorer,
+# since scoring (lmforge/evaluation/) sits above training.
+Scorer = Callable[[torch.nn.Module], dict[str, float]]
 
 
 
@@ -330,6 +334,7 @@ class PretrainRun:
     flops_per_token: float
     peak: float | None
     on_metrics: Metrics | None
+    scorer: Scorer | None = None
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if self.d.main and self.on_metrics:
@@ -456,6 +461,22 @@ def eval_point(run: PretrainRun, progress: PretrainProgress, done: int, bar) -> 
     progress.restart_clock(done)
 
 
+def benchmark_point(run: PretrainRun, progress: PretrainProgress, done: int) -> None:
+    """Score the model in training (pretrain.benchmark_steps) on rank 0 while the others wait; the
+    time is off the training clock, as an evaluation's."""
+    if sharding.is_sharded(run.model):
+        if done == run.p.benchmark_steps:
+            run.say("benchmarks during training: skipped, the model is sharded over the GPUs; evaluate scores "
+                    "the saved model")
+        return
+    if run.d.main:
+        scores = run.scorer(getattr(run.model, "module", run.model))  # DDP's wrapper off
+        progress.history.setdefault("benchmarks", []).append({"step": done, **scores})
+        run.metrics(scores, done)
+    runtime.barrier(run.d)
+    progress.restart_clock(done)
+
+
 def checkpoint_point(run: PretrainRun, progress: PretrainProgress, done: int) -> None:
     """Write the best weights kept since the last checkpoint, then a checkpoint, and time what the
     run waits for: all of it, or with pretrain.async_checkpoint the copy to CPU memory (and any
@@ -474,14 +495,18 @@ def checkpoint_point(run: PretrainRun, progress: PretrainProgress, done: int) ->
 
 
 def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | str,
-          on_metrics: Metrics | None = None, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+          on_metrics: Metrics | None = None, scorer: Scorer | None = None, progress: bool = True,
+          log: Callable[[str], None] = print) -> TrainResult:
     """Train (or resume) the run that `p` and `seed` describe; return the model to save.
 
     p: the pretrain params (lmforge.config.pretrain.PretrainParams or any object with those attributes).
     on_metrics(metrics, step): called on rank 0 at every log and eval step.
+    scorer(model): scores by name every p.benchmark_steps steps (and at the last), logged as metrics
+    and kept in the history under "benchmarks"; None: none.
     """
     started = time.perf_counter()
     run, train_tokens, setup_marks = prepare_run(p, seed, Path(tokens_dir), checkpoint_root, on_metrics, log)
+    run.scorer = scorer if getattr(p, "benchmark_steps", None) else None
     d, say = run.d, run.say
     state, start = start_or_resume(run)
     runtime.barrier(d)
@@ -518,6 +543,8 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
                 log_point(run, step, state, done, bar)
             if done % p.eval_steps == 0 or final:
                 eval_point(run, state, done, bar)
+            if run.scorer and (done % p.benchmark_steps == 0 or final):
+                benchmark_point(run, state, done)
             if done % p.save_steps == 0 or final:
                 checkpoint_point(run, state, done)
     bar.close()
