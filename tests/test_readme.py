@@ -39,12 +39,28 @@ def test_make_run_from_a_clone_builds_registers_and_summarises(tmp_path):
                   "register"):
         assert f"[{stage}] done in" in log, f"no time printed for {stage}"
     bench = json.loads((clone / "reports/evaluate/benchmarks.json").read_text())
-    assert {"hellaswag", "arc_easy"} <= set(bench["tasks"]) and bench["tasks"]["hellaswag"]["examples"] > 0
+    assert {"hellaswag", "arc_easy", "piqa"} <= set(bench["tasks"]) and bench["tasks"]["hellaswag"]["examples"] > 0
     chat = json.loads((clone / "reports/sft/metrics.json").read_text())
     assert chat["test"]["loss"] < chat["base"]["test"]["loss"]  # the chat model learned the held-out replies
+    forgetting = json.loads((clone / "reports/sft/benchmarks.json").read_text())["tasks"]
+    assert {"hellaswag", "arc_easy", "piqa"} <= set(forgetting) and "change_points" in forgetting["piqa"]
+    served_chat_answers(clone)
     summary = (clone / "reports/summary.md").read_text()
     assert "## Registry" in summary and "@champion = v1" in summary
     assert "_has not run yet._" not in summary
+
+
+def served_chat_answers(clone) -> None:
+    """After `make run`, `lmforge serve` serves the registered chat champion over the OpenAI API."""
+    from tests.test_openai_serving import Server
+
+    server = Server("models:/lmforge-chat@champion", cwd=clone)
+    try:
+        reply = server.client().chat.completions.create(model=None, messages=[{"role": "user", "content": "Hi!"}],
+                                                        max_tokens=8, temperature=0)
+        assert reply.model == "lmforge-chat/1" and reply.choices[0].message.content is not None
+    finally:
+        server.stop()
 
 
 def test_the_guides_link_only_to_files_a_clone_has():
