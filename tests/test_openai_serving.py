@@ -215,8 +215,9 @@ def test_sixteen_concurrent_streams_all_complete_and_the_server_stays_up(server)
     assert "lmforge_time_to_first_token_seconds_count" in metrics and "lmforge_queue_depth 0.0" in metrics
 
 
-def test_past_the_queue_a_429_and_a_client_gone_frees_its_slot(long_chat_folder):
-    busy = Server(str(long_chat_folder), "--max-running", "1", "--max-waiting", "1", "--max-tokens", "3000")
+def test_past_the_queue_a_429_a_client_gone_frees_its_slot_and_a_timeout_ends_a_request(long_chat_folder):
+    busy = Server(str(long_chat_folder), "--max-running", "1", "--max-waiting", "1", "--max-tokens", "3000",
+                  "--timeout", "4")
     try:
         # greedy: the untrained model repeats one token and never ends its reply early
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000, "temperature": 0, "stream": True}
@@ -236,6 +237,10 @@ def test_past_the_queue_a_429_and_a_client_gone_frees_its_slot(long_chat_folder)
         while "lmforge_requests_running 0.0" not in httpx.get(busy.url + "/metrics").text:
             assert time.monotonic() < deadline, "the slots were not freed"
             time.sleep(0.2)
+        # a request that runs past --timeout is ended with a 504, and its slot is freed too
+        late = httpx.post(busy.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+        assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+        assert busy.client().completions.create(model=None, prompt="x", max_tokens=2, temperature=0).choices
     finally:
         busy.stop()
 
