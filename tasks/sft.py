@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> dict:
 
     params = load_params(args.params)
     section = with_engine(params.sft)
-    base = resolve_base_model(section.base_model, pretrained_dir=layout.PRETRAINED)
+    base = resolve_base_model(section.base_model, pretrained_dir=layout.PRETRAINED, key="sft.base_model")
     data = read_conversations(args.data or layout.SPLIT / section.dataset)
     reports = Path(args.reports)
     reports.mkdir(parents=True, exist_ok=True)

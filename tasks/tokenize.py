@@ -20,7 +20,7 @@ def base_model_folder(spec: str):
     """The local folder of tokenize.model: a packaged model (fetched and checked once) or a folder."""
     from lmforge.training.base_models import resolve_base_model
 
-    return resolve_base_model(spec, layout.repo_root())
+    return resolve_base_model(spec, layout.repo_root(), key="tokenize.model")
 
 
 def main() -> None:

@@ -155,3 +155,10 @@ def test_a_conversation_whose_reply_falls_past_max_length_is_left_out_and_counte
                            show_progress=False)
     assert result.stats["dropped_conversations"] == {"train": 1, "val": 0}
     assert result.stats["train_conversations"] == 40
+
+
+def test_an_unknown_base_model_is_named_by_the_key_that_asked_for_it(tmp_path):
+    from lmforge.training.base_models import BaseModelError, resolve_base_model
+
+    with pytest.raises(BaseModelError, match=r"^sft\.base_model: 'nope' is neither a known model"):
+        resolve_base_model("nope", tmp_path, key="sft.base_model")

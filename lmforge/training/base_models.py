@@ -81,33 +81,34 @@ def cache_root() -> Path:
     return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")
 
 
-def resolve_base_model(spec: str, project_root: Path | str = ".", *, pretrained_dir: Path | str | None = None) -> Path:
+def resolve_base_model(spec: str, project_root: Path | str = ".", *, pretrained_dir: Path | str | None = None,
+                       key: str = "finetune.base_model") -> Path:
     """Return a local transformers folder for `spec` (a packaged name, `pretrained` or a path).
 
     pretrained_dir: the folder `pretrained` names (relative to project_root); without it,
-    `pretrained` is refused."""
+    `pretrained` is refused. key: the params key that named it, for the error messages."""
     if spec in PACKAGED:
         return ensure_packaged(PACKAGED[spec])
     root = Path(project_root)
     if spec == "pretrained":
-        return _pretrained_folder(root, pretrained_dir)
+        return _pretrained_folder(root, pretrained_dir, key)
     path = Path(spec)
     if not path.is_absolute():
         path = root / path
     if not (path / "config.json").exists():
         known = ", ".join([*PACKAGED, "pretrained"])
         raise BaseModelError(
-            f"finetune.base_model: {spec!r} is neither a known model ({known}) nor a folder with config.json"
+            f"{key}: {spec!r} is neither a known model ({known}) nor a folder with config.json"
         )
     return path
 
 
-def _pretrained_folder(root: Path, pretrained_dir: Path | str | None) -> Path:
+def _pretrained_folder(root: Path, pretrained_dir: Path | str | None, key: str) -> Path:
     if pretrained_dir is None:
-        raise BaseModelError("finetune.base_model: pretrained: no folder of a pretrained model was given here")
+        raise BaseModelError(f"{key}: pretrained: no folder of a pretrained model was given here")
     path = root / pretrained_dir
     if not (path / "config.json").exists():
-        raise BaseModelError(f"finetune.base_model: pretrained: {path} holds no model yet")
+        raise BaseModelError(f"{key}: pretrained: {path} holds no model yet")
     return path
 
 

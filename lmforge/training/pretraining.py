@@ -639,7 +639,7 @@ def resolve_init_from(p: Any) -> Any:
     from lmforge.training.base_models import PACKAGED, resolve_base_model
 
     if p.init_from in PACKAGED:
-        return p.model_copy(update={"init_from": str(resolve_base_model(p.init_from))})
+        return p.model_copy(update={"init_from": str(resolve_base_model(p.init_from, key="pretrain.init_from"))})
     return p
 
 
