@@ -67,6 +67,8 @@ def make_project(root: Path, name: str, *, accuracy: float = 0.8, lock: bool = T
     (root / "reports/sft").mkdir(parents=True, exist_ok=True)
     (root / "reports/sft/metrics.json").write_text(json.dumps(
         {"base": {"val": {"loss": 3.9}, "test": {"loss": 3.8}}, "val": {"loss": 3.4}, "test": {"loss": 3.5}}))
+    for stage in ("evaluate", "sft"):  # the benchmark reports, empty as with no tasks configured
+        (root / f"reports/{stage}/benchmarks.json").write_text(json.dumps({"tasks": {}, "skipped": "no tasks"}))
     split = root / "data/split/task"
     split.mkdir(parents=True, exist_ok=True)
     for part, rows in (("train", 8), ("val", 2), ("test", 2)):
