@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=1_000_000, help="the largest request body")
     serve.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from free GPU memory)")
     serve.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per batch step (default: sized by transformers)")
+    serve.add_argument("--cuda-graph", choices=("auto", "on", "off"), default=None,
+                       help="CUDA graphs of the batch's steps (default: auto, transformers decides)")
+    serve.add_argument("--compile-level", type=int, choices=(0, 1, 2, 3), default=0,
+                       help="torch.compile of the batch's steps: 0 off (default), 1 dynamic shapes, 2-3 autotuned")
     return parser
 
 
@@ -193,7 +197,9 @@ def _run_server(args: argparse.Namespace, served, api_key: str | None) -> int:
     from lmforge.serve.engine import Engine, EngineSettings
 
     model, tokenizer = generation.load_causal_lm(served.folder, device=args.device)
-    engine = Engine(model, tokenizer, EngineSettings(num_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens))
+    graphs = {"on": True, "off": False}.get(args.cuda_graph or "auto")
+    engine = Engine(model, tokenizer, EngineSettings(num_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens,
+                                                     cuda_graph=graphs, compile_level=args.compile_level))
     engine.start()
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, max_running=args.max_running,
                     max_waiting=args.max_waiting, timeout_s=args.timeout, api_key=api_key)

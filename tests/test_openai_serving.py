@@ -284,3 +284,15 @@ def test_the_registered_champion_is_served_under_its_version_with_its_lineage(st
         assert httpx.get(served.url + "/v1/models/servechat-chat/2").status_code == 404
     finally:
         served.stop()
+
+
+def test_the_engine_passes_its_sizes_graphs_and_compile_level_to_transformers():
+    from lmforge.generation import load_causal_lm
+    from lmforge.serve.engine import Engine, EngineSettings
+
+    model, tokenizer = load_causal_lm(chat_folder(), device="cpu")
+    config = Engine(model, tokenizer, EngineSettings(max_batch_tokens=512, cuda_graph=False, compile_level=1))._config()
+    assert config["max_batch_tokens"] == 512 and config["num_blocks"] == EngineSettings.CPU_DEFAULTS["num_blocks"]
+    assert config["use_cuda_graph"] is False and config["default_compile_level"] == 1
+    assert config["per_request_processors"] is True
+    assert "use_cuda_graph" not in Engine(model, tokenizer, EngineSettings())._config()  # auto: transformers decides

@@ -68,6 +68,10 @@ class EngineSettings:
     num_blocks: int | None = None
     max_batch_tokens: int | None = None
     page_size: int | None = None
+    # CUDA graphs of the batch's steps: None lets transformers decide (on for CUDA); False or True forces it.
+    cuda_graph: bool | None = None
+    # torch.compile of the steps: 0 off; 1 default mode, dynamic shapes; 2 and 3 autotuned (3: static shapes).
+    compile_level: int = 0
 
     CPU_DEFAULTS = {"num_blocks": 64, "max_batch_tokens": 1024, "page_size": 64}
 
@@ -99,11 +103,16 @@ class Engine:
         from transformers import ContinuousBatchingConfig
 
         known = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
-        sizes = dataclasses.asdict(self.settings)
+        settings = self.settings
+        sizes = {"num_blocks": settings.num_blocks, "max_batch_tokens": settings.max_batch_tokens,
+                 "page_size": settings.page_size}
         if self.model.device.type == "cpu":
             sizes = {k: v if v is not None else EngineSettings.CPU_DEFAULTS[k] for k, v in sizes.items()}
         page = sizes.pop("page_size")
-        config = {"per_request_processors": True, **{k: v for k, v in sizes.items() if v is not None}}
+        config = {"per_request_processors": True, **{k: v for k, v in sizes.items() if v is not None},
+                  "default_compile_level": settings.compile_level}
+        if settings.cuda_graph is not None:
+            config["use_cuda_graph"] = settings.cuda_graph
         if page is not None:  # transformers 5.17 calls it block_size, later releases page_size
             config["page_size" if "page_size" in known else "block_size"] = page
         if "auto_switch_to_flash" in known:
