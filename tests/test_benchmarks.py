@@ -10,7 +10,6 @@ positions have no table, so the weights are unchanged) so that every answer fits
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import typing
@@ -21,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import BIN  # noqa: E402
-from tiny_models import lm_folder  # noqa: E402
+from tiny_models import lm_folder, with_positions  # noqa: E402
 
 from lmforge.evaluation import benchmarks  # noqa: E402
 from lmforge.evaluation.benchmarks import BenchmarkError, BenchmarkTask, run_benchmarks  # noqa: E402
@@ -46,13 +45,7 @@ def data() -> Path:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("bench") / "tiny-llama-512"
-    shutil.copytree(lm_folder(), folder)
-    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
-        settings = json.loads((folder / name).read_text())
-        settings[key] = 512
-        (folder / name).write_text(json.dumps(settings))
-    return folder
+    return with_positions(lm_folder(), tmp_path_factory.mktemp("bench") / "tiny-llama-512", 512)
 
 
 def _yaml(path: Path) -> dict:

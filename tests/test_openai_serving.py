@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 
 from tests.conftest import BIN
 from tests.test_register import make_project, register, store  # noqa: F401 (store: the module's MLflow store)
-from tests.tiny_models import chat_folder
+from tests.tiny_models import chat_folder, with_positions
 
 openai = pytest.importorskip("openai")  # the dev extra; CI installs it
 
@@ -36,13 +35,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def long_chat_folder(tmp_path_factory) -> Path:
     """chat_folder() with 4,096 positions (rotary: nothing to retrain), so a request may run long."""
-    folder = tmp_path_factory.mktemp("serve") / "tiny-chat"
-    shutil.copytree(chat_folder(), folder)
-    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
-        settings = json.loads((folder / name).read_text())
-        settings[key] = 4096
-        (folder / name).write_text(json.dumps(settings))
-    return folder
+    return with_positions(chat_folder(), tmp_path_factory.mktemp("serve") / "tiny-chat", 4096)
 
 
 class Server:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -193,3 +194,14 @@ def lm_gguf() -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def with_positions(source: Path, folder: Path, positions: int) -> Path:
+    """A copy of a tiny model folder that reads `positions` tokens (rotary positions: nothing to
+    retrain), for what needs a longer window than 64: long benchmark answers, long generations."""
+    shutil.copytree(source, folder)
+    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
+        settings = json.loads((folder / name).read_text())
+        settings[key] = positions
+        (folder / name).write_text(json.dumps(settings))
+    return folder
