@@ -114,14 +114,24 @@ import json, os, signal, sys
 import torch
 torch.set_num_threads(1)
 from lmforge.config.sft import SftParams
-from lmforge.training.chat_tuning import chat_finetune
+from {module} import {function} as finetune
 folder, data, params, checkpoints = sys.argv[1], json.loads(open(sys.argv[2]).read()), json.loads(sys.argv[3]), sys.argv[4]
 def die(step, values):
     if step == 8:
         os.kill(os.getpid(), signal.SIGKILL)
-chat_finetune(folder, data, SftParams(**params), seed=int(sys.argv[5]), checkpoint_dir=checkpoints,
-              on_metrics=die, log=print, show_progress=False)
+finetune(folder, data, SftParams(**params), seed=int(sys.argv[5]), checkpoint_dir=checkpoints,
+         on_metrics=die, log=print, show_progress=False)
 """
+
+
+def killed_at_step_8(engine: str, data: dict, settings: dict, tmp_path) -> subprocess.CompletedProcess:
+    """An sft engine (module:function) training in a process of its own, SIGKILLed at step 8."""
+    module, function = engine.split(":")
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    script = KILLED_RUN.format(module=module, function=function)
+    return subprocess.run([sys.executable, "-c", script, str(lm_folder()), str(tmp_path / "data.json"),
+                           json.dumps(settings), str(tmp_path / "ckpt"), str(SEED)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -130,10 +140,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_bits(tmp_path, method):
     params = SftParams(**settings)
     straight = chat_finetune(lm_folder(), data, params, seed=SEED, log=quiet, show_progress=False)
 
-    (tmp_path / "data.json").write_text(json.dumps(data))
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(lm_folder()), str(tmp_path / "data.json"),
-                             json.dumps(settings), str(tmp_path / "ckpt"), str(SEED)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    killed = killed_at_step_8("lmforge.training.chat_tuning:chat_finetune", data, settings, tmp_path)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL at step 8, past the checkpoint of step 6
 
     resumed = chat_finetune(lm_folder(), data, params, seed=SEED, checkpoint_dir=tmp_path / "ckpt", log=quiet,

@@ -5,11 +5,7 @@ template TRL cannot mask is refused clearly."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,8 +15,7 @@ from lmforge.generation import DEFAULT_CHAT_TEMPLATE
 from lmforge.training import chat_trl
 from lmforge.training.chat_tuning import (ADAPTER_FOLDER, SftError, chat_finetune, conversation_loss, encode_all,
                                           examples_loss, save_chat_model, take)
-from tests.conftest import ROOT
-from tests.test_sft import SEED, TINY, conversations, quiet, talk
+from tests.test_sft import SEED, TINY, conversations, killed_at_step_8, quiet, talk
 from tests.tiny_models import lm_folder
 
 # a conversation whose reply falls past max_length (64 tokens): left out and counted
@@ -68,31 +63,13 @@ def test_a_full_run_learns_and_counts_what_lmforges_loop_counts():
     assert next(trl.model.parameters()).device.type == "cpu" and not trl.model.training
 
 
-KILLED_RUN = """
-import json, os, signal, sys
-import torch
-torch.set_num_threads(1)
-from lmforge.config.sft import SftParams
-from lmforge.training.chat_trl import trl_finetune
-folder, data, params, checkpoints = sys.argv[1], json.load(open(sys.argv[2])), json.loads(sys.argv[3]), sys.argv[4]
-def die(step, values):
-    if step == 8:
-        os.kill(os.getpid(), signal.SIGKILL)
-trl_finetune(folder, data, SftParams(**params), seed=int(sys.argv[5]), checkpoint_dir=checkpoints,
-             on_metrics=die, log=print, show_progress=False)
-"""
-
-
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_run_killed_with_sigkill_resumes_to_the_same_bits(tmp_path, method):
     data, settings = conversations(), {**TINY, "method": method, "learning_rate": 0.003}
     params = SftParams(**settings)
     straight = chat_trl.trl_finetune(lm_folder(), data, params, seed=SEED, log=quiet, show_progress=False)
 
-    (tmp_path / "data.json").write_text(json.dumps(data))
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(lm_folder()), str(tmp_path / "data.json"),
-                             json.dumps(settings), str(tmp_path / "ckpt"), str(SEED)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    killed = killed_at_step_8("lmforge.training.chat_trl:trl_finetune", data, settings, tmp_path)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL at step 8, past the checkpoint of step 6
     (run_dir,) = (tmp_path / "ckpt").iterdir()
     assert run_dir.name.startswith("trl-") and (run_dir / "checkpoint-6").is_dir()
