@@ -314,10 +314,16 @@ def _architectures(folder: Path) -> list[str]:
     return json.loads(config.read_text()).get("architectures") or []
 
 
+def is_causal_lm(architectures: Iterable[str]) -> bool:
+    """Whether a transformers config's `architectures` name a causal LM: what generates, and what
+    the harness can score."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
 def _check_causal(architectures: list[str], what: str) -> None:
     # The harness scores a document's choices by their log-likelihood after its context, which
     # takes a causal LM; a masked LM (pretrain.arch bert) would load as a decoder it never was.
-    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+    if not is_causal_lm(architectures):
         raise BenchmarkError(f"{what}: benchmarks score causal language models; this is {architectures or 'unknown'}")
 
 

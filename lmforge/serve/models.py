@@ -78,9 +78,10 @@ def check_causal(served: ServedModel) -> None:
     """Only a causal LM generates; the classifier keeps MLflow's /invocations (make serve)."""
     import json
 
+    from lmforge.evaluation.benchmarks import is_causal_lm
     from lmforge.registry.registration import RegistryError
 
     architectures = json.loads((served.folder / "config.json").read_text()).get("architectures") or []
-    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+    if not is_causal_lm(architectures):
         raise RegistryError(f"{served.id} is a {', '.join(architectures) or 'model of unknown kind'}: `lmforge serve` serves "
                             "causal language models; serve a classifier with `make serve` (MLflow's /invocations)")
