@@ -63,12 +63,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from record_facts import git_commit, package_versions  # noqa: E402 (bench/ is on sys.path)
+
+# the packages a record names (read from their metadata: the parent process never imports what it times)
+PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "accelerate")
 
 METRICS = ("acc", "acc_norm")
 EXACT = 1e-12  # acc is a mean of 0/1: equal figures agree to rounding, not merely closely
@@ -289,33 +293,6 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def git_commit(given: str | None) -> str:
-    """The tree's commit (-dirty when tracked files differ); on a copy without .git, --commit,
-    LMFORGE_COMMIT or "unknown"."""
-    if given:
-        return given
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=False)
-        if head.returncode == 0:
-            return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("LMFORGE_COMMIT") or "unknown"
-
-
-def versions() -> dict[str, str | None]:
-    # from the installed metadata: the parent process never imports what it times
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "lm_eval", "datasets", "accelerate"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def card(device: str) -> str:
     # asked last: a CUDA context in this process would hold memory the timed runs could use
     if device.startswith("cuda"):
@@ -391,7 +368,7 @@ def main() -> None:
     record = {
         "bench": "bench_benchmarks", "issue": 37, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "card": card(device), "host": platform.node(), "device": device,
-        "command": " ".join([sys.executable, *sys.argv]), "commit": git_commit(args.commit), "versions": versions(),
+        "command": " ".join([sys.executable, *sys.argv]), "commit": git_commit(args.commit), "versions": package_versions(PACKAGES),
         "model": str(model), "model_spec": args.model, "dtype": args.dtype, "tasks": task_names(args),
         "limit": args.limit, "warm_seconds": warm, "runs": runs, "summary": summary,
         "figures": {name: {**ours["figures"][name], **ours["counts"][name]} for name in ours["figures"]} if ours else None,

@@ -56,7 +56,6 @@ import sys
 import tempfile
 import threading
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +63,11 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from record_facts import git_commit, package_versions  # noqa: E402 (bench/ is on sys.path)
+
+# the packages a record names
+PACKAGES = ("torch", "transformers", "lmforge", "httpx", "fastapi", "uvicorn", "openai", "kernels")
 
 # --- the servers under test: edit these when a command line changes ------------------------------
 
@@ -505,32 +509,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit(given: str | None) -> str:
-    """The tree's commit (-dirty when tracked files differ); on a copy without .git, --commit,
-    LMFORGE_COMMIT or "unknown"."""
-    if given:
-        return given
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=False)
-        if head.returncode == 0:
-            return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("LMFORGE_COMMIT") or "unknown"
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "lmforge", "httpx", "fastapi", "uvicorn", "openai", "kernels"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def ratios(runs: list[dict[str, Any]], reference: str) -> dict[str, Any]:
     """Per level: the reference's tok/s over each other server's, and its p50 TTFT over theirs."""
     ok = [r for r in runs if r["levels"]]
@@ -612,7 +590,7 @@ async def amain(args: argparse.Namespace) -> int:
     record = {
         "bench": "bench_serve", "issue": 38, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "card": card(device),
         "cpu": cpu_model(), "host": platform.node(), "device": device, "dtype": dtype,
-        "command": shlex.join([sys.executable, *sys.argv]), "commit": git_commit(args.commit), "versions": versions(),
+        "command": shlex.join([sys.executable, *sys.argv]), "commit": git_commit(args.commit), "versions": package_versions(PACKAGES),
         "model": str(folder), "model_spec": args.model,
         "settings": {"endpoint": args.endpoint, "clients": levels, "requests_per_client": args.requests_per_client,
                      "max_tokens": args.max_tokens, "temperature": args.temperature, "count": args.count,

@@ -74,7 +74,6 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -92,6 +91,9 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
 
 import numpy as np
 import torch
+from record_facts import git_commit, package_versions  # noqa: E402 (bench/ is on sys.path)
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "pydantic")
 
 # --- chat templates with generation markers ----------------------------------------------------
 # TRL's assistant-only loss needs a {% generation %}-marked twin of the chat template: the stage's
@@ -178,28 +180,6 @@ class no_tf32:
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=False)
-        if out.returncode == 0:
-            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return None
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "pydantic"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - a missing package is recorded, not fatal
-            out[name] = None
-    return out
 
 
 def window(step_times: dict[int, float], counts: list[tuple[int, int]], start: int, end: int) -> dict[str, Any]:
@@ -673,8 +653,8 @@ def main() -> None:
     result = {
         "bench": "sft_trl", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "command": " ".join([sys.executable, *sys.argv]), "commit": args.commit or git_commit(),
-        "versions": versions(), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": " ".join([sys.executable, *sys.argv]), "commit": git_commit(args.commit),
+        "versions": package_versions(PACKAGES), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model": str(base), "train_conversations": len(data["train"]), "val_conversations": len(data["val"]),
         "train_left_out_no_reply_within_max_length": left_out,
         "base_val": base_scores, "sides": records, "decision": decide(records, args),
