@@ -138,7 +138,7 @@ def talk(args: argparse.Namespace) -> int:
         return _error(str(err))
     with tempfile.TemporaryDirectory(prefix="lmforge-talk-") as scratch:
         try:
-            folder = _model_folder(args.model, Path(scratch))
+            folder = _served_model(args.model, Path(scratch)).folder
         except registry.RegistryError as err:
             return _error(str(err))
         model, tokenizer = generation.load_causal_lm(folder)
@@ -174,6 +174,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _served_model(model: str, scratch: Path):
+    """The causal LM a registry URI (downloaded into `scratch`, with its lineage) or a folder names."""
     from lmforge.serve import models
 
     if model.startswith("models:/"):
@@ -210,22 +211,6 @@ def _run_server(args: argparse.Namespace, served, api_key: str | None) -> int:
     finally:
         engine.stop()
     return 0
-
-
-def _model_folder(model: str, scratch: Path) -> Path:
-    if model.startswith("models:/"):
-        from lmforge.config import load_params
-        from lmforge.registry import registration as registry
-
-        params = load_params(layout.PARAMS) if layout.PARAMS.exists() else None
-        with registry.using(registry.resolve_tracking_uri(params, layout.repo_root())):
-            return registry.model_folder(model, scratch)
-    folder = Path(model)
-    if not (folder / "config.json").exists():
-        from lmforge.registry.registration import RegistryError
-
-        raise RegistryError(f"{model} is neither a registry URI (models:/NAME@ALIAS) nor a transformers folder")
-    return folder
 
 
 def _print_stream(pieces) -> str:
