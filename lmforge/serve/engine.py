@@ -193,8 +193,7 @@ class Engine:
                 if item is None:
                     break
                 tokens.extend(item)
-                if len(tokens) > 0:
-                    yield Step(list(tokens))
+                yield Step(list(tokens))
             await worker  # raises what generate() raised
             yield Step(list(tokens), self._reason(tokens, sampling))
         finally:
