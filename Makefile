@@ -49,6 +49,12 @@ test: setup
 bench: setup
 	$(PY) bench/bench_data.py
 
+# dvc.yaml's charts as dvc_plots/index.html, every one drawn offline: vega, vega-lite and
+# vega-embed inlined from sha512-pinned npm tarballs (tasks/plots.py) instead of loaded from a CDN.
+.PHONY: plots
+plots: setup
+	$(PY) -m tasks.plots
+
 # Local servers on loopback only: the Prefect UI/API and the MLflow UI over mlflow.db.
 ui: setup
 	@mkdir -p .ui

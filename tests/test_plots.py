@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import shutil
+import subprocess
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, make_tar, run
 from tests.test_dvc_deps import dvc_stages
 
 LABELS = ["negative", "neutral", "positive"]
@@ -171,3 +175,104 @@ def test_plots_show_writes_one_html_page_with_every_chart(two_experiments: Path)
         assert definition["title"] in page, name
     rows = list(csv.DictReader((two_experiments / "reports/finetune/predictions.csv").open()))
     assert len(rows) == sum(map(sum, AFTER)) and set(rows[0]) == {"actual", "predicted"}
+
+
+# --- `make plots`: the same page, drawn offline (tasks/plots.py, #39) ---------------------------
+
+VEGA_CHART = re.compile(r"vegaEmbed\('#([\w-]+)'")
+MARKS = re.compile(r"<(?:canvas|svg)\b[^>]*\bclass=\"marks\"")  # what vega draws into (not the menu's icon)
+NO_BROWSER = "LMFORGE_NO_BROWSER"
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.environ.get(NO_BROWSER) == "1":
+        pytest.skip(f"{NO_BROWSER}=1: the charts are not drawn in a browser here")
+    pytest.fail("the offline-chart tests draw the page in Debian's Chromium: apt-get install -y chromium "
+                f"(or set {NO_BROWSER}=1 to skip them)")
+
+
+def drawn_offline(page: Path, scratch: Path) -> dict[str, int]:
+    """Chart id -> how many vega drawings (canvas or svg marks) headless Chromium leaves in its div,
+    for every vega chart of the page, with every host name unresolvable and a proxy to nowhere."""
+    command = [chromium(), "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={scratch}",
+               "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9", "--no-first-run",
+               "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=180, check=True).stdout
+    charts = VEGA_CHART.findall(page.read_text())
+    starts = sorted((re.search(rf"<div id=\"{re.escape(chart)}\"", dom).start(), chart) for chart in charts)
+    ends = [start for start, _ in starts[1:]] + [len(dom)]
+    return {chart: len(MARKS.findall(dom[start:end])) for (start, chart), end in zip(starts, ends)}
+
+
+@pytest.fixture(scope="module")
+def offline_page(two_experiments: Path) -> Path:
+    from tasks.plots import show
+
+    return show(two_experiments, "offline_plots")
+
+
+def test_the_offline_page_inlines_the_pinned_scripts_and_loads_nothing_from_outside(offline_page: Path):
+    from tasks.plots import PINS, external_sources, pinned_scripts
+
+    page = offline_page.read_text()
+    assert external_sources(page) == []
+    assert not re.search(r"<script\b[^>]*\bsrc=", page), "every script is inline"
+    assert all(script in page for script in pinned_scripts()), [pin.name for pin in PINS]
+    assert len(VEGA_CHART.findall(page)) == len(project_charts())
+
+
+def test_every_chart_of_the_offline_page_is_drawn_without_network(offline_page: Path, tmp_path: Path):
+    drawn = drawn_offline(offline_page, tmp_path)
+    assert set(drawn) == set(project_charts())
+    assert all(drawn.values()), f"charts left blank offline: {[c for c, n in drawn.items() if not n]}"
+
+
+def test_dvc_s_own_page_draws_no_chart_offline(two_experiments: Path, tmp_path: Path):
+    """The check above is the one #39 needed: DVC's CDN page passes nothing of it."""
+    from tasks.plots import external_sources
+
+    run(["dvc", "plots", "show", "-o", "cdn_plots"], two_experiments)
+    page = two_experiments / "cdn_plots/index.html"
+    assert external_sources(page.read_text())
+    drawn = drawn_offline(page, tmp_path)
+    assert set(drawn) == set(project_charts()) and not any(drawn.values()), drawn
+
+
+def fake_pin(tmp_path: Path, script: bytes):
+    from tasks.plots import NpmScript, integrity_of
+
+    good = make_tar(tmp_path / "good.tgz", {"package/build/fake.min.js": script})
+    return NpmScript("fake", "1.0.0", integrity_of(good), "package/build/fake.min.js"), good
+
+
+def test_a_tarball_off_its_pin_is_refused_before_anything_reads_it(tmp_path: Path, monkeypatch):
+    import tasks.plots as plots
+
+    pin, good = fake_pin(tmp_path, b"var fake = 1;")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    evil = make_tar(tmp_path / "evil.tgz", {pin.member: b"fetch('//elsewhere')"})
+    shutil.copy(evil, cache / pin.tarball)  # a tampered cached copy: fetched again
+    monkeypatch.setattr(plots, "npm_pack", lambda p, dest: Path(shutil.copy(good, dest / p.tarball)))
+    assert plots.integrity_of(plots.verified_tarball(pin, cache)) == pin.integrity
+
+    (cache / pin.tarball).unlink()  # a tampered download: refused, kept nowhere, never opened
+    monkeypatch.setattr(plots, "npm_pack", lambda p, dest: Path(shutil.copy(evil, dest / p.tarball)))
+    monkeypatch.setattr(plots, "PINS", (pin,))
+    opened = []
+    monkeypatch.setattr(plots, "read_script", lambda *args: opened.append(args))
+    with pytest.raises(plots.PlotsError, match="integrity mismatch"):
+        plots.pinned_scripts(cache)
+    assert not opened and list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", [b"s = '</script><script>x()';", b"s = '{plot_divs}';"])
+def test_a_script_that_cannot_sit_inline_is_refused(tmp_path: Path, script: bytes):
+    from tasks.plots import PlotsError, read_script
+
+    pin, tarball = fake_pin(tmp_path, script)
+    with pytest.raises(PlotsError, match="cannot be inlined"):
+        read_script(pin, tarball)
