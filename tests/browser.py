@@ -72,8 +72,9 @@ def chromium(download_dir: Path | None = None):
 
 
 class Steps:
-    """Named steps of a browser test. A step that fails leaves NN-<step>.png, .html and .url in
-    the artifacts folder, plus copies of the given logs, then fails the test with the step's name."""
+    """Named steps of a browser test. A step that fails leaves NN-<step>.png (and -tall.png),
+    .html and .url in the artifacts folder, plus copies of the given logs, then fails the test
+    with the step's name. LMFORGE_BROWSER_SCREENSHOTS=all keeps every step's, passed or not."""
 
     def __init__(self, driver, folder: Path, logs: dict[str, Path] | None = None):
         self.driver, self.folder, self.logs, self.count = driver, folder, logs or {}, 0
@@ -102,6 +103,8 @@ class Steps:
         self.count += 1
         try:
             yield
+            if os.environ.get("LMFORGE_BROWSER_SCREENSHOTS") == "all":  # every step's, to look at
+                self.save(name)
         except BaseException as error:
             if isinstance(error, (KeyboardInterrupt, pytest.skip.Exception)):
                 raise
