@@ -5,9 +5,11 @@ definition of the stages and owns the cache.
     python -m flows.pipeline --target tokenize        # a stage and what it needs
     python -m flows.pipeline -S split.task.max_rows=1000   # overrides: a DVC experiment
 
-Each task asks DVC in-process whether its stage is up to date (cheap) and, only if not, runs
-`dvc repro --single-item <stage>` so that the stage's own output lands in the task log. Stages
-whose upstream tasks succeeded start at once, so the corpus and task branches run side by side.
+Each task, named after its stage (ingest@corpus) from the moment it is submitted, asks DVC
+in-process whether its stage is up to date (cheap) and, only if not, runs `dvc repro --single-item
+<stage>`: the stage's output reaches the task's log line by line as it prints it (a progress bar
+every 10 s and in its final state; DVC's hints to a terminal user left out). Stages whose
+upstream tasks succeeded start at once, so the corpus and task branches run side by side.
 A stage that exits with code 2 failed for a user error (bad params or data): it is not retried
 and nothing downstream runs. Any other failure is retried with exponential backoff.
 
@@ -17,8 +19,9 @@ default, so on one GPU they take turns where the graph would start them side by 
 is the server's, shared by every flow run on it (see and change it under Concurrency in the UI);
 `--accelerator-slots 0` turns it off.
 
-With overrides (`-S key.path=value`, checked against params.yaml first) the graph runs as one
-DVC experiment, `dvc exp run --temp`, in a temporary copy of the project: the workspace's
+With overrides (`-S key.path=value`, checked against params.yaml and its schema first) the graph
+runs as one DVC experiment, `dvc exp run --temp`, in a temporary copy of the project; a task per
+stage follows it, done as DVC runs or skips that stage there. The workspace's
 params.yaml, dvc.lock and outputs stay as they were, so flow runs with different overrides can
 run at the same time. The experiment's name and metrics go to the log and to an artifact; `dvc
 exp show` lists it beside the others and `dvc exp apply <name>` brings it into the workspace.
@@ -27,25 +30,34 @@ exp show` lists it beside the others and `dvc exp apply <name>` brings it into t
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Annotated, Callable
 
+import httpx
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
+from prefect.states import Cancelled
 from prefect.tasks import exponential_backoff
+from pydantic.json_schema import WithJsonSchema
 
 from lmforge.config.overrides import apply_overrides as override_params
-from lmforge.config import parse_yaml
+from lmforge.config import ConfigError, parse_yaml, validate_params
 from lmforge.errors import UserError
 from lmforge.flat import flatten
 from lmforge.redaction import redact, without_credentials
@@ -101,7 +113,112 @@ def dvc_executable() -> str:
 def stage_env() -> dict[str, str]:
     """The environment for stage commands: `python` in dvc.yaml means this interpreter."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path}
+    # Into a pipe Python buffers what it prints by the 8 KiB: a stage's lines would reach the log
+    # in lumps, minutes late.
+    return {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1"}
+
+
+# --- a command's output, live in the task's log ------------------------------------------------
+
+BAR_SECONDS = 10.0  # a progress bar's line reaches the log at most this often, and in its final state
+TAIL_LINES = 200  # the last lines of a command's output kept for its error message
+_LINE_END = re.compile(r"\r\n|\r|\n")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# What DVC tells a person at a terminal after a stage or an experiment; the flow does these itself
+# or leaves them to the person reading the run. Each may be followed by tab-indented commands.
+_DVC_HINTS = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:"
+                        r"|To apply the results of an experiment to your workspace run:"
+                        r"|Use `dvc push` to send your updates to remote storage\.)$")
+
+
+class CommandOutput:
+    """A command's output, fed as it comes, to a Prefect logger line by line (redacted).
+
+    A progress bar redraws its line with '\\r' (tqdm, many times a second): its state reaches the
+    log at most every `bar_seconds`, and its final state always. DVC's hints (`git add dvc.lock`,
+    `dvc push`, ...) are dropped. The last TAIL_LINES lines logged are kept for an error message:
+    a 2-hour stage's whole output would not fit in memory, and its error is at the end."""
+
+    def __init__(self, logger, on_line: Callable[[str], None] | None = None, bar_seconds: float = BAR_SECONDS):
+        self.logger, self.on_line, self.bar_seconds = logger, on_line, bar_seconds
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._buffer = ""
+        self._after_cr = False  # the buffer's text redraws a line that a '\r' went back to
+        self._drawn: str | None = None  # the bar's state seen last
+        self._bar: str | None = None  # the bar's state seen last, if not logged
+        self._bar_logged: tuple[str, float] = ("", -math.inf)  # a bar's state logged last, and when
+        self._in_hint = False
+
+    def feed(self, text: str) -> None:
+        self._buffer += text
+        while match := _LINE_END.search(self._buffer):
+            segment, self._buffer = self._buffer[:match.start()], self._buffer[match.end():]
+            self._redraw(segment) if match.group() == "\r" else self._line(segment)
+            self._after_cr = match.group() == "\r"
+        if self._after_cr and self._buffer.strip():
+            self._redraw(self._buffer)  # tqdm draws a state in one write: no need to wait for the next
+
+    def close(self) -> None:
+        self._line(self._buffer)
+        self._buffer = ""
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.tail)
+
+    def _redraw(self, raw: str) -> None:
+        text = _ANSI.sub("", raw).rstrip()
+        if not text or text == self._drawn:  # a bar cleared (leave=False), or a state seen already
+            return
+        self._drawn = text
+        if time.monotonic() - self._bar_logged[1] >= self.bar_seconds:
+            self._emit(text)
+            self._bar_logged, self._bar = (text, time.monotonic()), None
+        else:
+            self._bar = text
+
+    def _line(self, raw: str) -> None:
+        text = _ANSI.sub("", raw).rstrip()
+        final = bool(self._after_cr and text)  # a bar's final state, drawn over its last and ended
+        if self._bar and not final:
+            self._emit(self._bar)  # a bar left where it stopped: its last state
+        self._bar = self._drawn = None
+        if final and text == self._bar_logged[0]:
+            return  # logged already, as it was drawn
+        if _DVC_HINTS.match(text):
+            self._in_hint = True
+        elif not (self._in_hint and (raw.startswith("\t") or not text)):
+            self._in_hint = False
+            if text:
+                self._emit(text)
+
+    def _emit(self, line: str) -> None:
+        self.tail.append(line)
+        self.logger.info("%s", redact(line))
+        if self.on_line:
+            self.on_line(line)
+
+
+def stream_command(command: list[str], cwd: Path, env: dict[str, str], logger,
+                   on_line: Callable[[str], None] | None = None) -> tuple[int, str]:
+    """Run `command` with its stdout and stderr merged into the log as it prints them
+    (CommandOutput); gives its exit status and the last lines it printed."""
+    output = CommandOutput(logger, on_line)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # os.read gives what the pipe holds as soon as it holds something; a file object's read()
+        # would wait to fill its buffer.
+        while chunk := os.read(process.stdout.fileno(), 1 << 16):
+            output.feed(decoder.decode(chunk))
+        output.feed(decoder.decode(b"", final=True))
+        output.close()
+        return process.wait(), output.text
+    finally:
+        if process.poll() is None:  # the task was cancelled or crashed: the command goes with it
+            process.kill()
+            process.wait()
+        process.stdout.close()
 
 
 # --- reading the graph from DVC ---------------------------------------------------------------
@@ -208,12 +325,10 @@ def run_stage(root: Path, addr: str, accelerator: bool = False) -> dict:
         logger.info("%s is up to date: skipped (DVC cache)", addr)
         return {"stage": addr, "status": "skipped", "seconds": round(time.perf_counter() - start, 2), "waited": 0.0}
     with accelerator_slot(addr, logger) if accelerator else nullcontext(0.0) as waited:
-        result = subprocess.run([dvc_executable(), "--wait-for-lock", "repro", "--single-item", addr], cwd=root,
-                                capture_output=True, text=True, env=stage_env())
-    output = (result.stdout + result.stderr).strip()
-    if result.returncode != 0:
+        status, output = stream_command([dvc_executable(), "--wait-for-lock", "repro", "--single-item", addr],
+                                        root, stage_env(), logger)
+    if status != 0:
         raise stage_failure(addr, output)
-    logger.info("%s", redact(output))
     seconds = round(time.perf_counter() - start, 2)
     try:
         publish_stage_artifacts(root, addr, started_at=time.time() - seconds)
@@ -235,7 +350,7 @@ def stage_failure(addr: str, output: str) -> Exception:
     with USER_ERROR_EXIT or was killed for memory, else StageFailed (retried)."""
     status = stage_status(output)
     if status in KILLED_EXITS:
-        return KilledForMemory(killed_message(addr, output))
+        return KilledForMemory(redact(killed_message(addr, output)))
     stage_errors = [line for line in output.splitlines() if line.startswith("error: ")]
     headline = stage_errors[0] if stage_errors else output.splitlines()[-1] if output else "no output"
     message = redact(f"{addr} failed: {headline}\n\n{output}")
@@ -289,15 +404,21 @@ def _artifact_key(addr: str) -> str:
 # then run side by side, sharing the cache.
 
 _RAN = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
+_SKIPPED = re.compile(r"^Stage '([^']+)' (?:didn't change, skipping|is cached - skipping)")
 _EXPERIMENT_NAME = re.compile(r"Ran experiment\(s\): (\S+)")
 _FAILED_STAGE = re.compile(r"failed to reproduce '([^']+)'")
 
 
 def check_overrides(root: Path, overrides: list[str]) -> None:
-    """Refuse an override of a key params.yaml does not have (a ConfigError naming it), before
-    DVC runs anything: DVC would add the key, and no stage would read it."""
+    """Refuse, before DVC runs anything, an override of a key params.yaml does not have (DVC would
+    add the key, and no stage would read it) or one whose value the params schema refuses (a stage
+    would refuse it only when its turn came, hours in): a ConfigError naming the dotted key."""
     params_path = root / "params.yaml"
-    override_params(parse_yaml(params_path.read_text(), params_path.name), overrides, where=params_path.name)
+    tree = override_params(parse_yaml(params_path.read_text(), params_path.name), overrides, where=params_path.name)
+    try:
+        validate_params(tree, params_path.name)
+    except ConfigError as error:
+        raise ConfigError(redact(f"overrides {' '.join(overrides)}: {params_path.name} would hold {error}")) from None
 
 
 def require_git_commit(root: Path) -> None:
@@ -359,26 +480,104 @@ def experiment_metrics(root: Path, name: str) -> dict[str, object]:
     return {}
 
 
+class ExperimentProgress:
+    """Which stages a running `dvc exp run` has passed, read from its lines as it prints them
+    ("Running stage 'X':", "Stage 'X' didn't change, skipping"): each stage's task waits here for
+    its own, so the run's graph shows the experiment going through its stages."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.outcomes: dict[str, dict] = {}  # stage -> {"status": "ran" | "skipped", "seconds": ...}
+        self._running: tuple[str, float] | None = None
+        self.failed: str | None = None  # the stage DVC reported failed, if one did
+        self.error: BaseException | None = None
+        self.ended = False
+
+    def on_line(self, line: str) -> None:
+        ran, skipped, failed = _RAN.match(line), _SKIPPED.match(line), _FAILED_STAGE.search(line)
+        with self._changed:
+            if ran or skipped:
+                self._finish_running()
+            if ran:
+                self._running = (ran.group(1), time.perf_counter())
+            elif skipped:
+                self.outcomes.setdefault(skipped.group(1), {"status": "skipped", "seconds": 0.0})
+            elif failed:  # the stage running did not pass; a retry of the experiment runs it again
+                self.failed, self._running = failed.group(1), None
+            self._changed.notify_all()
+
+    def _finish_running(self) -> None:
+        if self._running:
+            addr, since = self._running
+            self.outcomes.setdefault(addr, {"status": "ran", "seconds": round(time.perf_counter() - since, 2)})
+            self._running = None
+
+    def end(self, error: BaseException | None = None) -> None:
+        """The experiment is over (the first call counts): the stage still running ran, unless it failed."""
+        with self._changed:
+            if self.ended:
+                return
+            if error is None:
+                self._finish_running()
+            self.error, self.ended = error, True
+            self._changed.notify_all()
+
+    def outcome(self, addr: str) -> dict | None:
+        """Wait until DVC has passed `addr` or the experiment has ended; None: not passed."""
+        with self._changed:
+            self._changed.wait_for(lambda: addr in self.outcomes or self.ended)
+            return self.outcomes.get(addr)
+
+
+# The experiments this process is running, by key: the stage tasks share a process (and the
+# flow's thread pool) with the experiment's task, and find its progress here.
+_EXPERIMENTS: dict[str, ExperimentProgress] = {}
+
+
 @task(task_run_name="experiment", retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
       retry_condition_fn=_retry_unless_user_error)
-def run_experiment(root: Path, addrs: list[str], targets: list[str] | None, overrides: list[str],
-                   copy_paths: list[str], name: str | None, accelerator: bool) -> dict:
+def run_experiment(root: Path, addrs: list[str], targets: list[str], overrides: list[str],
+                   copy_paths: list[str], name: str, accelerator: bool, progress: str = "") -> dict:
     """`dvc exp run --temp` of the targets with the overrides; accelerator: hold an accelerator
-    slot meanwhile. Gives the experiment's name, its metrics and what became of each stage."""
+    slot meanwhile; progress: the key of an ExperimentProgress to tell which stages DVC passes.
+    Gives the experiment's name, its metrics and what became of each stage."""
     logger = get_run_logger()
     start = time.perf_counter()
+    seen: list[str] = []  # "Running stage" lines, however long the output
+    tracker = _EXPERIMENTS.get(progress)
+
+    def on_line(line: str) -> None:
+        if _RAN.match(line):
+            seen.append(line)
+        if tracker:
+            tracker.on_line(line)
+
     with accelerator_slot("experiment", logger) if accelerator else nullcontext(0.0) as waited:
-        result = subprocess.run(experiment_command(root, targets, overrides, copy_paths, name), cwd=root,
-                                capture_output=True, text=True, env=experiment_env(root))
-    output = (result.stdout + result.stderr).strip()
-    if result.returncode != 0:
+        status, output = stream_command(experiment_command(root, targets, overrides, copy_paths, name), root,
+                                        experiment_env(root), logger, on_line)
+    if status != 0:
         raise experiment_failure(output)
-    logger.info("%s", redact(output))
     found = _EXPERIMENT_NAME.search(output)
     experiment = found.group(1) if found else name or "unnamed"
     return {"name": experiment, "overrides": overrides, "metrics": experiment_metrics(root, experiment),
-            "stages": stage_statuses(output, addrs), "seconds": round(time.perf_counter() - start, 2),
+            "stages": stage_statuses("\n".join(seen), addrs), "seconds": round(time.perf_counter() - start, 2),
             "waited": waited}
+
+
+@task(task_run_name="{addr}")
+def experiment_stage(addr: str, progress: str) -> dict:
+    """Stage `addr` of the experiment whose ExperimentProgress is `progress`: runs until DVC has
+    run or skipped it there, fails if it failed there."""
+    tracker = _EXPERIMENTS[progress]
+    outcome = tracker.outcome(addr)
+    if outcome is None and tracker.error is None:
+        outcome = {"status": "skipped", "seconds": 0.0}  # the experiment ended without a word on it
+    if outcome is not None:
+        get_run_logger().info("%s %s in the experiment", addr, outcome["status"])
+        return {"stage": addr, **outcome}
+    if tracker.failed == addr:
+        raise tracker.error
+    return Cancelled(message=f"not run: the experiment stopped at {tracker.failed or 'an error'} first")
 
 
 def publish_experiment(experiment: dict) -> None:
@@ -395,25 +594,59 @@ def publish_experiment(experiment: dict) -> None:
 # --- the flow ---------------------------------------------------------------------------------
 
 
+def stage_choices(root: Path) -> list[str]:
+    """The targets dvc.yaml at `root` offers: each stage's address (foreach items as
+    ingest@corpus, their list read from params.yaml as DVC reads it) and each bare stage name
+    (ingest: all its items). Read as YAML, without DVC's lock: the flow's module reads it on
+    import, for the Run form. Empty if the project has no dvc.yaml it can read."""
+    try:
+        stages = parse_yaml((root / "dvc.yaml").read_text(), "dvc.yaml")["stages"]
+        params = parse_yaml((root / "params.yaml").read_text(), "params.yaml") if (root / "params.yaml").is_file() else {}
+    except (OSError, ConfigError, KeyError, TypeError):
+        return []
+    choices = []
+    for name, body in stages.items():
+        items = body.get("foreach") if isinstance(body, dict) else None
+        if isinstance(items, str) and (ref := re.fullmatch(r"\$\{\s*([\w.]+)\s*\}", items)):
+            items = params
+            for key in ref.group(1).split("."):
+                items = items.get(key) if isinstance(items, dict) else None
+        choices.append(name)
+        choices += [f"{name}@{item}" for item in items] if isinstance(items, (list, dict)) else []
+    return choices
+
+
+# A stage name for the Run form: a choice of dvc.yaml's stages, as this module's project has them.
+# Only the form's schema holds the choices; a run checks its targets against the dvc.yaml under
+# `root` (stage_graph), which may have other stages.
+_CHOICES = stage_choices(Path(__file__).resolve().parents[1])
+StageName = Annotated[str, WithJsonSchema({"type": "string", **({"enum": _CHOICES} if _CHOICES else {})})]
+
+
 @flow(name="lmforge-pipeline", log_prints=True)
 def pipeline(
-    targets: list[str] | None = None,
-    overrides: list[str] | None = None,
+    targets: list[StageName] = [],  # noqa: B006 (read, never changed; a list shows as one in the Run form)
+    overrides: list[str] = [],  # noqa: B006
     retries: int = 1,
-    stage_retries: dict[str, int] | None = None,
+    stage_retries: dict[str, int] = {},  # noqa: B006
     root: str = ".",
     accelerator_slots: int = 1,
-    accelerator_stages: list[str] | None = None,
-    experiment_name: str | None = None,
-    copy_paths: list[str] | None = None,
+    accelerator_stages: list[str] = list(TRAINING_STAGES),
+    experiment_name: str = "",
+    copy_paths: list[str] = [],  # noqa: B006
 ) -> list[dict]:
-    """Run the DVC stages (all, or `targets` and their upstream) as Prefect tasks.
+    """Run the DVC stages (all, or `targets` and their upstream) as Prefect tasks, one per stage.
 
-    overrides: `key.path=value` params; the graph then runs as one DVC experiment (`dvc exp run
-    --temp`, named `experiment_name` or by DVC) in a temporary copy of the project, which holds
-    what git tracks plus dvc.lock and `copy_paths` (untracked files the stages need).
-    accelerator_slots: how many of the `accelerator_stages` (stage names, default TRAINING_STAGES)
-    may run at once, server-wide; 0 for no limit.
+    Args:
+        targets: Stages to build, with all they need; a bare name (ingest) means all its items. No targets: the whole pipeline, pretrain, tune, finetune and sft included.
+        overrides: Params for this run, each dotted.key=value (split.task.val=0.2), checked against params.yaml and its schema first; any override runs the graph as one DVC experiment in a temporary copy, leaving params.yaml and the workspace as they are.
+        retries: Retries of a stage that failed for a reason that may pass (I/O, a lost connection); a stage that refuses its params or data, or is killed for memory, is never retried.
+        stage_retries: Retries by stage name (ingest, tune, ...), over `retries`; ingest has 3 unless set here.
+        root: The project folder (dvc.yaml, params.yaml, the DVC cache), relative to the flow run's working directory.
+        accelerator_slots: How many of the accelerator stages may run at once, server-wide (the global concurrency limit lmforge-accelerator); 0 for no limit.
+        accelerator_stages: The stage names that hold an accelerator slot while they run.
+        experiment_name: The DVC experiment's name, with overrides; empty: DVC names it.
+        copy_paths: Untracked files or folders the experiment's stages need, with overrides (the temporary copy holds what git tracks, plus dvc.lock).
     """
     if accelerator_slots < 0:
         raise ValueError(f"accelerator_slots must be 0 (no limit) or more, not {accelerator_slots}")
@@ -423,18 +656,41 @@ def pipeline(
         require_git_commit(root_path)
     upstream = stage_graph(root_path, targets)
     tracking.prepare_store(root_path)  # before stages that log to it start side by side
-    heavy = set(TRAINING_STAGES if accelerator_stages is None else accelerator_stages) if accelerator_slots else set()
+    heavy = set(accelerator_stages) if accelerator_slots else set()
     if heavy:
         set_accelerator_slots(accelerator_slots)
     if overrides:
         results = _run_as_experiment(root_path, targets, upstream, overrides, retries, heavy,
-                                     experiment_name, copy_paths or [])
+                                     experiment_name, copy_paths)
     else:
-        results = _run_graph(root_path, upstream, retries, {**DEFAULT_RETRIES, **(stage_retries or {})}, heavy)
+        results = _run_graph(root_path, upstream, retries, {**DEFAULT_RETRIES, **stage_retries}, heavy)
     _publish_summary(results)
     # An experiment leaves the workspace as it was, and so its summary.
     summarize(root_path, rebuild=not overrides and any(r["status"] == "ran" for r in results))
     return results
+
+
+def name_task_runs(futures: dict[str, PrefectFuture], patience: float = 30.0) -> None:
+    """Give each submitted task run its name (the key) on the server as soon as the server has the run.
+
+    Prefect renders task_run_name only as a run begins; the server first records a run under the
+    name it was created with (`run_stage-971`), and a stage waiting for those it needs, maybe for
+    hours, would show that in the run's graph. A run the server has not recorded within `patience`
+    seconds keeps that name until it begins: a name is no reason to fail a run."""
+    pending = dict(futures)
+    deadline = time.monotonic() + patience
+    with get_client(sync_client=True) as client:
+        while pending and time.monotonic() < deadline:
+            for name, future in list(pending.items()):
+                try:
+                    client.set_task_run_name(future.task_run_id, name)
+                except httpx.HTTPStatusError as error:
+                    if error.response.status_code != 404:  # 404: not recorded yet
+                        raise
+                    continue
+                del pending[name]
+            if pending:
+                time.sleep(0.2)
 
 
 def _run_graph(root: Path, upstream: dict[str, list[str]], retries: int, per_stage: dict[str, int],
@@ -442,25 +698,46 @@ def _run_graph(root: Path, upstream: dict[str, list[str]], retries: int, per_sta
     futures = {}
     for addr in topological(upstream):
         name = addr.split("@")[0]
-        stage_task = run_stage.with_options(retries=per_stage.get(name, retries))
+        stage_task = run_stage.with_options(name=addr, retries=per_stage.get(name, retries))
         # wait_for: a stage starts only once all it depends on has succeeded; a failure upstream
         # leaves it NotReady, so nothing downstream of a broken stage runs.
         futures[addr] = stage_task.submit(root, addr, accelerator=name in heavy,
                                           wait_for=[futures[d] for d in upstream[addr]])
+    name_task_runs(futures)
     wait(list(futures.values()))
     return [f.result() for f in futures.values()]  # raises the first failure, failing the flow
 
 
-def _run_as_experiment(root: Path, targets: list[str] | None, upstream: dict[str, list[str]], overrides: list[str],
-                       retries: int, heavy: set[str], name: str | None, copy_paths: list[str]) -> list[dict]:
-    """One task for the whole experiment (DVC runs its stages); a row per stage, as _run_graph gives."""
+def _run_as_experiment(root: Path, targets: list[str], upstream: dict[str, list[str]], overrides: list[str],
+                       retries: int, heavy: set[str], name: str, copy_paths: list[str]) -> list[dict]:
+    """One task runs the whole experiment (DVC runs its stages); beside it a task per stage follows
+    the experiment through the graph. A row per stage, as _run_graph gives."""
     addrs = topological(upstream)
     accelerator = any(addr.split("@")[0] in heavy for addr in addrs)
-    experiment = run_experiment.with_options(retries=retries)(root, addrs, targets, overrides, copy_paths, name,
-                                                              accelerator)
+    key = uuid.uuid4().hex
+    progress = _EXPERIMENTS[key] = ExperimentProgress()
+    stages: dict[str, PrefectFuture] = {}
+    try:
+        whole = run_experiment.with_options(retries=retries).submit(root, addrs, targets, overrides, copy_paths,
+                                                                    name, accelerator, key)
+        for addr in addrs:
+            stages[addr] = experiment_stage.with_options(name=addr).submit(
+                addr, key, wait_for=[stages[d] for d in upstream[addr]])
+        name_task_runs(stages)
+        try:
+            experiment = whole.result()  # raises the experiment's failure, failing the flow
+        except BaseException as error:
+            progress.end(error)
+            raise
+        progress.end()
+    finally:
+        # Whatever stopped the flow, no stage task waits on: the first end() counts.
+        progress.end(RuntimeError("the flow stopped before the experiment ended"))
+        wait(list(stages.values()))
+        _EXPERIMENTS.pop(key, None)
     publish_experiment(experiment)
-    return [{"stage": addr, "status": status, "seconds": None, "waited": None, "experiment": experiment["name"]}
-            for addr, status in experiment["stages"].items()]
+    rows = [stages[addr].result() for addr in addrs]
+    return [{**row, "waited": None, "experiment": experiment["name"]} for row in rows]
 
 
 def _publish_summary(results: list[dict]) -> None:
@@ -476,7 +753,7 @@ def _publish_summary(results: list[dict]) -> None:
 
 
 def _cell(value: float | None) -> str:
-    return "" if value is None else str(value)  # an experiment's stages are timed together, not one by one
+    return "" if value is None else str(value)  # an experiment's stages share its accelerator slot
 
 
 @task(task_run_name="summarize")
@@ -484,10 +761,10 @@ def summarize(root: Path, rebuild: bool) -> None:
     """Show reports/summary.md as this run's artifact, rebuilt (tasks/summarize.py) when a stage ran."""
     summary = root / "reports" / "summary.md"
     if rebuild or not summary.exists():
-        result = subprocess.run([sys.executable, "-m", "tasks.summarize"], cwd=root, capture_output=True,
-                                text=True, env=stage_env())
-        if result.returncode != 0:
-            get_run_logger().warning("no summary: %s", (result.stderr or result.stdout).strip()[-2000:])
+        logger = get_run_logger()
+        status, output = stream_command([sys.executable, "-m", "tasks.summarize"], root, stage_env(), logger)
+        if status != 0:
+            logger.warning("no summary: %s", redact(output[-2000:]))
             return
     if summary.exists():
         create_markdown_artifact(summary.read_text(), key="lmforge-summary", description="reports/summary.md")
@@ -505,9 +782,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerator-slots", type=int, default=1,
                         help=f"how many of {', '.join(TRAINING_STAGES)} may run at once (0: no limit)")
     args = parser.parse_args(argv)
-    pipeline(targets=args.targets, overrides=args.overrides or None, retries=args.retries,
-             accelerator_slots=args.accelerator_slots, experiment_name=args.experiment_name,
-             copy_paths=args.copy_paths or None)
+    pipeline(targets=args.targets or [], overrides=args.overrides, retries=args.retries,
+             accelerator_slots=args.accelerator_slots, experiment_name=args.experiment_name or "",
+             copy_paths=args.copy_paths)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The Prefect pipeline flow over a real DVC project, on Prefect's test harness."""
 
+import io
 import json
 import os
 import re
@@ -106,6 +107,7 @@ def test_transient_failure_is_retried(dvc_repo):
 
 
 TRACKED_SCRIPT = """
+import io
 import json
 from pathlib import Path
 from lmforge.registry import tracking
@@ -379,3 +381,212 @@ def test_stage_output_and_experiment_records_carry_no_password(dvc_repo):
     shown = logs + "\n".join(str(a.data) + str(a.description) for a in artifacts)
     assert "connecting to postgresql://tuner:***@db.invalid/optuna" in logs  # the stage ran and spoke
     assert artifacts and "pw-leak-42" not in shown
+
+
+# --- the control room: live logs, named tasks, the experiment's stages, the Run form -----------
+
+TALKER_SCRIPT = """
+import sys, time
+from pathlib import Path
+print("talker: first line", flush=True)
+for _ in range(1200):  # the test creates `go` once it has seen the first line in the Prefect API
+    if Path("go").exists():
+        break
+    time.sleep(0.1)
+else:
+    sys.exit("talker: nobody said go")
+for i in range(21):  # a tqdm-like bar: each state redraws the line with a carriage return
+    sys.stderr.write(f"\\rtalking {i * 5:3d}%|{'#' * (i // 2):<10}| {i}/20 [00:01<00:02, 5.2it/s]")
+    sys.stderr.flush()
+    time.sleep(0.05)
+sys.stderr.write("\\n")
+print("talker: last line")
+Path("talker.txt").write_text("ok")
+"""
+GATE_SCRIPT = """
+import sys, time
+from pathlib import Path
+for _ in range(1200):
+    if Path("go").exists():
+        break
+    time.sleep(0.1)
+Path(sys.argv[1] + ".txt").write_text("ok")
+"""
+
+
+def logs_of(task_run_name: str) -> list[str]:
+    """The log lines in the Prefect API of the task runs named so, oldest first."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId, TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import LogSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[task_run_name])))
+        if not runs:
+            return []
+        logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[r.id for r in runs])),
+                                sort=LogSort.TIMESTAMP_ASC)
+    return [log.message for log in logs]
+
+
+def wait_until(check, what: str, seconds: float = 120):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"waited {seconds} s for {what}")
+
+
+def test_stage_output_reaches_the_log_while_the_stage_runs(dvc_repo):
+    shutil.copytree(ROOT / "flows", dvc_repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    (dvc_repo / "talker.py").write_text(TALKER_SCRIPT)
+    add_stages(dvc_repo, {"talker": {"cmd": "python talker.py", "deps": ["talker.py"], "outs": ["talker.txt"]}})
+    flow_run = start_flow_run(dvc_repo, "-t", "talker", "--accelerator-slots", "0")
+    try:
+        wait_until(lambda: "talker: first line" in logs_of("talker"), "the stage's first line in the API")
+        # The stage is still waiting for `go`: the line came live, not with the stage's exit.
+        assert flow_run.poll() is None and not (dvc_repo / "talker.txt").exists()
+        (dvc_repo / "go").write_text("")
+        output = flow_run.communicate(timeout=300)[0]
+    finally:
+        flow_run.kill()
+    assert flow_run.returncode == 0, output[-3000:]
+    lines = wait_until(lambda: (got := logs_of("talker")) and "talker: last line" in got and got, "the last line")
+    bars = [line for line in lines if "it/s]" in line]
+    # 21 states in about a second: the first as drawn and the final one, none in between.
+    assert len(bars) <= 3 and bars[-1].startswith("talking 100%|") and "20/20" in bars[-1], bars
+    assert lines.index(bars[-1]) < lines.index("talker: last line")
+    hints = ("git add", "dvc push", "auto staging", "autostage", "To track the changes")
+    assert not [line for line in lines if any(hint in line for hint in hints)], lines
+
+
+def test_a_progress_bar_is_logged_at_most_every_bar_seconds_and_in_its_final_state():
+    import logging
+
+    from tqdm import tqdm
+
+    from flows.pipeline import CommandOutput
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    logger, handler = logging.getLogger("test-command-output"), Lines()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    output = CommandOutput(logger, bar_seconds=3600)
+    drawn = io.StringIO()
+    output.feed("loading https://user:pw-9@host/data\n")
+    for _ in tqdm(range(50), desc="ingest", file=drawn, mininterval=0, ncols=80):
+        output.feed(drawn.getvalue())  # what the pipe held since the last read
+        drawn.seek(0), drawn.truncate()
+    output.feed(drawn.getvalue() + "Updating lock file 'dvc.lock'\n\nTo track the changes with git, run:\n\n"
+                "\tgit add dvc.lock\n\nTo enable auto staging, run:\n\n\tdvc config core.autostage true\n"
+                "Use `dvc push` to send your updates to remote storage.\ndone")
+    output.close()
+    assert handler.lines[0] == "loading https://user:***@host/data"  # redacted, line by line
+    assert handler.lines[1].startswith("ingest:   0%|") and handler.lines[2].startswith("ingest: 100%|")
+    assert "50/50" in handler.lines[2] and handler.lines[3:] == ["Updating lock file 'dvc.lock'", "done"]
+    assert output.text.splitlines()[-1] == "done" and len(output.tail) == 5
+
+
+def test_pending_stage_tasks_carry_their_stage_s_name(dvc_repo):
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    shutil.copytree(ROOT / "flows", dvc_repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    (dvc_repo / "gate.py").write_text(GATE_SCRIPT)
+    chain = {"gate": [], "middle": ["gate.txt"], "last": ["middle.txt"]}
+    add_stages(dvc_repo, {name: {"cmd": f"python gate.py {name}", "deps": ["gate.py", *deps], "outs": [f"{name}.txt"]}
+                          for name, deps in chain.items()})
+    flow_run = start_flow_run(dvc_repo, "-t", "last", "--accelerator-slots", "0")
+
+    def pending_by_name():
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=list(chain))))
+        states = {r.name: r.state_type.value for r in runs}
+        return states if states == {"gate": "RUNNING", "middle": "PENDING", "last": "PENDING"} else None
+
+    try:
+        # While gate runs (it waits for `go`), the two stages after it are pending under their names.
+        wait_until(pending_by_name, "the pending stages under their names", seconds=60)
+        (dvc_repo / "go").write_text("")
+        output = flow_run.communicate(timeout=300)[0]
+    finally:
+        flow_run.kill()
+    assert flow_run.returncode == 0, output[-3000:]
+    assert (dvc_repo / "last.txt").exists()
+
+
+ECHO_VAL_SCRIPT = """
+import sys, time, yaml
+from pathlib import Path
+val = yaml.safe_load(open("params.yaml"))["split"]["task"]["val"]
+if sys.argv[1] == "after_val":
+    time.sleep(3)  # so the stage before it is seen done while the experiment still runs
+Path(sys.argv[1] + ".txt").write_text(f"{val}")
+"""
+
+
+@pytest.mark.slow
+def test_an_experiment_shows_a_task_per_stage_done_as_dvc_passes_it(dvc_repo):
+    (dvc_repo / "echo_val.py").write_text(ECHO_VAL_SCRIPT)
+    add_stages(dvc_repo, {
+        "echo_val": {"cmd": "python echo_val.py echo_val", "deps": ["echo_val.py"], "params": ["split.task.val"],
+                     "outs": ["echo_val.txt"]},
+        "after_val": {"cmd": "python echo_val.py after_val", "deps": ["echo_val.py", "echo_val.txt"],
+                      "outs": ["after_val.txt"]},
+        "untouched": {"cmd": "python echo_val.py untouched", "deps": ["echo_val.py"], "outs": ["untouched.txt"]},
+    })
+    targets = ["after_val", "untouched"]
+    pipeline(targets=targets, accelerator_slots=0, root=str(dvc_repo))
+    commit_all(dvc_repo)
+
+    state = pipeline(targets=targets, overrides=["split.task.val=0.2"], accelerator_slots=0, root=str(dvc_repo),
+                     return_state=True)
+    assert state.is_completed(), state.message
+    assert statuses(state.result()) == {"echo_val": "ran", "after_val": "ran", "untouched": "skipped"}
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = {r.name: r for r in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))}
+    assert set(runs) == {"experiment", "echo_val", "after_val", "untouched", "summarize"}
+    assert all(run.state_type.value == "COMPLETED" and run.run_count == 1 for run in runs.values())
+    # echo_val's task ended as DVC went on to after_val (3 s), not when the experiment ended.
+    assert (runs["experiment"].end_time - runs["echo_val"].end_time).total_seconds() > 2
+    assert (dvc_repo / "echo_val.txt").read_text() == "0.1"  # the workspace kept its params
+
+
+def test_the_run_form_describes_every_parameter_and_offers_the_stages():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import stage_graph
+
+    schema = parameter_schema(pipeline).model_dump_for_openapi()
+    properties = schema["properties"]
+    assert set(properties) == {"targets", "overrides", "retries", "stage_retries", "root", "accelerator_slots",
+                               "accelerator_stages", "experiment_name", "copy_paths"}
+    undescribed = [name for name, spec in properties.items() if not spec.get("description")]
+    assert not undescribed, f"the Run form shows these without a word: {undescribed}"
+    assert "whole pipeline, pretrain, tune, finetune and sft included" in properties["targets"]["description"]
+    addresses = set(stage_graph(ROOT))
+    offered = properties["targets"]["items"]["enum"]
+    assert set(offered) == addresses | {a.split("@")[0] for a in addresses} and "ingest@corpus" in offered
+    # A null choice shows in the form as "Property is type None": every default is a value.
+    assert "null" not in json.dumps(schema) and "anyOf" not in json.dumps(schema)
+    assert properties["targets"]["type"] == "array" and properties["targets"]["default"] == []
+
+
+def test_a_bad_override_value_fails_the_run_before_any_stage_with_the_key(dvc_repo):
+    params_before = (dvc_repo / "params.yaml").read_text()
+    state = pipeline(targets=["split@task"], overrides=["split.task.val=7"], root=str(dvc_repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"overrides split\.task\.val=7: params\.yaml would hold invalid params:\n"
+                                        r"  split\.task\.val: "):
+        state.result()
+    assert task_runs(state.state_details.flow_run_id) == {}  # no stage ran, nor waited
+    assert (dvc_repo / "params.yaml").read_text() == params_before
