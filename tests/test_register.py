@@ -24,10 +24,6 @@ from tests.conftest import ROOT, run
 from tests.tiny_models import chat_folder, lm_folder, sentiment_folder
 
 
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A fresh MLflow SQLite store (tracking and registry) with its artifacts in a temp dir."""
@@ -162,21 +158,27 @@ def test_register_twice_registers_once_with_lineage(store, tmp_path, monkeypatch
     assert len(mlflow_client.search_model_versions("name = 'twice-sentiment'")) == 1
     assert len(mlflow_client.search_model_versions("name = 'twice-lm'")) == 1
 
-    # lineage on the version: commit, dirty flag, dvc.lock hashes, params, metrics, gate figure
+    # the key lineage on the version: commit, dirty flag, data and output hashes, params digest, gate figure
     version = mlflow_client.get_model_version_by_alias("twice-sentiment", "challenger")
     tags = version.tags
     assert tags["git_commit"] == head(root)
     assert tags["git_dirty"] == "false"
     assert tags["dvc.lock"] == "present"
     assert tags["dvc.dep.data/split/task"] == "0123456789abcdef0123456789abcdef.dir"
-    assert tags["dvc.dep.tasks/finetune.py"] == "11111111111111111111111111111111"
+    assert "dvc.dep.tasks/finetune.py" not in tags  # a code hash: in lineage.json, not on the version
     assert tags["dvc.out.models/finetuned"] == dvc_md5(root / "models/finetuned")
-    assert json.loads(tags["params"])["finetune"]["learning_rate"] == 5e-5
-    assert json.loads(tags["params"])["split.task"]["val"] == 0.1
-    assert float(tags["metric.test_accuracy"]) == pytest.approx(0.8)
     assert (tags["gate.metric"], tags["gate.metric_key"]) == ("accuracy", "test_accuracy")
     assert tags["lmforge.fingerprint"] == sent["fingerprint"]
-    # ... and on the run: the same tags, the params, the metrics and the datasets with digests
+    # ... the whole of it in the run's lineage.json, its params digest on the version
+    from lmforge.registry import registration as registry
+
+    recorded = json.loads((Path(client(store).download_artifacts(version.run_id, "lineage.json", str(tmp_path)))).read_text())
+    assert recorded["lineage"]["dvc.dep.tasks/finetune.py"] == "11111111111111111111111111111111"
+    assert recorded["params"]["finetune"]["learning_rate"] == 5e-5
+    assert recorded["params"]["split.task"]["val"] == 0.1
+    assert tags["params.sha256"] == hashlib.sha256(registry.params_json(recorded["params"]).encode()).hexdigest()
+    assert registry.version_metrics(mlflow_client, version)["test_accuracy"] == pytest.approx(0.8)
+    # ... and on the run: the tags, the params, the metrics and the datasets under the data's DVC hash
     logged = mlflow_client.get_run(version.run_id)
     assert logged.data.tags["git_commit"] == head(root)
     assert logged.data.tags["dvc.dep.data/split/task"] == "0123456789abcdef0123456789abcdef.dir"
@@ -184,7 +186,7 @@ def test_register_twice_registers_once_with_lineage(store, tmp_path, monkeypatch
     assert logged.data.metrics["test_accuracy"] == pytest.approx(0.8)
     inputs = {d.dataset.name: d for d in logged.inputs.dataset_inputs}
     assert set(inputs) == {"task-train", "task-val", "task-test"}
-    assert inputs["task-train"].dataset.digest == md5(root / "data/split/task/train.parquet")
+    assert {inputs[split].dataset.digest for split in inputs} == {tags["dvc.dep.data/split/task"].removesuffix(".dir")}
     assert {t.key: t.value for t in inputs["task-test"].tags}["mlflow.data.context"] == "testing"
 
     lm_version = mlflow_client.get_model_version("twice-lm", "1")
@@ -303,14 +305,136 @@ def test_benchmark_figures_go_on_the_version_and_a_gate_may_name_one(store, tmp_
         params["register"][key]["gate"] = {"metric": "bench.hellaswag.acc_norm", "direction": "max", "min_gain": 0.0}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     register(root, monkeypatch, "lm", "chat")
-    lm = client(store).get_model_version("bench-lm", "1").tags
-    assert float(lm["metric.bench.hellaswag.acc_norm"]) == 0.31 and float(lm["metric.bench.winogrande.acc"]) == 0.52
+    from lmforge.registry.registration import version_metrics
+
+    lm_version = client(store).get_model_version("bench-lm", "1")
+    lm, figures = lm_version.tags, version_metrics(client(store), lm_version)
+    assert figures["bench.hellaswag.acc_norm"] == 0.31 and figures["bench.winogrande.acc"] == 0.52
     assert lm["gate.metric_key"] == "bench.hellaswag.acc_norm" and float(lm["gate.value"]) == 0.31
-    assert float(lm["metric.perplexity" if "metric.perplexity" in lm else "metric.test.perplexity"]) == 27.1
+    assert figures["test.perplexity"] == 27.1
     chat = client(store).get_model_version("bench-chat", "1").tags
     # the chat model's figure is gated; the base model's, on the same documents, is its baseline
     assert float(chat["gate.value"]) == 0.42 and chat["baseline.metric_key"] == "base.bench.hellaswag.acc_norm"
     assert float(chat["baseline.value"]) == 0.40
+
+
+def training_run(root: Path, stage: str, report: str, artifact_path: str | None = None) -> str:
+    """A finished run of `stage` as the training stages leave one: its report file and a plot."""
+    from lmforge.registry import tracking
+
+    plot = root / "plot" / f"{stage}_curve.png"
+    plot.parent.mkdir(exist_ok=True)
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n" + stage.encode())
+    with tracking.stage_run(stage, {"seed": 1}, root=root) as mlrun:
+        mlrun.log_artifact(root / report, artifact_path)
+        mlrun.log_artifact(plot, artifact_path)
+    return mlrun.run_id
+
+
+def test_a_version_reads_first_in_its_description_with_a_few_key_tags(store, tmp_path, monkeypatch):
+    """The description: gate figure against the baseline, first version, commit, data, the training
+    run's link, the trace command. A few tags; the training run's id; its plots on the register run;
+    the logged model named as the registered one, scored on the datasets under their DVC hash."""
+    import mlflow
+
+    root = make_project(tmp_path / "proj", "card")
+    write_metrics(root, {"test_accuracy": 0.5, "baseline_tfidf": {"test": {"accuracy": 0.4}}})
+    decoy = training_run(root, "finetune", "reports/finetune/metrics.json")  # an earlier finetune, another model
+    write_metrics(root, 0.8)
+    make_project(root, "card")  # dvc.lock as finetune left it now
+    trained = training_run(root, "finetune", "reports/finetune/metrics.json")
+    (root / "reports/pretrain").mkdir(parents=True, exist_ok=True)
+    (root / "reports/pretrain/metrics.json").write_text(json.dumps({"best_val_loss": 3.1}))
+    pretrained = training_run(root, "pretrain", "reports/pretrain/metrics.json", "reports")
+    register(root, monkeypatch, "sentiment", "lm")
+    mlflow_client = client(store)
+    version = mlflow_client.get_model_version("card-sentiment", "1")
+    tags, text = version.tags, version.description
+    experiment = mlflow_client.get_run(trained).info.experiment_id
+
+    assert "**card-sentiment version 1**: `test_accuracy` 0.8 (higher is better) vs its TF-IDF baseline 0.6: beats it" in text
+    assert "First version to face the gate" in text
+    assert f"commit `{head(root)}` (dirty: false)" in text
+    assert "data `data/split/task` hash `0123456789abcdef0123456789abcdef`" in text
+    assert f"finetune run: [finetune](#/experiments/{experiment}/runs/{trained}) (training run" in text
+    assert f"#/experiments/{experiment}/runs/{version.run_id}" in text and "plots/finetune/finetune_curve.png" in text
+    assert "`lmforge trace models:/card-sentiment/1`" in text and decoy not in text
+    assert len(text.splitlines()) <= 15 and len(text) < 1500
+
+    assert len(tags) <= 16, sorted(tags)
+    assert tags["training_run_id"] == trained
+    for key in ("git_commit", "git_dirty", "dvc.dep.data/split/task", "params.sha256", "gate.metric_key", "gate.value",
+                "baseline.value", "lmforge.fingerprint"):
+        assert key in tags, key
+    assert not any(key.startswith("metric.") for key in tags) and "params" not in tags
+    register_artifacts = [a.path for a in mlflow_client.list_artifacts(version.run_id, "plots/finetune")]
+    assert register_artifacts == ["plots/finetune/finetune_curve.png"]
+    lm = mlflow_client.get_model_version("card-lm", "1")
+    assert lm.tags["training_run_id"] == pretrained
+
+    # the logged model: named after the registered model; its metrics name the datasets it was scored on
+    model_id = lambda v: v.model_id or v.source.removeprefix("models:/")  # noqa: E731  (a SQL registry keeps the source only)
+    model = mlflow.get_logged_model(model_id(version))
+    assert model.name == "card-sentiment" and mlflow.get_logged_model(model_id(lm)).name == "card-lm"
+    used = {(m.dataset_name, m.dataset_digest) for m in model.metrics if m.dataset_name}
+    assert used == {(f"task-{split}", "0123456789abcdef0123456789abcdef") for split in ("train", "val", "test")}
+    lm_used = {(m.dataset_name, m.dataset_digest) for m in mlflow.get_logged_model(model_id(lm)).metrics}
+    assert lm_used == {("tokens", lm.tags["dvc.dep.data/tokens"].removesuffix(".dir"))}
+    # the model's gated figure and its baseline's, side by side in the register run
+    figures = mlflow_client.get_run(version.run_id).data.metrics
+    assert (figures["test_accuracy"], figures["baseline.test_accuracy"]) == (pytest.approx(0.8), pytest.approx(0.6))
+
+
+def test_trace_says_who_moved_the_champion_and_what_it_replaced(store, tmp_path, monkeypatch, capsys):
+    root = make_project(tmp_path / "proj", "moved", metrics={"test": {"accuracy": 0.8},
+                                                              "baseline_tfidf": {"test": {"accuracy": 0.6}}})
+    name, mlflow_client = "moved-sentiment", client(store)
+    register(root, monkeypatch, "sentiment")
+    code, out, _ = cli(root, monkeypatch, capsys, "trace", f"models:/{name}/1")
+    assert code == 0 and "gate:         not promoted by lmforge promote; registered with `test.accuracy` 0.8" in out
+    assert "@champion:    not set" in out
+    assert cli(root, monkeypatch, capsys, "promote", name)[0] == 0
+    code, out, _ = cli(root, monkeypatch, capsys, "trace", f"models:/{name}@champion")
+    assert "gate:         passed: beats its TF-IDF baseline (0.8 vs 0.6)" in out
+    assert "replaced:     no champion (the first one)" in out
+    assert "@champion:    version 1, set by `lmforge promote` at " in out
+
+    make_project(root, "moved", metrics={"test": {"accuracy": 0.9}, "baseline_tfidf": {"test": {"accuracy": 0.6}}}, lr=1e-4)
+    register(root, monkeypatch, "sentiment")
+    assert "@champion when registered: version 1 (`test.accuracy` 0.8)" in mlflow_client.get_model_version(name, "2").description
+    assert cli(root, monkeypatch, capsys, "promote", name)[0] == 0
+    promoted = mlflow_client.get_model_version(name, "2")
+    assert promoted.tags["promoted_via"] == "lmforge promote"
+    assert promoted.description.startswith("**@champion since ") and "replacing version 1 (`test.accuracy` 0.8)" in promoted.description
+    code, out, _ = cli(root, monkeypatch, capsys, "trace", f"models:/{name}@champion")
+    assert "replaced:     version 1 (0.8)" in out and "@champion:    version 2, set by `lmforge promote`" in out
+
+    # the alias pencil of MLflow's UI (the same API call): the champion moves back, no gate
+    mlflow_client.set_registered_model_alias(name, "champion", "1")
+    code, out, _ = cli(root, monkeypatch, capsys, "trace", f"models:/{name}@champion")
+    assert code == 0 and f"models:/{name}@champion -> {name} version 1" in out
+    assert ("@champion:    version 1, moved outside `lmforge promote` (MLflow UI alias pencil or API): the gate was "
+            "not applied (the last `lmforge promote` made: version 2 at ") in out
+
+
+def test_trace_reads_a_version_registered_with_the_earlier_tag_set(store, tmp_path, monkeypatch, capsys):
+    """Versions registered before lineage.json kept the whole lineage carry it as tags (metric.*,
+    params, every dvc.dep.*): trace reads them from there, and an earlier promotion counts."""
+    root = make_project(tmp_path / "proj", "earliertags")
+    register(root, monkeypatch, "sentiment")
+    name, mlflow_client = "earliertags-sentiment", client(store)
+    version = mlflow_client.get_model_version(name, "1")
+    mlflow_client.delete_model_version_tag(name, "1", "params.sha256")
+    for key, value in {"params": json.dumps({"finetune": {"learning_rate": 7e-5}}), "metric.test_accuracy": "0.77",
+                       "dvc.dep.tasks/finetune.py": "2" * 32, "promoted_at": "2026-01-01T00:00:00+00:00"}.items():
+        mlflow_client.set_model_version_tag(name, "1", key, value)
+    mlflow_client.set_registered_model_alias(name, "champion", "1")
+    code, out, _ = cli(root, monkeypatch, capsys, "trace", f"models:/{name}@champion")
+    assert code == 0 and f"run:          {version.run_id}" in out
+    assert "finetune.learning_rate = 5e-05" in out  # lineage.json's: that run had one too
+    assert "test_accuracy = 0.77   <- gate" in out  # the metric.* tags, where a version has them
+    assert "tasks/finetune.py: " + "2" * 32 in out
+    assert "@champion:    version 1, set by `lmforge promote` at 2026-01-01T00:00:00+00:00 (recorded on the version)" in out
 
 
 def test_without_dvc_lock_lineage_says_so(store, tmp_path, monkeypatch):
@@ -541,7 +665,8 @@ def test_trace_prints_commit_data_params_metrics_and_rebuild(store, tmp_path, mo
     commit = head(root)
     assert f"commit:       {commit}" in out
     assert "data/split/task: 0123456789abcdef0123456789abcdef.dir" in out
-    assert f"task-train [training] digest {md5(root / 'data/split/task/train.parquet')}" in out
+    assert "task-train [training] digest 0123456789abcdef0123456789abcdef" in out
+    assert "tasks/finetune.py: 11111111111111111111111111111111" in out  # from lineage.json: not a version tag
     assert "finetune.learning_rate = 5e-05" in out
     assert "test_accuracy = 0.8   <- gate" in out
     assert f"git checkout {commit} && dvc repro register" in out

@@ -8,8 +8,13 @@ Registration is idempotent: each version carries a fingerprint (the hash of ever
 folder, of the params that made it, and of the pyfunc code and requirements it bundles); when the latest version of the name carries the same
 fingerprint, nothing is logged or registered. Lineage (git commit and dirty flag, the caller's
 build tags such as the hashes of the inputs that built the model, params, metrics, gate figure)
-goes on the run and, as tags, on the version, so `models:/NAME@ALIAS` alone leads back to all of
-it. The datasets are logged with `mlflow.log_input` (digest: the md5 of the parquet file).
+goes whole into the run's lineage.json and its tags; the version carries the key facts only
+(commit, dirty flag, data hashes, params digest, gate figures, the training run's id) and a
+markdown description a person reads first (the gated figure against its baseline and the
+champion, the commit, the data, links to the training runs, the `lmforge trace` command), so
+`models:/NAME@ALIAS` alone leads back to all of it. The datasets are logged with `mlflow.log_input`
+under the caller's DVC hash (the one the data tags carry) and linked to the logged model through
+its metrics, which the logged model, named after the registered model, carries beside its baseline's.
 
 This module knows no pipeline layout: where a model, its metrics and its data lie comes in a
 ModelSpec, and the build system's lineage comes in as tags and DataInputs.
@@ -24,7 +29,9 @@ baseline's figure recorded on its version at registration, and `promote` never p
 challenger that does not beat it, whatever the champion; then the challenger must beat the
 champion by the gate's minimum gain.
 
-Promotion only moves aliases; MLflow's deprecated stages are never used. mlflow is imported inside
+Promotion only moves aliases; MLflow's deprecated stages are never used. `promote` records each move
+on the registered model (PROMOTED_VERSION), so `trace` tells a champion moved outside it (the
+MLflow UI's alias pencil, the API), past the gate, from one it moved. mlflow is imported inside
 the functions: this module is not on the training path.
 """
 
@@ -52,6 +59,12 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 FINGERPRINT = "lmforge.fingerprint"
 SERVING = "lmforge.serving"  # a version tag's key: unchanged since the first registrations
+PARAMS_DIGEST = "params.sha256"  # the sha256 of the (redacted) params JSON, which lineage.json holds
+TRAINING_RUN = "training_run_id"  # the run of the stage that trained the model (its plots are there)
+LINEAGE_FILE = "lineage.json"  # the register run's artifact holding the whole lineage
+# Registered model tags: the version `lmforge promote` last made champion, and when.
+PROMOTED_VERSION, PROMOTED_AT = "lmforge.promoted_version", "lmforge.promoted_at"
+PROMOTED_VIA = "lmforge promote"
 _UNSAFE = re.compile(r"[^\w./\- :]")
 _PREFIXES = ("", "test.", "test_", "eval_", "eval.", "val.", "val_", "validation.", "validation_")
 
@@ -89,6 +102,18 @@ class ModelSpec:
     # The lm-evaluation-harness report that scored it (None: none): its figures join the metrics as
     # bench.<task>.<metric>, so they are recorded on the version and a gate may name one.
     benchmarks: str | None = None
+    # The runs of the stages that made it, the first the training run (its id a version tag).
+    training_runs: tuple["RunLink", ...] = ()
+
+
+@dataclass(frozen=True)
+class RunLink:
+    """How a version finds the MLflow run of a stage that made it: the latest finished run tagged
+    stage=`stage` whose artifact `artifact` is the file `report` (relative to the project root)."""
+
+    stage: str
+    artifact: str
+    report: str
 
 
 @dataclass(frozen=True)
@@ -200,13 +225,15 @@ def _git_lineage(root: Path) -> dict[str, str]:
 
 
 def _datasets(root: Path, folder: str, known_by_hash: Sequence[DataInput]) -> list[tuple[Any, str]]:
-    """(mlflow dataset, context) for each split parquet (digest: the file's md5); when there are none,
-    a meta-only dataset for each of `known_by_hash` (a fresh checkout, a remote cache)."""
+    """(mlflow dataset, context) for each split parquet; when there are none, a meta-only dataset
+    for each of `known_by_hash` (a fresh checkout, a remote cache). A split's digest is the hash
+    `known_by_hash` gives its folder (the DVC hash the version's data tag carries), else its md5."""
     import mlflow.data
     import pandas as pd
 
     split_dir = root / folder
     name = Path(folder).name
+    folder_digest = next((d.digest for d in known_by_hash if d.path.rstrip("/") == folder.rstrip("/")), None)
     found = []
     for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
         path = split_dir / f"{split}.parquet"
@@ -217,7 +244,7 @@ def _datasets(root: Path, folder: str, known_by_hash: Sequence[DataInput]) -> li
                 # a local path "can be interpreted in multiple ways" (two local source kinds): noise
                 warnings.filterwarnings("ignore", message="The specified dataset source", category=UserWarning)
                 dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()), name=f"{name}-{split}",
-                                                  targets=targets, digest=file_digest(path, "md5"))
+                                                  targets=targets, digest=folder_digest or file_digest(path, "md5"))
             found.append((dataset, context))
     if not found:
         found = [(_meta_dataset(root, data), "training") for data in known_by_hash]
@@ -302,12 +329,14 @@ def _check_folder(folder: Path, spec: ModelSpec) -> None:
 
 
 def register_model(spec: ModelSpec, params, root: Path | str, *, lineage: Mapping[str, str] | None = None,
-                   data_inputs: Sequence[DataInput] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
+                   version_lineage: Mapping[str, str] | None = None, data_inputs: Sequence[DataInput] = (),
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Log `spec`'s folder as a pyfunc with lineage and register it as a new @challenger version.
 
-    lineage: the build system's tags (the hashes of what built the model), set on the run and the
-    version beside the git facts; data_inputs: the datasets to log when `spec.datasets` holds no
-    split files here.
+    lineage: the build system's tags (the hashes of what built the model), set on the run and kept
+    whole in its lineage.json beside the git facts; version_lineage: those of them the version
+    carries as tags (None: all); data_inputs: the datasets' hashes, their digests in MLflow (and the
+    datasets to log when `spec.datasets` holds no split files here).
 
     Returns the report entry: name, version, aliases, run id, fingerprint and `registered` (False
     when the latest version already holds this fingerprint: then nothing was logged).
@@ -337,19 +366,40 @@ def register_model(spec: ModelSpec, params, root: Path | str, *, lineage: Mappin
             f"(fingerprint {print_[:12]}): nothing new registered")
         return _entry(client, name, latest, registered=False, fingerprint_=print_)
 
-    tags = {**_git_lineage(root), **(lineage or {}), FINGERPRINT: print_, "lmforge.model_key": spec.key,
-            "lmforge.model_folder": spec.folder, "lmforge.rebuild_stages": ",".join(spec.rebuild),
-            "gate.metric": gate.metric, "gate.metric_key": gate_figure[0], "gate.value": repr(gate_figure[1]),
-            "gate.direction": gate.direction,
-            **(_baseline_tags(spec, baseline) if baseline else {})}
-    logged = LoggedModel(spec=spec, name=name, folder=folder, payload=payload, metrics=metrics, tags=tags,
-                         fingerprint=print_, serving_config=serving_config(params, spec))
+    git = _git_lineage(root)
+    key_tags = {**git, FINGERPRINT: print_, "gate.metric": gate.metric, "gate.metric_key": gate_figure[0],
+                "gate.value": repr(gate_figure[1]), "gate.direction": gate.direction,
+                PARAMS_DIGEST: hashlib.sha256(redact(params_json(payload)).encode()).hexdigest(),
+                **(_baseline_tags(spec, baseline) if baseline else {})}
+    filed = {"lmforge.model_key": spec.key, "lmforge.model_folder": spec.folder,
+             "lmforge.rebuild_stages": ",".join(spec.rebuild)}  # the run's and lineage.json's, not the version's
+    logged = LoggedModel(spec=spec, name=name, folder=folder, payload=payload, metrics=metrics,
+                         tags={**key_tags, **filed, **(lineage or {})}, fingerprint=print_,
+                         serving_config=serving_config(params, spec),
+                         version_tags={**key_tags, **((lineage if version_lineage is None else version_lineage) or {})},
+                         champion=_champion_figure(client, name, gate.metric))
     version, run_id = _log_and_register(logged, params, root, data_inputs, log)
     client.set_registered_model_alias(name, CHALLENGER, version)
     against = f" vs {spec.baseline_name} {baseline[1]:.6g}" if baseline else ""
     log(f"register {spec.key}: {name} version {version} @{CHALLENGER} (run {run_id}, "
         f"{gate_figure[0]} {gate_figure[1]:.6g}{against}, fingerprint {print_[:12]})")
     return _entry(client, name, client.get_model_version(name, version), registered=True, fingerprint_=print_)
+
+
+def params_json(payload: Mapping[str, Any]) -> str:
+    """The params that made a model as canonical JSON: what PARAMS_DIGEST hashes."""
+    return json.dumps(payload, sort_keys=True, default=str)
+
+
+def _champion_figure(client, name: str, metric: str) -> tuple[str, tuple[str, float] | None] | None:
+    """(version, its gate figure) of `name@champion` now, or None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = by_alias(client, name, CHAMPION)
+    except MlflowException:
+        return None  # no such registered model yet
+    return None if champion is None else (str(champion.version), _figure(client, champion, metric))
 
 
 def _gate_metrics(root: Path, spec: ModelSpec, gate) -> tuple[dict[str, float], tuple[str, float]]:
@@ -412,9 +462,11 @@ class LoggedModel:
     folder: Path
     payload: dict[str, Any]
     metrics: dict[str, float]
-    tags: dict[str, str]
+    tags: dict[str, str]  # the whole lineage: the run's tags and its lineage.json
     fingerprint: str
     serving_config: dict[str, Any]
+    version_tags: dict[str, str] = field(default_factory=dict)  # the key facts the version carries
+    champion: tuple[str, tuple[str, float] | None] | None = None  # (version, figure) of @champion now
 
 
 def _pyfunc(spec: ModelSpec, params):
@@ -434,31 +486,189 @@ def _pyfunc(spec: ModelSpec, params):
 
 def _log_and_register(logged: LoggedModel, params, root: Path, data_inputs: Sequence[DataInput],
                       log: Callable[[str], None]) -> tuple[str, str]:
-    """One MLflow run: metrics, lineage, datasets and the pyfunc model, registered as a new
-    version. Returns (version, run id)."""
+    """One MLflow run: lineage, datasets, the pyfunc model (named after the registered model), its
+    metrics (linked to it and its datasets), the training runs' plots; registered as a new version
+    with the key tags and a description. Returns (version, run id)."""
     import tempfile
 
     import mlflow
 
     spec = logged.spec
-    with tempfile.TemporaryDirectory(prefix="lmforge-pyfunc-") as staging, tracking.stage_run(f"register-{spec.key}", logged.payload, tags={**logged.tags, "register.model": logged.name},
-                            root=root, log=log) as run:
-        run.log_metrics(logged.metrics)
-        run.log_dict({"params": logged.payload, "lineage": logged.tags, "metrics": logged.metrics}, "lineage.json")
-        for dataset, context in _datasets(root, spec.datasets, data_inputs):
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory(prefix="lmforge-pyfunc-") as staging, tracking.stage_run(
+            f"register-{spec.key}", logged.payload, tags={**logged.tags, "register.model": logged.name},
+            root=root, log=log) as run:
+        run.log_dict({"params": logged.payload, "lineage": logged.tags, "metrics": logged.metrics}, LINEAGE_FILE)
+        datasets = _datasets(root, spec.datasets, data_inputs)
+        for dataset, context in datasets:
             mlflow.log_input(dataset, context=context)
+        trained_by = training_runs(client, root, spec.training_runs)
+        plots = copy_plots(client, trained_by, run, Path(staging) / "plots")
         model, signature, example = _pyfunc(spec, params)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=model, artifacts={"model": str(logged.folder)}, signature=signature,
+            name=logged.name, python_model=model, artifacts={"model": str(logged.folder)}, signature=signature,
             input_example=example, pip_requirements=requirements(), model_config=logged.serving_config,
-            code_paths=[str(stage_pyfunc_code(Path(staging)))], tags={FINGERPRINT: logged.fingerprint})
-        version_tags = {**logged.tags, "params": json.dumps(logged.payload, sort_keys=True, default=str),
-                        SERVING: json.dumps(logged.serving_config, sort_keys=True),
-                        **{f"metric.{k}": repr(v) for k, v in sorted(logged.metrics.items())[:200]}}
+            code_paths=[str(stage_pyfunc_code(Path(staging) / "code"))], tags={FINGERPRINT: logged.fingerprint})
+        log_model_metrics(info.model_id, {**logged.metrics, **_beside_baseline(logged)}, datasets)
+        version_tags = {**logged.version_tags, SERVING: json.dumps(logged.serving_config, sort_keys=True)}
+        if trained_by:
+            version_tags[TRAINING_RUN] = trained_by[0][1].info.run_id
+            run.set_tags({TRAINING_RUN: trained_by[0][1].info.run_id})
         version = mlflow.register_model(info.model_uri, logged.name,
                                         tags={k: redact(str(v)) for k, v in version_tags.items()})
         run.set_tags({"register.version": version.version})
+        card = Card(logged.name, str(version.version), version_tags, logged.champion, trained_by, plots,
+                    (mlflow.active_run().info.experiment_id, run.run_id, f"register-{spec.key}"),
+                    baseline_name=spec.baseline_name, data=data_inputs)
+        client.update_model_version(logged.name, version.version, description=redact(describe(card)))
     return version.version, run.run_id
+
+
+def _beside_baseline(logged: LoggedModel) -> dict[str, float]:
+    """The baseline's figure for the gate metric as baseline.<gate key>, beside <gate key> in the run."""
+    if BASELINE_VALUE not in logged.tags:
+        return {}
+    return {f"baseline.{logged.tags['gate.metric_key']}": float(logged.tags[BASELINE_VALUE])}
+
+
+def log_model_metrics(model_id: str, metrics: Mapping[str, float], datasets: Sequence[tuple[Any, str]]) -> None:
+    """Log `metrics` on the active run and the logged model, each split's with its dataset (a key
+    naming the split: test_accuracy, baseline_tfidf.test.accuracy), so the logged model's page lists
+    the datasets it was scored on; a split's row count goes with it (<split>.rows). Where no key
+    names a split (a dataset known only by its hash), all go with the first dataset."""
+    import mlflow
+
+    left = dict(metrics)
+    matched = []
+    for dataset, _ in datasets:
+        split = dataset.name.rsplit("-", 1)[-1]
+        mine = {key: left.pop(key) for key in [k for k in left if split in re.split(r"[._]", k)]}
+        frame = getattr(dataset, "df", None)
+        if frame is not None:
+            mine[f"{split}.rows"] = float(len(frame))
+        matched.append((dataset, mine))
+    if datasets and not any(mine for _, mine in matched):
+        matched[0] = (matched[0][0], left)
+        left = {}
+    for dataset, mine in matched:
+        if mine:
+            mlflow.log_metrics(mine, model_id=model_id, dataset=dataset)
+    if left:
+        mlflow.log_metrics(left, model_id=model_id)
+
+
+def training_runs(client, root: Path, links: Sequence[RunLink]) -> list[tuple[str, Any]]:
+    """(stage, run) for each link whose run is found in this store's experiment: the latest of
+    the last 20 finished runs of the stage whose logged `artifact` has the md5 of `report` now."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(tracking.experiment_name())
+    found = []
+    for link in links:
+        report = root / link.report
+        if experiment is None or not report.is_file():
+            continue
+        want = file_digest(report, "md5")
+        candidates = client.search_runs([experiment.experiment_id],
+                                        f"tags.stage = '{link.stage}' and attributes.status = 'FINISHED'",
+                                        order_by=["attributes.start_time DESC"], max_results=20)
+        for candidate in candidates:
+            with tempfile.TemporaryDirectory(prefix="lmforge-link-") as scratch:
+                try:
+                    local = Path(client.download_artifacts(candidate.info.run_id, link.artifact, scratch))
+                except (MlflowException, OSError):
+                    continue
+                if local.is_file() and file_digest(local, "md5") == want:
+                    found.append((link.stage, candidate))
+                    break
+    return found
+
+
+def copy_plots(client, trained_by: Sequence[tuple[str, Any]], run, scratch: Path) -> list[str]:
+    """The .png artifacts of the training runs (top level and one folder down), logged again on
+    the register run under plots/<stage>/, so the version's own run shows them. Returns their paths."""
+    from mlflow.exceptions import MlflowException
+
+    def listing(run_id: str, folder: str | None) -> list[Any]:
+        try:
+            return list(client.list_artifacts(run_id, folder))
+        except (MlflowException, OSError):
+            return []
+
+    copied = []
+    for stage, found in trained_by:
+        run_id = found.info.run_id
+        top = listing(run_id, None)
+        items = top + [item for folder in top if folder.is_dir for item in listing(run_id, folder.path)]
+        for item in (i for i in items if not i.is_dir and i.path.endswith(".png")):
+            (scratch / stage).mkdir(parents=True, exist_ok=True)
+            local = client.download_artifacts(run_id, item.path, str(scratch / stage))
+            run.log_artifact(local, f"plots/{stage}")
+            copied.append(f"plots/{stage}/{Path(item.path).name}")
+    return copied
+
+
+@dataclass
+class Card:
+    """What a version's description says (describe)."""
+
+    name: str
+    version: str
+    tags: Mapping[str, str]  # the version's tags
+    champion: tuple[str, tuple[str, float] | None] | None  # @champion when registered: (version, figure)
+    runs: Sequence[tuple[str, Any]]  # (stage, MLflow run) that made the model, the training run first
+    plots: Sequence[str]  # the training runs' plots copied onto the register run
+    register_run: tuple[str, str, str]  # (experiment id, run id, run name)
+    baseline_name: str = "baseline"
+    data: Sequence[DataInput] = ()
+
+
+def run_link(experiment_id: str, run_id: str, text: str) -> str:
+    """A markdown link to a run's page, relative to the MLflow UI (its hash routes)."""
+    return f"[{text}](#/experiments/{experiment_id}/runs/{run_id})"
+
+
+def gate_line(tags: Mapping[str, str], baseline_name: str = "baseline") -> str:
+    """`key` value and, where one is recorded, the baseline's figure and whether the model beats it."""
+    key, value, direction = tags["gate.metric_key"], float(tags["gate.value"]), tags.get("gate.direction", "max")
+    line = f"`{key}` {value:.6g} ({'higher' if direction == 'max' else 'lower'} is better)"
+    if BASELINE_VALUE in tags:
+        base = float(tags[BASELINE_VALUE])
+        beats = _better(value, base, direction) > 0
+        line += (f" vs its {tags.get(BASELINE_NAME, baseline_name)} {base:.6g}: "
+                 + ("beats it" if beats else "does not beat it, so `lmforge promote` refuses it"))
+    return line
+
+
+def describe(card: Card) -> str:
+    """The version's description (markdown, one screen): the gated figure against its baseline and
+    the champion, the commit, the data, the runs that made it, and the trace command."""
+    tags = card.tags
+    if card.champion is None:
+        champion = "First version to face the gate: there was no @champion to replace"
+    else:
+        figure = card.champion[1]
+        champion = f"@champion when registered: version {card.champion[0]}" + (
+            f" (`{figure[0]}` {figure[1]:.6g})" if figure else "")
+    dirty = tags.get("git_dirty", "unknown")
+    lines = [f"**{card.name} version {card.version}**: {gate_line(tags, card.baseline_name)}.", "",
+             f"{champion}; `lmforge promote {card.name}` judges it against the champion of the day.", "",
+             f"- commit `{tags.get('git_commit', 'unknown')}`"
+             + (" **dirty** (uncommitted changes when registered)" if dirty == "true" else f" (dirty: {dirty})")]
+    lines += [f"- data `{data.path}` hash `{data.digest}`" for data in card.data]
+    lines.append(f"- params sha256 `{tags.get(PARAMS_DIGEST, 'unknown')[:16]}`")
+    for stage, found in card.runs:
+        lines.append(f"- {stage} run: {run_link(found.info.experiment_id, found.info.run_id, found.info.run_name or stage)}"
+                     + (" (training run: curves and plots)" if found is card.runs[0][1] else ""))
+    if not card.runs:
+        lines.append("- training run: none found in this tracking store (trained elsewhere, or its run deleted)")
+    experiment, run_id, run_name = card.register_run
+    lines.append(f"- register run: {run_link(experiment, run_id, run_name)} (lineage.json"
+                 + (f", plots: {', '.join(f'`{p}`' for p in card.plots)})" if card.plots else ")"))
+    lines += ["", f"Everything else: `lmforge trace models:/{card.name}/{card.version}`"]
+    return "\n".join(lines)
 
 
 def _entry(client, name: str, version, *, registered: bool, fingerprint_: str) -> dict[str, Any]:
@@ -499,7 +709,8 @@ def by_alias(client, name: str, alias: str):
 
 
 def version_metrics(client, version) -> dict[str, float]:
-    """The metrics recorded on a version (metric.* tags), else those of its run."""
+    """The metrics recorded on a version (metric.* tags, on versions registered before their
+    register run held them all), else those of its run."""
     metrics = {}
     for key, value in version.tags.items():
         if key.startswith("metric."):
@@ -640,23 +851,39 @@ def _judge_and_move(client, name: str, gate, force: bool, reason: str | None, us
                         f"{_version_of(now_champion)} while {ch} was judged against {cp or 'no champion'}: "
                         "run the promotion again to judge it against the new champion", ch, cp)
     client.set_registered_model_alias(name, CHAMPION, challenger.version)
-
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     who = user or getpass.getuser()
-    tags = {"promoted_at": now, "promoted_by": who, "promoted_over": champion.version if champion else "none",
-            "gate.result": ("forced" if force else "passed") + f": {why}"}
+    _record_promotion(client, found, why, who, reason.strip() if force else None)
+    how = f"forced by {who} ({reason.strip()}); {why}" if force else why
+    return Decision(True, True, f"{name}: {ch} is now @{CHAMPION}; {how}", ch, cp)
+
+
+def _record_promotion(client, found: Standing, why: str, who: str, forced: str | None) -> None:
+    """Tag the new champion (who, when, over which version, the gate's figures, how), the version it
+    replaced, and the registered model (the version `lmforge promote` made champion, which `trace`
+    compares with the alias), and add the promotion to the new champion's description."""
+    name, challenger, champion = found.name, found.challenger, found.champion
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    tags = {"promoted_at": now, "promoted_by": who, "promoted_via": PROMOTED_VIA,
+            "promoted_over": champion.version if champion else "none",
+            "gate.result": ("forced" if forced else "passed") + f": {why}"}
     for key, figure in (("gate.challenger_value", found.challenger_figure), ("gate.champion_value", found.champion_figure),
                         ("gate.baseline_value", found.baseline)):
         if figure is not None:
             tags[key] = repr(figure[1])
-    if force:
-        tags.update({"forced": "true", "force_reason": reason.strip(), "forced_by": who})
+    if forced:
+        tags.update({"forced": "true", "force_reason": forced, "forced_by": who})
     for key, value in tags.items():
-        client.set_model_version_tag(name, challenger.version, key, str(value))
+        client.set_model_version_tag(name, challenger.version, key, redact(str(value)))
     if champion is not None:
         client.set_model_version_tag(name, champion.version, "replaced_by", f"{challenger.version} at {now}")
-    how = f"forced by {who} ({reason.strip()}); {why}" if force else why
-    return Decision(True, True, f"{name}: {ch} is now @{CHAMPION}; {how}", ch, cp)
+    client.set_registered_model_tag(name, PROMOTED_VERSION, str(challenger.version))
+    client.set_registered_model_tag(name, PROMOTED_AT, now)
+    replaced = (f"replacing version {champion.version}" + (f" (`{found.champion_figure[0]}` {found.champion_figure[1]:.6g})"
+                if found.champion_figure else "")) if champion is not None else "the first champion"
+    how = f"**forced** by {who} ({forced})" if forced else f"by {who}, gate passed"
+    note = f"**@{CHAMPION} since {now}** ({PROMOTED_VIA}, {how}), {replaced}."
+    description = challenger.description or ""
+    client.update_model_version(name, challenger.version, description=redact(f"{note}\n\n{description}".strip()))
 
 
 def _version_of(version) -> str | None:
@@ -725,8 +952,9 @@ TraceSection = Callable[[Mapping[str, str]], Sequence[str]]
 def trace(uri: str, client=None, *, inputs: TraceSection | None = None, rebuild: TraceSection | None = None) -> str:
     """A readable account of where a registered version came from and how to rebuild it.
 
-    inputs and rebuild turn the version's tags into the lines of those two sections: the build
-    system that wrote the lineage tags knows how to show them and how to rerun itself."""
+    inputs and rebuild turn the version's lineage (its tags over the register run's lineage.json,
+    where the whole of it is kept) into the lines of those two sections: the build system that
+    wrote the lineage knows how to show it and how to rerun itself."""
     if client is None:
         from mlflow import MlflowClient
 
@@ -740,23 +968,25 @@ def trace(uri: str, client=None, *, inputs: TraceSection | None = None, rebuild:
         raise RegistryError(f"{uri}: {err.message}") from None
     if version is None:
         raise RegistryError(f"{uri}: {name} has no alias @{alias} (or no such model)")
-    tags = dict(version.tags)
     run = client.get_run(version.run_id) if version.run_id else None
-    aliases = sorted(a for a, v in client.get_registered_model(name).aliases.items() if str(v) == str(version.version))
+    recorded = _lineage_file(client, run)
+    tags = {**recorded.get("lineage", {}), **dict(version.tags)}
+    registered = client.get_registered_model(name)
+    aliases = sorted(a for a, v in registered.aliases.items() if str(v) == str(version.version))
     commit, dirty = tags.get("git_commit", "unknown"), tags.get("git_dirty", "unknown")
 
     lines = [f"{uri} -> {name} version {version.version}" + (f" (aliases: {', '.join('@' + a for a in aliases)})" if aliases else "")]
     lines.append(f"  run:          {version.run_id}" + (f" ({run.info.run_name}, {run.info.status})" if run else ""))
+    if TRAINING_RUN in tags:
+        lines.append(f"  training run: {tags[TRAINING_RUN]}")
     lines.append(f"  fingerprint:  {tags.get(FINGERPRINT, 'none')}")
     lines.append(f"  commit:       {commit}" + ("  (the working tree had uncommitted changes)" if dirty == "true" else "")
                  + f"  dirty: {dirty}")
-    for key in ("promoted_at", "promoted_by", "forced_by", "force_reason"):
-        if key in tags:
-            lines.append(f"  {key + ':':<13} {tags[key]}")
+    lines.extend(_promotion_lines(tags, registered, client))
     if inputs is not None:
         lines.extend(inputs(tags))
     lines.extend(_dataset_lines(run))
-    lines.extend(_params_lines(tags, run))
+    lines.extend(_params_lines(tags, run, recorded.get("params")))
     lines.append("metrics:")
     gate_key = tags.get("gate.metric_key")
     for key, value in sorted(version_metrics(client, version).items()):
@@ -764,6 +994,59 @@ def trace(uri: str, client=None, *, inputs: TraceSection | None = None, rebuild:
     if rebuild is not None:
         lines.extend(rebuild(tags))
     return "\n".join(lines)
+
+
+def _lineage_file(client, run) -> dict[str, Any]:
+    """The register run's lineage.json ({} where the run or the file is gone)."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    if run is None:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="lmforge-trace-") as scratch:
+        try:
+            return json.loads(Path(client.download_artifacts(run.info.run_id, LINEAGE_FILE, scratch)).read_text())
+        except (MlflowException, OSError, ValueError):
+            return {}
+
+
+def _promotion_lines(tags: Mapping[str, str], registered, client=None) -> list[str]:
+    """The gate's verdict on the version, the champion it replaced, who promoted it, and whether
+    @champion is where `lmforge promote` last put it."""
+    lines = []
+    if "gate.result" in tags:
+        lines.append(f"  gate:         {tags['gate.result']}")
+    elif "gate.metric_key" in tags and "gate.value" in tags:
+        lines.append(f"  gate:         not promoted by {PROMOTED_VIA}; registered with {gate_line(tags)}")
+    if "promoted_over" in tags:
+        over = tags["promoted_over"]
+        lines.append("  replaced:     " + ("no champion (the first one)" if over == "none" else f"version {over}")
+                     + (f" ({tags['gate.champion_value']})" if "gate.champion_value" in tags else ""))
+    for key in ("promoted_at", "promoted_by", "forced_by", "force_reason"):
+        if key in tags:
+            lines.append(f"  {key + ':':<13} {tags[key]}")
+    lines.append(f"  @{CHAMPION}:    {champion_provenance(registered, client)}")
+    return lines
+
+
+def champion_provenance(registered, client=None) -> str:
+    """Where `name@champion` points and whether `lmforge promote` put it there (the version it
+    recorded on the registered model at its last move) or something else moved it since. With a
+    client, a registry promoted before that record counts the champion's own promoted_at tag."""
+    now = registered.aliases.get(CHAMPION)
+    recorded, at = registered.tags.get(PROMOTED_VERSION), registered.tags.get(PROMOTED_AT)
+    if recorded is None and now is not None and client is not None:
+        earlier = client.get_model_version(registered.name, str(now)).tags.get("promoted_at")
+        recorded, at = (str(now), f"{earlier} (recorded on the version)") if earlier else (None, None)
+    if now is None:
+        return "not set" + (f" (`{PROMOTED_VIA}` set version {recorded} at {at}; the alias was removed since)"
+                            if recorded else "")
+    if recorded is not None and str(recorded) == str(now):
+        return f"version {now}, set by `{PROMOTED_VIA}` at {at}"
+    last = f"version {recorded} at {at}" if recorded else "never"
+    return (f"version {now}, moved outside `{PROMOTED_VIA}` (MLflow UI alias pencil or API): the gate was not "
+            f"applied (the last `{PROMOTED_VIA}` made: {last})")
 
 
 def _dataset_lines(run) -> list[str]:
@@ -778,9 +1061,11 @@ def _dataset_lines(run) -> list[str]:
     return lines
 
 
-def _params_lines(tags: Mapping[str, str], run) -> list[str]:
+def _params_lines(tags: Mapping[str, str], run, recorded: Mapping[str, Any] | None = None) -> list[str]:
+    """The params a version was made with: its lineage.json's, else the `params` tag of versions
+    registered before it, else its run's params."""
     try:
-        params = json.loads(tags.get("params", "{}"))
+        params = recorded or json.loads(tags.get("params", "{}"))
     except json.JSONDecodeError:
         params = {}
     flat = tracking.as_params(params) if params else (dict(run.data.params) if run else {})
