@@ -590,3 +590,31 @@ def test_a_bad_override_value_fails_the_run_before_any_stage_with_the_key(dvc_re
         state.result()
     assert task_runs(state.state_details.flow_run_id) == {}  # no stage ran, nor waited
     assert (dvc_repo / "params.yaml").read_text() == params_before
+
+
+@pytest.mark.slow
+def test_a_stage_that_fails_in_an_experiment_fails_its_own_task(dvc_repo):
+    (dvc_repo / "echo_val.py").write_text(ECHO_VAL_SCRIPT)
+    (dvc_repo / "refuse.py").write_text("import sys\nprint('error: refuse: no, not with these params')\nsys.exit(2)\n")
+    add_stages(dvc_repo, {
+        "echo_val": {"cmd": "python echo_val.py echo_val", "deps": ["echo_val.py"], "params": ["split.task.val"],
+                     "outs": ["echo_val.txt"]},
+        "refuse": {"cmd": "python refuse.py", "deps": ["refuse.py", "echo_val.txt"], "outs": ["refused.txt"]},
+        "after_refuse": {"cmd": "python echo_val.py after_refuse", "deps": ["echo_val.py", "refused.txt"],
+                         "outs": ["after_refuse.txt"]},
+    })
+    commit_all(dvc_repo)
+    state = pipeline(targets=["after_refuse"], overrides=["split.task.val=0.2"], retries=2, accelerator_slots=0,
+                     root=str(dvc_repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="refuse failed: error: refuse: no, not with these params"):
+        state.result()
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = {r.name: r for r in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))}
+    shown = {name: (run.state_type.value, run.state_name) for name, run in runs.items()}
+    assert shown == {"experiment": ("FAILED", "Failed"), "echo_val": ("COMPLETED", "Completed"),
+                     "refuse": ("FAILED", "Failed"), "after_refuse": ("PENDING", "NotReady")}, shown
+    assert runs["experiment"].run_count == 1  # a stage's refusal is not retried
