@@ -2,7 +2,7 @@
 
     lmforge promote lmforge-sentiment                  # @champion <- @challenger if the gate passes
     lmforge promote lmforge-sentiment --force --reason "rollback after incident 12"
-    lmforge trace models:/lmforge-sentiment@champion   # commit, data hashes, params, metrics, rebuild
+    lmforge trace models:/lmforge-sentiment@champion   # gate, champion provenance, commit, data, params, metrics, rebuild
     lmforge generate models:/lmforge-lm@champion "ROMEO:" --max-new-tokens 60 --seed 1
     lmforge chat models:/lmforge-chat@champion         # a conversation in the terminal, streamed
     lmforge generate models:/lmforge-chat@champion --chat "How are you?"   # one reply
@@ -12,7 +12,9 @@ Exit status: 0 done (or nothing to do), 1 the gate refused the promotion, 2 a us
 name or alias, bad params). The gate (metric, direction, min_gain) is register.<model>.gate of
 params.yaml for the model registered under NAME; a challenger that does not beat the baseline
 recorded on its version (the classifier's TF-IDF baseline) is refused before any champion is
-compared. --force with --reason overrides either refusal, recorded on the version. The registry is MLFLOW_TRACKING_URI, else
+compared. --force with --reason overrides either refusal, recorded on the version. Each promotion is
+also recorded on the registered model, so trace says when @champion was moved outside `lmforge
+promote` (MLflow UI's alias pencil or the API), where no gate was applied. The registry is MLFLOW_TRACKING_URI, else
 register.tracking_uri of params.yaml, else sqlite:///<repo>/mlflow.db.
 
 generate and chat take a causal LM as a registry URI (its transformers folder is downloaded once
@@ -44,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("name", help="a registered model name (register.<model>.name in params.yaml)")
     promote.add_argument("--force", action="store_true", help="promote even when the gate fails (needs --reason)")
     promote.add_argument("--reason", help="why a forced promotion is made; recorded on the version with the user")
-    trace = sub.add_parser("trace", parents=[common], help="print where a registered model came from and how to rebuild it")
+    trace = sub.add_parser("trace", parents=[common], help="print where a registered model came from, how it was promoted and how to rebuild it")
     trace.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     generate = sub.add_parser("generate", parents=[common, _sampling_flags()], help="continue a prompt once, streamed")
     generate.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a transformers folder")

@@ -371,6 +371,8 @@ def test_a_version_reads_first_in_its_description_with_a_few_key_tags(store, tmp
     assert register_artifacts == ["plots/finetune/finetune_curve.png"]
     lm = mlflow_client.get_model_version("card-lm", "1")
     assert lm.tags["training_run_id"] == pretrained
+    # the UI files the experiment under "Machine learning" (its "Model training" view), not GenAI
+    assert mlflow_client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
 
     # the logged model: named after the registered model; its metrics name the datasets it was scored on
     model_id = lambda v: v.model_id or v.source.removeprefix("models:/")  # noqa: E731  (a SQL registry keeps the source only)

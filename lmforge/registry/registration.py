@@ -137,6 +137,8 @@ def resolve_tracking_uri(params=None, root: Path | str | None = None) -> str:
 def using(uri: str) -> Iterator[Any]:
     """Point MLflow (tracking and registry, fluent API and tracking.stage_run) at `uri`; yield a client."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # the training runs' reports and lineage.json are fetched as artifacts: no progress bar for each
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
     from mlflow import MlflowClient
 

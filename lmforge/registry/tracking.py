@@ -25,6 +25,9 @@ from lmforge.flat import flatten
 from lmforge.redaction import redact, redact_all
 
 EXPERIMENT = "lmforge"
+# MLflow 3's UI shows an experiment as "Machine learning" (runs, models) or "GenAI apps & agents"
+# (traces) by this experiment tag, guessing when it is unset: lmforge's runs train models.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def project_root(root: Path | str | None = None) -> Path:
@@ -107,7 +110,7 @@ def prepare_store(root: Path | str | None = None) -> None:
 
     client = MlflowClient(tracking_uri=tracking_uri(root))
     if client.get_experiment_by_name(experiment_name()) is None:
-        client.create_experiment(experiment_name())
+        client.create_experiment(experiment_name(), tags=dict([EXPERIMENT_KIND]))
 
 
 class Run:
@@ -167,7 +170,9 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, *, tags: Mapp
 
     keep_credentials_quiet(tracking_uri(root))
     mlflow.set_tracking_uri(tracking_uri(root))
-    mlflow.set_experiment(experiment_name())
+    experiment = mlflow.set_experiment(experiment_name())
+    if EXPERIMENT_KIND[0] not in (experiment.tags or {}):  # a kind someone chose in the UI is kept
+        mlflow.set_experiment_tag(*EXPERIMENT_KIND)
     with mlflow.start_run(run_name=stage) as active:
         run = Run(True, active.info.run_id)
         run.set_tags({"stage": stage, **git_facts(root), **system_facts(), **(tags or {})})
