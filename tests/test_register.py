@@ -357,7 +357,8 @@ def test_a_version_reads_first_in_its_description_with_a_few_key_tags(store, tmp
     assert f"commit `{head(root)}` (dirty: false)" in text
     assert "data `data/split/task` hash `0123456789abcdef0123456789abcdef`" in text
     assert f"finetune run: [finetune](#/experiments/{experiment}/runs/{trained}) (training run" in text
-    assert f"#/experiments/{experiment}/runs/{version.run_id}" in text and "plots/finetune/finetune_curve.png" in text
+    assert f"(#/experiments/{experiment}/runs/{version.run_id}) (lineage.json; plots: [finetune_curve.png]" \
+           f"(#/experiments/{experiment}/runs/{version.run_id}/artifacts/plots/finetune/finetune_curve.png))" in text
     assert "`lmforge trace models:/card-sentiment/1`" in text and decoy not in text
     assert len(text.splitlines()) <= 15 and len(text) < 1500
 

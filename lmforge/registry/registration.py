@@ -2,7 +2,7 @@
 
     register_model(spec, params, root, lineage=...)   log one model folder as a pyfunc, register it, alias @challenger
     promote(name, gate, force=..., reason=...)   move @champion to @challenger behind the gate
-    trace("models:/lmforge-sentiment@champion")   commit, data hashes, params, metrics, rebuild commands
+    trace("models:/lmforge-sentiment@champion")   gate, who moved @champion, commit, data hashes, params, metrics, rebuild
 
 Registration is idempotent: each version carries a fingerprint (the hash of every file of the model
 folder, of the params that made it, and of the pyfunc code and requirements it bundles); when the latest version of the name carries the same
@@ -667,8 +667,9 @@ def describe(card: Card) -> str:
     if not card.runs:
         lines.append("- training run: none found in this tracking store (trained elsewhere, or its run deleted)")
     experiment, run_id, run_name = card.register_run
+    plots = [f"[{Path(p).name}](#/experiments/{experiment}/runs/{run_id}/artifacts/{p})" for p in card.plots]
     lines.append(f"- register run: {run_link(experiment, run_id, run_name)} (lineage.json"
-                 + (f", plots: {', '.join(f'`{p}`' for p in card.plots)})" if card.plots else ")"))
+                 + (f"; plots: {', '.join(plots)})" if plots else ")"))
     lines += ["", f"Everything else: `lmforge trace models:/{card.name}/{card.version}`"]
     return "\n".join(lines)
 
