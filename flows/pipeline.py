@@ -48,7 +48,8 @@ from typing import Annotated, Callable
 
 import httpx
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.futures import PrefectFuture, wait
@@ -124,6 +125,7 @@ BAR_SECONDS = 10.0  # a progress bar's line reaches the log at most this often, 
 TAIL_LINES = 200  # the last lines of a command's output kept for its error message
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_PERCENT = re.compile(r"(?:^|[\s:])(\d{1,3})%\|")  # tqdm's "ingest:  45%|████      | 9/20 [...]"
 # What DVC tells a person at a terminal after a stage or an experiment; the flow does these itself
 # or leaves them to the person reading the run. Each may be followed by tab-indented commands.
 _DVC_HINTS = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:"
@@ -139,8 +141,9 @@ class CommandOutput:
     `dvc push`, ...) are dropped. The last TAIL_LINES lines logged are kept for an error message:
     a 2-hour stage's whole output would not fit in memory, and its error is at the end."""
 
-    def __init__(self, logger, on_line: Callable[[str], None] | None = None, bar_seconds: float = BAR_SECONDS):
-        self.logger, self.on_line, self.bar_seconds = logger, on_line, bar_seconds
+    def __init__(self, logger, on_line: Callable[[str], None] | None = None, bar_seconds: float = BAR_SECONDS,
+                 on_progress: Callable[[float], None] | None = None):
+        self.logger, self.on_line, self.bar_seconds, self.on_progress = logger, on_line, bar_seconds, on_progress
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._buffer = ""
         self._after_cr = False  # the buffer's text redraws a line that a '\r' went back to
@@ -197,13 +200,37 @@ class CommandOutput:
         self.logger.info("%s", redact(line))
         if self.on_line:
             self.on_line(line)
+        if self.on_progress and (percent := _PERCENT.search(line)):
+            self.on_progress(min(float(percent.group(1)), 100.0))
+
+
+class ProgressArtifact:
+    """How far the progress bar a command drew last has got, as a progress artifact of the task,
+    updated as its bar's line reaches the log: a long stage's Artifacts tab shows it at a glance."""
+
+    def __init__(self, addr: str, logger):
+        self.addr, self.logger, self.id, self.broken = addr, logger, None, False
+
+    def __call__(self, percent: float) -> None:
+        if self.broken:
+            return
+        try:
+            if self.id is None:
+                self.id = create_progress_artifact(percent, key=_artifact_key(self.addr) + "-progress",
+                                                   description=f"How far {self.addr}'s progress bar has got")
+            else:
+                update_progress_artifact(self.id, percent)
+        except Exception as error:  # a progress bar is no reason to fail a stage; its log line has it
+            self.logger.warning("%s: no progress artifact: %s: %s", self.addr, type(error).__name__, error)
+            self.broken = True
 
 
 def stream_command(command: list[str], cwd: Path, env: dict[str, str], logger,
-                   on_line: Callable[[str], None] | None = None) -> tuple[int, str]:
+                   on_line: Callable[[str], None] | None = None, progress: str | None = None) -> tuple[int, str]:
     """Run `command` with its stdout and stderr merged into the log as it prints them
-    (CommandOutput); gives its exit status and the last lines it printed."""
-    output = CommandOutput(logger, on_line)
+    (CommandOutput); gives its exit status and the last lines it printed. progress: a name for
+    the progress artifact of its progress bars (none if None)."""
+    output = CommandOutput(logger, on_line, on_progress=ProgressArtifact(progress, logger) if progress else None)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -326,7 +353,7 @@ def run_stage(root: Path, addr: str, accelerator: bool = False) -> dict:
         return {"stage": addr, "status": "skipped", "seconds": round(time.perf_counter() - start, 2), "waited": 0.0}
     with accelerator_slot(addr, logger) if accelerator else nullcontext(0.0) as waited:
         status, output = stream_command([dvc_executable(), "--wait-for-lock", "repro", "--single-item", addr],
-                                        root, stage_env(), logger)
+                                        root, stage_env(), logger, progress=addr)
     if status != 0:
         raise stage_failure(addr, output)
     seconds = round(time.perf_counter() - start, 2)
@@ -554,7 +581,7 @@ def run_experiment(root: Path, addrs: list[str], targets: list[str], overrides: 
 
     with accelerator_slot("experiment", logger) if accelerator else nullcontext(0.0) as waited:
         status, output = stream_command(experiment_command(root, targets, overrides, copy_paths, name), root,
-                                        experiment_env(root), logger, on_line)
+                                        experiment_env(root), logger, on_line, progress="experiment")
     if status != 0:
         raise experiment_failure(output)
     found = _EXPERIMENT_NAME.search(output)

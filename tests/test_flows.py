@@ -458,6 +458,11 @@ def test_stage_output_reaches_the_log_while_the_stage_runs(dvc_repo):
     assert lines.index(bars[-1]) < lines.index("talker: last line")
     hints = ("git add", "dvc push", "auto staging", "autostage", "To track the changes")
     assert not [line for line in lines if any(hint in line for hint in hints)], lines
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:  # the bar's progress, at a glance in the Artifacts tab
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["talker-progress"])))
+    assert [(a.type, a.data) for a in progress] == [("progress", 100.0)]
 
 
 def test_a_progress_bar_is_logged_at_most_every_bar_seconds_and_in_its_final_state():
@@ -478,7 +483,8 @@ def test_a_progress_bar_is_logged_at_most_every_bar_seconds_and_in_its_final_sta
     logger, handler = logging.getLogger("test-command-output"), Lines()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    output = CommandOutput(logger, bar_seconds=3600)
+    percents = []
+    output = CommandOutput(logger, bar_seconds=3600, on_progress=percents.append)
     drawn = io.StringIO()
     output.feed("loading https://user:pw-9@host/data\n")
     for _ in tqdm(range(50), desc="ingest", file=drawn, mininterval=0, ncols=80):
@@ -492,6 +498,7 @@ def test_a_progress_bar_is_logged_at_most_every_bar_seconds_and_in_its_final_sta
     assert handler.lines[1].startswith("ingest:   0%|") and handler.lines[2].startswith("ingest: 100%|")
     assert "50/50" in handler.lines[2] and handler.lines[3:] == ["Updating lock file 'dvc.lock'", "done"]
     assert output.text.splitlines()[-1] == "done" and len(output.tail) == 5
+    assert percents == [0.0, 100.0]  # the bar's states as they reached the log
 
 
 def test_pending_stage_tasks_carry_their_stage_s_name(dvc_repo):
