@@ -353,7 +353,8 @@ def test_a_version_reads_first_in_its_description_with_a_few_key_tags(store, tmp
     experiment = mlflow_client.get_run(trained).info.experiment_id
 
     assert "**card-sentiment version 1**: `test_accuracy` 0.8 (higher is better) vs its TF-IDF baseline 0.6: beats it" in text
-    assert "First version to face the gate" in text
+    assert "First version to face the gate: there was no `@champion` to replace" in text
+    assert "@" not in text.replace("`@champion`", "")  # a bare @word: a link to a GitHub user in MLflow's markdown
     assert f"commit `{head(root)}` (dirty: false)" in text
     assert "data `data/split/task` hash `0123456789abcdef0123456789abcdef`" in text
     assert f"finetune run: [finetune](#/experiments/{experiment}/runs/{trained}) (training run" in text
@@ -404,11 +405,11 @@ def test_trace_says_who_moved_the_champion_and_what_it_replaced(store, tmp_path,
 
     make_project(root, "moved", metrics={"test": {"accuracy": 0.9}, "baseline_tfidf": {"test": {"accuracy": 0.6}}}, lr=1e-4)
     register(root, monkeypatch, "sentiment")
-    assert "@champion when registered: version 1 (`test.accuracy` 0.8)" in mlflow_client.get_model_version(name, "2").description
+    assert "`@champion` when registered: version 1 (`test.accuracy` 0.8)" in mlflow_client.get_model_version(name, "2").description
     assert cli(root, monkeypatch, capsys, "promote", name)[0] == 0
     promoted = mlflow_client.get_model_version(name, "2")
     assert promoted.tags["promoted_via"] == "lmforge promote"
-    assert promoted.description.startswith("**@champion since ") and "replacing version 1 (`test.accuracy` 0.8)" in promoted.description
+    assert promoted.description.startswith("**`@champion` since ") and "replacing version 1 (`test.accuracy` 0.8)" in promoted.description
     code, out, _ = cli(root, monkeypatch, capsys, "trace", f"models:/{name}@champion")
     assert "replaced:     version 1 (0.8)" in out and "@champion:    version 2, set by `lmforge promote`" in out
 

@@ -649,10 +649,11 @@ def describe(card: Card) -> str:
     the champion, the commit, the data, the runs that made it, and the trace command."""
     tags = card.tags
     if card.champion is None:
-        champion = "First version to face the gate: there was no @champion to replace"
+        # aliases in backticks: MLflow's markdown makes a bare @word a link to a GitHub user
+        champion = "First version to face the gate: there was no `@champion` to replace"
     else:
         figure = card.champion[1]
-        champion = f"@champion when registered: version {card.champion[0]}" + (
+        champion = f"`@champion` when registered: version {card.champion[0]}" + (
             f" (`{figure[0]}` {figure[1]:.6g})" if figure else "")
     dirty = tags.get("git_dirty", "unknown")
     lines = [f"**{card.name} version {card.version}**: {gate_line(tags, card.baseline_name)}.", "",
@@ -884,7 +885,7 @@ def _record_promotion(client, found: Standing, why: str, who: str, forced: str |
     replaced = (f"replacing version {champion.version}" + (f" (`{found.champion_figure[0]}` {found.champion_figure[1]:.6g})"
                 if found.champion_figure else "")) if champion is not None else "the first champion"
     how = f"**forced** by {who} ({forced})" if forced else f"by {who}, gate passed"
-    note = f"**@{CHAMPION} since {now}** ({PROMOTED_VIA}, {how}), {replaced}."
+    note = f"**`@{CHAMPION}` since {now}** ({PROMOTED_VIA}, {how}), {replaced}."
     description = challenger.description or ""
     client.update_model_version(name, challenger.version, description=redact(f"{note}\n\n{description}".strip()))
 
