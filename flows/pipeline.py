@@ -628,7 +628,8 @@ def stage_choices(root: Path) -> list[str]:
     import, for the Run form. Empty if the project has no dvc.yaml it can read."""
     try:
         stages = parse_yaml((root / "dvc.yaml").read_text(), "dvc.yaml")["stages"]
-        params = parse_yaml((root / "params.yaml").read_text(), "params.yaml") if (root / "params.yaml").is_file() else {}
+        params_path = root / "params.yaml"
+        params = parse_yaml(params_path.read_text(), params_path.name) if params_path.is_file() else {}
     except (OSError, ConfigError, KeyError, TypeError):
         return []
     choices = []
@@ -665,15 +666,15 @@ def pipeline(
     """Run the DVC stages (all, or `targets` and their upstream) as Prefect tasks, one per stage.
 
     Args:
-        targets: Stages to build, with all they need; a bare name (ingest) means all its items. No targets: the whole pipeline, pretrain, tune, finetune and sft included.
-        overrides: Params for this run, each dotted.key=value (split.task.val=0.2), checked against params.yaml and its schema first; any override runs the graph as one DVC experiment in a temporary copy, leaving params.yaml and the workspace as they are.
-        retries: Retries of a stage that failed for a reason that may pass (I/O, a lost connection); a stage that refuses its params or data, or is killed for memory, is never retried.
+        targets: Stages to build, with what they need (ingest: all its items). None: the whole pipeline, pretrain, tune, finetune and sft included.
+        overrides: Params as dotted.key=value (split.task.val=0.2), checked first; any runs the graph as a DVC experiment, params.yaml untouched.
+        retries: Retries of a stage that failed for a reason that may pass; one that refuses its params or data, or was killed for memory, gets none.
         stage_retries: Retries by stage name (ingest, tune, ...), over `retries`; ingest has 3 unless set here.
-        root: The project folder (dvc.yaml, params.yaml, the DVC cache), relative to the flow run's working directory.
-        accelerator_slots: How many of the accelerator stages may run at once, server-wide (the global concurrency limit lmforge-accelerator); 0 for no limit.
+        root: The project folder (dvc.yaml, params.yaml, the DVC cache), from the flow run's working directory.
+        accelerator_slots: How many accelerator stages may run at once, server-wide (concurrency limit lmforge-accelerator); 0: no limit.
         accelerator_stages: The stage names that hold an accelerator slot while they run.
         experiment_name: The DVC experiment's name, with overrides; empty: DVC names it.
-        copy_paths: Untracked files or folders the experiment's stages need, with overrides (the temporary copy holds what git tracks, plus dvc.lock).
+        copy_paths: Untracked files or folders an experiment's stages need (its copy holds what git tracks, plus dvc.lock).
     """
     if accelerator_slots < 0:
         raise ValueError(f"accelerator_slots must be 0 (no limit) or more, not {accelerator_slots}")
