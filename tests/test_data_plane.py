@@ -21,13 +21,13 @@ import zstandard
 
 from lmforge.data.cleaning import clean_corpus, clean_documents
 from lmforge.config.clean import CleanDocuments, NearDedupParams
-from lmforge.data.documents import corpus_files, plan_shards, read_documents
+from lmforge.data.documents import corpus_files, read_documents
 from lmforge.data.engine import Engine, run_shards
 from lmforge.data.sources import SourceError, fetch, manifest_pin
 from lmforge.data.splitting import split_of, split_shard
 from lmforge.data.token_shards import TokenShards, load_split
 from lmforge.data.tokenization import write_token_shards
-from tests.conftest import ROOT, play, run, write_params
+from tests.conftest import ROOT, run, write_params
 
 DOCS = CleanDocuments(min_chars=50, max_chars=100_000, max_line_chars=2_000, strip_boilerplate=False)
 
