@@ -65,7 +65,9 @@ def from_registry(uri: str, scratch: Path, client) -> ServedModel:
         "commit": tags.get("git_commit", "unknown"),
         "dirty": tags.get("git_dirty", "unknown"),
         "fingerprint": tags.get(registry.FINGERPRINT),
-        "params_sha256": hashlib.sha256(tags["params"].encode()).hexdigest() if "params" in tags else None,
+        # versions registered before the digest tag carry the params themselves
+        "params_sha256": tags.get(registry.PARAMS_DIGEST)
+        or (hashlib.sha256(tags["params"].encode()).hexdigest() if "params" in tags else None),
         "inputs": {key[len("dvc."):]: value for key, value in sorted(tags.items()) if key.startswith("dvc.")},
         "metrics": registry.version_metrics(client, version),
         "trace": f"lmforge trace models:/{name}/{version.version}",
