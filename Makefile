@@ -86,3 +86,13 @@ LLM_MODEL ?= models:/lmforge-chat@champion
 serve-llm: setup
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 	$(VENV)/bin/lmforge serve $(LLM_MODEL) --host 127.0.0.1 --port 8000
+
+# The shared servers on one local PostgreSQL 15, all on loopback (scripts/stack.sh says which
+# ports and how to point a client at them: eval "$$(scripts/stack.sh env)"): MLflow, Prefect, the
+# lmforge-process work pool and a worker. make stack-down stops every one of them.
+.PHONY: stack stack-down
+stack: setup
+	scripts/stack.sh up
+
+stack-down:
+	scripts/stack.sh down
