@@ -23,6 +23,8 @@ from __future__ import annotations
 import csv
 import math
 import os
+import random
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -120,17 +122,33 @@ def _pruner(tune: TuneParams, max_epochs: int):
     return optuna.pruners.NopPruner()
 
 
+def _rdb_storage(url: str, heartbeat_interval: int | None, attempts: int = 4):
+    """Optuna's RDBStorage on url. Workers started at once on an empty database each create
+    Optuna's tables; PostgreSQL refuses all but the first CREATE (a duplicate type or table): the
+    tables exist then, so the refused worker opens the storage again instead of failing."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=heartbeat_interval)
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random())  # apart from the other refused workers
+
+
 def open_study(params: Params, out_dir: Path | str):
     """Create or load the study named in params, with a seeded TPE sampler and the pruner."""
     import optuna
 
     tune = params.tune
     url = storage_url(tune, out_dir)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                             heartbeat_interval=tune.heartbeat_interval)
+    storage = _rdb_storage(url, tune.heartbeat_interval)
     existing = optuna.create_study(storage=storage, study_name=tune.study_name,
                                    direction="maximize", load_if_exists=True)
     sampler = optuna.samplers.TPESampler(seed=params.seed + len(existing.trials),
