@@ -3,8 +3,8 @@
 #
 #   scripts/stack.sh up|down|status|env [STATE_DIR]
 #
-# - PostgreSQL 15 (scripts/local_postgres.sh, in STATE_DIR/postgres) with the databases optuna,
-#   mlflow and prefect;
+# - PostgreSQL 15 (scripts/local_postgres.sh, in STATE_DIR/postgres or LMFORGE_PG_DIR) with
+#   the databases optuna, mlflow and prefect;
 # - an MLflow tracking server, backend store in the mlflow database, artifacts proxied by the
 #   server into STATE_DIR/mlflow-artifacts;
 # - a Prefect server on the prefect database (postgresql+asyncpg), the process work pool
@@ -23,7 +23,9 @@ STATE=$(realpath -m "${2:-${LMFORGE_STACK_DIR:-/tmp/lmforge-stack}}")
 MLFLOW_PORT=${LMFORGE_STACK_MLFLOW_PORT:-5050}
 PREFECT_PORT=${LMFORGE_STACK_PREFECT_PORT:-4250}
 POOL=lmforge-process
-export LMFORGE_PG_DIR=$STATE/postgres
+# LMFORGE_PG_DIR puts the stack on a PostgreSQL folder of local_postgres.sh elsewhere (the tests
+# share one per session); `down` stops that one too.
+export LMFORGE_PG_DIR=${LMFORGE_PG_DIR:-$STATE/postgres}
 # Services in the order `down` stops them (the worker first, so no run starts on a dying server).
 SERVICES=(worker prefect mlflow)
 
@@ -112,14 +114,15 @@ env_lines() {
 
 # SIGTERM to the whole process group (the servers' uvicorn children too), SIGKILL if it is still
 # there after 15 s. Prefect 3.9's process worker, started in the background, logs the SIGTERM
-# and then hangs (seen here: also on SIGINT): it is the one that ends up killed; flow runs it
-# started are in its group and go with it.
+# and then hangs (seen here: also on SIGINT): it gets 5 s, then is killed; flow runs it started
+# are in its group and go with it.
 stop() {
-    local name=$1 pid i
+    local name=$1 pid i ticks=30
+    [ "$name" = worker ] && ticks=10
     pid=$(cat "$STATE/$name.pid" 2>/dev/null) || return 0
     if alive "$name"; then
         kill -TERM -- "-$pid" 2>/dev/null || true
-        for i in $(seq 1 30); do
+        for i in $(seq 1 "$ticks"); do
             alive "$name" || break
             sleep 0.5
         done
