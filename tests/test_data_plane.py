@@ -438,4 +438,4 @@ def test_the_slurm_engine_takes_the_params_slurm_section(tmp_path):
     sbatch = executor.get_sbatch_args(max_array=4)
     assert (sbatch["partition"], sbatch["array"], sbatch["account"]) == ("cpu", "0-3%16", "lm")
     assert (sbatch["job-name"], sbatch["time"], sbatch["mem-per-cpu"]) == ("lmforge-clean", "4:00:00", "4G")
-    assert executor.venv_path == "/shared/.venv"
+    assert executor.venv_path == "/shared/.venv/bin/activate"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sys
 import threading
@@ -142,7 +143,11 @@ def slurm_executor(pipeline: list, tasks: int, logging_dir: Path, engine: Engine
     from datatrove.executor.slurm import SlurmPipelineExecutor
 
     options = {"time": "4:00:00", "cpus_per_task": 1, "mem_per_cpu_gb": 4, **engine.slurm}
-    return SlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=engine.workers, job_name=f"lmforge-{job_name}",
+    if options.get("venv_path"):  # datatrove writes `source <venv_path>`: the activate script, not the folder
+        options["venv_path"] = str(Path(options["venv_path"]) / "bin" / "activate")
+    # The name goes unquoted into `#SBATCH --job-name=...`: a space ("tokenizer sample") makes sbatch refuse the script.
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", job_name)
+    return SlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=engine.workers, job_name=f"lmforge-{name}",
                                  logging_dir=str(logging_dir), slurm_logs_folder=str(Path(logging_dir) / "slurm"),
                                  **options)
 
@@ -153,15 +158,30 @@ def _run_on_slurm(pipeline: list, tasks: int, logging_dir: Path, engine: Engine,
     import subprocess
 
     executor = slurm_executor(pipeline, tasks, logging_dir, engine, job_name)
+    # datatrove also submits a job merging its stats.json (which we never read) once the array job
+    # succeeds; when the array job fails or is cancelled, that job's dependency can never be met
+    # and it would stay pending in the queue for good.
+    executor.launch_merge_stats = _no_merge_stats
     executor.run()
     marks = Path(logging_dir) / "completions"
+    asked = time.monotonic()
     while len(list(marks.glob("*")) if marks.is_dir() else []) < tasks:
-        time.sleep(10)
+        # The marks are files, cheap to count: a step of a few shards (seconds) is seen done within
+        # half a second. The queue is a query of slurmctld: asked every 10 s only.
+        time.sleep(0.5)
+        if time.monotonic() - asked < 10:
+            continue
+        asked = time.monotonic()
         queued = subprocess.run(["squeue", "-h", "-j", str(executor.job_id)], capture_output=True, text=True).stdout
         done = len(list(marks.glob("*")) if marks.is_dir() else [])
         if not queued.strip() and done < tasks:
             raise RuntimeError(f"Slurm job {executor.job_id} ended with {tasks - done} of {tasks} {job_name} tasks "
                                f"unfinished; see {logging_dir}/slurm and {logging_dir}/logs")
+
+
+def _no_merge_stats() -> None:
+    """Stands in for SlurmPipelineExecutor.launch_merge_stats (a module function: the executor is
+    pickled for the nodes)."""
 
 
 def _quiet_executor_class():
