@@ -82,10 +82,10 @@ SPACE = {"learning_rate": {"type": "float", "low": 2e-3, "high": 6e-3, "log": Tr
          "batch_size": {"type": "categorical", "choices": [8, 16]}}
 
 
-def _tune_params(path: Path, base: Path, n_trials: int, epochs: int) -> Path:
+def _tune_params(path: Path, base: Path, n_trials: int, **finetune) -> Path:
     tune = {"study_name": "shared", "n_trials": n_trials, "timeout": None, "pruner": "none",
             "max_train_rows": None, "max_val_rows": None, "space": SPACE, "heartbeat_interval": 1}
-    return params_file(path, tune=tune, finetune=tiny_finetune(base, num_train_epochs=epochs))
+    return params_file(path, tune=tune, finetune=tiny_finetune(base, **finetune))
 
 
 def _tune_worker(tmp: Path, name: str, params: Path, data: Path, storage: str) -> tuple[subprocess.Popen, Path]:
@@ -112,39 +112,50 @@ def test_two_tune_workers_share_one_postgres_study_and_a_killed_workers_trial_fa
     base = tiny_base(tmp_path / "base")
     data = write_task(tmp_path / "split", n_train=128, n_val=32, n_test=8)
     storage = postgres.url("optuna")
-    params = _tune_params(tmp_path / "params.yaml", base, n_trials=2, epochs=2)
-    workers = [_tune_worker(tmp_path, name, params, data, storage) for name in ("a", "b")]  # at once
-    for proc, log in workers:
-        _finished(proc, log)
-    study = optuna.load_study(study_name="shared", storage=storage)
-    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3], "each worker's 2 trials, each counted once"
-    assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
-    assert len([t for t in study.trials if t.user_attrs.get("untuned_default")]) == 1
-
-    # A worker killed mid-trial leaves it RUNNING; the next worker's heartbeat check fails it.
-    slow = _tune_params(tmp_path / "slow.yaml", base, n_trials=1, epochs=500)
+    # A worker killed mid-trial leaves it RUNNING (its own finetune values: a trial of its own).
+    slow = _tune_params(tmp_path / "slow.yaml", base, n_trials=1, num_train_epochs=500, learning_rate=5e-3)
     victim, victim_log = _tune_worker(tmp_path, "victim", slow, data, storage)
     deadline = time.monotonic() + 180
-    while not [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]:
+    while not (running := _running(storage)):
         assert victim.poll() is None and time.monotonic() < deadline, victim_log.read_text()[-3000:]
         time.sleep(0.5)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    (stale,) = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
-    after = _tune_params(tmp_path / "after.yaml", base, n_trials=1, epochs=2)
-    _finished(*_tune_worker(tmp_path, "c", after, data, storage))
-    states = {t.number: t.state for t in optuna.load_study(study_name="shared", storage=storage).trials}
-    assert states[stale.number] == optuna.trial.TrialState.FAIL, states
-    assert len(states) == 6
-    best = yaml.safe_load((tmp_path / "c/best.yaml").read_text())
-    assert best["trials"] == {"complete": 5, "fail": 1} and best["new_trials"] == 1
+    (stale,) = running
+
+    # Two workers at once: the first trial either starts fails the stale one (its heartbeat is
+    # older than the grace period); then each runs its 2 trials in the one study.
+    params = _tune_params(tmp_path / "params.yaml", base, n_trials=2, num_train_epochs=2)
+    workers = [_tune_worker(tmp_path, name, params, data, storage) for name in ("a", "b")]
+    for proc, log in workers:
+        _finished(proc, log)
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3, 4], "each trial counted once"
+    states = {t.number: t.state for t in study.trials}
+    assert states.pop(stale) == optuna.trial.TrialState.FAIL and set(states.values()) == {optuna.trial.TrialState.COMPLETE}
+    untuned = [t for t in study.trials if t.user_attrs.get("untuned_default") and t.number != stale]
+    assert len(untuned) == 1, "both workers enqueued the untuned default: it ran twice"
+    # The worker that finished last wrote best.yaml over the whole study.
+    last = max((tmp_path / name / "best.yaml" for name in ("a", "b")), key=lambda path: path.stat().st_mtime_ns)
+    best = yaml.safe_load(last.read_text())
+    assert best["trials"] == {"fail": 1, "complete": 4} and best["untuned_trial"] == untuned[0].number
     assert best["storage"] == f"postgresql://***@127.0.0.1:{postgres.port}/optuna"
 
     # The finetune stage reads the study's best from best.yaml.
-    section, tuned = settings(load_params(after), tmp_path / "c/best.yaml")
+    section, tuned = settings(load_params(params), last)
     assert tuned == best["params"]
     if tuned:
         assert section.learning_rate == tuned["learning_rate"] and section.batch_size == tuned["batch_size"]
+
+
+def _running(storage: str) -> list[int]:
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name="shared", storage=storage)
+    except KeyError:  # the victim has not created the study yet
+        return []
+    return [t.number for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
 
 
 # --- the stack: MLflow and Prefect on the PostgreSQL ------------------------------------------
