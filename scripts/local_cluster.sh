@@ -48,7 +48,8 @@ write_conf() {
     cat > "$CONF" <<EOF
 # Written by scripts/local_cluster.sh: two nodes of one CPU each on this host ($host).
 ClusterName=lmforge
-SlurmctldHost=$host
+# The address given: clients need not resolve this host's name (a fresh CI machine may not).
+SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$PORT
 SlurmUser=root
 SlurmdUser=root
@@ -86,7 +87,7 @@ start_munge() {
     chmod 700 "$DIR/munge"
     [[ -s $DIR/munge/munge.key ]] || mungekey --create --keyfile="$DIR/munge/munge.key"
     chmod 600 "$DIR/munge/munge.key"
-    # --force: munged otherwise refuses a socket folder it deems insecure under /tmp.
+    # --force: munged refuses a socket folder that others cannot enter; ours is 0700 (the key lies beside it).
     munged --force --socket="$MUNGE_SOCKET" --key-file="$DIR/munge/munge.key" \
         --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed"
 }
@@ -141,7 +142,9 @@ down() {
             sleep 0.2
         done
     fi
-    for node in "${NODES[@]}"; do stop "$DIR/$node/slurmd.pid" "slurmd $node"; done
+    # The nodes together: each slurmd takes seconds to shut down.
+    for node in "${NODES[@]}"; do stop "$DIR/$node/slurmd.pid" "slurmd $node" & done
+    wait
     stop "$DIR/slurmctld.pid" slurmctld
     stop "$DIR/munge/munged.pid" munged
     echo "local_cluster: down"
