@@ -21,6 +21,8 @@ Optuna and matplotlib are imported inside the functions that use them.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import os
 import random
@@ -143,7 +145,8 @@ def _rdb_storage(url: str, heartbeat_interval: int | None, attempts: int = 4):
 
 
 def open_study(params: Params, out_dir: Path | str):
-    """Create or load the study named in params, with a seeded TPE sampler and the pruner."""
+    """Create or load the study named in params, with a seeded TPE sampler and the pruner.
+    Returns (study, storage url, whether this worker enqueues the untuned default)."""
     import optuna
 
     tune = params.tune
@@ -160,7 +163,23 @@ def open_study(params: Params, out_dir: Path | str):
     study = optuna.load_study(study_name=tune.study_name, storage=storage, sampler=sampler,
                               pruner=_pruner(tune, max_epochs))
     study.set_user_attr("metric", tune.metric)
-    return study, url
+    return study, url, _claim_untuned(storage, tune.study_name, untuned_values(params.finetune, tune.space))
+
+
+def _claim_untuned(storage, study_name: str, values: Mapping[str, Any]) -> bool:
+    """Whether this worker is the one to enqueue the untuned default with these values. Workers
+    starting at once each saw no such trial and each enqueued it (skip_if_exists reads, then
+    writes: seen on PostgreSQL, where it then ran twice). A storage creates a study name once,
+    so an empty marker study named after the study and the values is the claim: only the worker
+    whose create succeeds enqueues."""
+    import optuna
+
+    digest = hashlib.sha256(json.dumps(dict(values), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    try:
+        optuna.create_study(storage=storage, study_name=f"{study_name}:untuned:{digest}")
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    return True
 
 
 def run_study(
@@ -181,7 +200,7 @@ def run_study(
 
     tune = params.tune
     out_dir = Path(out_dir)
-    study, url = open_study(params, out_dir)
+    study, url, claimed = open_study(params, out_dir)
     before = len(study.trials)
     log(f"tune: study {tune.study_name!r} at {redact(url)}: {before} trial(s) so far; "
         f"running {tune.n_trials} more" + (f" or {tune.timeout:g} s" if tune.timeout else ""))
@@ -233,8 +252,9 @@ def run_study(
 
     # The untuned default is a trial like any other (run once per study), so best.yaml can say
     # whether the search found anything better than what fine-tuning would do without it.
-    study.enqueue_trial(untuned_values(params.finetune, tune.space), user_attrs={UNTUNED: True},
-                        skip_if_exists=True)
+    if claimed:
+        study.enqueue_trial(untuned_values(params.finetune, tune.space), user_attrs={UNTUNED: True},
+                            skip_if_exists=True)
     callbacks = [on_trial_end] if on_trial_end is not None else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=tune.n_trials, timeout=tune.timeout, catch=(TrialFailed,),
