@@ -432,10 +432,11 @@ def test_the_slurm_engine_takes_the_params_slurm_section(tmp_path):
     with pytest.raises(ValueError, match="needs slurm.partition"):
         DataEngineParams(executor="slurm")
     section = DataEngineParams(executor="slurm", slurm={"partition": "cpu", "venv_path": "/shared/.venv",
-                                                        "sbatch_args": {"account": "lm"}})
+                                                        "tasks_per_job": 4, "sbatch_args": {"account": "lm"}})
     engine = Engine(workers=16, executor="slurm", slurm=section.slurm.model_dump(exclude_none=True))
     executor = slurm_executor([ShardTask(len, [("ab",)], str(tmp_path))], 1, tmp_path / "log", engine, "clean")
     sbatch = executor.get_sbatch_args(max_array=4)
     assert (sbatch["partition"], sbatch["array"], sbatch["account"]) == ("cpu", "0-3%16", "lm")
     assert (sbatch["job-name"], sbatch["time"], sbatch["mem-per-cpu"]) == ("lmforge-clean", "4:00:00", "4G")
     assert executor.venv_path == "/shared/.venv/bin/activate"
+    assert executor.tasks_per_job == 4  # several shards to an array task, one start-up
