@@ -51,6 +51,11 @@ db_env() {
     export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api
 }
 
+# A 2xx from url (Python's urllib rather than curl, which a bare Debian lacks).
+healthy() {
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1" 2>/dev/null
+}
+
 # start NAME HEALTH_URL CMD...: in a session of its own (so `down` stops its whole process
 # group), output to NAME.log; waits up to 120 s for HEALTH_URL (none: for the process to stay up).
 start() {
@@ -66,7 +71,7 @@ start() {
         alive "$name" || die "$name exited: see $STATE/$name.log"
         if [ -z "$health" ]; then
             [ "$i" -ge 6 ] && return
-        elif curl -sf -o /dev/null "$health"; then
+        elif healthy "$health"; then
             return
         fi
         sleep 0.5
