@@ -28,7 +28,10 @@ pytestmark = pytest.mark.slow
 
 SBATCH = ROOT / "scripts" / "tune_array.sbatch"
 STUDY = "slurm-array"  # the session's PostgreSQL is shared with test_shared_services' study
-N_TRIALS = 3  # per worker: the survivor starts 2 trials after the kill, the last one well past the grace period
+# Per worker. Optuna fails a stale trial only when a worker asks for its next trial, once the
+# stale heartbeat is older than the grace period (2 x tune.heartbeat_interval = 2 s): the survivor
+# starts 3 more trials after the kill, the last at least two trials' time (> 2 s) after it.
+N_TRIALS = 4
 TIMEOUT_S = 180
 SPACE = {"learning_rate": {"type": "float", "low": 2e-3, "high": 6e-3, "log": True},
          "batch_size": {"type": "categorical", "choices": [8, 16]}}
@@ -55,14 +58,14 @@ def job_env(cluster: Cluster, storage: str) -> dict[str, str]:
 
 
 def slurm(*command: str, env: dict[str, str], cwd: Path | None = None) -> str:
-    done = subprocess.run(list(command), env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(list(command), env=env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, f"{' '.join(command)}: {done.stderr}"
     return done.stdout
 
 
 def task_state(job_id: str, index: int, env: dict[str, str]) -> str:
     shown = subprocess.run(["scontrol", "-o", "show", "job", f"{job_id}_{index}"], env=env, capture_output=True,
-                           text=True, timeout=30).stdout
+                           text=True, timeout=30, check=False).stdout
     found = re.search(r"\bJobState=(\S+)", shown)
     return found.group(1) if found else "UNKNOWN"
 
@@ -87,7 +90,7 @@ def wait_for(what: str, ready, logs: list[Path], timeout: float = TIMEOUT_S):
 
 
 def logged_trials(log: Path) -> list[int]:
-    return [int(n) for n in re.findall(r"^tune: trial (\d+) val ", log.read_text(), re.M)]
+    return [int(n) for n in re.findall(r"^tune: trial (\d+) val ", log.read_text(), re.MULTILINE)]
 
 
 def test_a_slurm_array_of_tune_workers_shares_one_postgres_study_and_a_killed_tasks_trial_fails(
@@ -114,7 +117,7 @@ def test_a_slurm_array_of_tune_workers_shares_one_postgres_study_and_a_killed_ta
         wait_for("task 1 to end", lambda: task_state(job_id, 1, env) not in ("RUNNING", "PENDING", "COMPLETING"), logs)
         wait_for("task 0 to end", lambda: task_state(job_id, 0, env) not in ("RUNNING", "PENDING", "COMPLETING"), logs)
     finally:
-        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
+        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30, check=False)
     out0 = logs[0].read_text()
     assert task_state(job_id, 0, env) == "COMPLETED", out0[-4000:]
     assert task_state(job_id, 1, env) in ("CANCELLED", "FAILED"), logs[1].read_text()[-4000:]
@@ -150,7 +153,7 @@ def test_a_slurm_array_of_tune_workers_shares_one_postgres_study_and_a_killed_ta
                                 "--best", "reports/tune/best.yaml", "--out", "models/finetuned",
                                 "--checkpoints", "models/checkpoints", "--reports", "reports/finetune"],
                                cwd=root, env={k: v for k, v in env.items() if k != "LMFORGE_OPTUNA_STORAGE"},
-                               capture_output=True, text=True, timeout=TIMEOUT_S)
+                               capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert finetuned.returncode == 0, finetuned.stderr[-4000:]
     metrics = json.loads((root / "reports/finetune/metrics.json").read_text())
     # What the stage trained with: best.yaml's params ({} when no trial beat the untuned default by min_gain).
@@ -160,3 +163,12 @@ def test_a_slurm_array_of_tune_workers_shares_one_postgres_study_and_a_killed_ta
     print(f"\nslurm array of 2 tune workers: {len(numbers)} trials, trial {failed[0]} failed by heartbeat "
           f"{stale.datetime_complete - stale.datetime_start} after it started; array {tune_s:.1f} s, "
           f"with finetune {time.perf_counter() - start:.1f} s")
+
+
+def test_the_array_script_refuses_to_start_without_a_shared_storage(tmp_path):
+    # Without it every task would tune a study of its own in reports/tune/study.db.
+    env = {k: v for k, v in os.environ.items() if k != "LMFORGE_OPTUNA_STORAGE"}
+    done = subprocess.run(["bash", str(SBATCH)], cwd=tmp_path, env={**env, "LMFORGE_PROJECT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2 and "LMFORGE_OPTUNA_STORAGE is not set" in done.stderr
+    assert "--array=0-" in SBATCH.read_text() and "--export=ALL,LMFORGE_OPTUNA_STORAGE,PGPASSFILE" in SBATCH.read_text()
