@@ -208,17 +208,14 @@ def run_study(
         "train": data["train"].sample(tune.max_train_rows, params.seed),
         "val": data["val"].sample(tune.max_val_rows, params.seed),
     }
-    # Trials are only comparable on one setup: say so when a rerun changed it.
-    setup = {"metric": tune.metric, "base_model": params.finetune.base_model,
-             "train_rows": len(subset["train"]), "val_rows": len(subset["val"]), "seed": params.seed}
-    earlier = study.user_attrs.get("setup")
-    if earlier is None:
-        study.set_user_attr("setup", setup)
-    elif earlier != setup:
-        log(f"tune: warning: study {tune.study_name!r} holds trials run on {earlier}, this run uses {setup}; "
-            "set tune.study_name to start a fresh study if they should not be compared")
+    _record_setup(study, {"metric": tune.metric, "base_model": params.finetune.base_model,
+                          "train_rows": len(subset["train"]), "val_rows": len(subset["val"]), "seed": params.seed},
+                  log)
+
+    ours: set[int] = set()  # this worker's trials: others may add to a shared study meanwhile
 
     def objective(trial) -> float:
+        ours.add(trial.number)
         chosen = suggest(trial, tune.space)
         try:
             section = with_tuned_values(params.finetune, nest(chosen), f"trial {trial.number}")
@@ -259,8 +256,33 @@ def run_study(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=tune.n_trials, timeout=tune.timeout, catch=(TrialFailed,),
                    callbacks=callbacks, gc_after_trial=True, show_progress_bar=progress)
-    summary = write_reports(study, params, url, out_dir, new_trials=len(study.trials) - before)
+    _fail_stale_trials(study)
+    summary = write_reports(study, params, url, out_dir, new_trials=len(ours))
     return summary
+
+
+def _record_setup(study, setup: dict, log: Callable[[str], None]) -> None:
+    """Trials are only comparable on one setup: record it on a new study, say so when a rerun changed it."""
+    earlier = study.user_attrs.get("setup")
+    if earlier is None:
+        study.set_user_attr("setup", setup)
+    elif earlier != setup:
+        log(f"tune: warning: study {study.study_name!r} holds trials run on {earlier}, this run uses {setup}; "
+            "set tune.study_name to start a fresh study if they should not be compared")
+
+
+def _fail_stale_trials(study) -> None:
+    """Mark failed the trials of workers that died (heartbeat older than its grace period) before
+    best.yaml is written. Optuna does this only before a worker asks for its next trial, so the
+    last worker to finish would otherwise report a dead one's trial as still running. A storage
+    without heartbeats (SQLite by default) is left alone by optuna itself."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna flags fail_stale_trials as experimental
+        optuna.storages.fail_stale_trials(study)
 
 
 def verdict(complete: list, best, params: Params) -> dict[str, Any]:
