@@ -164,8 +164,12 @@ def _run_on_slurm(pipeline: list, tasks: int, logging_dir: Path, engine: Engine,
     executor.launch_merge_stats = _no_merge_stats
     executor.run()
     marks = Path(logging_dir) / "completions"
+
+    def finished() -> int:
+        return sum(1 for _ in marks.glob("*")) if marks.is_dir() else 0
+
     asked = time.monotonic()
-    while len(list(marks.glob("*")) if marks.is_dir() else []) < tasks:
+    while finished() < tasks:
         # The marks are files, cheap to count: a step of a few shards (seconds) is seen done within
         # half a second. The queue is a query of slurmctld: asked every 10 s only.
         time.sleep(0.5)
@@ -173,7 +177,7 @@ def _run_on_slurm(pipeline: list, tasks: int, logging_dir: Path, engine: Engine,
             continue
         asked = time.monotonic()
         queued = subprocess.run(["squeue", "-h", "-j", str(executor.job_id)], capture_output=True, text=True).stdout
-        done = len(list(marks.glob("*")) if marks.is_dir() else [])
+        done = finished()
         if not queued.strip() and done < tasks:
             raise RuntimeError(f"Slurm job {executor.job_id} ended with {tasks - done} of {tasks} {job_name} tasks "
                                f"unfinished; see {logging_dir}/slurm and {logging_dir}/logs")
