@@ -199,6 +199,29 @@ def test_tiny_masked_lm_beats_unigram(tokens, tmp_path):
     assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "mlm")).__name__ == "BertForMaskedLM"
 
 
+def test_rope_theta_reaches_the_llama_config_and_the_rotary_frequencies():
+    # Llama 3's base is 500,000 (bench/bench_titan.py's 1B shape); the default stays Llama 2's 10,000.
+    from lmforge.config.pretrain import PretrainParams
+    from lmforge.training.model import make_config
+
+    tok = TokenInfo(40, 0, 1, 2, 3)
+    assert make_config(fx.params().pretrain, tok).rope_parameters["rope_theta"] == 10_000.0
+    p = fx.params({"rope_theta": 500_000.0, "n_kv_head": 2}).pretrain
+    config = make_config(p, tok)
+    assert config.rope_parameters["rope_theta"] == 500_000.0
+    model = build_model(p, tok, seed=0)
+    head = p.d_model // p.n_head
+    expected = 1.0 / 500_000.0 ** (torch.arange(0, head, 2, dtype=torch.float32) / head)
+    assert torch.allclose(model.model.rotary_emb.inv_freq, expected)
+    with pytest.raises(ValueError, match="rope_theta"):
+        PretrainParams(rope_theta=0.0)
+    # The default keeps the run key of runs made before the knob existed; another base is another run.
+    meta = {"splits": {}, "vocab_size": 300}
+    assert "pretrain.rope_theta" not in pretraining.run_fingerprint(PretrainParams(), 1, meta, 1)
+    llama3 = pretraining.run_fingerprint(PretrainParams(rope_theta=500_000.0), 1, meta, 1)
+    assert llama3["pretrain.rope_theta"] == 500_000.0
+
+
 @pytest.mark.parametrize("arch, extra", [("gpt2", {}), ("llama", {"n_kv_head": 2})])
 def test_training_attention_computes_what_sdpa_computes(arch, extra):
     from lmforge.training.model import set_training_attention

@@ -20,6 +20,7 @@ class PretrainParams(Section):
     d_model: int = Field(128, ge=8, le=65_536)
     d_ff: int | None = Field(None, ge=8)
     context: int = Field(128, ge=4, le=1_048_576)
+    rope_theta: float = Field(10_000.0, gt=0.0)  # llama only: the rotary embedding's base (Llama 3: 500,000)
     dropout: Fraction = 0.0
     tie_embeddings: bool = True
     pad_vocab: int = Field(1, ge=1, le=4096)  # round the model's vocabulary up to a multiple of this

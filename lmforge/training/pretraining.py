@@ -71,7 +71,7 @@ BATCH_SPLIT_KEYS = {"batch_size", "gradient_accumulation_steps", "global_batch_s
 # Keys added after runs were already checkpointed, at the value that reproduces how those runs
 # trained: left out of the run key at that value, so the older runs keep their key and resume.
 LATER_KEYS_AT_OLD_BEHAVIOUR = {"param_dtype": "fp32", "optimizer": "adamw", "muon_learning_rate": None,
-                               "muon_momentum": 0.95, "float8": "none"}
+                               "muon_momentum": 0.95, "float8": "none", "rope_theta": 10_000.0}
 # Knobs renamed to TrainingArguments' names (lr -> learning_rate, ...) keep their old names in the
 # run key, so a run checkpointed before the rename still resumes: new name -> old name.
 NAMES_BEFORE_THE_RENAME = {new.removeprefix("pretrain."): old.removeprefix("pretrain.")

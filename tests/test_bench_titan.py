@@ -1,0 +1,78 @@
+"""bench/bench_titan.py (G7, issue #41): its lmforge side runs for real on a tiny shape on the CPU, and the
+arithmetic its record rests on (the 1B shape, the ratios, the loss-curve verdict) holds. The torchtitan
+side needs its carried snapshot (.gpu_carry/titan, not in the repository) and is checked on the GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_titan as bt
+
+
+def test_the_llama_3_2_1b_shape():
+    assert bt.ffn_hidden(bt.LLAMA_1B) == 8192
+    total, non_embedding = bt.param_counts(bt.LLAMA_1B)
+    assert total == 1_498_482_688  # untied: Llama 3.2 1B's 1.236B plus a second 128,256 x 2048 matrix
+    assert total - non_embedding == 128_256 * 2048
+    assert bt.flops_per_token(bt.LLAMA_1B, 2048) == 6 * non_embedding + 12 * 16 * 2048 * 2048
+    assert {c.seq for c in bt.select("bf16,fp8")} == {2048, 8192}
+    # every case of a group is 16,384 tokens a step, torchtitan's default 8 x 2048
+    spec = bt.case_spec(bt.CASES["titan-bf16-8k"], bt.Settings(
+        shape=bt.LLAMA_1B, device="cuda", gpus=1, warmup=5, steps=20, compile=True,
+        tokens_per_step=bt.TOKENS_PER_STEP, titan_src="src", work=Path("w")))
+    assert spec["local_batch"] == 2 and "--compile.enable" in spec["titan_args"]
+
+
+def _entry(side, seq, rate, float8="none", ac=bt.TITAN_AC, levers=()):
+    case = bt.Case("x", side, seq, float8=float8, ac=ac)
+    return {"case_settings": {"side": side, "seq": seq, "float8": float8, "ac": ac, "titan_fp8_filter": "auto"},
+            "levers": list(levers) or case.levers, "result": {"tokens_per_s": rate}}
+
+
+def test_the_headline_ratios_come_from_the_cases_of_one_call():
+    results = {
+        "titan-bf16-2k": _entry("titan", 2048, 100.0),
+        "lmf-bf16-2k": _entry("lmforge", 2048, 104.0),
+        "lmf-bf16-2k-fused": _entry("lmforge", 2048, 112.0, levers=["fused_loss"]),
+        "lmf-bf16-2k-fused-noac": _entry("lmforge", 2048, 125.0, ac="none"),
+        "titan-fp8tw-2k": _entry("titan", 2048, 130.0, float8="tensorwise"),
+        "titan-fp8rw-2k": _entry("titan", 2048, 120.0, float8="rowwise"),
+        "lmf-fp8tw-2k": _entry("lmforge", 2048, 126.0, float8="tensorwise"),
+        "lmf-fp8rw-2k": _entry("lmforge", 2048, 150.0, float8="rowwise"),
+    }
+    top = bt.headline(results)
+    assert top["g7_vs_torchtitan"] == 1.12 and top["g7_cases"] == ["lmf-bf16-2k-fused", "titan-bf16-2k"]
+    assert top["g7_like_for_like_vs_torchtitan"] == 1.04
+    assert top["g7_any_ac_vs_torchtitan"] == 1.25
+    assert top["g7_fp8_vs_torchtitan"] == round(150 / 130, 4)  # best recipe on each side
+    assert top["g7_fp8_rowwise_like_for_like_vs_torchtitan"] == 1.25
+    assert "g7_8k_vs_torchtitan" not in top  # no 8k case in this call
+
+
+def test_the_loss_curve_verdict():
+    bf16 = [3.0 - 0.001 * i + (0.02 if i % 2 else -0.02) for i in range(100)]
+    assert bt.compare_curves(bf16, [v + 0.005 for v in bf16])["within_noise"]
+    assert not bt.compare_curves(bf16, [v + 0.2 for v in bf16])["within_noise"]
+    assert not bt.compare_curves(bf16, bf16[:-1] + [float("nan")])["within_noise"]
+
+
+def test_the_lmforge_side_runs_on_the_cpu(tmp_path):
+    record = tmp_path / "g7.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_titan.py"), "--smoke", "--cases",
+                           "lmf-bf16-2k-fused", "--record", str(record), "--work", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(record.read_text())
+    entry = out["results"]["lmf-bf16-2k-fused"]
+    r = entry["result"]
+    assert r and r["tokens_per_s"] > 0 and r["timed_steps"] == 3 and r["time_to_first_step_s"] > 0, entry
+    assert r["loss_finite"] and r["params"] == bt.param_counts(bt.SMOKE)[0]
+    p = r["lmforge_params"]
+    assert (p["rope_theta"], p["d_ff"], p["tie_embeddings"], p["fused_loss"], p["activation_checkpointing"]) == (
+        500_000.0, bt.ffn_hidden(bt.SMOKE), False, True, 2)
+    assert entry["levers"] == ["fused_loss"] and "| lmf-bf16-2k-fused | lmforge |" in done.stdout
