@@ -307,7 +307,7 @@ def lmforge_params(spec: dict, world: int) -> dict:
         max_steps=spec["total_steps"] + (0 if spec.get("tokens") else 8),  # 8: CUDA-graph capture's warm-up
         weight_decay=0.1, max_grad_norm=1.0, compile=spec["compile"], compile_mode="default",
         activation_checkpointing=spec["ac"], float8=spec["float8"], fused_loss=spec["fused_loss"],
-        param_dtype=spec["param_dtype"], cuda_graph=spec["cuda_graph"], parallel="fsdp",
+        param_dtype=spec["param_dtype"], cuda_graph=spec["cuda_graph"], parallel=spec.get("parallel", "fsdp"),
         device=spec["device"], attention="auto")
 
 
@@ -575,6 +575,7 @@ class Settings:
     tokens: str | None = None
     starts: str | None = None
     extra_env: dict = field(default_factory=dict)
+    parallel: str = "fsdp"  # lmforge on several GPUs (torchtitan shards: FSDP2)
 
 
 def case_spec(case: Case, st: Settings) -> dict:
@@ -586,7 +587,8 @@ def case_spec(case: Case, st: Settings) -> dict:
             "fused_loss": case.fused_loss, "param_dtype": case.param_dtype, "cuda_graph": case.cuda_graph,
             "titan_fp8_filter": case.titan_fp8_filter, "device": st.device, "compile": st.compile,
             "warmup": st.warmup, "steps": st.steps, "total_steps": st.warmup + st.steps, "lr": st.lr,
-            "lr_warmup": st.lr_warmup, "titan_src": st.titan_src, "tokens": st.tokens, "starts": st.starts}
+            "lr_warmup": st.lr_warmup, "titan_src": st.titan_src, "tokens": st.tokens, "starts": st.starts,
+            "parallel": st.parallel}
     if st.tokens:  # the loss curve: `steps` optimizer steps in all, each one logged
         spec["total_steps"] = st.steps
     if case.side == "titan":
@@ -878,6 +880,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (the loss curve: steps in all)")
     parser.add_argument("--tokens-per-step", type=int, default=TOKENS_PER_STEP,
                         help="global batch in tokens (sequences = this / seq)")
+    parser.add_argument("--lmforge-parallel", default="fsdp", choices=["fsdp", "ddp"],
+                        help="lmforge on several GPUs: fsdp as torchtitan (fused_loss and the bf16 working copy "
+                             "then step aside, as the stage says), or ddp (a whole replica a GPU, levers kept)")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="skip a case whose estimate no longer fits in what is left of this")
     parser.add_argument("--work", default=None, help="scratch folder for logs and torchtitan's outputs")
@@ -911,7 +916,7 @@ def main() -> None:
                   steps=3 if smoke and not args.loss_curve else args.steps,
                   compile=not (smoke or args.no_compile or device == "cpu"),
                   tokens_per_step=256 if smoke else args.tokens_per_step, titan_src=args.titan_src, work=work,
-                  lr=args.lr)
+                  lr=args.lr, parallel=args.lmforge_parallel)
     base = {"bench": "G7", "issue": 41, "command": " ".join(sys.argv), "environment": environment(),
             "torchtitan_commit": titan_commit(args.titan_src), "shape": shape, "ffn_hidden": ffn_hidden(shape),
             "params": param_counts(shape)[0], "tokens_per_step": st.tokens_per_step, "warmup": st.warmup,
