@@ -15,6 +15,8 @@ class ids in label order), the confusion counts, the mean test loss and a digest
 probabilities. A closing `pairs` line counts, for each two cases of this call (and of --against's
 file, when its test split has the same digest), the test rows on which they predict differently;
 --budget 0 trains nothing, so the last line above only compares two earlier calls' files.
+Records made before 2026-12-07 hold the fair Trainer's predictions in its length-grouped order
+(transformers 5 groups evaluation by length too); `--restore-order FILE` puts them back first.
 
 DIR for --data holds {train,val,test}.jsonl.gz (one {"text", "label"} object a line, the seeded
 80/10/10 IMDB split) or the split stage's parquet files; --model a transformers folder.
@@ -276,8 +278,11 @@ def run_trainer(model: Path, data, settings: dict, seed: int) -> dict:
     out = trainer.train()
     pred = trainer.predict(test)
     logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-    acc = float(np.mean(logits.argmax(-1) == pred.label_ids))
-    evidence = test_evidence(logits, pred.label_ids, labels)
+    order = trainer_test_order(trainer, test)
+    logits = in_test_order(logits, pred.label_ids, order, [row["labels"] for row in test])
+    truth = np.asarray([row["labels"] for row in test])
+    acc = float(np.mean(logits.argmax(-1) == truth))
+    evidence = test_evidence(logits, truth, labels)
     c = np.asarray(evidence["test_confusion"])
     both = c.sum(0) + c.sum(1)  # per class: predicted + true (F1 = 2 TP / both, 0 where both is 0, as sklearn)
     macro_f1 = float(np.mean(np.where(both > 0, 2 * np.diag(c) / np.maximum(both, 1), 0.0)))
@@ -285,6 +290,66 @@ def run_trainer(model: Path, data, settings: dict, seed: int) -> dict:
     return {"test_accuracy": acc, "test_macro_f1": macro_f1, "weights_sha256": weights_sha256(net),
             **evidence, "train_samples_per_second": round(out.metrics["train_samples_per_second"], 1),
             "train_seconds": round(out.metrics["train_runtime"], 1)}
+
+
+def trainer_test_order(trainer, test) -> list[int] | None:
+    """The order in which trainer.predict() visits the test rows, or None for their own order.
+    transformers 5 applies train_sampling_strategy="group_by_length" to evaluation as well, so
+    the fair Trainer's predictions come back grouped by length (its sampler is seeded, so a fresh
+    one gives the same order)."""
+    from torch.utils.data import SequentialSampler
+
+    sampler = trainer._get_eval_sampler(test)
+    return None if sampler is None or isinstance(sampler, SequentialSampler) else list(sampler)
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
+    """The order of the Trainer's length-grouped sampler for these lengths, batch and seed: how
+    an older record's Trainer predictions (made before trainer_test_order) are put back in order."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    return list(LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed)))
+
+
+def in_test_order(values, visited_labels, order: list[int] | None, truth: list[int]):
+    """`values` (one row per test row, in the order visited) back in test order; the labels that
+    came with them must then equal the test labels, or the order is not the one predict() used."""
+    import numpy as np
+
+    values, visited_labels = np.asarray(values), np.asarray(visited_labels)
+    if order is not None:
+        restored, labels = np.empty_like(values), np.empty_like(visited_labels)
+        restored[order], labels[order] = values, visited_labels
+        values, visited_labels = restored, labels
+    if not np.array_equal(visited_labels, np.asarray(truth)):
+        raise RuntimeError("the Trainer's test predictions could not be put back in test order: "
+                           "their labels disagree with the test split's")
+    return values
+
+
+def restore_trainer_order(path: Path, data, model: Path, seed: int, eval_batch: int = 256) -> list[dict]:
+    """An older g4.jsonl's rows with its fair Trainer rows' test_predicted put back in test order
+    (the check: the restored classes against the test labels give the recorded test_correct)."""
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    labels = sorted(set(data["train"].labels))
+    truth = [labels.index(y) for y in data["test"].labels]
+    tok = AutoTokenizer.from_pretrained(model)
+    for row in rows:
+        settings = row.get("settings") or {}
+        if not (settings.get("fair") and "test_predicted" in row) or row.get("test_order_restored"):
+            continue
+        lengths = [len(ids) for ids in tok(data["test"].texts, truncation=True,
+                                           max_length=settings["max_length"])["input_ids"]]
+        order = length_grouped_order(lengths, eval_batch, row.get("seed", seed))
+        visited = [int(c) for c in row["test_predicted"]]
+        restored = in_test_order(visited, [truth[i] for i in order], order, truth)
+        if sum(int(a == b) for a, b in zip(restored, truth)) != row["test_correct"]:
+            raise RuntimeError(f"{path}: restoring {row['case']}'s order does not give its test_correct")
+        row.update(test_predicted="".join(map(str, restored)), test_order_restored=True)
+    return rows
 
 
 def main() -> None:
@@ -301,6 +366,9 @@ def main() -> None:
                              "(same test split only)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting in every case (smoke tests: --set compile=false --set num_train_epochs=1)")
+    parser.add_argument("--restore-order", action="append", default=[], metavar="G4_JSONL",
+                        help="put an older record's fair Trainer predictions back in test order (written to "
+                             "--out as restored-N.jsonl, then compared like --against)")
     args = parser.parse_args()
     overrides = dict(parse_override(item) for item in args.set)
     import torch
@@ -313,6 +381,12 @@ def main() -> None:
              "rows": {k: len(v) for k, v in data.items()}, "test_sha256": split_sha256(data["test"])}
     print(json.dumps({"case": "facts", **facts}), flush=True)
     earlier = []
+    for n, older in enumerate(args.restore_order):
+        rows = restore_trainer_order(Path(older), data, Path(args.model), args.seed)
+        fixed = Path(args.out or ".") / f"restored-{n}.jsonl"
+        fixed.parent.mkdir(parents=True, exist_ok=True)
+        fixed.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        args.against.append(str(fixed))
     for against in args.against:
         before = [json.loads(line) for line in Path(against).read_text().splitlines() if line.strip()]
         if before and before[0].get("test_sha256") == facts["test_sha256"]:
