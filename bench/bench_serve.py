@@ -164,6 +164,11 @@ def child_env() -> dict[str, str]:
     env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1",
                 "DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # `transformers serve` answers /v1/models by scanning the hub cache and fails when the folder
+    # does not exist (a bare GPU machine): give it one that does.
+    hub_cache = Path(env.get("HF_HUB_CACHE") or Path(env.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub")
+    hub_cache.mkdir(parents=True, exist_ok=True)
+    env["HF_HUB_CACHE"] = str(hub_cache)
     return env
 
 
