@@ -69,7 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from free GPU memory)")
     serve.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per batch step (default: sized by transformers)")
     serve.add_argument("--cuda-graph", choices=("auto", "on", "off"), default=None,
-                       help="CUDA graphs of the batch's steps (default: auto, transformers decides)")
+                       help="CUDA graphs of the batch's steps (default: auto, on when serving on CUDA)")
+    serve.add_argument("--warm-up", choices=("auto", "on", "off"), default="auto",
+                       help="run short requests at batch sizes 1, 2, 4 ... --max-running before serving, so the "
+                            "first clients do not wait on CUDA graph captures (default: auto, on with CUDA graphs)")
     serve.add_argument("--compile-level", type=int, choices=(0, 1, 2, 3), default=0,
                        help="torch.compile of the batch's steps: 0 off (default), 1 dynamic shapes, 2-3 autotuned")
     return parser
@@ -193,6 +196,8 @@ def _served_model(model: str, scratch: Path):
 
 
 def _run_server(args: argparse.Namespace, served, api_key: str | None) -> int:
+    import asyncio
+
     import uvicorn
 
     from lmforge import generation
@@ -204,6 +209,10 @@ def _run_server(args: argparse.Namespace, served, api_key: str | None) -> int:
     engine = Engine(model, tokenizer, EngineSettings(num_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens,
                                                      cuda_graph=graphs, compile_level=args.compile_level))
     engine.start()
+    if args.warm_up == "on" or (args.warm_up == "auto" and engine.uses_cuda_graphs()):
+        sizes = warm_up_sizes(args.max_running)
+        seconds = asyncio.run(engine.warm_up(sizes))
+        print(f"warmed up batch sizes {', '.join(map(str, sizes))} in {seconds:.1f} s", file=sys.stderr, flush=True)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, max_running=args.max_running,
                     max_waiting=args.max_waiting, timeout_s=args.timeout, api_key=api_key)
     app = create_app(engine, served, tokenizer, limits)
@@ -213,6 +222,12 @@ def _run_server(args: argparse.Namespace, served, api_key: str | None) -> int:
     finally:
         engine.stop()
     return 0
+
+
+def warm_up_sizes(max_running: int) -> list[int]:
+    """1, 2, 4 ... up to max_running, and max_running itself."""
+    sizes = [1 << i for i in range(max_running.bit_length()) if 1 << i < max_running]
+    return sizes + [max_running]
 
 
 def _print_stream(pieces) -> str:

@@ -288,4 +288,21 @@ def test_the_engine_passes_its_sizes_graphs_and_compile_level_to_transformers():
     assert config["max_batch_tokens"] == 512 and config["num_blocks"] == EngineSettings.CPU_DEFAULTS["num_blocks"]
     assert config["use_cuda_graph"] is False and config["default_compile_level"] == 1
     assert config["per_request_processors"] is True
-    assert "use_cuda_graph" not in Engine(model, tokenizer, EngineSettings())._config()  # auto: transformers decides
+    assert Engine(model, tokenizer, EngineSettings())._config()["use_cuda_graph"] is False  # auto: on with CUDA only
+
+
+def test_a_warm_up_runs_every_batch_size_before_the_server_answers(long_chat_folder):
+    from tasks.cli import warm_up_sizes
+
+    assert warm_up_sizes(64) == [1, 2, 4, 8, 16, 32, 64] and warm_up_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert warm_up_sizes(1) == [1]
+    served = Server(str(long_chat_folder), "--warm-up", "on", "--max-running", "3")
+    try:
+        done = served.client().completions.create(model="tiny-chat", prompt="ROMEO:", max_tokens=3, temperature=0)
+        assert 0 < done.usage.completion_tokens <= 3
+        counted = [line for line in httpx.get(served.url + "/metrics").text.splitlines()
+                   if line.startswith("lmforge_completion_tokens_total")]
+        assert counted == [f"lmforge_completion_tokens_total {float(done.usage.completion_tokens)}"]  # warm-up not counted
+    finally:
+        log = served.stop()
+    assert "warmed up batch sizes 1, 2, 3 in" in log

@@ -33,6 +33,7 @@ import dataclasses
 import itertools
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,9 @@ class EngineSettings:
     num_blocks: int | None = None
     max_batch_tokens: int | None = None
     page_size: int | None = None
-    # CUDA graphs of the batch's steps: None lets transformers decide (on for CUDA); False or True forces it.
+    # CUDA graphs of the batch's steps. None: on when the model is on CUDA. transformers' own default
+    # turns them off for SDPA attention (the attention lmforge loads), and eager steps leave an H100
+    # waiting on Python: SmolLM2-135M's shape at 32 clients ran 462 tokens/s without, 1,613 with.
     cuda_graph: bool | None = None
     # torch.compile of the steps: 0 off; 1 default mode, dynamic shapes; 2 and 3 autotuned (3: static shapes).
     compile_level: int = 0
@@ -111,18 +114,39 @@ class Engine:
         page = sizes.pop("page_size")
         config = {"per_request_processors": True, **{k: v for k, v in sizes.items() if v is not None},
                   "default_compile_level": settings.compile_level}
-        if settings.cuda_graph is not None:
-            config["use_cuda_graph"] = settings.cuda_graph
+        graphs = self.model.device.type == "cuda" if settings.cuda_graph is None else settings.cuda_graph
+        config["use_cuda_graph"] = graphs
         if page is not None:  # transformers 5.17 calls it block_size, later releases page_size
             config["page_size" if "page_size" in known else "block_size"] = page
         if "auto_switch_to_flash" in known:
             config["auto_switch_to_flash"] = False  # keep the attention the model was loaded with
         return config
 
+    async def warm_up(self, batch_sizes: list[int], prompt_tokens: int = 16, new_tokens: int = 4) -> float:
+        """Short greedy requests, `n` at once for each n in batch_sizes; the seconds it took. With
+        CUDA graphs, each new batch shape is captured the first time it runs: done here, it is not
+        paid by the first clients (on an H100, 32 clients' p95 time to first token went from 302 ms
+        on a cold engine to 170 ms once their shapes had run)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        prompt = [self._pad_id()] * prompt_tokens
+
+        async def one() -> None:
+            async with aclosing(self.stream(prompt, Sampling(max_tokens=new_tokens, temperature=0.0))) as steps:
+                async for _ in steps:
+                    pass
+
+        for n in batch_sizes:
+            await asyncio.gather(*(one() for _ in range(n)))
+        return loop.time() - started
+
     def stop(self) -> None:
         if self._manager is not None:
             self._manager.stop(block=True, timeout=30)
             self._manager = None
+
+    def uses_cuda_graphs(self) -> bool:
+        return self.model.device.type == "cuda" and bool(self._config().get("use_cuda_graph"))
 
     def healthy(self) -> bool:
         manager = self._manager
