@@ -250,7 +250,7 @@ def table(results: dict) -> str:
                      f"{m['tokens_per_s'] / m['world_size']:,.0f} | | | {m.get('peak_memory_gb', 0):.1f} | "
                      f"checkpoints {m.get('checkpoint_s', 0):.1f} s of {m['wall_s']:.0f} s |")
     elif r:
-        lines.append(f"| resume | | | | | | | failed |")
+        lines.append("| resume | | | | | | | failed |")
     return "\n".join(lines)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import itertools
 import json
 import sys
 import tempfile
