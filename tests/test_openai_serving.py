@@ -306,3 +306,25 @@ def test_a_warm_up_runs_every_batch_size_before_the_server_answers(long_chat_fol
     finally:
         log = served.stop()
     assert "warmed up batch sizes 1, 2, 3 in" in log
+
+
+def test_streamed_text_is_decoded_a_few_tokens_at_a_time_and_never_splits_a_character():
+    from transformers import AutoTokenizer
+
+    from lmforge.serve.app import IncrementalDecoder
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_folder())
+    ids = tokenizer.encode("ROMEO: naïve café, 東京 🙂 wherefore<eos> art thou Romeo? " * 20)
+    windows = []
+
+    class Counting:  # the real tokenizer, each decode's length noted
+        def decode(self, tokens, **kwargs):
+            windows.append(len(tokens))
+            return tokenizer.decode(tokens, **kwargs)
+
+    decoder = IncrementalDecoder(Counting())
+    pieces = [decoder.add(ids[:n], final=n == len(ids)) for n in range(1, len(ids) + 1)]
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert pieces.count("") >= 20 * 3  # each multi-byte character's bytes waited for the last of them
+    assert max(windows) <= 8 and len(ids) > 500  # a window of a few tokens, never the whole answer

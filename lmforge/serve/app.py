@@ -369,31 +369,54 @@ async def choice_pieces(engine: Engine, tokenizer: Any, prompt: list[int], sampl
                         stops: list[str]) -> AsyncIterator[tuple[str, str | None, int]]:
     """(new text, finish reason or None, tokens generated so far) as one choice is generated.
 
-    The text is decoded from all the tokens so far and handed out past what was already sent: a
-    character split over two tokens waits for its second half, and text that might be the start
-    of a stop sequence waits until it is known not to be. A stop sequence ends the choice there
-    (finish reason "stop", the sequence itself not included) and cancels its generation."""
-    sent = ""
+    Text that might be the start of a stop sequence waits until it is known not to be. A stop
+    sequence ends the choice there (finish reason "stop", the sequence itself not included) and
+    cancels its generation."""
+    text = ""  # the choice's text so far
+    sent = 0  # characters of it handed out
+    decoder = IncrementalDecoder(tokenizer)
     async with aclosing(engine.stream(prompt, sampling)) as steps:
         async for step in steps:
-            text = tokenizer.decode(step.tokens, skip_special_tokens=True)
-            cut = _first_stop(text, stops)
+            text += decoder.add(step.tokens, final=step.reason is not None)
+            cut = _first_stop(text, stops, sent)
             if cut is not None:
-                yield text[len(sent):cut] if cut > len(sent) else "", "stop", len(step.tokens)
+                yield text[sent:cut], "stop", len(step.tokens)
                 return
             if step.reason is not None:
-                yield text[len(sent):], step.reason, len(step.tokens)
+                yield text[sent:], step.reason, len(step.tokens)
                 return
             ready = len(text) - _held_back(text, stops)
-            if text[:ready].endswith("\ufffd"):  # half of a character: wait for the rest
-                continue
-            if ready > len(sent):
-                yield text[len(sent):ready], None, len(step.tokens)
-                sent = text[:ready]
+            if ready > sent:
+                yield text[sent:ready], None, len(step.tokens)
+                sent = ready
 
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+class IncrementalDecoder:
+    """The text each new token adds, decoding only the last few tokens each time (decoding all of
+    them at every step costs time quadratic in the answer's length). A window starting one step
+    back gives the new token its context (a leading space, the rest of a character split over two
+    tokens); a piece ending in half a character waits for the rest."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.prefix = 0  # the window's start
+        self.read = 0  # tokens whose text was handed out
+
+    def add(self, tokens: list[int], final: bool = False) -> str:
+        before = self._decode(tokens[self.prefix:self.read])
+        now = self._decode(tokens[self.prefix:])
+        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(tokens)
+        return now[len(before):]
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True) if tokens else ""
+
+
+def _first_stop(text: str, stops: list[str], start: int = 0) -> int | None:
+    # A stop cannot begin in text already handed out: _held_back kept any possible start back.
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(found) if found else None
 
 
