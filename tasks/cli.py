@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per batch step (default: sized by transformers)")
     serve.add_argument("--cuda-graph", choices=("auto", "on", "off"), default=None,
                        help="CUDA graphs of the batch's steps (default: auto, on when serving on CUDA)")
-    serve.add_argument("--warm-up", choices=("auto", "on", "off"), default="auto",
+    serve.add_argument("--warm-up", choices=("auto", "on", "off"), default=None,
                        help="run short requests at batch sizes 1, 2, 4 ... --max-running before serving, so the "
                             "first clients do not wait on CUDA graph captures (default: auto, on with CUDA graphs)")
     serve.add_argument("--compile-level", type=int, choices=(0, 1, 2, 3), default=0,
@@ -209,7 +209,7 @@ def _run_server(args: argparse.Namespace, served, api_key: str | None) -> int:
     engine = Engine(model, tokenizer, EngineSettings(num_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens,
                                                      cuda_graph=graphs, compile_level=args.compile_level))
     engine.start()
-    if args.warm_up == "on" or (args.warm_up == "auto" and engine.uses_cuda_graphs()):
+    if args.warm_up == "on" or (args.warm_up in (None, "auto") and engine.uses_cuda_graphs()):
         sizes = warm_up_sizes(args.max_running)
         seconds = asyncio.run(engine.warm_up(sizes))
         print(f"warmed up batch sizes {', '.join(map(str, sizes))} in {seconds:.1f} s", file=sys.stderr, flush=True)
