@@ -77,13 +77,16 @@ LMFORGE_SERVE_MODULE = "{python} -m tasks.cli serve {folder} --host 127.0.0.1 --
 TRANSFORMERS_SERVE = ("transformers serve {folder} --continuous-batching --host 127.0.0.1 --port {port} "
                       "--device {device_index} --dtype {dtype}")
 PLAIN_SERVE = "{python} {root}/bench/plain_server.py {folder} --host 127.0.0.1 --port {port} --device {device} --dtype {dtype}"
+# transformers' continuous batching turns CUDA graphs off for SDPA attention unless told; lmforge turns
+# them on. transformers-cg is `transformers serve` told too: the like-for-like beside the default.
+TRANSFORMERS_SERVE_GRAPHS = TRANSFORMERS_SERVE + " --cb-use-cuda-graph"
 PRESETS = {"lmforge": LMFORGE_SERVE, "lmforge-module": LMFORGE_SERVE_MODULE, "transformers": TRANSFORMERS_SERVE,
-           "plain": PLAIN_SERVE}
+           "transformers-cg": TRANSFORMERS_SERVE_GRAPHS, "plain": PLAIN_SERVE}
 DEFAULT_SERVERS = ["lmforge", "transformers", "plain"]
 # a command's first word found neither on PATH nor beside this Python: run it as a module of this Python
 MODULE_FALLBACKS = {"lmforge": "tasks.cli", "transformers": "transformers.cli.transformers"}
 # servers that must be sent the folder path string as `model` (transformers serve answers only to that)
-FOLDER_AS_MODEL = {"transformers"}
+FOLDER_AS_MODEL = {"transformers", "transformers-cg"}
 
 # Fixed prompts, short enough for a tiny test model; request i of client c takes PROMPTS[(c*R + i) % len].
 PROMPTS = [
