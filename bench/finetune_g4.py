@@ -177,7 +177,8 @@ def table(rows: list[dict]) -> str:
             round(r["test_accuracy"], 4), r.get("test_loss", "-"),
             round(r["val_accuracy"], 4) if "val_accuracy" in r else "-",
             r.get("best_epoch", "-"), r["train_samples_per_second"], r.get("steady_samples_per_second", "-"),
-            "/".join(str(round(h["train_seconds"], 1)) for h in hist) or r.get("train_seconds"),
+            "/".join(str(round(h["train_seconds"], 1)) for h in hist) or "/".join(map(str, r.get("epoch_seconds") or []))
+            or r.get("train_seconds"),
             r.get("weights_sha256", "-")[:12])))
     return "\n".join(lines)
 
@@ -234,6 +235,29 @@ def lmforge_evidence(result, data, params) -> dict:
     return {"weights_sha256": weights_sha256(result.model), **evidence}
 
 
+def epoch_clock():
+    """A Trainer callback noting each epoch's seconds, so the Trainer has a steady rate (epochs 2..,
+    after its compile) to set beside lmforge's, as well as its rate over all epochs."""
+    from transformers import TrainerCallback
+
+    class EpochClock(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+            self._start = 0.0
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self.seconds.append(round(time.perf_counter() - self._start, 1))
+
+        def steady(self, rows: int) -> float | None:
+            later = self.seconds[1:]
+            return round(rows * len(later) / sum(later), 1) if later and sum(later) > 0 else None
+
+    return EpochClock()
+
+
 def run_trainer(model: Path, data, settings: dict, seed: int) -> dict:
     import numpy as np
     import torch
@@ -274,7 +298,9 @@ def run_trainer(model: Path, data, settings: dict, seed: int) -> dict:
         logging_strategy="no", report_to="none", seed=seed, weight_decay=0.01, **warmup, **fair,
     )
     collator = DataCollatorWithPadding(tok, pad_to_multiple_of=8 if settings.get("fair") else None)
-    trainer = Trainer(model=net, args=args, train_dataset=train, data_collator=collator, processing_class=tok)
+    epochs = epoch_clock()
+    trainer = Trainer(model=net, args=args, train_dataset=train, data_collator=collator, processing_class=tok,
+                      callbacks=[epochs])
     out = trainer.train()
     pred = trainer.predict(test)
     logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
@@ -289,7 +315,8 @@ def run_trainer(model: Path, data, settings: dict, seed: int) -> dict:
     # net: the model the Trainer trained and scored (trainer.model_wrapped may be its compiled wrapper)
     return {"test_accuracy": acc, "test_macro_f1": macro_f1, "weights_sha256": weights_sha256(net),
             **evidence, "train_samples_per_second": round(out.metrics["train_samples_per_second"], 1),
-            "train_seconds": round(out.metrics["train_runtime"], 1)}
+            "steady_samples_per_second": epochs.steady(len(train)),
+            "train_seconds": round(out.metrics["train_runtime"], 1), "epoch_seconds": epochs.seconds}
 
 
 def trainer_test_order(trainer, test) -> list[int] | None:
