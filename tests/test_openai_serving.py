@@ -328,3 +328,31 @@ def test_streamed_text_is_decoded_a_few_tokens_at_a_time_and_never_splits_a_char
     assert not any("\ufffd" in piece for piece in pieces)
     assert pieces.count("") >= 20 * 3  # each multi-byte character's bytes waited for the last of them
     assert max(windows) <= 8 and len(ids) > 500  # a window of a few tokens, never the whole answer
+
+
+def test_an_engine_that_died_is_started_again_by_the_next_request_but_not_in_a_loop():
+    from contextlib import aclosing
+
+    from lmforge.generation import load_causal_lm
+    from lmforge.serve.engine import Engine, EngineError, EngineSettings, Sampling
+
+    model, tokenizer = load_causal_lm(chat_folder(), device="cpu")
+    engine = Engine(model, tokenizer, EngineSettings())
+    engine.start()
+
+    async def answer() -> list[int]:
+        async with aclosing(engine.stream([1, 2, 3], Sampling(max_tokens=3, temperature=0.0))) as steps:
+            return [step.tokens async for step in steps][-1]
+
+    try:
+        engine.restart_backoff_s = 0.0
+        engine._manager.stop(block=True, timeout=30)  # its thread ends, as after a fatal error
+        assert not engine.healthy()
+        assert 0 < len(asyncio.run(answer())) <= 3 and engine.healthy() and engine.restarts == 1
+        engine.restart_backoff_s = 3600.0
+        engine._manager.stop(block=True, timeout=30)
+        with pytest.raises(EngineError, match="not running"):
+            asyncio.run(answer())
+        assert engine.restarts == 1  # within the back-off: refused, not restarted again
+    finally:
+        engine.stop()

@@ -136,7 +136,7 @@ def _authorised(request: Request, limits: Limits) -> None:
 def _info_routes(app: FastAPI, engine: Engine, served: ServedModel, metrics: Metrics, limits: Limits) -> None:
     @app.get("/health")
     async def health():
-        if not engine.healthy():
+        if not engine.healthy() and not await asyncio.to_thread(engine.restart_if_down):
             return JSONResponse(api.OpenAIError(503, "the generation engine is down").body(), status_code=503)
         return {"status": "ok", "model": served.id}
 

@@ -23,6 +23,8 @@ that here would be a second, worse copy. What lmforge adds around it:
   (argmax of logits plus Gumbel noise draws from their softmax), so nothing else moves its draws.
 - Cancellation. A request whose stream is closed early (a stop sequence, a client gone, a
   timeout) is cancelled in the manager at once, freeing its slot and its cache pages.
+- Restart. A manager whose thread died is started again by the next request or health check
+  (at most once every `restart_backoff_s`); until then requests get a 503.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import asyncio
 import copy
 import dataclasses
 import itertools
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -90,6 +94,9 @@ class Engine:
         self._numbers = itertools.count()
         self._lane_model = None  # the seeded lane's copy of the model, made on first use
         self._lane_lock = threading.Lock()  # one seeded request at a time
+        self._restart_lock = threading.Lock()
+        self._last_restart = float("-inf")
+        self.restarts = 0
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -145,6 +152,32 @@ class Engine:
             self._manager.stop(block=True, timeout=30)
             self._manager = None
 
+    # A manager whose thread died (a fatal error in a batch) is started again at most this often, so
+    # a fault that kills every batch cannot keep the server restarting.
+    restart_backoff_s = 30.0
+
+    def restart_if_down(self) -> bool:
+        """Start the manager again if it has died; True if it is running. Blocks while it starts
+        (call it from a thread when on the event loop)."""
+        if self.healthy():
+            return True
+        with self._restart_lock:
+            if self.healthy():
+                return True
+            if time.monotonic() - self._last_restart < self.restart_backoff_s:
+                return False
+            self._last_restart = time.monotonic()
+            cause = getattr(getattr(self._manager, "background_thread_status", None), "fatal_error", None)
+            print(f"the generation engine stopped ({cause or 'no error recorded'}); starting it again",
+                  file=sys.stderr, flush=True)
+            try:
+                self.stop()
+            except Exception:  # noqa: BLE001 - a dead manager may fail to stop; a new one replaces it
+                self._manager = None
+            self.start()
+            self.restarts += 1
+        return self.healthy()
+
     def uses_cuda_graphs(self) -> bool:
         return self.model.device.type == "cuda" and bool(self._config().get("use_cuda_graph"))
 
@@ -163,7 +196,7 @@ class Engine:
             async for step in self._seeded(prompt_ids, sampling):
                 yield step
             return
-        if not self.healthy():
+        if not self.healthy() and not await asyncio.to_thread(self.restart_if_down):
             raise EngineError("the generation engine is not running")
         manager = self._manager
         request_id = f"lmforge-{next(self._numbers)}"
