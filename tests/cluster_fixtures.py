@@ -54,7 +54,7 @@ def why_no_cluster() -> str | None:
 
 def skip_or_fail(reason: str) -> None:
     if os.environ.get("LMFORGE_CLUSTER_REQUIRED") == "1":
-        pytest.fail(f"LMFORGE_CLUSTER_REQUIRED=1 but {reason}")
+        pytest.fail(f"LMFORGE_CLUSTER_REQUIRED=1 but {reason}", pytrace=False)
     pytest.skip(reason)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster_fixtures import skip_or_fail
 from tests.conftest import BIN, ROOT
 
 PG_BIN = Path(os.environ.get("LMFORGE_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -36,10 +37,7 @@ def need_postgres() -> None:
         missing.append("psycopg (the dev extra: pip install -c constraints.txt -e '.[dev]')")
     if not missing:
         return
-    reason = "needs " + " and ".join(missing)
-    if os.environ.get("LMFORGE_CLUSTER_REQUIRED") == "1":
-        pytest.fail(f"{reason} (LMFORGE_CLUSTER_REQUIRED=1: not skipped)", pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail("needs " + " and ".join(missing))
 
 
 def free_port() -> int:

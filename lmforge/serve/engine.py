@@ -121,8 +121,7 @@ class Engine:
         page = sizes.pop("page_size")
         config = {"per_request_processors": True, **{k: v for k, v in sizes.items() if v is not None},
                   "default_compile_level": settings.compile_level}
-        graphs = self.model.device.type == "cuda" if settings.cuda_graph is None else settings.cuda_graph
-        config["use_cuda_graph"] = graphs
+        config["use_cuda_graph"] = self.uses_cuda_graphs()
         if page is not None:  # transformers 5.17 calls it block_size, later releases page_size
             config["page_size" if "page_size" in known else "block_size"] = page
         if "auto_switch_to_flash" in known:
@@ -179,7 +178,8 @@ class Engine:
         return self.healthy()
 
     def uses_cuda_graphs(self) -> bool:
-        return self.model.device.type == "cuda" and bool(self._config().get("use_cuda_graph"))
+        on_cuda = self.model.device.type == "cuda"
+        return on_cuda if self.settings.cuda_graph is None else self.settings.cuda_graph and on_cuda
 
     def healthy(self) -> bool:
         manager = self._manager

@@ -76,8 +76,8 @@ def make_config(p: Any, tok: TokenInfo):
             num_key_value_heads=p.n_kv_head or p.n_head,
             max_position_embeddings=p.context,
             # transformers 5 reads the rotary base from rope_parameters (a rope_theta keyword is only
-            # converted into it); getattr: callers may pass params objects from before the knob
-            rope_parameters={"rope_type": "default", "rope_theta": float(getattr(p, "rope_theta", 10_000.0))},
+            # converted into it)
+            rope_parameters={"rope_type": "default", "rope_theta": float(p.rope_theta)},
             attention_dropout=p.dropout,
             bos_token_id=tok.eos_id,
             eos_token_id=tok.eos_id,

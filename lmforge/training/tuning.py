@@ -276,8 +276,6 @@ def _fail_stale_trials(study) -> None:
     best.yaml is written. Optuna does this only before a worker asks for its next trial, so the
     last worker to finish would otherwise report a dead one's trial as still running. A storage
     without heartbeats (SQLite by default) is left alone by optuna itself."""
-    import warnings
-
     import optuna
 
     with warnings.catch_warnings():
