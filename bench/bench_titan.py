@@ -839,14 +839,16 @@ def merge(paths: list[str], out: str | None) -> dict:
         record = json.loads(Path(path).read_text())
         merged["calls"].append({k: v for k, v in record.items() if k != "results"})
         for name, entry in record.get("results", {}).items():
-            merged["results"][name] = {**entry, "from": path}
+            # a case run again in a later call (torchtitan's bf16 baseline) keeps both measurements
+            key = name if name not in merged["results"] else f"{name}@{Path(path).stem}"
+            merged["results"][key] = {**entry, "from": path}
             r = entry.get("result") or {}
             if r.get("gpu_uuid"):
                 uuids.add(r["gpu_uuid"])
         for key, value in record.items():
             if key.startswith("g7") and key not in merged:
                 merged[key] = value
-        for key in ("torchtitan_commit", "environment", "shape", "loss_curve"):
+        for key in ("torchtitan_commit", "environment", "shape", "loss_curve", "loss_comparison"):
             if key in record and key not in merged:
                 merged[key] = record[key]
     merged["same_gpu"] = len(uuids) <= 1

@@ -76,3 +76,19 @@ def test_the_lmforge_side_runs_on_the_cpu(tmp_path):
     assert (p["rope_theta"], p["d_ff"], p["tie_embeddings"], p["fused_loss"], p["activation_checkpointing"]) == (
         500_000.0, bt.ffn_hidden(bt.SMOKE), False, True, 2)
     assert entry["levers"] == ["fused_loss"] and "| lmf-bf16-2k-fused | lmforge |" in done.stdout
+
+
+def test_merge_keeps_each_calls_ratio_and_a_baseline_measured_twice(tmp_path):
+    first = {"g7_vs_torchtitan": 1.02, "torchtitan_commit": "abc v0",
+             "results": {"titan-bf16-2k": _entry("titan", 2048, 100.0), "lmf-bf16-2k": _entry("lmforge", 2048, 102.0)}}
+    second = {"g7_vs_torchtitan": 0.99, "g7_fp8_vs_torchtitan": 1.01,
+              "results": {"titan-bf16-2k": _entry("titan", 2048, 101.0)}}
+    paths = []
+    for name, record in (("a", first), ("b", second)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        Path(paths[-1]).write_text(json.dumps(record))
+    merged = bt.merge(paths, str(tmp_path / "g7.json"))
+    assert merged["g7_vs_torchtitan"] == 1.02 and merged["g7_fp8_vs_torchtitan"] == 1.01
+    assert merged["results"]["titan-bf16-2k"]["result"]["tokens_per_s"] == 100.0
+    assert merged["results"]["titan-bf16-2k@b"]["result"]["tokens_per_s"] == 101.0
+    assert json.loads((tmp_path / "g7.json").read_text())["torchtitan_commit"] == "abc v0"
