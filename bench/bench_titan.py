@@ -3,6 +3,7 @@
     python bench/bench_titan.py --cases bf16 --record $OUT/g7.json        # one group of cases
     python bench/bench_titan.py --list                                     # the cases, groups, estimates
     python bench/bench_titan.py merge A.json B.json --record g7.json      # calls' records as one
+    python bench/bench_titan.py plot g7.json loss.png                       # its loss curves, drawn
     python bench/bench_titan.py --loss-curve --text plays.txt --tokenizer tokenizer.json --record loss.json
     python bench/bench_titan.py --smoke                                   # tiny shape on the CPU
 
@@ -858,10 +859,40 @@ def merge(paths: list[str], out: str | None) -> dict:
     return merged
 
 
+def plot(record_path: str, out: str) -> list[str]:
+    """The loss curves of a --loss-curve record (or a merged one) drawn as a PNG; the cases drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    record = json.loads(Path(record_path).read_text())
+    curves = {name: entry["result"]["losses"] for name, entry in record.get("results", {}).items()
+              if (entry.get("result") or {}).get("losses")}
+    if not curves:
+        raise SystemExit(f"{record_path}: no case with a loss curve in it (a record of --loss-curve)")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, losses in curves.items():
+        ax.plot(range(1, len(losses) + 1), losses, label=name, linewidth=1)
+    ax.set(xlabel="step", ylabel="training loss", title="G7 loss curves: 1B Llama shape, bf16 and FP8")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return list(curves)
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "worker":
         spec = json.loads(sys.argv[sys.argv.index("--spec") + 1])
         (titan_worker if spec["side"] == "titan" else lmforge_worker)(spec)
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "plot":
+        parser = argparse.ArgumentParser(prog="bench_titan.py plot")
+        parser.add_argument("record")
+        parser.add_argument("png")
+        args = parser.parse_args(sys.argv[2:])
+        print(f"{args.png}: {', '.join(plot(args.record, args.png))}", flush=True)
         return
     if len(sys.argv) > 1 and sys.argv[1] == "merge":
         parser = argparse.ArgumentParser(prog="bench_titan.py merge")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_titan as bt
@@ -92,3 +94,17 @@ def test_merge_keeps_each_calls_ratio_and_a_baseline_measured_twice(tmp_path):
     assert merged["results"]["titan-bf16-2k"]["result"]["tokens_per_s"] == 100.0
     assert merged["results"]["titan-bf16-2k@b"]["result"]["tokens_per_s"] == 101.0
     assert json.loads((tmp_path / "g7.json").read_text())["torchtitan_commit"] == "abc v0"
+
+
+def test_plot_draws_the_loss_curves_of_a_record(tmp_path):
+    record = {"results": {"loss-lmf-bf16": {"result": {"losses": [5.0, 4.5, 4.2]}},
+                          "loss-lmf-fp8-tensorwise": {"result": {"losses": [5.0, 4.6, 4.1]}},
+                          "lmf-bf16-2k": {"result": {"tokens_per_s": 1.0}}}}
+    path = tmp_path / "loss.json"
+    path.write_text(json.dumps(record))
+    png = tmp_path / "loss.png"
+    assert bt.plot(str(path), str(png)) == ["loss-lmf-bf16", "loss-lmf-fp8-tensorwise"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    path.write_text(json.dumps({"results": {"lmf-bf16-2k": {"result": {"tokens_per_s": 1.0}}}}))
+    with pytest.raises(SystemExit, match="no case with a loss curve"):
+        bt.plot(str(path), str(png))
