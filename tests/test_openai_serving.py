@@ -238,12 +238,88 @@ def test_past_the_queue_a_429_a_client_gone_frees_its_slot_and_a_timeout_ends_a_
         busy.stop()
 
 
+def running_requests(server: Server) -> float:
+    line = next(line for line in httpx.get(server.url + "/metrics").text.splitlines()
+                if line.startswith("lmforge_requests_running "))
+    return float(line.split()[1])
+
+
+def test_a_slow_reader_that_leaves_frees_its_slot_at_once(long_chat_folder):
+    """A client that stops reading, so the server's sends back up, and then hangs up: its slot is
+    free at once, not at the timeout (300 s here), and the one slot serves the next request."""
+    slow = Server(str(long_chat_folder), "--max-running", "1", "--max-tokens", "3000", "--timeout", "300")
+    try:
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000, "temperature": 0,
+                           "n": 4, "stream": True}).encode()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((LOOPBACK, slow.port))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: lmforge\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            assert b" 200 " in sock.recv(256).split(b"\r\n")[0]
+            time.sleep(3)  # not reading: the answer fills the socket's buffers and the server's sends wait
+            assert running_requests(slow) == 1.0
+        deadline = time.monotonic() + 5
+        while running_requests(slow) != 0.0:
+            assert time.monotonic() < deadline, "the slot of a client that left stayed taken"
+            time.sleep(0.1)
+        started = time.perf_counter()
+        assert slow.client(timeout=30).completions.create(model=None, prompt="x", max_tokens=2, temperature=0).choices
+        assert time.perf_counter() - started < 10
+    finally:
+        slow.stop()
+
+
+def test_a_request_larger_than_the_kv_cache_is_a_400_and_the_engine_keeps_serving(long_chat_folder):
+    """--kv-blocks 4 of 64 tokens: 256 tokens in all. A request that could never fit is refused
+    before it reaches the batch, where it would fail every request in flight."""
+    small = Server(str(long_chat_folder), "--kv-blocks", "4", "--max-tokens", "3000")
+    try:
+        too_big = httpx.post(small.url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 300}, timeout=60)
+        assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "context_length_exceeded"
+        assert "256" in too_big.json()["error"]["message"]
+        done = small.client().completions.create(model=None, prompt="ROMEO:", max_tokens=200, temperature=0)
+        assert done.usage.completion_tokens == 200 and small.alive()
+    finally:
+        small.stop()
+
+
+def test_unknown_routes_deep_json_and_metrics_labels_stay_in_bounds(server):
+    missing = httpx.post(server.url + f"/v1/{SECRET}", json={})
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    assert SECRET not in missing.text and missing.headers["lmforge-model"] == "tiny-chat"
+    nested = httpx.post(server.url + "/v1/completions", content=b"[" * 19_000, timeout=60)
+    assert nested.status_code == 400 and nested.json()["error"]["code"] == "invalid_json"
+    chat_secret = httpx.post(server.url + "/v1/chat/completions", json={"messages": SECRET, "max_tokens": 2})
+    assert chat_secret.status_code == 400 and SECRET not in chat_secret.text
+    metrics = httpx.get(server.url + "/metrics").text
+    assert SECRET not in metrics  # a path asked for is never a label
+    assert 'lmforge_requests_total{endpoint="/v1/completions",status="400"}' in metrics
+
+
+def test_a_stop_sequence_split_across_streamed_pieces_is_held_back(server):
+    client = server.client()
+    full = client.completions.create(model=None, prompt="ROMEO: But", max_tokens=24, temperature=0).choices[0].text
+    stop = next(full[i:i + 3] for i in range(3, len(full) - 3) if full[i:i + 3].strip())
+    pieces, reasons = [], []
+    for chunk in client.completions.create(model=None, prompt="ROMEO: But", max_tokens=24, temperature=0, stop=[stop],
+                                           stream=True):
+        pieces += [c.text for c in chunk.choices]
+        reasons += [c.finish_reason for c in chunk.choices if c.finish_reason]
+    assert "".join(pieces) == full[:full.index(stop)] and reasons == ["stop"]
+
+
 def test_an_api_key_guards_the_api_and_a_public_address_needs_one(long_chat_folder):
     keyed = Server(str(long_chat_folder), env={"LMFORGE_API_KEY": SECRET})
     try:
         with pytest.raises(openai.AuthenticationError):
             keyed.client(api_key="wrong").models.list()
         assert keyed.client(api_key=SECRET).models.list().data[0].id == "tiny-chat"
+        for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 1}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}),
+                           ("/v1/models/tiny-chat", None)):
+            answer = httpx.request("POST" if body else "GET", keyed.url + path, json=body)
+            assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key", path
     finally:
         log = keyed.stop()
     assert SECRET not in log

@@ -22,7 +22,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +30,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.generation import prompt_ids
 from lmforge.serve import openai_api as api
@@ -38,6 +39,7 @@ from lmforge.serve.models import ServedModel
 
 log = logging.getLogger("lmforge.serve")
 MODEL_HEADER = "lmforge-model"
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class Metrics:
                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
         self.duration = Histogram("lmforge_request_duration_seconds", "From arrival to the last token",
                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=self.registry)
+        self.stream_errors = Counter("lmforge_stream_errors", "Streams ended by an error event (their status was 200)",
+                                     ["code"], registry=self.registry)
         running = Gauge("lmforge_requests_running", "Requests generating", registry=self.registry)
         waiting = Gauge("lmforge_queue_depth", "Requests waiting for a slot", registry=self.registry)
         running.set_function(lambda: admission.admitted - admission.waiting)
@@ -105,20 +109,28 @@ def create_app(engine: Engine, served: ServedModel, tokenizer: Any, limits: Limi
 
     @app.middleware("http")
     async def name_and_count(request: Request, call_next):
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - answered here, so a 500 too carries the header and is counted
+            log.exception("request failed")  # the traceback, never the request's body
+            response = JSONResponse(api.OpenAIError(500, "internal error").body(), status_code=500)
         response.headers[MODEL_HEADER] = served.id
-        if request.url.path.startswith("/v1/") and request.method == "POST":
-            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        route = request.scope.get("route")
+        if request.method == "POST" and route is not None and route.path in GENERATION_PATHS:
+            # the route's own path, never the one asked for: unknown paths cannot add series
+            metrics.requests.labels(route.path, str(response.status_code)).inc()
         return response
 
     @app.exception_handler(api.OpenAIError)
     async def openai_error(_request: Request, err: api.OpenAIError):
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, err: Exception):
-        log.exception("request failed")  # the traceback, never the request's body
-        return JSONResponse(api.OpenAIError(500, "internal error").body(), status_code=500)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException):
+        code = "not_found" if err.status_code == 404 else None
+        message = "no such route" if err.status_code == 404 else str(err.detail)
+        return JSONResponse(api.OpenAIError(err.status_code, message, code=code).body(), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
 
     _info_routes(app, engine, served, metrics, limits)
     _generation_routes(app, Generation(engine, tokenizer, admission, metrics, limits), served, tokenizer, limits)
@@ -159,6 +171,9 @@ def _info_routes(app: FastAPI, engine: Engine, served: ServedModel, metrics: Met
 
 def _generation_routes(app: FastAPI, generation: Generation, served: ServedModel, tokenizer: Any, limits: Limits) -> None:
     window = int(getattr(generation.engine.model.config, "max_position_embeddings", 0) or 0) or None
+    capacity = generation.engine.capacity_tokens()  # one request's prompt and answer must fit the KV cache
+    if capacity is not None:
+        window = min(window, capacity) if window else capacity
 
     def check_model(asked: str | None) -> None:
         if asked is not None and asked not in (served.id, served.lineage.get("requested_as"), str(served.folder)):
@@ -169,16 +184,16 @@ def _generation_routes(app: FastAPI, generation: Generation, served: ServedModel
         _authorised(request, limits)
         req = parse(api.CompletionRequest, await read_json(request, limits.max_body_bytes))
         check_model(req.model)
-        prompts = [tokenizer(p)["input_ids"] for p in req.prompts]
-        return await generation.answer(request, "completion", req, prompts, window, served.id)
+        return await generation.answer(request, "completion", req, lambda: [tokenizer(p)["input_ids"] for p in req.prompts],
+                                       window, served.id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _authorised(request, limits)
         req = parse(api.ChatRequest, await read_json(request, limits.max_body_bytes))
         check_model(req.model)
-        prompt = prompt_ids(tokenizer, req.conversation())[0].tolist()
-        return await generation.answer(request, "chat", req, [prompt], window, served.id)
+        return await generation.answer(request, "chat", req, lambda: [prompt_ids(tokenizer, req.conversation())[0].tolist()],
+                                       window, served.id)
 
 
 async def read_json(request, limit: int) -> Any:
@@ -196,6 +211,8 @@ async def read_json(request, limit: int) -> Any:
         return json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError):
         raise api.OpenAIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise api.OpenAIError(400, "the request body nests too deeply", code="invalid_json") from None
 
 
 def parse(model: type, body: Any):
@@ -239,16 +256,24 @@ class Generation:
                 plan.append((prompt, Sampling(max_tokens, req.temperature, req.top_p, seed)))
         return plan, sum(len(p) for p in prompts)
 
-    async def answer(self, request, kind: str, req, prompts: list[list[int]], window: int | None, model_id: str):
-        plan, prompt_tokens = self.plan(req, prompts, window)
+    async def answer(self, request, kind: str, req, encode: Callable[[], list[list[int]]], window: int | None,
+                     model_id: str):
+        """The response to a validated request. `encode` gives its prompts' ids: run in a thread, and
+        only once the request is admitted, so a long prompt neither stalls the other streams nor
+        costs work past the 429."""
         self.admission.enter()
         started = time.perf_counter()
+        try:
+            plan, prompt_tokens = self.plan(req, await asyncio.to_thread(encode), window)
+        except BaseException:
+            self.admission.leave()
+            raise
         self.metrics.prompt_tokens.inc(prompt_tokens)
         rid, created = api.new_id("cmpl" if kind == "completion" else "chatcmpl"), api.now()
         if req.stream:
             events = self.stream_events(kind, req, plan, prompt_tokens, rid, created, model_id, started)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return ClosingStreamingResponse(events, media_type="text/event-stream",
+                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             choices = await self.whole(request, req, plan, started)
         finally:
@@ -258,6 +283,10 @@ class Generation:
         self.metrics.duration.observe(time.perf_counter() - started)
         build = api.completion if kind == "completion" else api.chat_completion
         return build(rid, created, model_id, choices, api.usage(prompt_tokens, completion_tokens))
+
+    def deadline(self, started: float) -> float:
+        """The event loop's time at which a request that arrived at `started` (perf_counter) times out."""
+        return asyncio.get_running_loop().time() + self.limits.timeout_s - (time.perf_counter() - started)
 
     async def whole(self, request, req, plan, started: float) -> list[dict]:
         """Every choice in full. A client that leaves, or the timeout, cancels them all."""
@@ -272,27 +301,29 @@ class Generation:
                     text += piece
             return {"index": index, "text": text, "finish_reason": reason, "tokens": tokens}
 
-        async with self.admission.slots:
-            tasks = [asyncio.ensure_future(one(i, p, s)) for i, (p, s) in enumerate(plan)]
-            gathered = asyncio.gather(*tasks)
-            gathered.add_done_callback(_retrieved)
-            watcher = asyncio.ensure_future(_until_disconnected(request))
-            try:
-                async with asyncio.timeout(self.limits.timeout_s):
+        tasks: list[asyncio.Task] = []
+        watcher = asyncio.ensure_future(_until_disconnected(request))
+        try:
+            # from arrival: the time spent waiting for a slot counts against the request's timeout
+            async with asyncio.timeout_at(self.deadline(started)):
+                async with self.admission.slots:
+                    tasks = [asyncio.ensure_future(one(i, p, s)) for i, (p, s) in enumerate(plan)]
+                    gathered = asyncio.gather(*tasks)
+                    gathered.add_done_callback(_retrieved)
                     done, _ = await asyncio.wait([gathered, watcher], return_when=asyncio.FIRST_COMPLETED)
-                if watcher in done:
-                    raise api.OpenAIError(408, "the client went away", code="client_closed")
-                return [t.result() for t in tasks]
-            except TimeoutError:
-                raise api.OpenAIError(504, f"the request ran past {self.limits.timeout_s:g} s", code="timeout") from None
-            except EngineError as err:
-                raise api.OpenAIError(503, str(err), code="engine_error") from None
-            finally:
-                watcher.cancel()
-                for task in tasks:
-                    task.cancel()
-                if first:
-                    self.metrics.first_token.observe(first[0])
+            if watcher in done:
+                raise api.OpenAIError(408, "the client went away", code="client_closed")
+            return [t.result() for t in tasks]
+        except TimeoutError:
+            raise api.OpenAIError(504, f"the request ran past {self.limits.timeout_s:g} s", code="timeout") from None
+        except EngineError as err:
+            raise api.OpenAIError(503, str(err), code="engine_error") from None
+        finally:
+            watcher.cancel()
+            for task in tasks:
+                task.cancel()
+            if first:
+                self.metrics.first_token.observe(first[0])
 
     async def stream_events(self, kind, req, plan, prompt_tokens, rid, created, model_id, started) -> AsyncIterator[bytes]:
         """Server-sent events: the choices' pieces as they come (interleaved, each with its index),
@@ -308,7 +339,7 @@ class Generation:
 
         tasks: list[asyncio.Task] = []
         try:
-            async with self.admission.slots:
+            async with asyncio.timeout_at(self.deadline(started)), self.admission.slots:
                 tasks = [asyncio.ensure_future(one(i, p, s)) for i, (p, s) in enumerate(plan)]
                 runner = asyncio.gather(*tasks)
                 runner.add_done_callback(_retrieved)
@@ -318,19 +349,18 @@ class Generation:
                     for index in range(len(plan)):
                         yield sse(api.chat_chunk(rid, created, model_id, index, {"role": "assistant", "content": ""},
                                                  None, req.include_usage))
-                async with asyncio.timeout(self.limits.timeout_s):
-                    while (event := await events.get()) is not None:
-                        index, piece, reason = event
-                        if not piece and reason is None:
-                            continue
-                        if not first_seen:
-                            first_seen = True
-                            self.metrics.first_token.observe(time.perf_counter() - started)
-                        if kind == "chat":
-                            delta = {"content": piece} if piece else {}
-                            yield sse(api.chat_chunk(rid, created, model_id, index, delta, reason, req.include_usage))
-                        else:
-                            yield sse(api.completion_chunk(rid, created, model_id, index, piece, reason, req.include_usage))
+                while (event := await events.get()) is not None:
+                    index, piece, reason = event
+                    if not piece and reason is None:
+                        continue
+                    if not first_seen:
+                        first_seen = True
+                        self.metrics.first_token.observe(time.perf_counter() - started)
+                    if kind == "chat":
+                        delta = {"content": piece} if piece else {}
+                        yield sse(api.chat_chunk(rid, created, model_id, index, delta, reason, req.include_usage))
+                    else:
+                        yield sse(api.completion_chunk(rid, created, model_id, index, piece, reason, req.include_usage))
                 runner.result()  # an engine failure surfaces here
             completion_tokens = sum(counts)
             self.metrics.completion_tokens.inc(completion_tokens)
@@ -339,14 +369,29 @@ class Generation:
                 yield sse(api.usage_chunk(rid, created, model_id, obj, api.usage(prompt_tokens, completion_tokens)))
             yield b"data: [DONE]\n\n"
         except TimeoutError:
+            self.metrics.stream_errors.labels("timeout").inc()
             yield sse(api.OpenAIError(504, f"the request ran past {self.limits.timeout_s:g} s", code="timeout").body())
         except EngineError as err:
+            self.metrics.stream_errors.labels("engine_error").inc()
             yield sse(api.OpenAIError(503, str(err), code="engine_error").body())
         finally:
             for task in tasks:
                 task.cancel()
             self.admission.leave()
             self.metrics.duration.observe(time.perf_counter() - started)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A stream whose generator is closed however the response ends. When a client goes away while
+    a chunk waits to be sent (it reads slowly), Starlette stops sending but leaves the generator
+    suspended at its `yield`; closed here, its `finally` frees the slot and cancels the generation
+    at once instead of whenever the garbage collector finds it."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def _retrieved(future: asyncio.Future) -> None:

@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -93,7 +94,9 @@ class Engine:
         self._manager = None
         self._numbers = itertools.count()
         self._lane_model = None  # the seeded lane's copy of the model, made on first use
-        self._lane_lock = threading.Lock()  # one seeded request at a time
+        # One seeded request at a time, on a thread of its own: queued lane requests never hold the
+        # threads asyncio.to_thread shares (prompt encoding, engine restarts).
+        self._lane_runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-seeded")
         self._restart_lock = threading.Lock()
         self._last_restart = float("-inf")
         self.restarts = 0
@@ -177,6 +180,22 @@ class Engine:
             self.restarts += 1
         return self.healthy()
 
+    def capacity_tokens(self) -> int | None:
+        """The tokens one request's prompt and answer may take in the KV cache, where lmforge sized the
+        cache (--kv-blocks, or the CPU's defaults); None where transformers sizes it from free GPU
+        memory. A request larger than the whole cache could never be scheduled, and transformers
+        treats that as fatal to the batch: every request in flight would fail with it."""
+        from transformers import ContinuousBatchingConfig
+
+        config = self._config()
+        if "num_blocks" not in config:
+            return None
+        page = config.get("page_size", config.get("block_size"))
+        if page is None:
+            defaults = ContinuousBatchingConfig()
+            page = getattr(defaults, "page_size", getattr(defaults, "block_size", None))
+        return int(config["num_blocks"]) * int(page) if page else None
+
     def uses_cuda_graphs(self) -> bool:
         on_cuda = self.model.device.type == "cuda"
         return on_cuda if self.settings.cuda_graph is None else self.settings.cuda_graph and on_cuda
@@ -242,7 +261,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
-        worker = loop.run_in_executor(None, self._seeded_generate, prompt_ids, sampling, steps, loop, cancelled)
+        worker = loop.run_in_executor(self._lane_runner, self._seeded_generate, prompt_ids, sampling, steps, loop,
+                                      cancelled)
         tokens: list[int] = []
         try:
             while True:
@@ -279,7 +299,9 @@ class Engine:
                 return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
         try:
-            with self._lane_lock, torch.inference_mode():
+            if cancelled.is_set():  # its client left while it queued for the lane
+                return
+            with torch.inference_mode():
                 model = self._lane()
                 generator = torch.Generator(device=model.device).manual_seed(int(sampling.seed))
                 processors = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
@@ -296,10 +318,27 @@ class Engine:
     def _lane(self):
         # A copy: the continuous batch may have switched the served model to its paged attention.
         if self._lane_model is None:
+            self._check_room_for_lane()
             lane = copy.deepcopy(self.model)
             lane.set_attn_implementation("sdpa")
             self._lane_model = lane.eval()
         return self._lane_model
+
+
+    def _check_room_for_lane(self) -> None:
+        """On a GPU the KV cache has taken most of the free memory (transformers sizes it so unless
+        --kv-blocks says otherwise): a second copy of the model that does not fit is a clear error,
+        not an out-of-memory failure on every seeded request."""
+        import torch
+
+        if self.model.device.type != "cuda":
+            return
+        needed = sum(t.numel() * t.element_size() for t in itertools.chain(self.model.parameters(), self.model.buffers()))
+        free, _ = torch.cuda.mem_get_info(self.model.device)
+        if needed * 1.1 > free:
+            raise EngineError(f"a seeded request needs a second copy of the model ({needed / 2**30:.1f} GiB) and the GPU "
+                              f"has {free / 2**30:.1f} GiB free: start the server with a smaller --kv-blocks, or send "
+                              "requests without a seed")
 
 
 class GumbelNoise:
