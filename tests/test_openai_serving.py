@@ -196,11 +196,19 @@ def test_sixteen_concurrent_streams_all_complete_and_the_server_stays_up(server)
                 reason = choice.finish_reason or reason
         return text, reason
 
+    async def seeded(client) -> str:
+        done = await client.completions.create(model=None, prompt="JULIET:", max_tokens=16, temperature=1.0, seed=5)
+        return done.choices[0].text
+
     async def many():
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
-            return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(16))), timeout=240)
+            alone = await seeded(client)
+            *streams, under_load = await asyncio.wait_for(
+                asyncio.gather(*(one(client, i) for i in range(16)), seeded(client)), timeout=240)
+            return streams, alone, under_load
 
-    results = asyncio.run(many())
+    results, alone, under_load = asyncio.run(many())
+    assert under_load == alone  # a seed reproduces whatever else the server is doing
     assert len(results) == 16 and all(reason in ("stop", "length") for _, reason in results)
     assert server.alive()
     metrics = httpx.get(server.url + "/metrics").text
