@@ -97,8 +97,9 @@ def param_counts(shape: dict) -> tuple[int, int]:
 
 
 def flops_per_token(shape: dict, seq: int) -> float:
-    """6N + 12 * layers * width * sequence (PaLM's appendix B; torchtitan's and lmforge's formula):
-    N without the input embedding, recomputation not counted (model FLOPs)."""
+    """6N + 12 * layers * width * sequence (PaLM's appendix B, torchtitan's formula): N without the
+    input embedding, recomputation not counted (model FLOPs), the attention term as if unmasked (the
+    causal half is counted whole, as the field quotes MFU). The same for both sides, so ratios hold."""
     return 6.0 * param_counts(shape)[1] + 12.0 * shape["n_layers"] * shape["dim"] * seq
 
 
@@ -814,7 +815,9 @@ def prepare_text(text: Path, tokenizer: Path, work: Path, seq: int, global_batch
 
 def compare_curves(bf16: list[float], fp8: list[float], window: int = 50) -> dict:
     """FP8's loss against bf16's on the same batches: the last `window` steps' means, and the noise
-    (bf16's step-to-step standard deviation over that window); within noise when the gap is below it."""
+    (bf16's step-to-step standard deviation over that window); within noise when the gap is below it.
+    The paired gap (FP8 minus bf16 step by step over the window) and its standard error say whether
+    a gap that small is still systematic."""
     n = min(len(bf16), len(fp8))
     if n < 2:
         return {}
@@ -823,8 +826,13 @@ def compare_curves(bf16: list[float], fp8: list[float], window: int = 50) -> dic
     gap = statistics.fmean(b) - statistics.fmean(a)
     noise = statistics.pstdev(a)
     diffs = [y - x for x, y in zip(bf16[:n], fp8[:n])]
+    paired = diffs[n - w:]
+    finite = all(math.isfinite(v) for v in paired)
+    paired_mean = round(statistics.fmean(paired), 4) if finite else None
+    paired_se = round(statistics.stdev(paired) / math.sqrt(w), 4) if finite and w > 1 else None
     return {"steps": n, "window": w, "bf16_last_mean": round(statistics.fmean(a), 4),
             "fp8_last_mean": round(statistics.fmean(b), 4), "gap": round(gap, 4), "bf16_noise_std": round(noise, 4),
+            "paired_gap_mean": paired_mean, "paired_gap_se": paired_se,
             "max_abs_step_gap": round(max(abs(d) for d in diffs), 4),
             "within_noise": bool(abs(gap) <= noise and all(math.isfinite(v) for v in fp8[:n]))}
 

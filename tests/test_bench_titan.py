@@ -58,7 +58,8 @@ def test_the_headline_ratios_come_from_the_cases_of_one_call():
 
 def test_the_loss_curve_verdict():
     bf16 = [3.0 - 0.001 * i + (0.02 if i % 2 else -0.02) for i in range(100)]
-    assert bt.compare_curves(bf16, [v + 0.005 for v in bf16])["within_noise"]
+    shifted = bt.compare_curves(bf16, [v + 0.005 for v in bf16])
+    assert shifted["within_noise"] and shifted["paired_gap_mean"] == 0.005 and shifted["paired_gap_se"] == 0.0
     assert not bt.compare_curves(bf16, [v + 0.2 for v in bf16])["within_noise"]
     assert not bt.compare_curves(bf16, bf16[:-1] + [float("nan")])["within_noise"]
 
