@@ -219,3 +219,15 @@ def test_float8_step_close_to_bf16(recipe, compiled):
 
     conv1d_from_linears(model)
     assert conv1d_names(model) == names
+
+
+def test_rowwise_has_inductor_round_its_casts_as_eager_does(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from lmforge.training.float8 import emulate_eager_casts_for
+
+    monkeypatch.setattr(inductor_config, "emulate_precision_casts", False)
+    emulate_eager_casts_for("tensorwise")
+    assert inductor_config.emulate_precision_casts is False
+    emulate_eager_casts_for("rowwise")
+    assert inductor_config.emulate_precision_casts is True

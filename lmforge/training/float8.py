@@ -170,7 +170,19 @@ def to_float8_training(model: torch.nn.Module, recipe: str, *, only_where_faster
     thresholds; possibly none). Float8Error where there is no FP8-capable CUDA GPU or no torchao.
     Call before building the optimizer and before torch.compile; call plain_linears before saving."""
     _require_fp8_gpu()
+    emulate_eager_casts_for(recipe)
     return convert_linears(model, recipe_config(recipe), where_faster=recipe if only_where_faster else None)
+
+
+def emulate_eager_casts_for(recipe: str) -> None:
+    """With the rowwise recipe, have Inductor round its low-precision casts as eager mode does. A
+    compiled rowwise step with activation checkpointing could otherwise recompute the scales in the
+    backward from values rounded differently from the forward's, and the loss went NaN (PyTorch issue
+    150859; torchtitan sets the same flag for rowwise)."""
+    if recipe == "rowwise":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.emulate_precision_casts = True
 
 
 def _plain_linear(module: torch.nn.Linear) -> torch.nn.Linear:
