@@ -6,6 +6,7 @@
     python bench/bench_titan.py plot g7.json loss.png                       # its loss curves, drawn
     python bench/bench_titan.py --loss-curve --text plays.txt --tokenizer tokenizer.json --record loss.json
     python bench/bench_titan.py --smoke                                   # tiny shape on the CPU
+    python bench/bench_titan.py --cases like --profile-steps 3            # + GPU time by kernel kind
 
 The model: 16 layers, width 2048, 32 heads, 8 key/value heads, SwiGLU 8192, vocabulary 128,256,
 RoPE theta 500,000, untied embeddings (torchtitan's llama3 has no tied head; Llama 3.2 1B ties
@@ -266,7 +267,7 @@ def _finish(spec: dict, device, times: list[float], first_wall: float, losses: l
             world: int, main: bool) -> None:
     import torch
 
-    timed = times[spec["warmup"]:]
+    timed = times[spec["warmup"]:spec["warmup"] + spec["steps"]]  # not the profiled steps after them
     step_s = statistics.median(timed) if timed else float("nan")
     tokens = spec["local_batch"] * spec["seq"] * world
     result = {
@@ -353,9 +354,11 @@ def lmforge_worker(spec: dict) -> None:
         torch.cuda.reset_peak_memory_stats(d.device)
     built = time.time()
     times, losses, first_wall = [], [], built
-    total = spec["steps"] if spec.get("tokens") else spec["warmup"] + spec["steps"]
+    total = spec["steps"] if spec.get("tokens") else spec["warmup"] + spec["steps"] + spec["profile_steps"]
+    profile = StepProfile(spec, d.device)
     with pretrain_step.attention_backends(p.attention, d.device):
         for index in range(total):
+            profile.before(index)
             if on_device:
                 xb, yb = on_device[index % len(on_device)]
             else:
@@ -380,7 +383,7 @@ def lmforge_worker(spec: dict) -> None:
     extra = {"params": count_params(model), "init_s": round(built - spec["launched"], 2),
              "float8_linears": _float8_linears([model]),
              "lmforge_params": p.model_dump(mode="json"), "cuda_graph_used": graphed,
-             "loss_finite": bool(torch.isfinite(step.loss_sum).item())}
+             "loss_finite": bool(torch.isfinite(step.loss_sum).item()), "profile": profile.summary()}
     _finish(spec, d.device, times, first_wall, losses, extra, d.world, d.main)
     if d.world > 1:
         torch.distributed.destroy_process_group()
@@ -510,6 +513,7 @@ def titan_worker(spec: dict) -> None:
 
         def train_step(self, data_iterator):
             self._micro_losses = []
+            profile.before(len(self.times))
             _sync(self.device)
             start = time.perf_counter()
             super().train_step(data_iterator)
@@ -529,6 +533,7 @@ def titan_worker(spec: dict) -> None:
         dist_utils.set_pg_timeouts = lambda **_kw: None
     config = ConfigManager().parse_args(spec["titan_args"])
     trainer = TimedTrainer(config)
+    profile = StepProfile(spec, trainer.device)
     trainer.times, trainer.losses, trainer.first_wall = [], [], time.time()
     built = time.time()
     if trainer.device.type == "cuda":
@@ -541,11 +546,79 @@ def titan_worker(spec: dict) -> None:
         spec["warmup"] = 0
     extra = {"params": params, "init_s": round(built - spec["launched"], 2), "datasets": datasets_mode,
              "float8_linears": _float8_linears(trainer.model_parts),
-             "titan_args": spec["titan_args"], "titan_config": _jsonable(dataclasses.asdict(config))}
+             "titan_args": spec["titan_args"], "titan_config": _jsonable(dataclasses.asdict(config)),
+             "profile": profile.summary()}
     _finish(spec, trainer.device, trainer.times, trainer.first_wall, trainer.losses, extra, world, main)
     trainer.close()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# Kernel kinds by name: cuBLAS/CUTLASS matmuls, attention (cuDNN's, flash), Inductor's fused Triton
+# kernels, the optimizer's multi-tensor kernels, copies; on the CPU the aten ops of the same jobs.
+KERNEL_KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "scaled_mm")),
+                ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+                ("optimizer", ("multi_tensor", "adam", "foreach")),
+                ("copy", ("memcpy", "memset", "aten::copy_")),
+                ("fused (triton)", ("triton",)))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in lowered for m in marks)), "other")
+
+
+class StepProfile:
+    """--profile-steps K: torch.profiler over K steps run after the timed ones (so it slows none of
+    them), summed by kernel kind, the same way on both sides: where a step's GPU time goes."""
+
+    def __init__(self, spec: dict, device):
+        self.k, self.device = int(spec.get("profile_steps") or 0), device
+        self.first = spec["warmup"] + spec["steps"]
+        self.profiler = None
+
+    def before(self, index: int) -> None:
+        """Call before step `index` runs."""
+        if self.k and index == self.first:
+            import torch
+
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def summary(self) -> dict | None:
+        if self.profiler is None:
+            return None
+        _sync(self.device)
+        self.profiler.__exit__(None, None, None)
+        return kernel_time_by_kind(self.profiler.key_averages(), self.k, on_gpu=self.device.type == "cuda")
+
+
+def kernel_time_by_kind(events, steps: int, on_gpu: bool) -> dict:
+    """Milliseconds a step by kernel kind, and the ten costliest kernels: GPU kernels' own time on a
+    GPU, aten ops' own CPU time on the CPU (where this only checks the code path)."""
+    import torch
+
+    kinds: dict[str, float] = {}
+    costliest = []
+    for event in events:
+        if on_gpu:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = event.self_device_time_total
+        else:
+            if not event.key.startswith("aten::"):
+                continue
+            us = event.self_cpu_time_total
+        if us > 0:
+            kind = kernel_kind(event.key)
+            kinds[kind] = kinds.get(kind, 0.0) + us
+            costliest.append((us, event.key))
+    per_step = {kind: round(us / 1e3 / steps, 2) for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1])}
+    return {"steps": steps, "ms_per_step": per_step, "total_ms_per_step": round(sum(per_step.values()), 2),
+            "costliest": [[name[:100], round(us / 1e3 / steps, 2)] for us, name in sorted(costliest, reverse=True)[:10]]}
 
 
 def _float8_linears(models) -> int:
@@ -578,6 +651,7 @@ class Settings:
     starts: str | None = None
     extra_env: dict = field(default_factory=dict)
     parallel: str = "fsdp"  # lmforge on several GPUs (torchtitan shards: FSDP2)
+    profile_steps: int = 0  # steps profiled after the timed ones (--profile-steps)
 
 
 def case_spec(case: Case, st: Settings) -> dict:
@@ -590,7 +664,8 @@ def case_spec(case: Case, st: Settings) -> dict:
             "titan_fp8_filter": case.titan_fp8_filter, "device": st.device, "compile": st.compile,
             "warmup": st.warmup, "steps": st.steps, "total_steps": st.warmup + st.steps, "lr": st.lr,
             "lr_warmup": st.lr_warmup, "titan_src": st.titan_src, "tokens": st.tokens, "starts": st.starts,
-            "parallel": st.parallel}
+            "parallel": st.parallel, "profile_steps": 0 if st.tokens else st.profile_steps}
+    spec["total_steps"] += spec["profile_steps"]
     if st.tokens:  # the loss curve: `steps` optimizer steps in all, each one logged
         spec["total_steps"] = st.steps
     if case.side == "titan":
@@ -770,6 +845,14 @@ def table(record: dict) -> str:
         lines.append(f"| {name} | {c['side']} | {c['seq']} | {precision} | {levers} | {r['tokens_per_s']:,.0f} | "
                      f"{mfu} | {r['model_tflops_per_gpu']} | {r.get('peak_allocated_gib', '-')} | "
                      f"{r['first_step_s']} | {r['time_to_first_step_s']} |")
+    profiled = {name: e["result"]["profile"] for name, e in record.get("results", {}).items()
+                if (e.get("result") or {}).get("profile")}
+    if profiled:
+        kinds = [kind for kind, _ in KERNEL_KINDS] + ["other"]
+        lines += ["", "| case | " + " | ".join(f"{kind} ms" for kind in kinds) + " | all ms |",
+                  "|---|" + "---:|" * (len(kinds) + 1)]
+        lines += [f"| {name} | " + " | ".join(str(prof["ms_per_step"].get(kind, 0.0)) for kind in kinds)
+                  + f" | {prof['total_ms_per_step']} |" for name, prof in profiled.items()]
     heads = {k: v for k, v in record.items() if k.startswith("g7") and not k.endswith("cases")}
     if heads:
         lines.append("")
@@ -930,6 +1013,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny shape on the CPU, no compile, few steps: checks the code paths")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="profile this many steps after the timed ones: GPU time a step by kernel kind")
     parser.add_argument("--loss-curve", action="store_true", help="bf16 and FP8 on real text (see above)")
     parser.add_argument("--loss-sides", default="lmforge", help="the loss curve's sides: lmforge, titan or both")
     parser.add_argument("--loss-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
@@ -957,7 +1042,7 @@ def main() -> None:
                   steps=3 if smoke and not args.loss_curve else args.steps,
                   compile=not (smoke or args.no_compile or device == "cpu"),
                   tokens_per_step=256 if smoke else args.tokens_per_step, titan_src=args.titan_src, work=work,
-                  lr=args.lr, parallel=args.lmforge_parallel)
+                  lr=args.lr, parallel=args.lmforge_parallel, profile_steps=args.profile_steps)
     base = {"bench": "G7", "issue": 41, "command": " ".join(sys.argv), "environment": environment(),
             "torchtitan_commit": titan_commit(args.titan_src), "shape": shape, "ffn_hidden": ffn_hidden(shape),
             "params": param_counts(shape)[0], "tokens_per_step": st.tokens_per_step, "warmup": st.warmup,

@@ -67,7 +67,8 @@ def test_the_loss_curve_verdict():
 def test_the_lmforge_side_runs_on_the_cpu(tmp_path):
     record = tmp_path / "g7.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_titan.py"), "--smoke", "--cases",
-                           "lmf-bf16-2k-fused", "--record", str(record), "--work", str(tmp_path / "work")],
+                           "lmf-bf16-2k-fused", "--record", str(record), "--work", str(tmp_path / "work"),
+                           "--profile-steps", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = json.loads(record.read_text())
@@ -79,6 +80,18 @@ def test_the_lmforge_side_runs_on_the_cpu(tmp_path):
     assert (p["rope_theta"], p["d_ff"], p["tie_embeddings"], p["fused_loss"], p["activation_checkpointing"]) == (
         500_000.0, bt.ffn_hidden(bt.SMOKE), False, True, 2)
     assert entry["levers"] == ["fused_loss"] and "| lmf-bf16-2k-fused | lmforge |" in done.stdout
+    profile = r["profile"]  # two more steps, profiled after the three timed ones
+    assert profile["steps"] == 2 and profile["ms_per_step"]["matmul"] > 0 and profile["ms_per_step"]["optimizer"] > 0
+    assert "| case | matmul ms |" in done.stdout
+
+
+def test_kernels_are_sorted_into_kinds_by_name():
+    kinds = {name: bt.kernel_kind(name) for name in (
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "nvjet_tst_128x256_64x4_1x2_h_bz_coopB_TNN",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "triton_poi_fused_mul_silu_0",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamW>", "Memcpy HtoD (Pageable -> Device)",
+        "ncclDevKernel_AllGather_RING_LL")}
+    assert list(kinds.values()) == ["matmul", "matmul", "attention", "fused (triton)", "optimizer", "copy", "other"]
 
 
 def test_merge_keeps_each_calls_ratio_and_a_baseline_measured_twice(tmp_path):
