@@ -122,3 +122,16 @@ def test_plot_draws_the_loss_curves_of_a_record(tmp_path):
     path.write_text(json.dumps({"results": {"lmf-bf16-2k": {"result": {"tokens_per_s": 1.0}}}}))
     with pytest.raises(SystemExit, match="no case with a loss curve"):
         bt.plot(str(path), str(png))
+
+
+def test_the_lmforge_side_runs_sharded_over_two_processes(tmp_path):
+    """--gpus 2 starts torchrun: two gloo processes on the CPU, the model sharded (FSDP2) over them."""
+    record = tmp_path / "g7.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_titan.py"), "--smoke", "--gpus", "2", "--cases",
+                           "lmf-bf16-2k-fused", "--record", str(record), "--work", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r = json.loads(record.read_text())["results"]["lmf-bf16-2k-fused"]["result"]
+    assert r["gpus"] == 2 and r["tokens_per_s_per_gpu"] * 2 == pytest.approx(r["tokens_per_s"], rel=1e-3)
+    assert r["loss_finite"] and r["lmforge_params"]["parallel"] == "fsdp"
+    assert "sharded over 2 processes" in (tmp_path / "work" / "lmf-bf16-2k-fused.log").read_text()
