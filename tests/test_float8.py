@@ -221,13 +221,13 @@ def test_float8_step_close_to_bf16(recipe, compiled):
     assert conv1d_names(model) == names
 
 
-def test_rowwise_has_inductor_round_its_casts_as_eager_does(monkeypatch):
+def test_rowwise_has_inductor_round_its_casts_as_eager_does():
     import torch._inductor.config as inductor_config
 
     from lmforge.training.float8 import emulate_eager_casts_for
 
-    monkeypatch.setattr(inductor_config, "emulate_precision_casts", False)
-    emulate_eager_casts_for("tensorwise")
-    assert inductor_config.emulate_precision_casts is False
-    emulate_eager_casts_for("rowwise")
-    assert inductor_config.emulate_precision_casts is True
+    with inductor_config.patch(emulate_precision_casts=False):  # patch restores it, where monkeypatch would delete it
+        emulate_eager_casts_for("tensorwise")
+        assert inductor_config.emulate_precision_casts is False
+        emulate_eager_casts_for("rowwise")
+        assert inductor_config.emulate_precision_casts is True
