@@ -101,3 +101,22 @@ def test_fused_loss_falls_back_where_the_head_is_not_one_matrix():
         assert not pretrain_step.use_fused_loss(p, model, masked, said.append)
         assert "BertForMaskedLM keeps the plain loss" in said[0]
 
+
+
+def test_under_fsdp_with_compile_the_loss_is_compiled_on_its_own():
+    """Sharded, the model's forward stays eager around its compiled blocks: the loss gets a compile of
+    its own (the fp32 upcast fused into the cross-entropy), and gives the plain loss's value and gradient."""
+    compiled_p, eager_p = fx.params({"compile": True}).pretrain, fx.params({"compile": False}).pretrain
+    assert pretrain_step.loss_function(compiled_p, sharded=False) is pretrain_step.cross_entropy  # compiled with the model
+    assert pretrain_step.loss_function(eager_p, sharded=True) is pretrain_step.cross_entropy
+    compiled = pretrain_step.loss_function(compiled_p, sharded=True)
+    assert compiled is not pretrain_step.cross_entropy
+    logits = torch.randn(2, 8, 301, requires_grad=True)
+    y = torch.randint(0, 301, (2, 8))
+    y[0, :3] = IGNORE
+    want = pretrain_step.cross_entropy(logits, y)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    got = compiled(logits, y)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)

@@ -6,7 +6,8 @@ transformer block and one for the rest (embeddings, final norm, head), so each p
 1/world of those bytes and gathers a block's weights only while it runs. On a GPU the gathered
 weights are bf16 and gradients are reduced in fp32 (a MixedPrecisionPolicy: the fp32 shards stay
 the masters, which is what master_weights.py does for DDP, so param_dtype has no role here). With
-pretrain.compile each block is compiled on its own, before it is sharded.
+pretrain.compile each block is compiled on its own, before it is sharded, and the loss apart from the
+model (pretrain_step.loss_function).
 
 The same run trains the same model under ddp and fsdp (tests/test_sharding.py compares their loss
 curves), and its checkpoints (checkpoint.py, through torch.distributed.checkpoint) resume under
