@@ -324,7 +324,6 @@ class Engine:
             self._lane_model = lane.eval()
         return self._lane_model
 
-
     def _check_room_for_lane(self) -> None:
         """On a GPU the KV cache has taken most of the free memory (transformers sizes it so unless
         --kv-blocks says otherwise): a second copy of the model that does not fit is a clear error,
