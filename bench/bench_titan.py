@@ -110,7 +110,8 @@ class Case:
     side: str  # titan | lmforge
     seq: int
     float8: str = "none"  # none | tensorwise | rowwise
-    ac: str | int = TITAN_AC  # activation checkpointing: none, full or every n-th block
+    ac: str | int = TITAN_AC  # layer-wise activation checkpointing: none, full or every n-th block (titan: or op)
+    budget: float = 1.0  # below 1 (with ac none): the compiled step's activation memory budget (selective, per op)
     fused_loss: bool = False
     param_dtype: str = "fp32"
     cuda_graph: bool = False
@@ -130,7 +131,9 @@ class Case:
             out.append("param_dtype bf16")
         if self.cuda_graph:
             out.append("cuda_graph")
-        if self.ac != TITAN_AC:
+        if self.budget < 1.0:
+            out.append(f"activation_memory_budget {self.budget}")
+        elif self.ac != TITAN_AC:
             out.append(f"activation_checkpointing {self.ac}")
         if self.side == "titan" and self.float8 != "none" and self.titan_fp8_filter != "auto":
             out.append("float8 filter_fqns output only")
@@ -160,6 +163,16 @@ def _cases() -> dict[str, Case]:
         Case("lmf-fp8rw-2k-fused-bf16p", L, 2048, float8="rowwise", fused_loss=True, param_dtype="bf16", est_s=150),
         Case("titan-fp8tw-2k-all", T, 2048, float8="tensorwise", titan_fp8_filter="output", est_s=95),
         Case("titan-fp8rw-2k-all", T, 2048, float8="rowwise", titan_fp8_filter="output", est_s=95),
+        # selective checkpointing per op: the partitioner's memory budget (both sides), torchtitan's op policy
+        Case("titan-bf16-2k-mb50", T, 2048, ac="none", budget=0.5, est_s=80),
+        Case("titan-bf16-2k-op", T, 2048, ac="op", est_s=80),
+        Case("lmf-bf16-2k-fused-mb50", L, 2048, fused_loss=True, ac="none", budget=0.5, est_s=130),
+        Case("lmf-bf16-2k-fused-bf16p-mb30", L, 2048, fused_loss=True, param_dtype="bf16", ac="none", budget=0.3,
+             est_s=130),
+        Case("lmf-bf16-2k-fused-bf16p-mb50", L, 2048, fused_loss=True, param_dtype="bf16", ac="none", budget=0.5,
+             est_s=130),
+        Case("lmf-bf16-2k-fused-bf16p-mb70", L, 2048, fused_loss=True, param_dtype="bf16", ac="none", budget=0.7,
+             est_s=130),
     ]
     return {c.name: c for c in cases}
 
@@ -175,6 +188,8 @@ GROUPS = {
     "levers": ["titan-bf16-2k", "lmf-bf16-2k-fused", "lmf-bf16-2k-fused-bf16p-graph", "lmf-bf16-8k-fused"],
     "fp8-like": ["titan-fp8tw-2k", "lmf-fp8tw-2k", "titan-fp8rw-2k", "lmf-fp8rw-2k"],
     "fp8-more": ["titan-fp8tw-2k-all", "titan-fp8rw-2k-all", "titan-fp8tw-2k", "lmf-fp8tw-2k-fused-bf16p"],
+    "budget": ["titan-bf16-2k", "titan-bf16-2k-mb50", "lmf-bf16-2k-fused-bf16p-mb50", "lmf-bf16-2k-fused-mb50",
+               "lmf-bf16-2k-fused-bf16p-mb30", "lmf-bf16-2k-fused-bf16p-mb70"],
 }
 INSTALL_S = 15  # the call script's wheel install, before the bench starts
 
@@ -309,7 +324,8 @@ def lmforge_params(spec: dict, world: int) -> dict:
         learning_rate=spec["lr"], warmup_steps=spec["lr_warmup"],
         max_steps=spec["total_steps"] + (0 if spec.get("tokens") else 8),  # 8: CUDA-graph capture's warm-up
         weight_decay=0.1, max_grad_norm=1.0, compile=spec["compile"], compile_mode="default",
-        activation_checkpointing=spec["ac"], float8=spec["float8"], fused_loss=spec["fused_loss"],
+        activation_checkpointing=spec["ac"], activation_memory_budget=spec.get("budget", 1.0),
+        float8=spec["float8"], fused_loss=spec["fused_loss"],
         param_dtype=spec["param_dtype"], cuda_graph=spec["cuda_graph"], parallel=spec.get("parallel", "fsdp"),
         device=spec["device"], attention="auto")
 
@@ -356,7 +372,7 @@ def lmforge_worker(spec: dict) -> None:
     times, losses, first_wall = [], [], built
     total = spec["steps"] if spec.get("tokens") else spec["warmup"] + spec["steps"] + spec["profile_steps"]
     profile = StepProfile(spec, d.device)
-    with pretrain_step.attention_backends(p.attention, d.device):
+    with pretrain_step.attention_backends(p.attention, d.device), pretrain_step.activation_budget(p):
         for index in range(total):
             profile.before(index)
             if on_device:
@@ -440,10 +456,15 @@ def titan_args(spec: dict, work: Path) -> list[str]:
             "--optimizer.lr", str(spec["lr"]), "--debug.seed", "0"]
     if spec["compile"]:
         args += ["--compile.enable"]
-    if spec["ac"] == "none":
+    if spec.get("budget", 1.0) < 1.0:
+        args += ["--activation_checkpoint.mode", "memory_budget", "--activation_checkpoint.memory_budget",
+                 str(spec["budget"])]
+    elif spec["ac"] == "none":
         args += ["--activation_checkpoint.mode", "none"]
     elif spec["ac"] == "full":
         args += ["--activation_checkpoint.mode", "full"]
+    elif spec["ac"] == "op":  # torchtitan's per-op selective checkpointing
+        args += ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"]
     elif int(spec["ac"]) != TITAN_AC:
         args += ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option",
                  str(spec["ac"])]
@@ -660,6 +681,7 @@ def case_spec(case: Case, st: Settings) -> dict:
         raise SystemExit(f"{case.name}: {global_batch} sequences per step do not split over {st.gpus} GPUs")
     spec = {"case": case.name, "side": case.side, "shape": st.shape, "seq": case.seq,
             "local_batch": global_batch // st.gpus, "float8": case.float8, "ac": case.ac,
+            "budget": case.budget if st.compile else 1.0,  # the partitioner's budget: nothing to meet uncompiled
             "fused_loss": case.fused_loss, "param_dtype": case.param_dtype, "cuda_graph": case.cuda_graph,
             "titan_fp8_filter": case.titan_fp8_filter, "device": st.device, "compile": st.compile,
             "warmup": st.warmup, "steps": st.steps, "total_steps": st.warmup + st.steps, "lr": st.lr,
@@ -737,15 +759,22 @@ def _rate(entry: dict | None) -> float | None:
     return r["tokens_per_s"] if r else None
 
 
+def _selective(c: dict) -> bool:
+    """The case checkpoints per op by the partitioner's memory budget (not by whole blocks)."""
+    return c.get("budget", 1.0) < 1.0
+
+
 def _best(results: dict, side: str, seq: int, fp8: bool, ac: str | int | None = None,
-          no_levers: bool = False) -> tuple[str | None, float | None]:
+          no_levers: bool = False, or_selective: bool = False) -> tuple[str | None, float | None]:
+    """The fastest case of a side at seq and precision; ac: only with that layer-wise checkpointing
+    (or_selective: or with a memory budget instead)."""
     best = (None, None)
     for name, entry in results.items():
         c = entry.get("case_settings") or {}
         rate = _rate(entry)
         if not rate or c.get("side") != side or c.get("seq") != seq or (c.get("float8") != "none") != fp8:
             continue
-        if ac is not None and c.get("ac") != ac:
+        if ac is not None and not (c.get("ac") == ac and not _selective(c)) and not (or_selective and _selective(c)):
             continue
         if no_levers and entry.get("levers"):
             continue
@@ -754,22 +783,44 @@ def _best(results: dict, side: str, seq: int, fp8: bool, ac: str | int | None = 
     return best
 
 
+def _peak(entry: dict) -> float | None:
+    return (entry.get("result") or {}).get("peak_allocated_gib")
+
+
+def _same_budget(results: dict, seq: int, fp8: bool) -> tuple[float, list[str]] | None:
+    """lmforge's best case over torchtitan's at the same memory budget (the best such pair)."""
+    pairs = []
+    for budget in {(v.get("case_settings") or {}).get("budget", 1.0) for v in results.values()} - {1.0}:
+        at = {k: v for k, v in results.items() if (v.get("case_settings") or {}).get("budget", 1.0) == budget}
+        titan_name, titan = _best(at, "titan", seq, fp8)
+        mine_name, mine = _best(at, "lmforge", seq, fp8)
+        if titan and mine:
+            pairs.append((round(mine / titan, 4), [mine_name, titan_name]))
+    return max(pairs) if pairs else None
+
+
 def headline(results: dict) -> dict:
     """The G7 ratios from the cases of one call: lmforge over torchtitan, tokens/s.
 
-    g7*_vs_torchtitan: lmforge's best variant with torchtitan's checkpointing over torchtitan with its
-    defaults (fp8: best recipe on each side, same filter); _like_for_like: lmforge with no lever;
-    _any_ac: each side's best case, whatever its checkpointing."""
+    g7*_vs_torchtitan: lmforge's best variant that checkpoints, as torchtitan does (every 2nd block) or
+    selectively (a memory budget: a lever the issue names), over torchtitan with its defaults (fp8:
+    best recipe on each side, same filter), with both cases' peak memory; _like_for_like: lmforge
+    with no lever; _any_ac: each side's best case, whatever its checkpointing; _same_budget: the
+    same memory budget on both sides."""
     out: dict = {}
     for key, seq, fp8 in (("g7", 2048, False), ("g7_8k", 8192, False), ("g7_fp8", 2048, True)):
         titan_name, titan = _best({k: v for k, v in results.items()
                                    if (v.get("case_settings") or {}).get("titan_fp8_filter", "auto") == "auto"},
                                   "titan", seq, fp8, ac=TITAN_AC)
-        mine_name, mine = _best(results, "lmforge", seq, fp8, ac=TITAN_AC)
+        mine_name, mine = _best(results, "lmforge", seq, fp8, ac=TITAN_AC, or_selective=True)
         _plain_name, plain = _best(results, "lmforge", seq, fp8, ac=TITAN_AC, no_levers=True)
         if titan and mine:
             out[f"{key}_vs_torchtitan"] = round(mine / titan, 4)
             out[f"{key}_cases"] = [mine_name, titan_name]
+            out[f"{key}_peak_gib"] = [_peak(results[mine_name]), _peak(results[titan_name])]
+        same = _same_budget(results, seq, fp8)
+        if same:
+            out[f"{key}_same_budget_vs_torchtitan"], out[f"{key}_same_budget_cases"] = same
         if titan and plain:
             out[f"{key}_like_for_like_vs_torchtitan"] = round(plain / titan, 4)
         any_titan_name, any_titan = _best(results, "titan", seq, fp8)
@@ -853,11 +904,12 @@ def table(record: dict) -> str:
                   "|---|" + "---:|" * (len(kinds) + 1)]
         lines += [f"| {name} | " + " | ".join(str(prof["ms_per_step"].get(kind, 0.0)) for kind in kinds)
                   + f" | {prof['total_ms_per_step']} |" for name, prof in profiled.items()]
-    heads = {k: v for k, v in record.items() if k.startswith("g7") and not k.endswith("cases")}
+    heads = {k: v for k, v in record.items() if k.startswith("g7") and k.endswith("_vs_torchtitan")}
     if heads:
         lines.append("")
         lines += [f"{k}: {v}x" + (f" ({' / '.join(map(str, record.get(k.replace('_vs_torchtitan', '_cases'), [])))})"
                                   if k.replace("_vs_torchtitan", "_cases") in record else "")
+                  + (f", peak GiB {record[peak]}" if (peak := k.replace("_vs_torchtitan", "_peak_gib")) in record else "")
                   for k, v in heads.items()]
         lines.append("target: >= 1.10x (G7, G7-fp8)")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,11 @@ def test_the_llama_3_2_1b_shape():
     assert spec["local_batch"] == 2 and "--compile.enable" in spec["titan_args"]
 
 
-def _entry(side, seq, rate, float8="none", ac=bt.TITAN_AC, levers=()):
-    case = bt.Case("x", side, seq, float8=float8, ac=ac)
-    return {"case_settings": {"side": side, "seq": seq, "float8": float8, "ac": ac, "titan_fp8_filter": "auto"},
-            "levers": list(levers) or case.levers, "result": {"tokens_per_s": rate}}
+def _entry(side, seq, rate, float8="none", ac=bt.TITAN_AC, levers=(), budget=1.0, peak=30.0):
+    case = bt.Case("x", side, seq, float8=float8, ac=ac, budget=budget)
+    return {"case_settings": {"side": side, "seq": seq, "float8": float8, "ac": ac, "titan_fp8_filter": "auto",
+                              "budget": budget},
+            "levers": list(levers) or case.levers, "result": {"tokens_per_s": rate, "peak_allocated_gib": peak}}
 
 
 def test_the_headline_ratios_come_from_the_cases_of_one_call():
@@ -54,6 +56,41 @@ def test_the_headline_ratios_come_from_the_cases_of_one_call():
     assert top["g7_fp8_vs_torchtitan"] == round(150 / 130, 4)  # best recipe on each side
     assert top["g7_fp8_rowwise_like_for_like_vs_torchtitan"] == 1.25
     assert "g7_8k_vs_torchtitan" not in top  # no 8k case in this call
+
+
+def test_selective_checkpointing_counts_for_lmforge_and_is_compared_at_the_same_budget():
+    results = {
+        "titan-bf16-2k": _entry("titan", 2048, 100.0, peak=37.0),
+        "titan-bf16-2k-mb50": _entry("titan", 2048, 105.0, ac="none", budget=0.5),
+        "titan-bf16-2k-noac": _entry("titan", 2048, 108.0, ac="none"),
+        "lmf-bf16-2k-fused": _entry("lmforge", 2048, 103.0, levers=["fused_loss"]),
+        "lmf-bf16-2k-fused-mb50": _entry("lmforge", 2048, 111.0, ac="none", budget=0.5, peak=36.0),
+        "lmf-bf16-2k-fused-noac": _entry("lmforge", 2048, 130.0, ac="none"),
+    }
+    top = bt.headline(results)
+    # the memory budget counts on lmforge's side (a lever); no checkpointing at all does not
+    assert top["g7_vs_torchtitan"] == 1.11 and top["g7_cases"] == ["lmf-bf16-2k-fused-mb50", "titan-bf16-2k"]
+    assert top["g7_peak_gib"] == [36.0, 37.0]
+    assert top["g7_same_budget_vs_torchtitan"] == round(111 / 105, 4)
+    assert top["g7_same_budget_cases"] == ["lmf-bf16-2k-fused-mb50", "titan-bf16-2k-mb50"]
+    assert top["g7_any_ac_vs_torchtitan"] == round(130 / 108, 4)
+    assert "peak GiB [36.0, 37.0]" in bt.table(top)
+
+
+def test_a_memory_budget_reaches_both_trainers():
+    st = bt.Settings(shape=bt.LLAMA_1B, device="cuda", gpus=1, warmup=5, steps=20, compile=True,
+                     tokens_per_step=bt.TOKENS_PER_STEP, titan_src="src", work=Path("w"))
+    titan = bt.case_spec(bt.CASES["titan-bf16-2k-mb50"], st)["titan_args"]
+    assert titan[titan.index("--activation_checkpoint.mode") + 1] == "memory_budget"
+    assert titan[titan.index("--activation_checkpoint.memory_budget") + 1] == "0.5"
+    op = bt.case_spec(bt.CASES["titan-bf16-2k-op"], st)["titan_args"]
+    assert op[op.index("--activation_checkpoint.selective_ac_option") + 1] == "op"
+    from lmforge.config.pretrain import PretrainParams
+
+    mine = PretrainParams(**bt.lmforge_params(bt.case_spec(bt.CASES["lmf-bf16-2k-fused-bf16p-mb50"], st), 1))
+    assert (mine.activation_memory_budget, mine.activation_checkpointing, mine.compile) == (0.5, "none", True)
+    uncompiled = bt.case_spec(bt.CASES["lmf-bf16-2k-fused-bf16p-mb50"], replace(st, compile=False, device="cpu"))
+    assert PretrainParams(**bt.lmforge_params(uncompiled, 1)).activation_memory_budget == 1.0
 
 
 def test_the_loss_curve_verdict():

@@ -82,6 +82,10 @@ class PretrainParams(Section):
     # Recompute each block's activations in the backward instead of keeping them: none, full (every
     # block), or n (every n-th block).
     activation_checkpointing: Literal["none", "full"] | int = "none"
+    # With compile: the share of the activations the compiled step may keep for the backward (1: all
+    # its min-cut keeps). Below 1, torch.compile's partitioner recomputes the ops that free the most
+    # bytes per FLOP until the rest fits: selective checkpointing, per op, chosen by PyTorch.
+    activation_memory_budget: float = Field(1.0, ge=0.0, le=1.0)
     # Windows per optimizer step over all processes. null: batch_size x gradient_accumulation_steps x
     # processes. Set, the accumulation is derived from it, so one run can resume on another number of
     # processes (the run is defined by its global batch, not by how it is split).
@@ -127,6 +131,9 @@ class PretrainParams(Section):
                              "true, or ddp_overlap true or false")
         if isinstance(self.activation_checkpointing, int) and self.activation_checkpointing < 1:
             raise ValueError("activation_checkpointing is none, full or a block interval n >= 1")
+        if self.activation_memory_budget < 1.0 and not self.compile:
+            raise ValueError(f"activation_memory_budget {self.activation_memory_budget} is met by torch.compile's "
+                             "partitioner: set compile true, or use activation_checkpointing without compile")
         if self.global_batch_size is not None and self.gradient_accumulation_steps != 1:
             raise ValueError("set global_batch_size or gradient_accumulation_steps, not both: with "
                              "global_batch_size the accumulation is derived from the number of processes")

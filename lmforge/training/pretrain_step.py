@@ -10,7 +10,8 @@
   gradients onto the fp32 masters, clipping, the optimizer, the working copy refreshed. Its loss
   accumulates on the device, so a step never waits for the GPU.
 - `StepRunner` runs the steps eagerly or, with pretrain.cuda_graph, captured once in a CUDA graph
-  and replayed (step_graph.py); `attention_backends` orders the SDPA kernels around the loop.
+  and replayed (step_graph.py); `attention_backends` orders the SDPA kernels around the loop, and
+  `activation_budget` sets the share of activations the compiled step keeps.
 - `forward_dtype` and `plain_loss` are the step's precision and loss, which validation shares.
 
 bench/profile_step.py and bench/bench_fsdp.py time this same `build_step`. The loop around it
@@ -111,6 +112,17 @@ def attention_backends(choice: str, device: torch.device):
     first = getattr(SDPBackend, SDPA_BACKENDS[choice])
     rest = [getattr(SDPBackend, n) for n in SDPA_BACKENDS.values() if n != SDPA_BACKENDS[choice]]
     return sdpa_kernel([first, *rest], set_priority=True)
+
+
+def activation_budget(p: Any):
+    """pretrain.activation_memory_budget as a context: torch.compile's partitioner reads it when it
+    splits a compiled graph into forward and backward, which happens at the graph's first run (and
+    at any recompile), so it is entered around the whole loop, as `attention_backends` is."""
+    if p.activation_memory_budget >= 1.0:
+        return nullcontext()
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=p.activation_memory_budget)
 
 
 def bf16_working(p: Any, model, d: Dist, say: Callable[[str], None]) -> master_weights.BF16Working | None:
