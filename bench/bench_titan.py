@@ -194,6 +194,11 @@ GROUPS = {
 INSTALL_S = 15  # the call script's wheel install, before the bench starts
 
 
+def with_budget(case: Case, budget: float) -> Case:
+    """The lmforge case checkpointing by a memory budget instead of whole blocks."""
+    return replace(case, name=f"{case.name}-mb{round(100 * budget)}", ac="none", budget=budget)
+
+
 def select(spec: str) -> list[Case]:
     names: list[str] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
@@ -1067,6 +1072,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile this many steps after the timed ones: GPU time a step by kernel kind")
+    parser.add_argument("--lmforge-budget", type=float, default=None,
+                        help="run the selected lmforge cases with this activation memory budget instead of "
+                             "torchtitan's block checkpointing (named <case>-mb<percent>)")
     parser.add_argument("--loss-curve", action="store_true", help="bf16 and FP8 on real text (see above)")
     parser.add_argument("--loss-sides", default="lmforge", help="the loss curve's sides: lmforge, titan or both")
     parser.add_argument("--loss-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
@@ -1143,6 +1151,8 @@ def main() -> None:
         return
 
     cases = select(args.cases)
+    if args.lmforge_budget is not None:
+        cases = [with_budget(c, args.lmforge_budget) if c.side == "lmforge" else c for c in cases]
     if smoke:
         # lmforge's FP8 and CUDA graphs need the GPU; torchtitan's FP8 converter runs emulated (eager) on the CPU
         cases = [c for c in cases if not (c.side == "lmforge" and (c.float8 != "none" or c.cuda_graph))] or [
