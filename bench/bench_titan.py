@@ -165,6 +165,9 @@ def _cases() -> dict[str, Case]:
         Case("titan-fp8rw-2k-all", T, 2048, float8="rowwise", titan_fp8_filter="output", est_s=95),
         # selective checkpointing per op: the partitioner's memory budget (both sides), torchtitan's op policy
         Case("titan-bf16-2k-mb50", T, 2048, ac="none", budget=0.5, est_s=80),
+        Case("titan-bf16-2k-mb70", T, 2048, ac="none", budget=0.7, est_s=80),
+        Case("titan-bf16-8k-mb70", T, 8192, ac="none", budget=0.7, est_s=80),
+        Case("titan-fp8tw-2k-mb90", T, 2048, float8="tensorwise", ac="none", budget=0.9, est_s=80),
         Case("titan-bf16-2k-op", T, 2048, ac="op", est_s=80),
         Case("lmf-bf16-2k-fused-mb50", L, 2048, fused_loss=True, ac="none", budget=0.5, est_s=130),
         Case("lmf-bf16-2k-fused-bf16p-mb30", L, 2048, fused_loss=True, param_dtype="bf16", ac="none", budget=0.3,
