@@ -25,7 +25,8 @@ GPU(s), and times `--steps` steps after `--warmup` (each step synchronised; the 
   lmforge     the pretrain stage's own step (model.build_model, activation checkpointing, float8,
               pretraining.distribute, pretrain_step.build_step and StepRunner, fused AdamW), same
               shape, batch, checkpointing (every 2nd block), compile, bf16 autocast over fp32 weights;
-              its levers (fused_loss, param_dtype bf16, cuda_graph, other checkpointing) as variants:
+              its levers (fused_loss, param_dtype bf16, cuda_graph, other checkpointing, selective
+              checkpointing by the partitioner's memory budget: --lmforge-budget) as variants:
               the headline groups run it with fused_loss and the bf16 working copy (fp32 masters), the
               like group with neither. lmforge has no compiled optimizer step: its fused AdamW is one
               kernel already, and cuda_graph captures it with the rest of the step.
@@ -33,7 +34,8 @@ Per case: tokens/s (global and per GPU), MFU against an 8192^3 bf16 matmul measu
 process (and an FP8 one, for the FP8 cases), peak memory, time to first step (from the process's
 launch) and the first step alone. The record's headline: g7_vs_torchtitan (seq 2048, bf16),
 g7_8k_vs_torchtitan (8192), g7_fp8_vs_torchtitan (best of tensorwise/rowwise on each side), each
-from cases in the same call, with like-for-like and any-checkpointing variants beside them.
+from cases in the same call, with like-for-like, same-budget and any-checkpointing variants beside
+them, and both cases' peak memory (a memory budget counts for lmforge's side, as the issue allows).
 
 On the GPU machine (no network) the snapshot and the wheels it needs travel in .gpu_carry/titan
 (git-ignored; see its README.md), and .gpu_carry/call_titan1.sh ... call_titan7.sh run one group each
