@@ -199,6 +199,13 @@ GROUPS = {
 INSTALL_S = 15  # the call script's wheel install, before the bench starts
 
 
+def budget_arg(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"a memory budget is in [0, 1): {text} would keep every activation")
+    return value
+
+
 def with_budget(case: Case, budget: float) -> Case:
     """The lmforge case checkpointing by a memory budget instead of whole blocks."""
     return replace(case, name=f"{case.name}-mb{round(100 * budget)}", ac="none", budget=budget)
@@ -856,6 +863,7 @@ def run_cases(cases: list[Case], st: Settings, budget_s: float, record_path: Pat
     started = time.perf_counter()
     for case in cases:
         spec = case_spec(case, st)
+        case = replace(case, budget=spec["budget"])  # uncompiled, a budget has nothing to act on: none recorded
         elapsed = time.perf_counter() - started
         left = budget_s - elapsed
         entry = {"case_settings": {k: v for k, v in asdict(case).items() if k != "est_s"}, "levers": case.levers,
@@ -1077,7 +1085,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile this many steps after the timed ones: GPU time a step by kernel kind")
-    parser.add_argument("--lmforge-budget", type=float, default=None,
+    parser.add_argument("--lmforge-budget", type=budget_arg, default=None,
                         help="run the selected lmforge cases with this activation memory budget instead of "
                              "torchtitan's block checkpointing (named <case>-mb<percent>)")
     parser.add_argument("--loss-curve", action="store_true", help="bf16 and FP8 on real text (see above)")

@@ -53,8 +53,33 @@ def test_a_lower_budget_saves_fewer_bytes_and_trains_the_same():
         torch.testing.assert_close(low_weights[name], weight, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_training_runs_its_steps_under_the_budget(tmp_path, monkeypatch):
+    """pretraining.train enters the budget around its loop, where the compiled step is first traced."""
+    import torch._functorch.config as functorch_config
+
+    from lmforge.training import pretraining
+
+    torch._dynamo.reset()
+    fx.make_tokens(tmp_path / "tokens", n_docs=40)
+    p = fx.params({"arch": "llama", "compile": True, "activation_memory_budget": 0.25, "max_steps": 2,
+                   "warmup_steps": 1, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}).pretrain
+    seen: list[float] = []
+    run = pretrain_step.StepRunner.run
+
+    def noting_the_budget(self, *args, **kwargs):
+        seen.append(functorch_config.activation_memory_budget)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain_step.StepRunner, "run", noting_the_budget)
+    pretraining.train(p, seed=0, tokens_dir=tmp_path / "tokens", checkpoint_root=tmp_path / "ckpt", progress=False)
+    assert seen == [0.25, 0.25]
+    assert functorch_config.activation_memory_budget == 1.0
+
+
 def test_a_budget_needs_compile():
     with pytest.raises(ValueError, match="activation_memory_budget 0.5 is met by torch.compile's partitioner"):
         fx.params({"activation_memory_budget": 0.5, "compile": False})
+    with pytest.raises(ValueError, match="two ways to recompute activations"):
+        fx.params({"activation_memory_budget": 0.5, "compile": True, "activation_checkpointing": 2})
     assert isinstance(pretrain_step.activation_budget(fx.params({"compile": False}).pretrain),
                       type(pretrain_step.nullcontext()))

@@ -134,6 +134,10 @@ class PretrainParams(Section):
         if self.activation_memory_budget < 1.0 and not self.compile:
             raise ValueError(f"activation_memory_budget {self.activation_memory_budget} is met by torch.compile's "
                              "partitioner: set compile true, or use activation_checkpointing without compile")
+        if self.activation_memory_budget < 1.0 and self.activation_checkpointing != "none":
+            raise ValueError(f"activation_memory_budget {self.activation_memory_budget} and activation_checkpointing "
+                             f"{self.activation_checkpointing} are two ways to recompute activations: set "
+                             "activation_checkpointing none with a budget, or the budget to 1.0")
         if self.global_batch_size is not None and self.gradient_accumulation_steps != 1:
             raise ValueError("set global_batch_size or gradient_accumulation_steps, not both: with "
                              "global_batch_size the accumulation is derived from the number of processes")
