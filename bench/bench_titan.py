@@ -753,6 +753,7 @@ def environment() -> dict:
     import platform
 
     import torch
+    from record_facts import git_commit  # bench/ is on sys.path when this file runs
 
     info = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "torchao", "triton", "torchdata", "tyro"):
@@ -763,11 +764,9 @@ def environment() -> dict:
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["cuda"] = torch.version.cuda
-    try:
-        info["lmforge_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                                text=True, check=False).stdout.strip() or os.environ.get("LMFORGE_COMMIT")
-    except OSError:
-        info["lmforge_commit"] = os.environ.get("LMFORGE_COMMIT")
+    # -dirty where the tree differs from its HEAD: the lent GPU machine's copy carries the working tree
+    # beside a .git that may be older than it
+    info["lmforge_commit"] = git_commit()
     return info
 
 
