@@ -690,6 +690,7 @@ class Settings:
     extra_env: dict = field(default_factory=dict)
     parallel: str = "fsdp"  # lmforge on several GPUs (torchtitan shards: FSDP2)
     profile_steps: int = 0  # steps profiled after the timed ones (--profile-steps)
+    budget_estimator: str = "flops"  # how the partitioner prices a recompute under a memory budget (both sides)
 
 
 def case_spec(case: Case, st: Settings) -> dict:
@@ -703,7 +704,8 @@ def case_spec(case: Case, st: Settings) -> dict:
             "titan_fp8_filter": case.titan_fp8_filter, "device": st.device, "compile": st.compile,
             "warmup": st.warmup, "steps": st.steps, "total_steps": st.warmup + st.steps, "lr": st.lr,
             "lr_warmup": st.lr_warmup, "titan_src": st.titan_src, "tokens": st.tokens, "starts": st.starts,
-            "parallel": st.parallel, "profile_steps": 0 if st.tokens else st.profile_steps}
+            "parallel": st.parallel, "profile_steps": 0 if st.tokens else st.profile_steps,
+            "budget_estimator": st.budget_estimator}
     spec["total_steps"] += spec["profile_steps"]
     if st.tokens:  # the loss curve: `steps` optimizer steps in all, each one logged
         spec["total_steps"] = st.steps
@@ -1045,6 +1047,12 @@ def plot(record_path: str, out: str) -> list[str]:
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "worker":
         spec = json.loads(sys.argv[sys.argv.index("--spec") + 1])
+        if spec.get("budget_estimator", "flops") != "flops":
+            import torch._functorch.config as functorch_config
+
+            # PyTorch's option (flops: FLOPs counted; profile: each candidate op timed on the GPU), read
+            # wherever a budget applies, on either side
+            functorch_config.activation_memory_budget_runtime_estimator = spec["budget_estimator"]
         (titan_worker if spec["side"] == "titan" else lmforge_worker)(spec)
         return
     if len(sys.argv) > 1 and sys.argv[1] == "plot":
@@ -1087,6 +1095,9 @@ def main() -> None:
     parser.add_argument("--lmforge-budget", type=budget_arg, default=None,
                         help="run the selected lmforge cases with this activation memory budget instead of "
                              "torchtitan's block checkpointing (named <case>-mb<percent>)")
+    parser.add_argument("--budget-estimator", default="flops", choices=["flops", "profile"],
+                        help="how torch.compile's partitioner prices recomputing an op under a memory budget "
+                             "(profile: times each on the GPU; FP8 matmuls run in about half their FLOPs' bf16 time)")
     parser.add_argument("--loss-curve", action="store_true", help="bf16 and FP8 on real text (see above)")
     parser.add_argument("--loss-sides", default="lmforge", help="the loss curve's sides: lmforge, titan or both")
     parser.add_argument("--loss-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
@@ -1114,11 +1125,12 @@ def main() -> None:
                   steps=3 if smoke and not args.loss_curve else args.steps,
                   compile=not (smoke or args.no_compile or device == "cpu"),
                   tokens_per_step=256 if smoke else args.tokens_per_step, titan_src=args.titan_src, work=work,
-                  lr=args.lr, parallel=args.lmforge_parallel, profile_steps=args.profile_steps)
+                  lr=args.lr, parallel=args.lmforge_parallel, profile_steps=args.profile_steps,
+                  budget_estimator=args.budget_estimator)
     base = {"bench": "G7", "issue": 41, "command": " ".join(sys.argv), "environment": environment(),
             "torchtitan_commit": titan_commit(args.titan_src), "shape": shape, "ffn_hidden": ffn_hidden(shape),
             "params": param_counts(shape)[0], "tokens_per_step": st.tokens_per_step, "warmup": st.warmup,
-            "timed_steps": st.steps, "smoke": smoke}
+            "timed_steps": st.steps, "smoke": smoke, "budget_estimator": st.budget_estimator}
     record_path = Path(args.record) if args.record else None
 
     if args.loss_curve:

@@ -91,6 +91,8 @@ def test_a_memory_budget_reaches_both_trainers():
     assert (mine.activation_memory_budget, mine.activation_checkpointing, mine.compile) == (0.5, "none", True)
     uncompiled = bt.case_spec(bt.CASES["lmf-bf16-2k-fused-bf16p-mb50"], replace(st, compile=False, device="cpu"))
     assert PretrainParams(**bt.lmforge_params(uncompiled, 1)).activation_memory_budget == 1.0
+    assert bt.case_spec(bt.CASES["titan-bf16-2k-mb50"], replace(st, budget_estimator="profile"))[
+        "budget_estimator"] == "profile"  # --budget-estimator reaches each worker
     chosen = bt.with_budget(bt.CASES["lmf-fp8tw-2k-fused-bf16p"], 0.6)  # --lmforge-budget 0.6
     assert (chosen.name, chosen.ac, chosen.budget) == ("lmf-fp8tw-2k-fused-bf16p-mb60", "none", 0.6)
 
