@@ -389,7 +389,7 @@ def lmforge_worker(spec: dict) -> None:
     times, losses, first_wall = [], [], built
     total = spec["steps"] if spec.get("tokens") else spec["warmup"] + spec["steps"] + spec["profile_steps"]
     profile = StepProfile(spec, d.device)
-    with pretrain_step.attention_backends(p.attention, d.device), pretrain_step.activation_budget(p):
+    with pretrain_step.around_the_loop(p, d.device):
         for index in range(total):
             profile.before(index)
             if on_device:
@@ -777,9 +777,13 @@ def _rate(entry: dict | None) -> float | None:
     return r["tokens_per_s"] if r else None
 
 
-def _selective(c: dict) -> bool:
+def _budget(entry: dict) -> float:
+    return (entry.get("case_settings") or {}).get("budget", 1.0)
+
+
+def _selective(entry: dict) -> bool:
     """The case checkpoints per op by the partitioner's memory budget (not by whole blocks)."""
-    return c.get("budget", 1.0) < 1.0
+    return _budget(entry) < 1.0
 
 
 def _best(results: dict, side: str, seq: int, fp8: bool, ac: str | int | None = None,
@@ -792,8 +796,10 @@ def _best(results: dict, side: str, seq: int, fp8: bool, ac: str | int | None = 
         rate = _rate(entry)
         if not rate or c.get("side") != side or c.get("seq") != seq or (c.get("float8") != "none") != fp8:
             continue
-        if ac is not None and not (c.get("ac") == ac and not _selective(c)) and not (or_selective and _selective(c)):
-            continue
+        if ac is not None:
+            layerwise = c.get("ac") == ac and not _selective(entry)
+            if not (layerwise or (or_selective and _selective(entry))):
+                continue
         if no_levers and entry.get("levers"):
             continue
         if best[1] is None or rate > best[1]:
@@ -808,8 +814,8 @@ def _peak(entry: dict) -> float | None:
 def _same_budget(results: dict, seq: int, fp8: bool) -> tuple[float, list[str]] | None:
     """lmforge's best case over torchtitan's at the same memory budget (the best such pair)."""
     pairs = []
-    for budget in {(v.get("case_settings") or {}).get("budget", 1.0) for v in results.values()} - {1.0}:
-        at = {k: v for k, v in results.items() if (v.get("case_settings") or {}).get("budget", 1.0) == budget}
+    for budget in {_budget(v) for v in results.values()} - {1.0}:
+        at = {k: v for k, v in results.items() if _budget(v) == budget}
         titan_name, titan = _best(at, "titan", seq, fp8)
         mine_name, mine = _best(at, "lmforge", seq, fp8)
         if titan and mine:

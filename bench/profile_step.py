@@ -103,7 +103,7 @@ def measure(name: str, p, d, steps: int, top: int, launchers: bool = False) -> d
 
     from bench_gpu import G1_VOCAB
     from lmforge.training.model import TokenInfo, build_model, flops_per_token, set_training_activation, set_training_attention
-    from lmforge.training.pretrain_step import activation_budget, attention_backends, build_step
+    from lmforge.training.pretrain_step import around_the_loop, build_step
     from lmforge.training.pretraining import make_optimizer
     from lmforge.training.runtime import enable_tf32, peak_flops
 
@@ -127,7 +127,7 @@ def measure(name: str, p, d, steps: int, top: int, launchers: bool = False) -> d
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    with attention_backends(p.attention, device), activation_budget(p):
+    with around_the_loop(p, device):
         start = time.perf_counter()
         step()
         sync()

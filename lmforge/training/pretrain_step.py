@@ -10,8 +10,9 @@
   gradients onto the fp32 masters, clipping, the optimizer, the working copy refreshed. Its loss
   accumulates on the device, so a step never waits for the GPU.
 - `StepRunner` runs the steps eagerly or, with pretrain.cuda_graph, captured once in a CUDA graph
-  and replayed (step_graph.py); `attention_backends` orders the SDPA kernels around the loop, and
-  `activation_budget` sets the share of activations the compiled step keeps.
+  and replayed (step_graph.py); `around_the_loop` holds what torch.compile must see when it traces
+  the step: the SDPA kernels' order (`attention_backends`) and the share of activations the compiled
+  step keeps (`activation_budget`).
 - `forward_dtype` and `plain_loss` are the step's precision and loss, which validation shares.
 
 bench/profile_step.py and bench/bench_fsdp.py time this same `build_step`. The loop around it
@@ -22,7 +23,7 @@ Imports only torch and lmforge.training's modules.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -123,6 +124,14 @@ def activation_budget(p: Any):
     import torch._functorch.config as functorch_config
 
     return functorch_config.patch(activation_memory_budget=p.activation_memory_budget)
+
+
+def around_the_loop(p: Any, device: torch.device) -> ExitStack:
+    """The contexts a training loop runs in, entered once around all its steps."""
+    stack = ExitStack()
+    stack.enter_context(attention_backends(p.attention, device))
+    stack.enter_context(activation_budget(p))
+    return stack
 
 
 def bf16_working(p: Any, model, d: Dist, say: Callable[[str], None]) -> master_weights.BF16Working | None:

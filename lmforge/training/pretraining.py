@@ -54,8 +54,8 @@ from lmforge.errors import UserError
 from lmforge.training import batches, checkpoint, float8, muon, runtime, sharding
 from lmforge.training.model import (TokenInfo, blocks, build_model, count_params, flops_per_token, is_masked,
                                     set_activation_checkpointing, set_training_activation, set_training_attention)
-from lmforge.training.pretrain_step import (StepRunner, TrainStep, activation_budget, attention_backends, build_step,
-                                            forward_dtype, plain_loss, use_cuda_graph)
+from lmforge.training.pretrain_step import (StepRunner, TrainStep, around_the_loop, build_step, forward_dtype,
+                                            plain_loss, use_cuda_graph)
 from lmforge.training.runtime import Dist
 
 # Knobs that change how a run computes, not what it trains (kernels, fusion and bf16 gradient
@@ -527,7 +527,7 @@ def train(p: Any, *, seed: int, tokens_dir: Path | str, checkpoint_root: Path | 
     bar = tqdm(total=p.max_steps, initial=start, disable=not (progress and d.main), unit="step",
                dynamic_ncols=True, mininterval=1.0, desc="pretraining")
     state.restart_clock(start)
-    with attention_backends(p.attention, d.device), activation_budget(p):
+    with around_the_loop(p, d.device):
         for index in range(start, p.max_steps):
             runner.run(index, [sampler.get(index, micro) for micro in range(run.accumulation)], run.schedule(index))
             run.scheduler.step()
