@@ -178,6 +178,12 @@ def _cases() -> dict[str, Case]:
              est_s=130),
         Case("lmf-bf16-2k-fused-bf16p-mb70", L, 2048, fused_loss=True, param_dtype="bf16", ac="none", budget=0.7,
              est_s=130),
+        Case("lmf-bf16-8k-fused-bf16p-mb70", L, 8192, fused_loss=True, param_dtype="bf16", ac="none", budget=0.7,
+             est_s=140),
+        Case("lmf-fp8tw-2k-fused-bf16p-mb80", L, 2048, float8="tensorwise", fused_loss=True, param_dtype="bf16",
+             ac="none", budget=0.8, est_s=150),
+        Case("lmf-fp8tw-2k-fused-bf16p-mb95", L, 2048, float8="tensorwise", fused_loss=True, param_dtype="bf16",
+             ac="none", budget=0.95, est_s=150),
     ]
     return {c.name: c for c in cases}
 
@@ -193,6 +199,9 @@ GROUPS = {
     "levers": ["titan-bf16-2k", "lmf-bf16-2k-fused", "lmf-bf16-2k-fused-bf16p-graph", "lmf-bf16-8k-fused"],
     "fp8-like": ["titan-fp8tw-2k", "lmf-fp8tw-2k", "titan-fp8rw-2k", "lmf-fp8rw-2k"],
     "fp8-more": ["titan-fp8tw-2k-all", "titan-fp8rw-2k-all", "titan-fp8tw-2k", "lmf-fp8tw-2k-fused-bf16p"],
+    # the three headline pairs in one call, lmforge checkpointing by a memory budget (FP8 at two budgets)
+    "headline": ["titan-bf16-2k", "lmf-bf16-2k-fused-bf16p-mb70", "titan-bf16-8k", "lmf-bf16-8k-fused-bf16p-mb70",
+                 "titan-fp8tw-2k", "lmf-fp8tw-2k-fused-bf16p-mb80", "lmf-fp8tw-2k-fused-bf16p-mb95"],
     "budget": ["titan-bf16-2k", "titan-bf16-2k-mb50", "lmf-bf16-2k-fused-bf16p-mb50", "lmf-bf16-2k-fused-mb50",
                "lmf-bf16-2k-fused-bf16p-mb30", "lmf-bf16-2k-fused-bf16p-mb70"],
 }
@@ -364,7 +373,8 @@ def lmforge_worker(spec: dict) -> None:
     d = runtime.setup_distributed(p.device)
     say = print if d.main else (lambda _m: None)
     runtime.enable_tf32(d.device)
-    model = build_model(p, TokenInfo(spec["shape"]["vocab"], 0, 1, 2, 3), seed=0).train()
+    model = build_model(p, TokenInfo(spec["shape"]["vocab"], 0, 1, 2, 3), seed=0,
+                        device="cpu" if p.parallel == "fsdp" and d.world > 1 else d.device).train()
     set_training_attention(model, True)
     set_training_activation(model, p.compile)
     set_activation_checkpointing(model, p.activation_checkpointing, True)

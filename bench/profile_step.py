@@ -110,7 +110,7 @@ def measure(name: str, p, d, steps: int, top: int, launchers: bool = False) -> d
     torch._dynamo.reset()
     device = d.device
     enable_tf32(device)
-    model = build_model(p, TokenInfo(G1_VOCAB, 0, 1, 2, 3), seed=0).to(device).train()
+    model = build_model(p, TokenInfo(G1_VOCAB, 0, 1, 2, 3), seed=0, device=device).train()
     set_training_attention(model, True)
     set_training_activation(model, True)
     say = print if d.main else (lambda _msg: None)

@@ -174,11 +174,14 @@ def check_compatible(model, tok: TokenInfo, context: int, *, data_vocab: dict[st
         )
 
 
-def build_model(p: Any, tok: TokenInfo, seed: int, *, data_vocab: dict[str, int] | None = None):
-    """A model ready to train, on the CPU, in fp32.
+def build_model(p: Any, tok: TokenInfo, seed: int, *, data_vocab: dict[str, int] | None = None,
+                device: torch.device | str = "cpu"):
+    """A model ready to train, in fp32: a random one initialised on `device`, one from init_from on the CPU.
 
     p: the pretrain params (attributes as in lmforge.config.pretrain.PretrainParams).
     data_vocab: the token->id map of the token folder's tokenizer, compared with init_from's tokenizer.
+    device: where a random model's weights are made and drawn (its generator decides them: the same
+    seed gives the same weights on the same kind of device).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -210,15 +213,26 @@ def build_model(p: Any, tok: TokenInfo, seed: int, *, data_vocab: dict[str, int]
             model = _without_quantizer(model)
         return model.float()
 
-    config = make_config(p, tok)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if p.arch in MASKED_ARCHS:
-            model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
-        else:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    auto = AutoModelForMaskedLM if p.arch in MASKED_ARCHS else AutoModelForCausalLM
+    model = _initialised(auto, make_config(p, tok), seed, torch.device(device))
     check_compatible(model, tok, p.context)
     return model.float()
+
+
+def _initialised(auto, config, seed: int, device: torch.device):
+    """A random model from `config`, its weights drawn once, on `device`.
+
+    Built on the meta device first: constructed for real on the CPU, every weight would be drawn
+    twice there (torch's init as each layer is made, then the model's own) and then copied to the
+    GPU. Drawing once, where the model will train, is what torchtitan does too.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.device("meta"):
+            model = auto.from_config(config, attn_implementation="sdpa")  # transformers skips init on meta
+        model.to_empty(device=device)
+        model.init_weights()  # the model's own init; it also fills the buffers (rotary frequencies, BERT's ids)
+    return model
 
 
 # Training runs on unpadded windows: every sequence is causal from its first token, so SDPA's

@@ -342,13 +342,16 @@ class PretrainRun:
 
 
 def open_model(p: Any, tokens_dir: Path, meta: dict, seed: int, d: Dist) -> tuple[torch.nn.Module, bool]:
-    """The model from the pretrain params, in training mode, on the CPU (`distribute` places it)."""
+    """The model from the pretrain params, in training mode: a random one made on its device, except
+    under FSDP, where each process holds it whole on the CPU until `distribute` shards it."""
     data_vocab = None
     if p.init_from:
         from tokenizers import Tokenizer
 
         data_vocab = Tokenizer.from_file(str(tokens_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
-    model = build_model(p, TokenInfo.from_meta(meta), seed, data_vocab=data_vocab)
+    sharded = p.parallel == "fsdp" and d.world > 1
+    model = build_model(p, TokenInfo.from_meta(meta), seed, data_vocab=data_vocab,
+                        device="cpu" if sharded else d.device)
     masked = is_masked(model)
     if masked and p.arch != "bert" and not p.init_from:
         raise ValueError("internal: a masked model from a causal arch")
