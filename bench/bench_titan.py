@@ -653,7 +653,9 @@ def kernel_time_by_kind(events, steps: int, on_gpu: bool) -> dict:
     costliest = []
     for event in events:
         if on_gpu:
-            if event.device_type != torch.autograd.DeviceType.CUDA:
+            # a record_function range (the optimizer's "Optimizer.step#AdamW.step", torchtitan's own) has a GPU
+            # row too, spanning the kernels it launched: counted, it would count them twice
+            if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False):
                 continue
             us = event.self_device_time_total
         else:

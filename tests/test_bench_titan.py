@@ -135,6 +135,25 @@ def test_kernels_are_sorted_into_kinds_by_name():
     assert list(kinds.values()) == ["matmul", "matmul", "attention", "fused (triton)", "optimizer", "copy", "other"]
 
 
+def test_a_gpu_profile_counts_kernels_once_and_not_the_ranges_that_span_them():
+    from types import SimpleNamespace
+
+    import torch
+
+    def gpu_row(key, us, annotation=False):
+        return SimpleNamespace(key=key, device_type=torch.autograd.DeviceType.CUDA, self_device_time_total=us,
+                               is_user_annotation=annotation)
+
+    rows = [gpu_row("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamW>", 16_000.0),
+            gpu_row("Optimizer.step#AdamW.step", 16_500.0, annotation=True),
+            gpu_row("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT", 50_000.0),
+            SimpleNamespace(key="aten::mm", device_type=torch.autograd.DeviceType.CPU, self_device_time_total=0.0,
+                            is_user_annotation=False)]
+    summary = bt.kernel_time_by_kind(rows, steps=2, on_gpu=True)
+    assert summary["ms_per_step"] == {"matmul": 25.0, "optimizer": 8.0} and summary["total_ms_per_step"] == 33.0
+    assert all(not name.startswith("Optimizer.step") for name, _ms in summary["costliest"])
+
+
 def test_merge_keeps_each_calls_ratio_and_a_baseline_measured_twice(tmp_path):
     first = {"g7_vs_torchtitan": 1.02, "torchtitan_commit": "abc v0",
              "results": {"titan-bf16-2k": _entry("titan", 2048, 100.0), "lmf-bf16-2k": _entry("lmforge", 2048, 102.0)}}
