@@ -61,7 +61,8 @@ def worker(shape: dict, steps: int) -> None:
     say = print if d.main else (lambda _msg: None)
     runtime.enable_tf32(d.device)
     started = time.perf_counter()
-    model = build_model(p, TokenInfo(VOCAB, 0, 1, 2, 3), seed=0).train()
+    model = build_model(p, TokenInfo(VOCAB, 0, 1, 2, 3), seed=0,
+                        device="cpu" if p.parallel == "fsdp" and d.world > 1 else d.device).train()
     set_training_attention(model, True)
     set_activation_checkpointing(model, p.activation_checkpointing, True)
     model = pretraining.distribute(model, p, d, say)
@@ -76,16 +77,17 @@ def worker(shape: dict, steps: int) -> None:
     cuda = d.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(d.device)
-    start = time.perf_counter()
-    for _ in range(3):  # compile and warm up
-        one()
-    runtime.synchronize(d.device)
-    warm_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-        one()
-    runtime.synchronize(d.device)
-    step_s = (time.perf_counter() - start) / steps
+    with pretrain_step.around_the_loop(p, d.device):  # as the stage's loop: SDPA's order, a memory budget
+        start = time.perf_counter()
+        for _ in range(3):  # compile and warm up
+            one()
+        runtime.synchronize(d.device)
+        warm_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(steps):
+            one()
+        runtime.synchronize(d.device)
+        step_s = (time.perf_counter() - start) / steps
     tokens_per_gpu = p.batch_size * p.context / step_s
     flops = flops_per_token(model, p.context)
     peak = runtime.peak_flops(d.device)

@@ -180,8 +180,8 @@ def build_model(p: Any, tok: TokenInfo, seed: int, *, data_vocab: dict[str, int]
 
     p: the pretrain params (attributes as in lmforge.config.pretrain.PretrainParams).
     data_vocab: the token->id map of the token folder's tokenizer, compared with init_from's tokenizer.
-    device: where a random model's weights are made and drawn (its generator decides them: the same
-    seed gives the same weights on the same kind of device).
+    device: where a random model's weights are made and drawn. Its generator decides them, so a seed
+    gives the same weights on the same device type (and, for GPUs, the same model), not across them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
