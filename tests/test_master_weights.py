@@ -77,3 +77,62 @@ def test_param_dtype_fp32_keeps_the_run_key_of_runs_made_before_it_existed():
     bf16 = pretraining.run_fingerprint(fx.params({"param_dtype": "bf16"}).pretrain, 1, meta, 1)
     assert "pretrain.param_dtype" not in fp32 and bf16["pretrain.param_dtype"] == "bf16"
     assert runtime.run_key(fp32) != runtime.run_key(bf16)
+
+
+def _model_copy_and_adamw():
+    from lmforge.training import runtime
+
+    model = build_model(fx.params({"arch": "llama", "n_kv_head": 2}).pretrain, TokenInfo(300, 0, 1, 2, 3), seed=0)
+    working = master_weights.BF16Working(model)
+    optimizer = runtime.adamw(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+    return model, working, optimizer, runtime.lr_scheduler(optimizer, lambda step: 1.0 / (step + 1))
+
+
+@pytest.mark.filterwarnings(r"error:Detected call of `lr_scheduler\.step\(\)` before")
+def test_the_compiled_update_is_the_eager_one_reading_bf16_gradients():
+    """pretrain.compile_optimizer: clipping, AdamW and the copy's refresh in one compiled function give
+    what the eager path's four passes give, on the optimizer's own state, with no fp32 gradients."""
+    from lmforge.training import runtime
+
+    torch._dynamo.utils.counters.clear()
+    gen = torch.Generator().manual_seed(0)
+    shapes = [q.shape for q in _model_copy_and_adamw()[0].parameters()]
+    steps = [[(0.1 * torch.randn(s, generator=gen)).to(torch.bfloat16) for s in shapes] for _ in range(3)]
+    runs = {}
+    for mode in ("eager", "compiled"):
+        model, working, optimizer, schedule = _model_copy_and_adamw()
+        for grads in steps:  # the same bf16 gradients on both sides, the lr moving with the schedule
+            for (_master, work), grad in zip(working._pairs, grads):
+                work.grad = grad.clone()
+            if mode == "eager":
+                working.grads_to_masters()
+                runtime.optimizer_step(model, optimizer, 1.0)  # the norm is about 30: clipping acts
+                working.refresh()
+            else:
+                working.compiled_update(optimizer, 1.0)
+                assert all(w.grad is None for w in working.model.parameters())
+                assert all(m.grad is None for m in model.parameters()) and working._master_grads == []
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+        runs[mode] = (model, working, optimizer)
+    (eager, _, eager_opt), (compiled, working, compiled_opt) = runs["eager"], runs["compiled"]
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+    assert all(torch.equal(w, m.to(torch.bfloat16)) for w, m in zip(working.model.parameters(), compiled.parameters()))
+    want, got = eager_opt.state_dict(), compiled_opt.state_dict()
+    assert got["param_groups"] == want["param_groups"] and got["state"].keys() == want["state"].keys()
+    for key, state in want["state"].items():
+        assert got["state"][key]["step"].dtype == state["step"].dtype and float(got["state"][key]["step"]) == 3.0
+        torch.testing.assert_close(got["state"][key]["exp_avg"], state["exp_avg"], rtol=0, atol=1e-7)
+        torch.testing.assert_close(got["state"][key]["exp_avg_sq"], state["exp_avg_sq"], rtol=0, atol=1e-9)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the moving lr compiled nothing new
+
+
+def test_compile_optimizer_needs_the_bf16_copy_and_adamw():
+    from lmforge.config.pretrain import PretrainParams
+
+    assert PretrainParams(param_dtype="bf16", compile_optimizer=True).compile_optimizer
+    for other in ({"param_dtype": "fp32"}, {"param_dtype": "bf16", "optimizer": "muon"},
+                  {"param_dtype": "bf16", "cuda_graph": True}):
+        with pytest.raises(ValueError, match="compile_optimizer .* needs param_dtype bf16 and optimizer adamw"):
+            PretrainParams(compile_optimizer=True, **other)

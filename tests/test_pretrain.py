@@ -405,13 +405,18 @@ def killed_at_step_25_and_resumed(p, tokens: Path, root: Path):
     return pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=root, progress=False)
 
 
-def test_bf16_working_weights_train_like_fp32_and_a_killed_run_resumes_exactly(tokens, tmp_path):
+@pytest.mark.parametrize("compile_optimizer", [False, True])
+def test_bf16_working_weights_train_like_fp32_and_a_killed_run_resumes_exactly(tokens, tmp_path, compile_optimizer):
     common = {"arch": "gpt2", "max_steps": 30, "warmup_steps": 3, "eval_steps": 15, "save_steps": 10,
               "logging_steps": 5, "dropout": 0.0}
     fp32 = pretraining.train(fx.params(common).pretrain, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "fp32",
                           progress=False)
-    p = fx.params({**common, "param_dtype": "bf16"}).pretrain
+    # compile_optimizer: the update compiled, reading the bf16 gradients (master_weights.compiled_update)
+    p = fx.params({**common, "param_dtype": "bf16", "compile_optimizer": compile_optimizer}).pretrain
+    torch._dynamo.utils.counters.clear()
     bf16 = pretraining.train(p, seed=4, tokens_dir=tokens, checkpoint_root=tmp_path / "bf16", progress=False)
+    # The model is not compiled here: a graph can only be the update's.
+    assert bool(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == compile_optimizer
     assert {param.dtype for param in bf16.model.parameters()} == {torch.float32}  # the masters are what is kept
     for a, b in zip(fp32.history["val"], bf16.history["val"]):
         assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 0.05, (a, b)

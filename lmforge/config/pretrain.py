@@ -65,6 +65,7 @@ class PretrainParams(Section):
     cuda_graph: bool = False  # capture the whole step as one CUDA graph (one GPU; lmforge/training/step_graph.py)
     fused_loss: bool = False  # the forward keeps the logits' gradient, not the logits (lmforge/training/fused_loss.py)
     param_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: steps on a bf16 copy, AdamW on fp32 masters (lmforge/training/master_weights.py)
+    compile_optimizer: bool = False  # with param_dtype bf16: AdamW compiled with the copy's two passes folded in
     data_on_device: bool = True
     # MiB of gradients per DDP all-reduce bucket (PyTorch's default: 25). DDP's first bucket holds
     # 1 MiB, and torch.compile's DDP support asserts that no later bucket is smaller.
@@ -131,6 +132,11 @@ class PretrainParams(Section):
                              "true, or ddp_overlap true or false")
         if isinstance(self.activation_checkpointing, int) and self.activation_checkpointing < 1:
             raise ValueError("activation_checkpointing is none, full or a block interval n >= 1")
+        if self.compile_optimizer and (self.param_dtype != "bf16" or self.optimizer != "adamw" or self.cuda_graph):
+            raise ValueError("compile_optimizer compiles AdamW together with the bf16 working copy's passes: it "
+                             "needs param_dtype bf16 and optimizer adamw, and is not tried under cuda_graph "
+                             f"(here param_dtype {self.param_dtype}, optimizer {self.optimizer}, "
+                             f"cuda_graph {self.cuda_graph})")
         if self.activation_memory_budget < 1.0 and not self.compile:
             raise ValueError(f"activation_memory_budget {self.activation_memory_budget} is met by torch.compile's "
                              "partitioner: set compile true, or use activation_checkpointing without compile")

@@ -143,12 +143,16 @@ def bf16_working(p: Any, model, d: Dist, say: Callable[[str], None]) -> master_w
         return None
     if d.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("pretrain.param_dtype bf16 needs a GPU with bf16; set param_dtype: fp32")
-    say("param_dtype bf16: forward and backward on a bf16 copy of the weights, AdamW on the fp32 masters")
+    say("param_dtype bf16: forward and backward on a bf16 copy of the weights, AdamW on the fp32 masters"
+        + (", compiled to read the copy's gradients and write its weights" if p.compile_optimizer else ""))
     return master_weights.BF16Working(model)
 
 
 def update(model, optimizer: torch.optim.Optimizer, working: master_weights.BF16Working | None, p: Any) -> None:
     """After the backward: gradients onto the fp32 weights, clip, AdamW, then the bf16 copy refreshed."""
+    if working and p.compile_optimizer:
+        working.compiled_update(optimizer, p.max_grad_norm)
+        return
     if working:
         working.grads_to_masters()
     runtime.optimizer_step(model, optimizer, p.max_grad_norm)

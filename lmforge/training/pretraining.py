@@ -63,7 +63,7 @@ from lmforge.training.runtime import Dist
 OPERATIONAL_KEYS = {"eval_steps", "save_steps", "logging_steps", "benchmark_steps", "benchmark_tasks",
                     "compile", "compile_mode", "attention", "cuda_graph",
                     "fused_loss", "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype",
-                    "ddp_overlap", "parallel", "activation_checkpointing", "activation_memory_budget",
+                    "ddp_overlap", "parallel", "activation_checkpointing", "activation_memory_budget", "compile_optimizer",
                     "nproc_per_node", "nnodes", "rdzv_endpoint", "async_checkpoint"}
 # How the global batch is cut (per process, per micro-batch) moves float sums only: in the run key the
 # global batch stands in for them (see run_fingerprint).
@@ -343,7 +343,8 @@ class PretrainRun:
 
 def open_model(p: Any, tokens_dir: Path, meta: dict, seed: int, d: Dist) -> tuple[torch.nn.Module, bool]:
     """The model from the pretrain params, in training mode: a random one made on its device, except
-    under FSDP, where each process holds it whole on the CPU until `distribute` shards it."""
+    under FSDP, where each process holds it whole on the CPU until `distribute` shards it; one from
+    init_from on the CPU (`distribute` places it)."""
     data_vocab = None
     if p.init_from:
         from tokenizers import Tokenizer
