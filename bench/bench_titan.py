@@ -117,6 +117,7 @@ class Case:
     fused_loss: bool = False
     param_dtype: str = "fp32"
     cuda_graph: bool = False
+    compile_optimizer: bool = False  # lmforge, with param_dtype bf16: the update compiled, reading bf16 gradients
     titan_fp8_filter: str = "auto"  # auto: torchao's size filter + output; output: the output layer only
     est_s: int = 120  # seconds on one H100, cold compile caches (a guess until measured)
 
@@ -133,6 +134,8 @@ class Case:
             out.append("param_dtype bf16")
         if self.cuda_graph:
             out.append("cuda_graph")
+        if self.compile_optimizer:
+            out.append("compile_optimizer")
         if self.budget < 1.0:
             out.append(f"activation_memory_budget {self.budget}")
         elif self.ac != TITAN_AC:
@@ -184,6 +187,15 @@ def _cases() -> dict[str, Case]:
              ac="none", budget=0.8, est_s=150),
         Case("lmf-fp8tw-2k-fused-bf16p-mb95", L, 2048, float8="tensorwise", fused_loss=True, param_dtype="bf16",
              ac="none", budget=0.95, est_s=150),
+        # the update compiled with the working copy's passes folded in (pretrain.compile_optimizer)
+        Case("lmf-bf16-2k-fused-bf16p-co", L, 2048, fused_loss=True, param_dtype="bf16", compile_optimizer=True,
+             est_s=150),
+        Case("lmf-bf16-2k-fused-bf16p-co-mb70", L, 2048, fused_loss=True, param_dtype="bf16", compile_optimizer=True,
+             ac="none", budget=0.7, est_s=150),
+        Case("lmf-bf16-8k-fused-bf16p-co-mb70", L, 8192, fused_loss=True, param_dtype="bf16", compile_optimizer=True,
+             ac="none", budget=0.7, est_s=160),
+        Case("lmf-fp8tw-2k-fused-bf16p-co-mb95", L, 2048, float8="tensorwise", fused_loss=True, param_dtype="bf16",
+             compile_optimizer=True, ac="none", budget=0.95, est_s=170),
     ]
     return {c.name: c for c in cases}
 
@@ -202,6 +214,11 @@ GROUPS = {
     # the three headline pairs in one call, lmforge checkpointing by a memory budget (FP8 at two budgets)
     "headline": ["titan-bf16-2k", "lmf-bf16-2k-fused-bf16p-mb70", "titan-bf16-8k", "lmf-bf16-8k-fused-bf16p-mb70",
                  "titan-fp8tw-2k", "lmf-fp8tw-2k-fused-bf16p-mb80", "lmf-fp8tw-2k-fused-bf16p-mb95"],
+    # the compiled update beside the eager one, then the three headline pairs with it
+    "optimizer": ["titan-bf16-2k", "lmf-bf16-2k-fused-bf16p", "lmf-bf16-2k-fused-bf16p-co", "titan-fp8tw-2k",
+                  "lmf-fp8tw-2k-fused-bf16p-co-mb95"],
+    "headline-co": ["titan-bf16-2k", "lmf-bf16-2k-fused-bf16p-co-mb70", "titan-bf16-8k",
+                    "lmf-bf16-8k-fused-bf16p-co-mb70", "titan-fp8tw-2k", "lmf-fp8tw-2k-fused-bf16p-co-mb95"],
     "budget": ["titan-bf16-2k", "titan-bf16-2k-mb50", "lmf-bf16-2k-fused-bf16p-mb50", "lmf-bf16-2k-fused-mb50",
                "lmf-bf16-2k-fused-bf16p-mb30", "lmf-bf16-2k-fused-bf16p-mb70"],
 }
@@ -352,7 +369,8 @@ def lmforge_params(spec: dict, world: int) -> dict:
         weight_decay=0.1, max_grad_norm=1.0, compile=spec["compile"], compile_mode="default",
         activation_checkpointing=spec["ac"], activation_memory_budget=spec.get("budget", 1.0),
         float8=spec["float8"], fused_loss=spec["fused_loss"],
-        param_dtype=spec["param_dtype"], cuda_graph=spec["cuda_graph"], parallel=spec.get("parallel", "fsdp"),
+        param_dtype=spec["param_dtype"], cuda_graph=spec["cuda_graph"],
+        compile_optimizer=spec.get("compile_optimizer", False), parallel=spec.get("parallel", "fsdp"),
         device=spec["device"], attention="auto")
 
 
@@ -713,6 +731,7 @@ def case_spec(case: Case, st: Settings) -> dict:
             "local_batch": global_batch // st.gpus, "float8": case.float8, "ac": case.ac,
             "budget": case.budget if st.compile else 1.0,  # the partitioner's budget: nothing to meet uncompiled
             "fused_loss": case.fused_loss, "param_dtype": case.param_dtype, "cuda_graph": case.cuda_graph,
+            "compile_optimizer": case.compile_optimizer,
             "titan_fp8_filter": case.titan_fp8_filter, "device": st.device, "compile": st.compile,
             "warmup": st.warmup, "steps": st.steps, "total_steps": st.warmup + st.steps, "lr": st.lr,
             "lr_warmup": st.lr_warmup, "titan_src": st.titan_src, "tokens": st.tokens, "starts": st.starts,
