@@ -136,3 +136,26 @@ def test_compile_optimizer_needs_the_bf16_copy_and_adamw():
                   {"param_dtype": "bf16", "cuda_graph": True}):
         with pytest.raises(ValueError, match="compile_optimizer .* needs param_dtype bf16 and optimizer adamw"):
             PretrainParams(compile_optimizer=True, **other)
+
+
+def test_the_compiled_update_writes_no_fp32_copy_of_the_gradients():
+    """What the knob is for: the generated code reads the bf16 gradients where it uses them (the norm
+    and AdamW) instead of writing fp32 copies first, and calls out to no eager op."""
+    import math
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model, working, optimizer, _schedule = _model_copy_and_adamw()
+    for work in working.model.parameters():
+        work.grad = torch.randn_like(work)
+    torch._dynamo.reset()
+    master_weights._compiled_update.cache_clear()  # compile here, where the code is caught
+    _result, code = run_and_get_code(working.compiled_update, optimizer, 1.0)
+    source = "\n".join(code)
+    assert source and not re.search(r"torch\.ops\.aten\.\w+\.\w+\(|extern_kernels\.\w+\(", source)
+    # Allocations the generated code makes: the norms (scalars, and their stack), no weight-sized buffer.
+    shapes = re.findall(r"empty_strided_\w+\(\(([^)]*)\)", source)
+    sizes = [math.prod(int(d) for d in re.findall(r"\d+", shape)) for shape in shapes]
+    assert sizes and max(sizes) <= len(list(model.parameters())), shapes
+    assert all(torch.equal(w, m.to(torch.bfloat16)) for w, m in zip(working.model.parameters(), model.parameters()))

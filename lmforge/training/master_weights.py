@@ -128,7 +128,10 @@ def _adamw_state(optimizer: torch.optim.AdamW, master: torch.Tensor) -> dict:
 def _update(groups: list[UpdateGroup], max_norm: float) -> None:
     grads = [[g.float() for g in group.grads] for group in groups]
     if max_norm > 0:  # clip_grad_norm_'s scaling, over every group's gradients at once
-        norm = torch.linalg.vector_norm(torch.stack([n for gs in grads for n in torch._foreach_norm(gs)]))
+        # Each norm a reduction of Inductor's own, reading the bf16 gradients: _foreach_norm would be a
+        # call out of the compiled code, over fp32 copies of them written first.
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for group in groups for g in group.grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
         grads = [torch._foreach_div(gs, torch.clamp((norm + 1e-6) / max_norm, min=1.0)) for gs in grads]
     for group, gs in zip(groups, grads):
         beta1, beta2, eps, weight_decay = group.hyper
