@@ -73,6 +73,8 @@ class BF16Working:
         refreshed, as one compiled function; the copy's gradients are unset after."""
         groups = []
         for index, group in enumerate(optimizer.param_groups):
+            if group.get("amsgrad") or group.get("maximize"):
+                raise ValueError("internal: compiled_update runs plain AdamW (no amsgrad, no maximize)")
             masters = [m for m in group["params"] if self._work_of[id(m)].grad is not None]
             if not masters:
                 continue
