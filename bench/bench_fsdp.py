@@ -62,7 +62,7 @@ def worker(shape: dict, steps: int) -> None:
     runtime.enable_tf32(d.device)
     started = time.perf_counter()
     model = build_model(p, TokenInfo(VOCAB, 0, 1, 2, 3), seed=0,
-                        device="cpu" if p.parallel == "fsdp" and d.world > 1 else d.device).train()
+                        device=pretraining.init_device(p, d)).train()
     set_training_attention(model, True)
     set_activation_checkpointing(model, p.activation_checkpointing, True)
     model = pretraining.distribute(model, p, d, say)

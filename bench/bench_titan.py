@@ -28,8 +28,8 @@ GPU(s), and times `--steps` steps after `--warmup` (each step synchronised; the 
               its levers (fused_loss, param_dtype bf16, cuda_graph, other checkpointing, selective
               checkpointing by the partitioner's memory budget: --lmforge-budget) as variants:
               the headline groups run it with fused_loss and the bf16 working copy (fp32 masters), the
-              like group with neither. lmforge has no compiled optimizer step: its fused AdamW is one
-              kernel already, and cuda_graph captures it with the rest of the step.
+              like group with neither; compile_optimizer (the update compiled, reading the copy's bf16
+              gradients) in the optimizer and headline-co groups.
 Per case: tokens/s (global and per GPU), MFU against an 8192^3 bf16 matmul measured in the same
 process (and an FP8 one, for the FP8 cases), peak memory, time to first step (from the process's
 launch) and the first step alone. The record's headline: g7_vs_torchtitan (seq 2048, bf16),
@@ -392,7 +392,7 @@ def lmforge_worker(spec: dict) -> None:
     say = print if d.main else (lambda _m: None)
     runtime.enable_tf32(d.device)
     model = build_model(p, TokenInfo(spec["shape"]["vocab"], 0, 1, 2, 3), seed=0,
-                        device="cpu" if p.parallel == "fsdp" and d.world > 1 else d.device).train()
+                        device=pretraining.init_device(p, d)).train()
     set_training_attention(model, True)
     set_training_activation(model, p.compile)
     set_activation_checkpointing(model, p.activation_checkpointing, True)

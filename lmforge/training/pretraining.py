@@ -63,8 +63,8 @@ from lmforge.training.runtime import Dist
 OPERATIONAL_KEYS = {"eval_steps", "save_steps", "logging_steps", "benchmark_steps", "benchmark_tasks",
                     "compile", "compile_mode", "attention", "cuda_graph",
                     "fused_loss", "device", "data_on_device", "save", "ddp_bucket_mb", "ddp_comm_dtype",
-                    "ddp_overlap", "parallel", "activation_checkpointing", "activation_memory_budget", "compile_optimizer",
-                    "nproc_per_node", "nnodes", "rdzv_endpoint", "async_checkpoint"}
+                    "ddp_overlap", "parallel", "activation_checkpointing", "activation_memory_budget",
+                    "compile_optimizer", "nproc_per_node", "nnodes", "rdzv_endpoint", "async_checkpoint"}
 # How the global batch is cut (per process, per micro-batch) moves float sums only: in the run key the
 # global batch stands in for them (see run_fingerprint).
 BATCH_SPLIT_KEYS = {"batch_size", "gradient_accumulation_steps", "global_batch_size"}
@@ -350,9 +350,7 @@ def open_model(p: Any, tokens_dir: Path, meta: dict, seed: int, d: Dist) -> tupl
         from tokenizers import Tokenizer
 
         data_vocab = Tokenizer.from_file(str(tokens_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
-    sharded = p.parallel == "fsdp" and d.world > 1
-    model = build_model(p, TokenInfo.from_meta(meta), seed, data_vocab=data_vocab,
-                        device="cpu" if sharded else d.device)
+    model = build_model(p, TokenInfo.from_meta(meta), seed, data_vocab=data_vocab, device=init_device(p, d))
     masked = is_masked(model)
     if masked and p.arch != "bert" and not p.init_from:
         raise ValueError("internal: a masked model from a causal arch")
@@ -376,11 +374,22 @@ def use_float8(model, p: Any, say: Callable[[str], None]) -> None:
             "thresholds; all stay bf16")
 
 
+def shards_model(p: Any, d: Dist) -> bool:
+    """Whether this run shards the model over its processes (pretrain.parallel fsdp on several)."""
+    return p.parallel == "fsdp" and d.world > 1
+
+
+def init_device(p: Any, d: Dist) -> torch.device:
+    """Where a random model's weights are drawn: on the training device, unless the run shards the
+    model, whose processes each hold it whole on the CPU until `distribute` shards it."""
+    return torch.device("cpu") if shards_model(p, d) else d.device
+
+
 def distribute(model, p: Any, d: Dist, say: Callable[[str], None]):
     """The model on its device: whole (DDP wraps the step later, in build_step) or, with
     pretrain.parallel fsdp on several processes, sharded (sharding.py moves each shard to the GPU,
     so no process ever holds the whole model there)."""
-    if p.parallel == "fsdp" and d.world > 1:
+    if shards_model(p, d):
         return sharding.shard(model, p, d, say)
     if p.parallel == "fsdp":
         say("parallel fsdp on one process: nothing to shard, training the whole model here")
