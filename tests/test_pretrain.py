@@ -715,8 +715,10 @@ def test_replicas_holding_the_same_nan_agree(tmp_path):
 
 @pytest.mark.parametrize("ddp", [{}, {"ddp_comm_dtype": "bf16", "ddp_bucket_mb": 1}, {"param_dtype": "bf16"},
                                  {"compile": True, "ddp_overlap": False},
-                                 {"compile": True, "ddp_overlap": "compiled_autograd", "param_dtype": "bf16", "fused_loss": True}],
-                         ids=["fp32", "bf16-1mb-buckets", "bf16-weights", "compiled-one-graph", "compiled-autograd"])
+                                 {"compile": True, "ddp_overlap": "compiled_autograd", "param_dtype": "bf16", "fused_loss": True},
+                                 {"param_dtype": "bf16", "compile_optimizer": True}],
+                         ids=["fp32", "bf16-1mb-buckets", "bf16-weights", "compiled-one-graph", "compiled-autograd",
+                              "compiled-update"])
 def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp):
     # DDP over gloo on the CPU: the path N GPUs take under torchrun, minus NCCL. The second case
     # asks for bf16 gradients (NCCL only, so refused with a note) in the smallest buckets allowed;
@@ -724,7 +726,8 @@ def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp)
     # the fourth compiles the DDP module as one graph (ddp_overlap false), G3's setting; the fifth traces
     # the backward and its all-reduces with compiled autograd (accumulating, so one micro-batch of each
     # step skips the all-reduce: a graph that kept or lost it wrongly leaves the replicas apart, which the
-    # run checks before each checkpoint).
+    # run checks before each checkpoint); the sixth compiles the update, which then reads DDP's averaged
+    # bf16 gradients where they lie (views into its buckets) and writes both copies of the weights.
     root = fx.project(tmp_path / "proj", {"max_steps": 20, "warmup_steps": 2, "eval_steps": 10, "save_steps": 10,
                                           "gradient_accumulation_steps": 2, **ddp}, tokens=tokens)
     done = run_two_ranks("-m", "tasks.pretrain", cwd=root, timeout=180)
