@@ -5,9 +5,11 @@
 
 G7's step spends 21-23 ms in the optimizer (bench_titan's profile, call 15 of
 2026-12-07-h100-g7-headline.json). This times that part by itself, on the 1B shape's 147 weight
-tensors (1.50B parameters), after a backward has left its gradients, three ways:
-  fp32      torchtitan's way on one GPU: fp32 weights with fp32 gradients; clipping at 1.0 and fused
-            AdamW (runtime.optimizer_step, as lmforge's param_dtype fp32 runs)
+tensors (1.50B parameters), after a backward has left its gradients, four ways:
+  titan     torchtitan v0.2.2's on one GPU: fp32 weights and gradients, the total norm, the gradients
+            scaled in place (torch.nn.utils.clip_grad_norm_, foreach), then fused AdamW over one group
+  fp32      lmforge's param_dtype fp32: the same weights and gradients, the clipping folded into fused
+            AdamW as its grad_scale (runtime.optimizer_step), weight decay on matrices only
   eager     pretrain.param_dtype bf16: the working copy's bf16 gradients cast into the masters'
             fp32 ones, the same clipping and fused AdamW, the bf16 copy refreshed (pretrain_step.update)
   compiled  the same with pretrain.compile_optimizer: one compiled function reads the bf16
@@ -16,7 +18,8 @@ Each variant starts from the same seeded weights and gradients; the median of --
 (each synchronised) counts, after --warmup (the compiled variant's first call, its compile, is
 reported apart). Peak memory is the variant's own (each runs on an emptied allocator). The weights
 each variant ends with are compared with the eager variant's: the compiled update must agree to
-fp32 rounding, fp32 to bf16's (its gradients were never rounded to bf16).
+fp32 rounding, fp32 to bf16's (its gradients were never rounded to bf16), titan a little further
+(it decays the norms' weights too).
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ def build(variant: str, shapes, device) -> tuple[torch.nn.Module, torch.optim.Op
     """The masters (an fp32 module), their optimizer, the working copy (bf16 variants) and the gradients
     a backward would leave, where it leaves them."""
     masters = torch.nn.ParameterList([torch.nn.Parameter(w) for w in seeded(shapes, device, torch.float32, 0.02, 0)])
+    if variant == "titan":
+        optimizer = torch.optim.AdamW(masters.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
+        return masters, optimizer, None, seeded(shapes, device, torch.float32, 1e-3, 1)
     optimizer = runtime.adamw(masters, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS)
     if variant == "fp32":
         return masters, optimizer, None, seeded(shapes, device, torch.float32, 1e-3, 1)
@@ -76,11 +82,18 @@ def run_variant(variant: str, shapes, device, warmup: int, steps: int) -> tuple[
     p = SimpleNamespace(compile_optimizer=variant == "compiled", max_grad_norm=MAX_NORM)
     times = []
     for step in range(warmup + steps):
+        # The same gradient tensors serve every step. The bf16 updates only read them; titan's and fp32's
+        # write the clipped gradients back into them, so from the second step on they read gradients
+        # of norm 1, which costs the same kernels.
         for holder, grad in zip(holders, grads):
-            holder.grad = grad  # neither update writes into a gradient: the same ones serve every step
+            holder.grad = grad
         runtime.synchronize(device)
         t0 = time.perf_counter()
-        pretrain_step.update(masters, optimizer, working, p)
+        if variant == "titan":
+            torch.nn.utils.clip_grad_norm_(masters.parameters(), MAX_NORM, foreach=True)
+            optimizer.step()
+        else:
+            pretrain_step.update(masters, optimizer, working, p)
         runtime.synchronize(device)
         times.append(time.perf_counter() - t0)
         optimizer.zero_grad(set_to_none=True)
@@ -100,7 +113,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU")
-    parser.add_argument("--variants", default="fp32,eager,compiled")
+    parser.add_argument("--variants", default="titan,fp32,eager,compiled")
     parser.add_argument("--record", type=Path, default=None)
     args = parser.parse_args()
 

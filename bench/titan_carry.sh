@@ -9,8 +9,8 @@
 #
 #   bash bench/titan_carry.sh /path/to/torchtitan/git [v0.2.2]
 set -euo pipefail
+source_git=$(cd "${1:?give a git clone (or a bare snapshot) of torchtitan}" && pwd)
 cd "$(dirname "$0")/.."
-source_git=${1:?give a git clone (or a bare snapshot) of torchtitan}
 tag=${2:-v0.2.2}
 for ignored in /.gpu_carry/ /.whl/; do
     grep -qxF "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >> .git/info/exclude

@@ -159,3 +159,10 @@ def test_the_compiled_update_writes_no_fp32_copy_of_the_gradients():
     sizes = [math.prod(int(d) for d in re.findall(r"\d+", shape)) for shape in shapes]
     assert sizes and max(sizes) <= len(list(model.parameters())), shapes
     assert all(torch.equal(w, m.to(torch.bfloat16)) for w, m in zip(working.model.parameters(), model.parameters()))
+
+
+def test_the_update_compiles_without_loop_reordering():
+    # torch 2.11's Inductor failed an assertion in loop reordering on a GPU (call g7_co_a of
+    # bench/results/2026-12-07-h100-g7-compile-optimizer.json), a pass CPU code never runs: the key
+    # must still name an option this torch has, or the compile would go back to that pass unnoticed.
+    assert master_weights._NO_LOOP_REORDERING["loop_ordering_after_fusion"] is False

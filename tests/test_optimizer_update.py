@@ -25,7 +25,7 @@ def test_the_weights_are_bench_titans_1b_shape():
 def test_the_eager_variants_run_and_agree_on_the_cpu(tmp_path):
     record = tmp_path / "update.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "optimizer_update.py"), "--smoke", "--variants",
-                           "fp32,eager", "--steps", "2", "--warmup", "1", "--record", str(record)],
+                           "titan,fp32,eager", "--steps", "2", "--warmup", "1", "--record", str(record)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads(record.read_text())["results"]
@@ -33,4 +33,6 @@ def test_the_eager_variants_run_and_agree_on_the_cpu(tmp_path):
     # fp32 read gradients never rounded to bf16: after 3 AdamW steps at lr 3e-4 its weights stay within
     # a few lr of the eager variant's, and are not identical
     assert 0.0 < results["fp32"]["max_abs_difference_from_eager"] < 3 * 3e-4
-    assert results["fp32"]["update_ms_median"] > 0
+    # torchtitan's decays the norms' weights too, and stays as close
+    assert 0.0 < results["titan"]["max_abs_difference_from_eager"] < 3 * 3e-4 * (1 + 0.1)
+    assert results["titan"]["update_ms_median"] > 0 and results["fp32"]["update_ms_median"] > 0

@@ -741,6 +741,8 @@ def test_two_processes_under_torchrun_share_one_code_path(tokens, tmp_path, ddp)
     assert train[-1]["train_loss"] < train[0]["train_loss"], train  # the averaged gradients still train
     if ddp.get("ddp_comm_dtype") == "bf16":  # bf16 needs NCCL: on gloo the run says so and goes on in fp32
         assert "ddp_comm_dtype bf16 needs NCCL" in done.stdout + done.stderr
+    if ddp.get("compile_optimizer"):
+        assert "compiled to read the copy's gradients" in done.stdout + done.stderr
 
 
 # --- the progress bar; the run key across the rename to TrainingArguments' names ----------------
