@@ -37,20 +37,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_titan import LLAMA_1B, SMOKE, ffn_hidden  # noqa: E402  (the shapes bench_titan trains)
 from lmforge.training import master_weights, pretrain_step, runtime  # noqa: E402
 from record_facts import git_commit, package_versions  # noqa: E402
 
-# Llama 3.2 1B as bench_titan.py runs it: untied embeddings, dim 2048, 16 layers, 8 of 32 heads for
-# keys and values (head dim 64), SwiGLU 8192, vocabulary 128,256.
-LLAMA_1B = dict(dim=2048, layers=16, kv_dim=512, ffn=8192, vocab=128_256)
-SMOKE = dict(dim=64, layers=2, kv_dim=32, ffn=128, vocab=512)
 LR, BETAS, WEIGHT_DECAY, MAX_NORM = 3e-4, (0.9, 0.95), 0.1, 1.0
 
 
 def weight_shapes(s: dict) -> list[tuple[int, ...]]:
-    d, kv, f = s["dim"], s["kv_dim"], s["ffn"]
+    """The untied Llama's weights: embedding, per block the attention's four matrices, SwiGLU's three
+    and two norms, then the final norm and the output layer."""
+    d, kv, f = s["dim"], s["dim"] // s["n_heads"] * s["n_kv_heads"], ffn_hidden(s)
     block = [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f), (d,), (d,)]
-    return [(s["vocab"], d), *block * s["layers"], (d,), (s["vocab"], d)]
+    return [(s["vocab"], d), *block * s["n_layers"], (d,), (s["vocab"], d)]
 
 
 def seeded(shapes, device, dtype, scale: float, seed: int) -> list[torch.Tensor]:
@@ -63,13 +62,13 @@ def build(variant: str, shapes, device) -> tuple[torch.nn.Module, torch.optim.Op
     """The masters (an fp32 module), their optimizer, the working copy (bf16 variants) and the gradients
     a backward would leave, where it leaves them."""
     masters = torch.nn.ParameterList([torch.nn.Parameter(w) for w in seeded(shapes, device, torch.float32, 0.02, 0)])
-    if variant == "titan":
+    if variant == "titan":  # one group, decay on every weight
         optimizer = torch.optim.AdamW(masters.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
-        return masters, optimizer, None, seeded(shapes, device, torch.float32, 1e-3, 1)
-    optimizer = runtime.adamw(masters, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS)
-    if variant == "fp32":
-        return masters, optimizer, None, seeded(shapes, device, torch.float32, 1e-3, 1)
-    return masters, optimizer, master_weights.BF16Working(masters), seeded(shapes, device, torch.bfloat16, 1e-3, 1)
+    else:
+        optimizer = runtime.adamw(masters, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS)
+    working = master_weights.BF16Working(masters) if variant in ("eager", "compiled") else None
+    grads = seeded(shapes, device, torch.bfloat16 if working else torch.float32, 1e-3, 1)
+    return masters, optimizer, working, grads
 
 
 def run_variant(variant: str, shapes, device, warmup: int, steps: int) -> tuple[dict, list[torch.Tensor]]:
@@ -78,7 +77,7 @@ def run_variant(variant: str, shapes, device, warmup: int, steps: int) -> tuple[
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     masters, optimizer, working, grads = build(variant, shapes, device)
-    holders = list(masters.parameters()) if working is None else [w for _, w in working._pairs]
+    holders = list((working.model if working else masters).parameters())
     p = SimpleNamespace(compile_optimizer=variant == "compiled", max_grad_norm=MAX_NORM)
     times = []
     for step in range(warmup + steps):
