@@ -21,7 +21,9 @@ GPU(s), and times `--steps` steps after `--warmup` (each step synchronised; the 
               imports at load, is replaced by a stand-in module when it is not installed), sequence
               length and local batch, compile on (its per-block compile of model and loss), warm-up 2
               steps, and for float8 the `quantize.linear.float8` converter with the recipe and
-              filter_fqns ["output", "auto_filter_small_kn"] (the layers lmforge converts too).
+              filter_fqns ["output", "auto_filter_small_kn"]: "output" as torchtitan's own llama3
+              train configs set it (its default list is empty), the size filter as its float8 guide
+              advises; these are the layers lmforge converts too.
   lmforge     the pretrain stage's own step (model.build_model, activation checkpointing, float8,
               pretraining.distribute, pretrain_step.build_step and StepRunner, fused AdamW), same
               shape, batch, checkpointing (every 2nd block), compile, bf16 autocast over fp32 weights;
