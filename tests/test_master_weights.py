@@ -165,4 +165,4 @@ def test_the_update_compiles_without_loop_reordering():
     # torch 2.11's Inductor failed an assertion in loop reordering on a GPU (call g7_co_a of
     # bench/results/2026-12-07-h100-g7-compile-optimizer.json), a pass CPU code never runs: the key
     # must still name an option this torch has, or the compile would go back to that pass unnoticed.
-    assert master_weights._NO_LOOP_REORDERING["loop_ordering_after_fusion"] is False
+    assert master_weights._no_loop_reordering()["loop_ordering_after_fusion"] is False

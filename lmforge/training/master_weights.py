@@ -26,7 +26,6 @@ import functools
 from typing import NamedTuple
 
 import torch
-import torch._inductor.config
 from torch.optim.adamw import adamw as functional_adamw
 
 
@@ -144,14 +143,17 @@ def _update(groups: list[UpdateGroup], max_norm: float) -> None:
         torch._foreach_copy_(group.works, group.masters)
 
 
-# Inductor's loop reordering asserts in torch 2.11 on a GPU (reorder_loops_by_dep_pair: a fused node
-# holding other than plain nodes) when it weighs fusing the clipping's norms with the update over the
-# same gradients; CPU code skips that pass, so only a GPU meets it. Every tensor here is contiguous
-# and read in its own order: there is nothing to reorder.
-_NO_LOOP_REORDERING = {key: False for key in ("loop_ordering_after_fusion", "loop_reindexing_after_fusion")
-                       if hasattr(torch._inductor.config, key)}
+def _no_loop_reordering() -> dict[str, bool]:
+    """Inductor's loop reordering asserts in torch 2.11 on a GPU (reorder_loops_by_dep_pair: a fused node
+    holding other than plain nodes) when it weighs fusing the clipping's norms with the update over the
+    same gradients; CPU code skips that pass, so only a GPU meets it. Every tensor here is contiguous
+    and read in its own order: there is nothing to reorder."""
+    import torch._inductor.config as inductor_config  # about 1 s of imports: only when the update compiles
+
+    return {key: False for key in ("loop_ordering_after_fusion", "loop_reindexing_after_fusion")
+            if hasattr(inductor_config, key)}
 
 
 @functools.cache
 def _compiled_update():
-    return torch.compile(_update, dynamic=False, options=_NO_LOOP_REORDERING)
+    return torch.compile(_update, dynamic=False, options=_no_loop_reordering())
