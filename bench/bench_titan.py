@@ -41,7 +41,7 @@ them, and both cases' peak memory (a memory budget counts for lmforge's side, as
 
 On the GPU machine (no network) the snapshot and the wheels it needs travel in .gpu_carry/titan and
 .whl (git-ignored), which bench/titan_carry.sh builds here; bench/titan_call.sh runs one group a call
-there, each in under 560 s (headline: the three ratios; like, levers, fp8-like, optimizer: what made
+there, each in under 550 s (headline: the three ratios; like, levers, fp8-like, optimizer: what made
 the difference). `merge` joins calls' records (each ratio stays its own call's).
 Both sides run with PYTORCH_ALLOC_CONF=expandable_segments:True (torchtitan's run_train.sh sets it),
 except lmforge's CUDA-graph case.
