@@ -82,6 +82,9 @@ def test_task_file_is_the_harness_s_own_but_for_the_data(name: str):
     assert ours["custom_dataset"] == "lmforge.evaluation.benchmarks.local_dataset"
     assert ours["dataset_kwargs"] == {"lmforge_set": name}
     assert ours.get("training_split") is None  # no train split ships: shots come from the scored split
+    if name == "hellaswag":  # the harness's own function, run once a process (test below)
+        assert ours.pop("process_docs") == "lmforge.evaluation.benchmarks.hellaswag_docs"
+        assert harness.pop("process_docs") == "lm_eval.tasks.hellaswag.utils.process_docs"
     # everything else key for key (the tag only groups tasks in the harness's listings)
     drop = DATA_KEYS | {"tag"}
     assert {k: v for k, v in ours.items() if k not in drop} == {k: v for k, v in harness.items() if k not in drop}
@@ -131,6 +134,20 @@ def test_each_task_reads_the_whole_split_the_harness_scores(data: Path):
     assert first["gold"] == 3
     arc = loaded["arc_easy"].eval_docs[0]  # ARC-Easy's test set, in the hub's order
     assert arc["id"] == "Mercury_417466" and arc["answerKey"] == "A"
+
+
+def test_hellaswag_s_documents_are_processed_once_a_process_and_as_the_harness_does(data: Path):
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    manager = TaskManager(include_path=str(benchmarks.TASKS_DIR), include_defaults=False)
+    task = manager.load(["hellaswag"])["tasks"]["hellaswag"]
+    docs = task.eval_docs
+    assert task.eval_docs is docs  # read again: not mapped again
+    again = TaskManager(include_path=str(benchmarks.TASKS_DIR), include_defaults=False).load(["hellaswag"])
+    assert again["tasks"]["hellaswag"].eval_docs is docs  # nor for a task built anew
+    raw = benchmarks.local_dataset("hellaswag")["validation"].select(range(50))
+    assert docs.select(range(50)).to_list() == process_docs(raw).to_list()
 
 
 @pytest.mark.parametrize("name, folder", [("arc_easy", "ARC-Easy"), ("arc_challenge", "ARC-Challenge")])
