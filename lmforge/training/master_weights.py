@@ -10,11 +10,12 @@ copy and the masters' fp32 gradients held in memory from step to step (0.5 GB mo
 shape than gradients made each step, for 0.6 ms less per step), and gradients summed in bf16
 across micro-batches and (under DDP) across GPUs.
 
-pretrain.compile_optimizer is meant to fold both passes into the update: torch.compile makes
-PyTorch's own AdamW (its functional form, over the optimizer's own state), the clipping and the
-refresh one function, whose kernels can read the bf16 gradients and write the bf16 copy as they
-update the masters. The two passes move 12 bytes a weight (18 GB a step at 1.5B weights) beside
-AdamW's 28, and the masters need no fp32 gradients. Its speed on a GPU is not measured yet.
+pretrain.compile_optimizer folds both passes into the update: torch.compile makes PyTorch's own
+AdamW (its functional form, over the optimizer's own state), the clipping and the refresh one
+function, whose kernels read the bf16 gradients and write the bf16 copy as they update the
+masters. The two passes move 12 bytes a weight (18 GB a step at 1.5B weights) beside AdamW's 28,
+and the masters need no fp32 gradients. On an H100 at the 1B Llama shape it took about 13 ms off
+each step and 5.6 GiB off the peak (bench/results/2026-12-08-h100-g7-compiled-update.json).
 
 Imports only torch.
 """
